@@ -1,0 +1,268 @@
+"""SpineNet detectors assembled from torchvision's detection models.
+
+SpineNet's outputs already form the P3..P7 pyramid, so the backbone plugs into torchvision's
+RetinaNet, Faster R-CNN and Mask R-CNN without an FPN neck.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+
+from torch import nn
+from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops import MultiScaleRoIAlign
+
+from .heads import pyramid_anchors, retinanet_head
+from .layers import ACTIVATIONS, BN_EPS, BN_MOMENTUM
+from .spinenet import SpineNet, spinenet
+
+__all__ = ["spinenet_retinanet", "spinenet_fasterrcnn", "spinenet_maskrcnn"]
+
+# Paper heads: (RetinaNet tower depth, anchor size, R-CNN box-head FC width) per variant.
+HEAD_CONFIG = {
+    "49s": {"head_depth": 4, "anchor_size": 3.0, "fc_dim": 512},
+    "49": {"head_depth": 4, "anchor_size": 3.0, "fc_dim": 1024},
+    "96": {"head_depth": 4, "anchor_size": 3.0, "fc_dim": 1024},
+    "143": {"head_depth": 4, "anchor_size": 4.0, "fc_dim": 1024},
+    "190": {"head_depth": 7, "anchor_size": 4.0, "fc_dim": 1024},
+}
+
+
+def _check_num_classes(num_classes: int, class_names: Sequence[str] | None) -> int:
+    if class_names is not None:
+        expected = len(class_names) + 1
+        if num_classes is not None and num_classes != expected:
+            raise ValueError(
+                f"num_classes={num_classes} does not match {len(class_names)} class names "
+                f"(num_classes counts the background: expected {expected})"
+            )
+        num_classes = expected
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(
+            "num_classes must be an integer >= 2 (object classes + background), "
+            f"got {num_classes!r}"
+        )
+    return num_classes
+
+
+def _head_norm(norm: str) -> Callable[[int], nn.Module]:
+    if norm == "bn":
+        return partial(nn.BatchNorm2d, eps=BN_EPS, momentum=BN_MOMENTUM)
+    if norm == "gn":
+        return lambda c: nn.GroupNorm(32, c)
+    raise ValueError(f"unknown head_norm {norm!r}; expected 'bn' or 'gn'")
+
+
+def _backbone(variant: str, backbone_kwargs: dict) -> tuple[SpineNet, dict]:
+    key = variant.lower()
+    if key not in HEAD_CONFIG:
+        raise ValueError(
+            f"unknown SpineNet variant {variant!r}; expected one of {list(HEAD_CONFIG)}"
+        )
+    return spinenet(key, **backbone_kwargs), HEAD_CONFIG[key]
+
+
+def _finish(model: nn.Module, num_classes: int, class_names: Sequence[str] | None) -> nn.Module:
+    model.num_classes = num_classes
+    model.class_names = (
+        list(class_names) if class_names is not None else [str(i) for i in range(1, num_classes)]
+    )
+    return model
+
+
+def spinenet_retinanet(
+    variant: str = "49",
+    num_classes: int | None = 91,
+    *,
+    class_names: Sequence[str] | None = None,
+    image_size: int = 640,
+    head_depth: int | None = None,
+    head_norm: str = "bn",
+    anchor_size: float | None = None,
+    focal_alpha: float = 0.25,
+    focal_gamma: float = 1.5,
+    score_thresh: float = 0.05,
+    nms_thresh: float = 0.5,
+    detections_per_img: int = 100,
+    **backbone_kwargs,
+) -> RetinaNet:
+    """RetinaNet with a SpineNet-``variant`` backbone, the paper's head and anchors.
+
+    Args:
+        variant: ``49s``, ``49``, ``96``, ``143`` or ``190``.
+        num_classes: classes including background (torchvision's convention); inferred from
+            ``class_names`` when given.
+        class_names: names of classes 1..num_classes-1, kept on the model.
+        image_size: images are resized so the longer side is ``image_size``.
+        head_depth: convs per head tower (paper: 4, or 7 for 190).
+        head_norm: ``"bn"`` or ``"gn"`` in the head towers.
+        anchor_size: anchor side in units of the level stride (paper: 3, or 4 for 143/190).
+        focal_alpha, focal_gamma: focal loss parameters (paper: 0.25, 1.5).
+        **backbone_kwargs: any :class:`~spinedet.models.spinenet.SpineNet` option.
+    """
+    num_classes = _check_num_classes(num_classes, class_names)
+    backbone, cfg = _backbone(variant, backbone_kwargs)
+    anchors = pyramid_anchors(
+        backbone.levels, anchor_size or cfg["anchor_size"], 3, (0.5, 1.0, 2.0)
+    )
+    activation = ACTIVATIONS[backbone_kwargs.get("activation", "relu")]
+    head = retinanet_head(
+        backbone.out_channels,
+        anchors.num_anchors_per_location()[0],
+        num_classes,
+        head_depth or cfg["head_depth"],
+        _head_norm(head_norm),
+        activation,
+        focal_alpha,
+        focal_gamma,
+    )
+    model = RetinaNet(
+        backbone,
+        num_classes,
+        min_size=image_size,
+        max_size=image_size,
+        anchor_generator=anchors,
+        head=head,
+        score_thresh=score_thresh,
+        nms_thresh=nms_thresh,
+        detections_per_img=detections_per_img,
+    )
+    return _finish(model, num_classes, class_names)
+
+
+def _rcnn_parts(
+    backbone: SpineNet, cfg: dict, anchor_size: float | None, fc_dim: int | None, norm: nn.Module
+) -> dict:
+    channels = backbone.out_channels
+    names = [f"p{lvl}" for lvl in backbone.levels]
+    anchors = pyramid_anchors(
+        backbone.levels, anchor_size or cfg["anchor_size"], 1, (0.5, 1.0, 2.0)
+    )
+    fc_dim = fc_dim or cfg["fc_dim"]
+    return {
+        "rpn_anchor_generator": anchors,
+        "rpn_head": RPNHead(channels, anchors.num_anchors_per_location()[0]),
+        "box_roi_pool": MultiScaleRoIAlign(names, output_size=7, sampling_ratio=2),
+        "box_head": FastRCNNConvFCHead((channels, 7, 7), [channels] * 4, [fc_dim], norm_layer=norm),
+        "fc_dim": fc_dim,
+        "roi_names": names,
+    }
+
+
+def _two_stage(
+    kind: type,
+    variant: str,
+    num_classes: int | None,
+    class_names: Sequence[str] | None,
+    image_size: int,
+    head_norm: str,
+    anchor_size: float | None,
+    fc_dim: int | None,
+    detector_kwargs: dict,
+    backbone_kwargs: dict,
+) -> nn.Module:
+    num_classes = _check_num_classes(num_classes, class_names)
+    backbone, cfg = _backbone(variant, backbone_kwargs)
+    norm = _head_norm(head_norm)
+    parts = _rcnn_parts(backbone, cfg, anchor_size, fc_dim, norm)
+    extra = {}
+    if kind is MaskRCNN:
+        channels = backbone.out_channels
+        extra = {
+            "mask_roi_pool": MultiScaleRoIAlign(
+                parts["roi_names"], output_size=14, sampling_ratio=2
+            ),
+            "mask_head": MaskRCNNHeads(channels, [channels] * 4, 1, norm_layer=norm),
+            "mask_predictor": MaskRCNNPredictor(channels, channels, num_classes),
+        }
+    model = kind(
+        backbone,
+        num_classes=None,
+        min_size=image_size,
+        max_size=image_size,
+        rpn_anchor_generator=parts["rpn_anchor_generator"],
+        rpn_head=parts["rpn_head"],
+        box_roi_pool=parts["box_roi_pool"],
+        box_head=parts["box_head"],
+        box_predictor=FastRCNNPredictor(parts["fc_dim"], num_classes),
+        **extra,
+        **detector_kwargs,
+    )
+    return _finish(model, num_classes, class_names)
+
+
+def spinenet_fasterrcnn(
+    variant: str = "49",
+    num_classes: int | None = 91,
+    *,
+    class_names: Sequence[str] | None = None,
+    image_size: int = 640,
+    head_norm: str = "bn",
+    anchor_size: float | None = None,
+    fc_dim: int | None = None,
+    score_thresh: float = 0.05,
+    nms_thresh: float = 0.5,
+    detections_per_img: int = 100,
+    **backbone_kwargs,
+) -> FasterRCNN:
+    """Faster R-CNN on SpineNet-``variant`` with no neck: RPN on P3..P7 and a 4-conv + 1-FC box
+    head with normalisation (FC 512 for 49S, 1024 otherwise).
+
+    Arguments are those of :func:`spinenet_retinanet`; ``fc_dim`` overrides the FC width.
+    """
+    detector = {
+        "box_score_thresh": score_thresh,
+        "box_nms_thresh": nms_thresh,
+        "box_detections_per_img": detections_per_img,
+    }
+    return _two_stage(
+        FasterRCNN,
+        variant,
+        num_classes,
+        class_names,
+        image_size,
+        head_norm,
+        anchor_size,
+        fc_dim,
+        detector,
+        backbone_kwargs,
+    )
+
+
+def spinenet_maskrcnn(
+    variant: str = "49",
+    num_classes: int | None = 91,
+    *,
+    class_names: Sequence[str] | None = None,
+    image_size: int = 640,
+    head_norm: str = "bn",
+    anchor_size: float | None = None,
+    fc_dim: int | None = None,
+    score_thresh: float = 0.05,
+    nms_thresh: float = 0.5,
+    detections_per_img: int = 100,
+    **backbone_kwargs,
+) -> MaskRCNN:
+    """Mask R-CNN on SpineNet-``variant``: the Faster R-CNN of :func:`spinenet_fasterrcnn` plus
+    a 4-conv mask head predicting 28 x 28 masks from 14 x 14 RoIAlign features."""
+    detector = {
+        "box_score_thresh": score_thresh,
+        "box_nms_thresh": nms_thresh,
+        "box_detections_per_img": detections_per_img,
+    }
+    return _two_stage(
+        MaskRCNN,
+        variant,
+        num_classes,
+        class_names,
+        image_size,
+        head_norm,
+        anchor_size,
+        fc_dim,
+        detector,
+        backbone_kwargs,
+    )

@@ -1,0 +1,129 @@
+"""Convolution, normalisation and activation building blocks shared by SpineNet and its heads."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+# Model Garden's BatchNormalization defaults (TF decay 0.99 is PyTorch momentum 0.01).
+BN_MOMENTUM = 0.01
+BN_EPS = 1e-3
+
+NORMS = ("bn", "syncbn", "frozenbn", "gn")
+ACTIVATIONS = {"relu": nn.ReLU, "swish": nn.SiLU, "silu": nn.SiLU}
+PADDINGS = ("same", "symmetric")
+
+NormFactory = Callable[[int], nn.Module]
+
+
+def make_norm(norm: str = "bn", momentum: float = BN_MOMENTUM, eps: float = BN_EPS) -> NormFactory:
+    """A factory ``channels -> norm module`` for ``bn``, ``syncbn``, ``frozenbn`` or ``gn``."""
+    if norm == "bn":
+        return partial(nn.BatchNorm2d, eps=eps, momentum=momentum)
+    if norm == "syncbn":
+        return partial(nn.SyncBatchNorm, eps=eps, momentum=momentum)
+    if norm == "frozenbn":
+        return partial(FrozenBatchNorm2d, eps=eps)
+    if norm == "gn":
+        # 32 groups where the width allows it; scaled widths such as 41 or 166 need fewer.
+        return lambda channels: nn.GroupNorm(math.gcd(32, channels), channels, eps=eps)
+    raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
+
+
+def make_activation(name: str) -> Callable[[], nn.Module]:
+    """Return a factory for ``relu`` or ``swish`` (SiLU)."""
+    try:
+        act = ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}"
+        ) from None
+    return partial(act, inplace=True)
+
+
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """Keras/TF "same" padding of one dimension: the odd extra pixel goes after (bottom/right)."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def _pad_same(x: torch.Tensor, kernel: int, stride: int, value: float = 0.0) -> torch.Tensor:
+    top, bottom = same_padding(x.shape[-2], kernel, stride)
+    left, right = same_padding(x.shape[-1], kernel, stride)
+    if top or bottom or left or right:
+        x = F.pad(x, (left, right, top, bottom), value=value)
+    return x
+
+
+class SameConv2d(nn.Conv2d):
+    """Strided convolution padded like TF "same", so TensorFlow weights give the same outputs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(_pad_same(x, self.kernel_size[0], self.stride[0]))
+
+
+class SameMaxPool2d(nn.MaxPool2d):
+    """3x3 stride-2 max pooling padded like TF "same" (padding never wins the max)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(_pad_same(x, self.kernel_size, self.stride, value=-math.inf))
+
+
+def conv2d(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    stride: int = 1,
+    padding: str = "same",
+    bias: bool = False,
+) -> nn.Conv2d:
+    """A square convolution whose output is ``ceil(input / stride)`` for any input size.
+
+    Stride 1 with an odd kernel pads symmetrically in both modes; only strided convolutions
+    differ, and ``padding="same"`` then reproduces TensorFlow's asymmetric rule.
+    """
+    if padding not in PADDINGS:
+        raise ValueError(f"unknown padding {padding!r}; expected one of {PADDINGS}")
+    if stride > 1 and padding == "same":
+        return SameConv2d(in_channels, out_channels, kernel_size, stride, padding=0, bias=bias)
+    return nn.Conv2d(
+        in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, bias=bias
+    )
+
+
+def max_pool(padding: str = "same") -> nn.MaxPool2d:
+    """3x3 stride-2 max pooling with output ``ceil(input / 2)``."""
+    if padding == "same":
+        return SameMaxPool2d(3, 2)
+    return nn.MaxPool2d(3, 2, padding=1)
+
+
+class ConvNormAct(nn.Sequential):
+    """Convolution without bias, normalisation, and an optional activation."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        norm: NormFactory,
+        act: Callable[[], nn.Module] | None = None,
+        stride: int = 1,
+        padding: str = "same",
+    ) -> None:
+        layers: dict[str, nn.Module] = {
+            "conv": conv2d(in_channels, out_channels, kernel_size, stride, padding),
+            "norm": norm(out_channels),
+        }
+        if act is not None:
+            layers["act"] = act()
+        super().__init__()
+        for name, layer in layers.items():
+            self.add_module(name, layer)

@@ -1,0 +1,89 @@
+"""Model registry: ``create_model("spinenet49s_maskrcnn", num_classes=...)`` and friends."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from torch import nn
+
+from .detectors import spinenet_fasterrcnn, spinenet_maskrcnn, spinenet_retinanet
+from .specs import SCALING
+from .spinenet import spinenet
+
+__all__ = ["create_model", "list_models", "model_task"]
+
+log = logging.getLogger(__name__)
+
+_DETECTORS: dict[str, Callable[..., nn.Module]] = {
+    "retinanet": spinenet_retinanet,
+    "fasterrcnn": spinenet_fasterrcnn,
+    "maskrcnn": spinenet_maskrcnn,
+}
+
+_REGISTRY: dict[str, tuple[str, str | None]] = {}
+for _variant in SCALING:
+    _REGISTRY[f"spinenet{_variant}"] = (_variant, None)
+    for _task in _DETECTORS:
+        _REGISTRY[f"spinenet{_variant}_{_task}"] = (_variant, _task)
+
+
+def list_models(pattern: str = "") -> list[str]:
+    """Names accepted by :func:`create_model`, optionally only those containing ``pattern``."""
+    return [name for name in _REGISTRY if pattern in name]
+
+
+def _lookup(name: str) -> tuple[str, str | None]:
+    key = name.lower()
+    if key not in _REGISTRY:
+        close = difflib.get_close_matches(key, list(_REGISTRY), n=5, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(
+            f"unknown model {name!r}{hint} (see spinedet.list_models() for all {len(_REGISTRY)})"
+        )
+    return _REGISTRY[key]
+
+
+def model_task(name: str) -> str | None:
+    """``"retinanet"``, ``"fasterrcnn"``, ``"maskrcnn"`` or None (a bare backbone)."""
+    return _lookup(name)[1]
+
+
+def create_model(
+    name: str,
+    num_classes: int | None = None,
+    *,
+    weights: str | Path | None = None,
+    **kwargs,
+) -> nn.Module:
+    """Build a registered model by name.
+
+    Args:
+        name: ``spinenet{49s,49,96,143,190}`` for a backbone, or with a ``_retinanet``,
+            ``_fasterrcnn`` or ``_maskrcnn`` suffix for a detector.
+        num_classes: detector classes including background (default 91, COCO); inferred from
+            ``class_names=`` when that is given. Not accepted for backbones.
+        weights: a ``.safetensors`` file written by spinedet (training, ``convert-tf``).
+        **kwargs: builder options, e.g. ``image_size=512``, ``activation="swish"``,
+            ``norm="syncbn"`` or custom ``block_specs`` and scaling values.
+
+    Example:
+        >>> model = create_model("spinenet49s_maskrcnn", class_names=["cat", "dog"])
+    """
+    variant, task = _lookup(name)
+    if task is None:
+        if num_classes is not None:
+            raise ValueError(f"{name} is a backbone: num_classes applies to detectors only")
+        model = spinenet(variant, **kwargs)
+    else:
+        if num_classes is None and "class_names" not in kwargs:
+            num_classes = 91
+        model = _DETECTORS[task](variant, num_classes, **kwargs)
+    model.model_name = name.lower()
+    if weights is not None:
+        from .weights import load_weights
+
+        load_weights(model, weights)
+    return model

@@ -1,0 +1,116 @@
+"""Saving and loading model weights as safetensors, with clear errors on a mismatch."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+__all__ = ["save_weights", "load_weights", "read_metadata", "WeightsError", "atomic_write"]
+
+log = logging.getLogger(__name__)
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be read or does not fit the model."""
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_weights(model: nn.Module, path: str | Path, metadata: dict | None = None) -> None:
+    """Write the model's state dict (parameters and buffers) and JSON metadata to ``path``."""
+    meta = {
+        "model_name": getattr(model, "model_name", ""),
+        "num_classes": getattr(model, "num_classes", None),
+        "class_names": getattr(model, "class_names", None),
+        **(metadata or {}),
+    }
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write(
+        path,
+        lambda tmp: save_file(tensors, tmp, metadata={"spinedet": json.dumps(meta)}),
+    )
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The spinedet metadata of a safetensors file (empty dict when it has none)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            raw = (f.metadata() or {}).get("spinedet")
+    except (OSError, SafetensorError) as e:
+        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+    return json.loads(raw) if raw else {}
+
+
+def _describe(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a spinedet safetensors file into ``model``, strictly.
+
+    A file holding only a backbone (keys without the ``backbone.`` prefix) loads into a
+    detector's backbone. Missing, unexpected or mis-shaped variables raise a
+    :class:`WeightsError` naming them; nothing is loaded partially.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found")
+    try:
+        state = load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+    target = model
+    own = model.state_dict()
+    backbone = getattr(model, "backbone", None)
+    if backbone is not None and not any(k.startswith("backbone.") for k in state):
+        target, own = backbone, backbone.state_dict()
+        log.info("%s holds a backbone only: loading it into the detector's backbone", path)
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(
+        f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})"
+        for k in set(own) & set(state)
+        if state[k].shape != own[k].shape
+    )
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing: {_describe(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected: {_describe(unexpected)}")
+    if shapes:
+        problems.append(f"{len(shapes)} with another shape: {_describe(shapes)}")
+    if problems:
+        meta = read_metadata(path)
+        made_for = meta.get("model_name") or "another model"
+        if meta.get("num_classes"):
+            made_for += f" with {meta['num_classes']} classes"
+        raise WeightsError(
+            f"{path} does not fit {getattr(model, 'model_name', type(model).__name__)} "
+            f"(file made for {made_for}): " + "; ".join(problems)
+        )
+    with torch.no_grad():
+        target.load_state_dict(state, strict=True)
+    return model

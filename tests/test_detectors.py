@@ -1,0 +1,166 @@
+"""Detectors: sizes against Model Garden, every registered model trains and infers, errors."""
+
+import pytest
+import torch
+
+import spinedet
+from spinedet.info import count_macs, model_info
+
+# Model Garden sizes at 91 classes; ours must be within 2% (torchvision heads share BN).
+MODEL_GARDEN_DETECTORS = {
+    "spinenet49s_retinanet": 11_333_318,
+    "spinenet49_retinanet": 28_652_567,
+    "spinenet96_retinanet": 43_118_103,
+    "spinenet143_retinanet": 67_146_263,
+    "spinenet190_retinanet": 163_970_583,
+    "spinenet49_maskrcnn": 40_851_441,
+    "spinenet96_maskrcnn": 55_316_977,
+    "spinenet143_maskrcnn": 79_345_137,
+}
+
+SMALL = {"filter_scale": 0.25, "endpoint_filters": 32, "image_size": 96}
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name,expected", list(MODEL_GARDEN_DETECTORS.items()))
+def test_detector_size_within_2_percent_of_model_garden(name, expected):
+    assert abs(n_params(spinedet.create_model(name)) - expected) / expected < 0.02
+
+
+def test_maskrcnn_49s_small_heads_near_paper():
+    assert abs(n_params(spinedet.create_model("spinenet49s_maskrcnn")) - 13.9e6) / 13.9e6 < 0.03
+
+
+def test_head_structure_follows_paper():
+    r190 = spinedet.create_model("spinenet190_retinanet")
+    assert len(r190.head.classification_head.conv) == 7
+    assert r190.head.classification_head.conv[0][0].out_channels == 512
+    assert r190.anchor_generator.sizes[0][0] == pytest.approx(4 * 8)
+    r49s = spinedet.create_model("spinenet49s_retinanet")
+    assert len(r49s.head.regression_head.conv) == 4
+    assert r49s.head.classification_head.conv[0][0].out_channels == 128
+    assert r49s.head.classification_head.gamma == 1.5
+    assert r49s.anchor_generator.num_anchors_per_location() == [9] * 5
+    m = spinedet.create_model("spinenet49s_maskrcnn")
+    assert m.roi_heads.box_head[-2].out_features == 512
+    assert m.roi_heads.mask_roi_pool.output_size == (14, 14)
+    assert isinstance(m.roi_heads.box_head[0][1], torch.nn.BatchNorm2d)
+
+
+@pytest.mark.parametrize("name", spinedet.list_models("_"))
+def test_every_detector_trains_and_predicts_at_small_size(name):
+    torch.manual_seed(0)
+    model = spinedet.create_model(name, class_names=["a", "b"], **SMALL)
+    images = [torch.rand(3, 96, 80), torch.rand(3, 70, 96)]
+    targets = []
+    for img in images:
+        mask = torch.zeros(img.shape[1:], dtype=torch.uint8)
+        mask[10:50, 20:60] = 1
+        targets.append(
+            {
+                "boxes": torch.tensor([[20.0, 10.0, 60.0, 50.0]]),
+                "labels": torch.tensor([1]),
+                "masks": mask[None],
+            }
+        )
+    losses = model(images, targets)
+    loss = sum(losses.values())
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None for p in model.backbone.parameters() if p.requires_grad)
+    model.eval()
+    with torch.no_grad():
+        out = model(images)
+    assert len(out) == 2 and out[0]["boxes"].shape[1] == 4
+    if name.endswith("maskrcnn"):
+        assert out[1]["masks"].shape[-2:] == (70, 96)
+    assert model.class_names == ["a", "b"] and model.num_classes == 3
+
+
+@pytest.mark.parametrize("name", [n for n in spinedet.list_models() if "_" not in n])
+def test_every_backbone_forward_backward(name):
+    model = spinedet.create_model(name, filter_scale=0.2, endpoint_filters=8)
+    out = model(torch.randn(2, 3, 64, 48))
+    sum(v.sum() for v in out.values()).backward()
+    assert out["p7"].shape == (2, 8, 1, 1)
+
+
+def test_anchors_use_true_strides_for_odd_sizes():
+    model = spinedet.create_model("spinenet49s_retinanet", num_classes=2, **SMALL).eval()
+    from torchvision.models.detection.image_list import ImageList
+
+    feats = model.backbone(torch.zeros(1, 3, 100, 100))
+    anchors = model.anchor_generator(
+        ImageList(torch.zeros(1, 3, 100, 100), [(100, 100)]), list(feats.values())
+    )[0]
+    centres = (anchors[:, :2] + anchors[:, 2:]) / 2
+    # P7 of a 100px image is 1x1: its anchors sit at the origin, P3's on an 8px grid.
+    assert anchors.shape[0] == 9 * sum((-(-100 // s)) ** 2 for s in (8, 16, 32, 64, 128))
+    assert torch.allclose(centres[:9], torch.zeros(9, 2), atol=1e-4)
+    assert torch.allclose(centres[9 * 13 * 13 - 9], torch.tensor([96.0, 96.0]), atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "name,size,paper",
+    [("spinenet49s_retinanet", 640, 33.8), ("spinenet49_retinanet", 640, 85.4)],
+)
+def test_retinanet_flops_within_10_percent_of_paper(name, size, paper):
+    macs = count_macs(spinedet.create_model(name), size)
+    assert abs(macs / 1e9 - paper) / paper < 0.10
+
+
+def test_model_info_keys():
+    info = model_info("spinenet49s", 224)
+    assert info["params"] == info["backbone_params"] == 9_089_215
+    assert [lvl["stride"] for lvl in info["levels"]] == [8, 16, 32, 64, 128]
+    assert info["gflops"] > 0
+
+
+def test_unknown_model_lists_close_matches():
+    with pytest.raises(ValueError, match="did you mean spinenet49_maskrcnn"):
+        spinedet.create_model("spinenet49_maskrnn")
+
+
+@pytest.mark.parametrize("num_classes", [0, 1, -3, 2.5, True])
+def test_bad_num_classes(num_classes):
+    with pytest.raises(ValueError, match="num_classes"):
+        spinedet.create_model("spinenet49s_retinanet", num_classes=num_classes)
+
+
+def test_num_classes_must_agree_with_class_names():
+    with pytest.raises(ValueError, match="does not match 2 class names"):
+        spinedet.create_model("spinenet49s_fasterrcnn", num_classes=5, class_names=["a", "b"])
+
+
+def test_backbone_rejects_num_classes():
+    with pytest.raises(ValueError, match="backbone"):
+        spinedet.create_model("spinenet49", num_classes=3)
+
+
+def test_weights_round_trip_and_mismatch(tmp_path):
+    model = spinedet.create_model("spinenet49s_retinanet", class_names=["x"], **SMALL)
+    path = tmp_path / "w.safetensors"
+    spinedet.save_weights(model, path)
+    again = spinedet.create_model("spinenet49s_retinanet", num_classes=2, weights=path, **SMALL)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k])
+    with pytest.raises(
+        spinedet.models.WeightsError,
+        match=r"with 2 classes\): 2 with another shape: head.classification_head.cls_logits",
+    ):
+        spinedet.create_model("spinenet49s_retinanet", num_classes=5, weights=path, **SMALL)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a file at all")
+    with pytest.raises(spinedet.models.WeightsError, match="bad.safetensors: not a readable"):
+        spinedet.create_model("spinenet49s", weights=tmp_path / "bad.safetensors")
+
+
+def test_backbone_weights_load_into_detector(tmp_path):
+    backbone = spinedet.create_model("spinenet49s", filter_scale=0.25, endpoint_filters=32)
+    spinedet.save_weights(backbone, tmp_path / "b.safetensors")
+    det = spinedet.create_model(
+        "spinenet49s_maskrcnn", num_classes=3, weights=tmp_path / "b.safetensors", **SMALL
+    )
+    assert torch.equal(det.backbone.stem[0].conv.weight, backbone.stem[0].conv.weight)
