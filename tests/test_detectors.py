@@ -164,3 +164,13 @@ def test_backbone_weights_load_into_detector(tmp_path):
         "spinenet49s_maskrcnn", num_classes=3, weights=tmp_path / "b.safetensors", **SMALL
     )
     assert torch.equal(det.backbone.stem[0].conv.weight, backbone.stem[0].conv.weight)
+
+
+def test_load_model_rebuilds_from_file_metadata(tmp_path):
+    model = spinedet.create_model("spinenet49s_maskrcnn", class_names=["cat", "dog"], **SMALL)
+    spinedet.save_weights(model, tmp_path / "m.safetensors", {"categories": [3, 9]})
+    again = spinedet.load_model(tmp_path / "m.safetensors", score_thresh=0.5)
+    assert again.class_names == ["cat", "dog"] and again.roi_heads.score_thresh == 0.5
+    assert again.transform.min_size == (96,)
+    assert torch.equal(again.backbone.stem[0].conv.weight, model.backbone.stem[0].conv.weight)
+    assert spinedet.models.weights.read_metadata(tmp_path / "m.safetensors")["categories"] == [3, 9]

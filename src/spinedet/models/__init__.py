@@ -1,7 +1,7 @@
 """SpineNet backbones and detectors."""
 
 from .detectors import spinenet_fasterrcnn, spinenet_maskrcnn, spinenet_retinanet
-from .registry import create_model, list_models, model_task
+from .registry import create_model, list_models, load_model, model_task
 from .specs import SCALING, SPINENET_BLOCK_SPECS, BlockSpec, Scaling
 from .spinenet import SpineNet, spinenet
 from .weights import WeightsError, load_weights, save_weights
@@ -15,6 +15,7 @@ __all__ = [
     "WeightsError",
     "create_model",
     "list_models",
+    "load_model",
     "load_weights",
     "model_task",
     "save_weights",

@@ -13,7 +13,7 @@ from .detectors import spinenet_fasterrcnn, spinenet_maskrcnn, spinenet_retinane
 from .specs import SCALING
 from .spinenet import spinenet
 
-__all__ = ["create_model", "list_models", "model_task"]
+__all__ = ["create_model", "list_models", "load_model", "model_task"]
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,28 @@ def create_model(
             num_classes = 91
         model = _DETECTORS[task](variant, num_classes, **kwargs)
     model.model_name = name.lower()
+    # What rebuilds this model from a weights file (see load_model); class names travel apart.
+    model.model_kwargs = {k: v for k, v in kwargs.items() if k != "class_names"}
     if weights is not None:
         from .weights import load_weights
 
         load_weights(model, weights)
     return model
+
+
+def load_model(path: str | Path, **overrides) -> nn.Module:
+    """Rebuild the model a spinedet ``.safetensors`` file was saved from and load its weights.
+
+    ``overrides`` replace builder options, e.g. ``score_thresh=0.3`` for prediction.
+    """
+    from .weights import WeightsError, read_metadata
+
+    meta = read_metadata(path)
+    if not meta.get("model_name"):
+        raise WeightsError(
+            f"{path}: no spinedet model name in the file; use create_model(NAME, weights=...)"
+        )
+    kwargs = {**meta.get("model_kwargs", {}), **overrides}
+    if model_task(meta["model_name"]) is not None:
+        kwargs["class_names"] = meta["class_names"]
+    return create_model(meta["model_name"], weights=path, **kwargs)

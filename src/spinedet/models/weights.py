@@ -42,6 +42,7 @@ def save_weights(model: nn.Module, path: str | Path, metadata: dict | None = Non
         "model_name": getattr(model, "model_name", ""),
         "num_classes": getattr(model, "num_classes", None),
         "class_names": getattr(model, "class_names", None),
+        "model_kwargs": getattr(model, "model_kwargs", {}),
         **(metadata or {}),
     }
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
