@@ -169,8 +169,18 @@ def test_backbone_weights_load_into_detector(tmp_path):
 def test_load_model_rebuilds_from_file_metadata(tmp_path):
     model = spinedet.create_model("spinenet49s_maskrcnn", class_names=["cat", "dog"], **SMALL)
     spinedet.save_weights(model, tmp_path / "m.safetensors", {"categories": [3, 9]})
-    again = spinedet.load_model(tmp_path / "m.safetensors", score_thresh=0.5)
+    again = spinedet.load_model(tmp_path / "m.safetensors", box_score_thresh=0.5)
     assert again.class_names == ["cat", "dog"] and again.roi_heads.score_thresh == 0.5
     assert again.transform.min_size == (96,)
     assert torch.equal(again.backbone.stem[0].conv.weight, model.backbone.stem[0].conv.weight)
     assert spinedet.models.weights.read_metadata(tmp_path / "m.safetensors")["categories"] == [3, 9]
+
+
+def test_detector_options_reach_torchvision_and_unknown_options_are_named():
+    model = spinedet.create_model(
+        "spinenet49s_maskrcnn", num_classes=3, box_batch_size_per_image=64, activation="swish"
+    )
+    assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 64
+    assert isinstance(model.backbone.act, torch.nn.SiLU)
+    with pytest.raises(ValueError, match="unknown option 'box_size'"):
+        spinedet.create_model("spinenet49s_maskrcnn", num_classes=3, box_size=3)

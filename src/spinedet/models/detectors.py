@@ -6,6 +6,7 @@ RetinaNet, Faster R-CNN and Mask R-CNN without an FPN neck.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -57,6 +58,14 @@ def _head_norm(norm: str) -> Callable[[int], nn.Module]:
     raise ValueError(f"unknown head_norm {norm!r}; expected 'bn' or 'gn'")
 
 
+def _split_kwargs(detector: type, kwargs: dict) -> tuple[dict, dict]:
+    """Split options into those of the torchvision ``detector`` (e.g. ``rpn_batch_size_per_image``)
+    and the rest, which go to the SpineNet backbone."""
+    accepted = inspect.signature(detector.__init__).parameters
+    own = {k: v for k, v in kwargs.items() if k in accepted}
+    return own, {k: v for k, v in kwargs.items() if k not in accepted}
+
+
 def _backbone(variant: str, backbone_kwargs: dict) -> tuple[SpineNet, dict]:
     key = variant.lower()
     if key not in HEAD_CONFIG:
@@ -85,10 +94,7 @@ def spinenet_retinanet(
     anchor_size: float | None = None,
     focal_alpha: float = 0.25,
     focal_gamma: float = 1.5,
-    score_thresh: float = 0.05,
-    nms_thresh: float = 0.5,
-    detections_per_img: int = 100,
-    **backbone_kwargs,
+    **kwargs,
 ) -> RetinaNet:
     """RetinaNet with a SpineNet-``variant`` backbone, the paper's head and anchors.
 
@@ -102,21 +108,22 @@ def spinenet_retinanet(
         head_norm: ``"bn"`` or ``"gn"`` in the head towers.
         anchor_size: anchor side in units of the level stride (paper: 3, or 4 for 143/190).
         focal_alpha, focal_gamma: focal loss parameters (paper: 0.25, 1.5).
-        **backbone_kwargs: any :class:`~spinedet.models.spinenet.SpineNet` option.
+        **kwargs: options of torchvision's ``RetinaNet`` (``score_thresh``, ``nms_thresh``,
+            ``detections_per_img``, ...) or of :class:`~spinedet.models.spinenet.SpineNet`.
     """
     num_classes = _check_num_classes(num_classes, class_names)
+    detector_kwargs, backbone_kwargs = _split_kwargs(RetinaNet, kwargs)
     backbone, cfg = _backbone(variant, backbone_kwargs)
     anchors = pyramid_anchors(
         backbone.levels, anchor_size or cfg["anchor_size"], 3, (0.5, 1.0, 2.0)
     )
-    activation = ACTIVATIONS[backbone_kwargs.get("activation", "relu")]
     head = retinanet_head(
         backbone.out_channels,
         anchors.num_anchors_per_location()[0],
         num_classes,
         head_depth or cfg["head_depth"],
         _head_norm(head_norm),
-        activation,
+        ACTIVATIONS[backbone_kwargs.get("activation", "relu")],
         focal_alpha,
         focal_gamma,
     )
@@ -127,30 +134,9 @@ def spinenet_retinanet(
         max_size=image_size,
         anchor_generator=anchors,
         head=head,
-        score_thresh=score_thresh,
-        nms_thresh=nms_thresh,
-        detections_per_img=detections_per_img,
+        **detector_kwargs,
     )
     return _finish(model, num_classes, class_names)
-
-
-def _rcnn_parts(
-    backbone: SpineNet, cfg: dict, anchor_size: float | None, fc_dim: int | None, norm: nn.Module
-) -> dict:
-    channels = backbone.out_channels
-    names = [f"p{lvl}" for lvl in backbone.levels]
-    anchors = pyramid_anchors(
-        backbone.levels, anchor_size or cfg["anchor_size"], 1, (0.5, 1.0, 2.0)
-    )
-    fc_dim = fc_dim or cfg["fc_dim"]
-    return {
-        "rpn_anchor_generator": anchors,
-        "rpn_head": RPNHead(channels, anchors.num_anchors_per_location()[0]),
-        "box_roi_pool": MultiScaleRoIAlign(names, output_size=7, sampling_ratio=2),
-        "box_head": FastRCNNConvFCHead((channels, 7, 7), [channels] * 4, [fc_dim], norm_layer=norm),
-        "fc_dim": fc_dim,
-        "roi_names": names,
-    }
 
 
 def _two_stage(
@@ -162,20 +148,21 @@ def _two_stage(
     head_norm: str,
     anchor_size: float | None,
     fc_dim: int | None,
-    detector_kwargs: dict,
-    backbone_kwargs: dict,
+    kwargs: dict,
 ) -> nn.Module:
     num_classes = _check_num_classes(num_classes, class_names)
+    detector_kwargs, backbone_kwargs = _split_kwargs(kind, kwargs)
     backbone, cfg = _backbone(variant, backbone_kwargs)
     norm = _head_norm(head_norm)
-    parts = _rcnn_parts(backbone, cfg, anchor_size, fc_dim, norm)
-    extra = {}
+    channels = backbone.out_channels
+    names = [f"p{lvl}" for lvl in backbone.levels]
+    anchors = pyramid_anchors(
+        backbone.levels, anchor_size or cfg["anchor_size"], 1, (0.5, 1.0, 2.0)
+    )
+    fc_dim = fc_dim or cfg["fc_dim"]
     if kind is MaskRCNN:
-        channels = backbone.out_channels
-        extra = {
-            "mask_roi_pool": MultiScaleRoIAlign(
-                parts["roi_names"], output_size=14, sampling_ratio=2
-            ),
+        detector_kwargs |= {
+            "mask_roi_pool": MultiScaleRoIAlign(names, output_size=14, sampling_ratio=2),
             "mask_head": MaskRCNNHeads(channels, [channels] * 4, 1, norm_layer=norm),
             "mask_predictor": MaskRCNNPredictor(channels, channels, num_classes),
         }
@@ -184,12 +171,11 @@ def _two_stage(
         num_classes=None,
         min_size=image_size,
         max_size=image_size,
-        rpn_anchor_generator=parts["rpn_anchor_generator"],
-        rpn_head=parts["rpn_head"],
-        box_roi_pool=parts["box_roi_pool"],
-        box_head=parts["box_head"],
-        box_predictor=FastRCNNPredictor(parts["fc_dim"], num_classes),
-        **extra,
+        rpn_anchor_generator=anchors,
+        rpn_head=RPNHead(channels, anchors.num_anchors_per_location()[0]),
+        box_roi_pool=MultiScaleRoIAlign(names, output_size=7, sampling_ratio=2),
+        box_head=FastRCNNConvFCHead((channels, 7, 7), [channels] * 4, [fc_dim], norm_layer=norm),
+        box_predictor=FastRCNNPredictor(fc_dim, num_classes),
         **detector_kwargs,
     )
     return _finish(model, num_classes, class_names)
@@ -204,33 +190,19 @@ def spinenet_fasterrcnn(
     head_norm: str = "bn",
     anchor_size: float | None = None,
     fc_dim: int | None = None,
-    score_thresh: float = 0.05,
-    nms_thresh: float = 0.5,
-    detections_per_img: int = 100,
-    **backbone_kwargs,
+    **kwargs,
 ) -> FasterRCNN:
     """Faster R-CNN on SpineNet-``variant`` with no neck: RPN on P3..P7 and a 4-conv + 1-FC box
     head with normalisation (FC 512 for 49S, 1024 otherwise).
 
-    Arguments are those of :func:`spinenet_retinanet`; ``fc_dim`` overrides the FC width.
+    Arguments are those of :func:`spinenet_retinanet`; ``fc_dim`` overrides the FC width and
+    ``kwargs`` may hold any option of torchvision's ``FasterRCNN`` (``box_score_thresh``,
+    ``box_batch_size_per_image``, ``rpn_post_nms_top_n_train``, ...).
     """
-    detector = {
-        "box_score_thresh": score_thresh,
-        "box_nms_thresh": nms_thresh,
-        "box_detections_per_img": detections_per_img,
-    }
     return _two_stage(
-        FasterRCNN,
-        variant,
-        num_classes,
-        class_names,
-        image_size,
-        head_norm,
-        anchor_size,
-        fc_dim,
-        detector,
-        backbone_kwargs,
-    )
+        FasterRCNN, variant, num_classes, class_names, image_size, head_norm, anchor_size,
+        fc_dim, kwargs,
+    )  # fmt: skip
 
 
 def spinenet_maskrcnn(
@@ -242,27 +214,11 @@ def spinenet_maskrcnn(
     head_norm: str = "bn",
     anchor_size: float | None = None,
     fc_dim: int | None = None,
-    score_thresh: float = 0.05,
-    nms_thresh: float = 0.5,
-    detections_per_img: int = 100,
-    **backbone_kwargs,
+    **kwargs,
 ) -> MaskRCNN:
     """Mask R-CNN on SpineNet-``variant``: the Faster R-CNN of :func:`spinenet_fasterrcnn` plus
     a 4-conv mask head predicting 28 x 28 masks from 14 x 14 RoIAlign features."""
-    detector = {
-        "box_score_thresh": score_thresh,
-        "box_nms_thresh": nms_thresh,
-        "box_detections_per_img": detections_per_img,
-    }
     return _two_stage(
-        MaskRCNN,
-        variant,
-        num_classes,
-        class_names,
-        image_size,
-        head_norm,
-        anchor_size,
-        fc_dim,
-        detector,
-        backbone_kwargs,
-    )
+        MaskRCNN, variant, num_classes, class_names, image_size, head_norm, anchor_size,
+        fc_dim, kwargs,
+    )  # fmt: skip

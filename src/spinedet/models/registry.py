@@ -94,7 +94,7 @@ def create_model(
 def load_model(path: str | Path, **overrides) -> nn.Module:
     """Rebuild the model a spinedet ``.safetensors`` file was saved from and load its weights.
 
-    ``overrides`` replace builder options, e.g. ``score_thresh=0.3`` for prediction.
+    ``overrides`` replace builder options, e.g. ``box_score_thresh=0.3`` for prediction.
     """
     from .weights import WeightsError, read_metadata
 

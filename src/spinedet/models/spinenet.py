@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -273,6 +274,13 @@ def spinenet(variant: str = "49", **kwargs) -> SpineNet:
     key = variant.lower()
     if key not in SCALING:
         raise ValueError(f"unknown SpineNet variant {variant!r}; expected one of {list(SCALING)}")
+    accepted = inspect.signature(SpineNet.__init__).parameters
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"unknown option {unknown[0]!r}; SpineNet options are "
+            f"{', '.join(p for p in accepted if p != 'self')}"
+        )
     scaling = SCALING[key]
     options = {
         "endpoint_filters": scaling.endpoint_filters,
