@@ -15,7 +15,20 @@ from .models import (
 
 __version__ = "0.1.0"
 
+_ENGINE = ("train", "evaluate", "predict")
+
+
+def __getattr__(name: str):
+    # The engine pulls in TensorBoard and pycocotools: load it only when asked for.
+    if name in _ENGINE:
+        from . import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'spinedet' has no attribute {name!r}")
+
+
 __all__ = [
+    *_ENGINE,
     "SpineNet",
     "create_model",
     "list_models",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -59,23 +60,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_models)
 
     from .data.commands import add_data_commands
+    from .engine.commands import add_engine_commands
 
     add_data_commands(sub)
+    add_engine_commands(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, OSError, KeyError) as e:
+    except (ValueError, OSError, KeyError, RuntimeError) as e:
         # User-facing problems (bad names, files, data) get one line; SPINEDET_DEBUG=1 shows all.
         if os.environ.get("SPINEDET_DEBUG"):
             raise
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"spinedet: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        print(f"spinedet: {e or 'interrupted'}", file=sys.stderr)
         return 130
 
 

@@ -38,6 +38,10 @@ class Bottleneck(nn.Module):
         self.drop_path = StochasticDepth(drop_rate, "row") if drop_rate > 0 else nn.Identity()
         self.act = act()
 
+    @property
+    def last_norm(self) -> nn.Module:
+        return self.conv3.norm
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv3(self.conv2(self.conv1(x)))
         return self.act(self.shortcut(x) + self.drop_path(out))
@@ -65,6 +69,10 @@ class Residual(nn.Module):
         self.conv2 = ConvNormAct(width, width, 3, norm, padding=padding)
         self.drop_path = StochasticDepth(drop_rate, "row") if drop_rate > 0 else nn.Identity()
         self.act = act()
+
+    @property
+    def last_norm(self) -> nn.Module:
+        return self.conv2.norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv2(self.conv1(x))

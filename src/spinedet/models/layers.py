@@ -54,26 +54,34 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-def _pad_same(x: torch.Tensor, kernel: int, stride: int, value: float = 0.0) -> torch.Tensor:
-    top, bottom = same_padding(x.shape[-2], kernel, stride)
-    left, right = same_padding(x.shape[-1], kernel, stride)
-    if top or bottom or left or right:
-        x = F.pad(x, (left, right, top, bottom), value=value)
-    return x
-
-
 class SameConv2d(nn.Conv2d):
     """Strided convolution padded like TF "same", so TensorFlow weights give the same outputs."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(_pad_same(x, self.kernel_size[0], self.stride[0]))
+        kernel, stride = self.kernel_size[0], self.stride[0]
+        top, bottom = same_padding(x.shape[-2], kernel, stride)
+        left, right = same_padding(x.shape[-1], kernel, stride)
+        if top == bottom and left == right:
+            # Symmetric (e.g. odd sizes): the convolution pads itself, with no padded copy.
+            return F.conv2d(
+                x, self.weight, self.bias, self.stride, (top, left), self.dilation, self.groups
+            )
+        return super().forward(F.pad(x, (left, right, top, bottom)))
 
 
 class SameMaxPool2d(nn.MaxPool2d):
-    """3x3 stride-2 max pooling padded like TF "same" (padding never wins the max)."""
+    """3x3 stride-2 max pooling padded like TF "same" (padding never wins the max).
+
+    "Same" pads (1, 1) on an odd side and (0, 1) on an even one; pooling's implicit -inf
+    padding of 1 and ``ceil_mode``'s partial last window express both without a padded copy.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(3, 2, ceil_mode=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(_pad_same(x, self.kernel_size, self.stride, value=-math.inf))
+        padding = (x.shape[-2] % 2, x.shape[-1] % 2)
+        return F.max_pool2d(x, 3, 2, padding, ceil_mode=True)
 
 
 def conv2d(
@@ -101,7 +109,7 @@ def conv2d(
 def max_pool(padding: str = "same") -> nn.MaxPool2d:
     """3x3 stride-2 max pooling with output ``ceil(input / 2)``."""
     if padding == "same":
-        return SameMaxPool2d(3, 2)
+        return SameMaxPool2d()
     return nn.MaxPool2d(3, 2, padding=1)
 
 

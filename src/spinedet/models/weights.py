@@ -69,12 +69,16 @@ def _describe(keys: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+def load_weights(
+    model: nn.Module, path: str | Path, allow_shape_mismatch: bool = False
+) -> nn.Module:
     """Load a spinedet safetensors file into ``model``, strictly.
 
     A file holding only a backbone (keys without the ``backbone.`` prefix) loads into a
     detector's backbone. Missing, unexpected or mis-shaped variables raise a
-    :class:`WeightsError` naming them; nothing is loaded partially.
+    :class:`WeightsError` naming them; nothing is loaded partially. For fine-tuning on other
+    classes, ``allow_shape_mismatch`` keeps the model's own tensors where shapes differ (the
+    class-dependent layers) and logs their names.
     """
     path = Path(path)
     if not path.is_file():
@@ -96,6 +100,12 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
         for k in set(own) & set(state)
         if state[k].shape != own[k].shape
     )
+    if allow_shape_mismatch and shapes:
+        log.warning(
+            "%s: kept %d freshly initialised tensors: %s", path, len(shapes), _describe(shapes)
+        )
+        state = {k: own[k] if k in own and v.shape != own[k].shape else v for k, v in state.items()}
+        shapes = []
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing: {_describe(missing)}")

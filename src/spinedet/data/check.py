@@ -1,0 +1,272 @@
+"""Find every problem in a COCO dataset in one pass, without ever raising."""
+
+from __future__ import annotations
+
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from tqdm import tqdm
+
+from spinedet.data.coco import (
+    EXIF_ORIENTATION,
+    ROTATING_ORIENTATIONS,
+    is_number,
+    load_image,
+    polygon_problem,
+    read_json,
+    rle_problem,
+    size_mismatch,
+)
+from spinedet.data.errors import DataError
+
+BOX_TOLERANCE = 0.5  # pixels a box may overshoot the image: sub-pixel float noise is harmless
+IMAGE_CHUNK = 64  # image files checked per thread-pool task
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem: where it is (file, image id, annotation id), what it is, and its kind."""
+
+    file: str
+    image_id: int | None
+    ann_id: int | None
+    message: str
+    kind: str
+
+    def __str__(self) -> str:
+        if self.ann_id is not None:
+            image = "" if self.image_id is None else f" (image {self.image_id})"
+            return f"{self.file}: annotation {self.ann_id}{image}: {self.message}"
+        if self.image_id is not None:
+            return f"{self.file}: image {self.image_id}: {self.message}"
+        return f"{self.file}: {self.message}"
+
+
+def _is_id(value: Any) -> bool:
+    return type(value) is int  # exact type: JSON true/false would pass isinstance(int)
+
+
+def _header_orientation(image: Image.Image) -> int | None:
+    """EXIF orientation as far as the header tells; avoids a full decode."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return None  # Pillow would decode all pixels looking for an eXIf chunk after the data
+    return image.getexif().get(EXIF_ORIENTATION)
+
+
+def _fmt_box(box: list[float]) -> str:
+    return "[" + ", ".join(f"{v:g}" for v in box) + "]"
+
+
+class _Checker:
+    """Accumulates problems while walking categories, images, annotations, then image files."""
+
+    def __init__(self, annotations: Path, images: Path) -> None:
+        self.json = str(annotations)
+        self.images_dir = images
+        self.problems: list[Problem] = []
+        self.cat_ids: set[Any] = set()
+        self.images: dict[int, dict[str, Any]] = {}  # valid entries, first of duplicated ids
+
+    def report(
+        self,
+        kind: str,
+        message: str,
+        image_id: Any = None,
+        ann_id: Any = None,
+        file: str | None = None,
+    ) -> None:
+        self.problems.append(
+            Problem(
+                file or self.json,
+                image_id if _is_id(image_id) else None,
+                ann_id if _is_id(ann_id) else None,
+                message,
+                kind,
+            )
+        )
+
+    def entries(self, dataset: dict[str, Any], key: str) -> list[dict[str, Any]]:
+        """The list under ``key``, reporting a missing list and skipping non-object entries."""
+        if key not in dataset:
+            self.report("schema", f"missing top-level key '{key}'")
+            return []
+        if not isinstance(dataset[key], list):
+            self.report("schema", f"'{key}' must be a list")
+            return []
+        for index, entry in enumerate(dataset[key]):
+            if not isinstance(entry, dict):
+                self.report("schema", f"{key}[{index}] is not an object")
+        return [entry for entry in dataset[key] if isinstance(entry, dict)]
+
+    def duplicates(self, entries: list[dict[str, Any]], what: str) -> None:
+        counts = Counter(e["id"] for e in entries if _is_id(e.get("id")))
+        for value, count in counts.items():
+            if count > 1:
+                self.report(
+                    "duplicate id",
+                    f"{what} id {value} is used {count} times",
+                    image_id=value if what == "image" else None,
+                    ann_id=value if what == "annotation" else None,
+                )
+
+    def categories(self, categories: list[dict[str, Any]]) -> None:
+        for index, cat in enumerate(categories):
+            if not _is_id(cat.get("id")):
+                self.report("schema", f"categories[{index}] has no integer 'id'")
+                continue
+            if not isinstance(cat.get("name"), str):
+                self.report("schema", f"category {cat['id']} has no 'name'")
+            self.cat_ids.add(cat["id"])
+        self.duplicates(categories, "category")
+
+    def image_entries(self, images: list[dict[str, Any]]) -> None:
+        for index, image in enumerate(images):
+            image_id = image.get("id")
+            if not _is_id(image_id):
+                self.report("schema", f"images[{index}] has no integer 'id'")
+                continue
+            missing = [
+                key for key in ("width", "height") if not _is_id(image.get(key)) or image[key] <= 0
+            ]
+            if not isinstance(image.get("file_name"), str) or not image["file_name"]:
+                missing.insert(0, "file_name")
+            if missing:
+                self.report("schema", f"missing or invalid {', '.join(missing)}", image_id)
+            elif image_id not in self.images:
+                self.images[image_id] = image
+        self.duplicates(images, "image")
+        names = Counter(image["file_name"] for image in self.images.values())
+        for name, count in names.items():
+            if count > 1:
+                self.report("duplicate file", f"{count} images share the file '{name}'")
+
+    def annotation(self, index: int, ann: dict[str, Any]) -> None:
+        ann_id, image_id = ann.get("id"), ann.get("image_id")
+        if not _is_id(ann_id):
+            self.report("schema", f"annotations[{index}] has no integer 'id'", image_id)
+
+        def report(kind: str, message: str) -> None:
+            self.report(kind, message, image_id, ann_id)
+
+        image = self.images.get(image_id) if _is_id(image_id) else None
+        if image is None:
+            report("unknown image", f"refers to unknown image id {image_id!r}")
+        category_id = ann.get("category_id")
+        if not _is_id(category_id) or category_id not in self.cat_ids:
+            report("unknown category", f"category id {category_id!r} is not defined")
+        if ann.get("iscrowd", 0) not in (0, 1):
+            report("schema", f"iscrowd must be 0 or 1, not {ann['iscrowd']!r}")
+
+        box = ann.get("bbox")
+        if box is None:
+            report("box", "has no bbox")
+        elif not isinstance(box, list) or len(box) != 4 or not all(is_number(v) for v in box):
+            report("box", f"bbox must be [x, y, width, height], not {box!r}")
+        elif box[2] <= 0 or box[3] <= 0:
+            report("box", f"box {_fmt_box(box)} has zero or negative size")
+        elif image is not None:
+            width, height = image["width"], image["height"]
+            x, y, w, h = box
+            tol = BOX_TOLERANCE
+            if x < -tol or y < -tol or x + w > width + tol or y + h > height + tol:
+                report("box", f"box {_fmt_box(box)} lies outside the {width}x{height} image")
+
+        segmentation = ann.get("segmentation")
+        if isinstance(segmentation, list):
+            for k, polygon in enumerate(segmentation):
+                problem = polygon_problem(polygon)
+                if problem:
+                    report("polygon", f"polygon {k}: {problem}")
+        elif isinstance(segmentation, dict):
+            problem = rle_problem(segmentation, image["height"], image["width"]) if image else None
+            if problem:
+                report("rle", problem)
+        elif segmentation is not None:
+            report("segmentation", "segmentation must be a list of polygons or an RLE object")
+
+    def image_file(self, image: dict[str, Any], full: bool) -> tuple[str, str] | None:
+        """Kind and message of the problem with one image file, or None."""
+        path = self.images_dir / image["file_name"]
+        try:
+            if not path.is_file():
+                return "missing file", "file not found"
+            with Image.open(path) as header:
+                stored = header.size
+                rotated = _header_orientation(header) in ROTATING_ORIENTATIONS
+                header.verify()  # cheap integrity check; decoding everything is `full`'s job
+            oriented = stored[::-1] if rotated else stored
+            if full:
+                oriented = load_image(path).size
+        except DataError as e:
+            return "unreadable image", e.reason
+        except Exception as e:  # a check never crashes, whatever Pillow raises
+            return "unreadable image", f"cannot decode image: {' '.join(str(e).split())}"
+        problem = size_mismatch(stored, oriented, (image["width"], image["height"]))
+        return ("image size", problem) if problem else None
+
+    def image_files(self, full: bool, progress: bool | None, workers: int) -> None:
+        images = list(self.images.values())
+        # Chunks keep the per-task overhead of the pool small next to a cheap header check.
+        chunks = [images[i : i + IMAGE_CHUNK] for i in range(0, len(images), IMAGE_CHUNK)]
+        with (
+            ThreadPoolExecutor(max(1, workers)) as pool,  # file I/O bound: threads overlap it
+            tqdm(
+                total=len(images),
+                desc="checking images",
+                unit="img",
+                disable=None if progress is None else not progress,
+            ) as bar,
+        ):
+            results = pool.map(lambda chunk: [self.image_file(im, full) for im in chunk], chunks)
+            for chunk, found in zip(chunks, results, strict=True):
+                bar.update(len(chunk))
+                for image, result in zip(chunk, found, strict=True):
+                    if result:
+                        path = str(self.images_dir / image["file_name"])
+                        self.report(result[0], result[1], image["id"], file=path)
+
+
+def check_dataset(
+    annotations: str | Path,
+    images: str | Path,
+    full: bool = False,
+    progress: bool | None = None,
+    workers: int = 8,
+) -> list[Problem]:
+    """Report every problem of a COCO dataset: json, ids, boxes, segmentations, image files.
+
+    Image files are checked for existence, header integrity and size; ``full=True`` also
+    decodes every pixel (slow on large sets). ``progress=None`` shows a bar only on a terminal.
+    """
+    checker = _Checker(Path(annotations), Path(images))
+    try:
+        dataset = read_json(annotations)
+    except DataError as e:
+        checker.report("json", e.reason)
+        return checker.problems
+    if not isinstance(dataset, dict):
+        checker.report("schema", "top level must be an object with images/annotations/categories")
+        return checker.problems
+
+    checker.categories(checker.entries(dataset, "categories"))
+    checker.image_entries(checker.entries(dataset, "images"))
+    anns = checker.entries(dataset, "annotations")
+    for index, ann in enumerate(anns):
+        checker.annotation(index, ann)
+    checker.duplicates(anns, "annotation")
+    checker.image_files(full, progress, workers)
+    return checker.problems
+
+
+def format_report(problems: list[Problem]) -> str:
+    """All problems, one per line, followed by a count per kind."""
+    if not problems:
+        return "no problems found"
+    counts = Counter(p.kind for p in problems)
+    summary = ", ".join(f"{count} {kind}" for kind, count in counts.most_common())
+    noun = "problem" if len(problems) == 1 else "problems"
+    return "\n".join([*map(str, problems), f"{len(problems)} {noun}: {summary}"])

@@ -1,0 +1,85 @@
+"""The ``spinedet data`` command group: check, split and generate datasets."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from spinedet.data.check import check_dataset, format_report
+from spinedet.data.errors import DataError
+from spinedet.data.shapes import make_shapes
+from spinedet.data.split import split_dataset
+
+
+def _size(text: str) -> int | tuple[int, int]:
+    """``160`` for a square or ``WIDTHxHEIGHT``."""
+    try:
+        parts = [int(v) for v in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"expected SIZE or WIDTHxHEIGHT, got {text!r}")
+    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
+
+
+def _check(args: argparse.Namespace) -> int:
+    problems = check_dataset(args.annotations, args.images, full=args.full, workers=args.workers)
+    print(format_report(problems))
+    return 1 if problems else 0
+
+
+def _split(args: argparse.Namespace) -> int:
+    try:
+        paths = split_dataset(
+            args.annotations, args.out, ratios=args.ratios, seed=args.seed, names=args.names
+        )
+    except (DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _shapes(args: argparse.Namespace) -> int:
+    try:
+        paths = make_shapes(
+            args.out, num_images=args.num_images, size=args.size, seed=args.seed, splits=args.splits
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``data {check,split,shapes}``; each sets ``func(args) -> exit code``."""
+    data = subparsers.add_parser("data", help="check, split or generate COCO datasets")
+    commands = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
+
+    check = commands.add_parser("check", help="report every problem in a COCO dataset")
+    check.add_argument("annotations", type=Path, help="COCO json file")
+    check.add_argument("--images", type=Path, required=True, help="image directory")
+    check.add_argument("--full", action="store_true", help="decode every image completely")
+    check.add_argument("--workers", type=int, default=8, help="threads reading images")
+    check.set_defaults(func=_check)
+
+    split = commands.add_parser("split", help="split into image-disjoint, class-balanced parts")
+    split.add_argument("annotations", type=Path, help="COCO json file")
+    split.add_argument("--ratios", type=float, nargs="+", default=[0.8, 0.1, 0.1])
+    split.add_argument("--names", nargs="+", help="split names (default: train val [test])")
+    split.add_argument("--seed", type=int, default=0)
+    split.add_argument("--out", type=Path, required=True, help="directory for <name>.json")
+    split.set_defaults(func=_split)
+
+    shapes = commands.add_parser("shapes", help="generate the synthetic shapes dataset")
+    shapes.add_argument("--out", type=Path, required=True)
+    shapes.add_argument("--num-images", type=int, default=500)
+    shapes.add_argument("--size", type=_size, default=160, help="SIZE or WIDTHxHEIGHT")
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--splits", type=float, nargs="+", help="also split, e.g. 0.8 0.1 0.1")
+    shapes.set_defaults(func=_shapes)
+    return data

@@ -1,0 +1,145 @@
+"""Split a COCO dataset into image-disjoint parts with class frequencies kept balanced."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from spinedet.data.coco import read_json
+from spinedet.data.errors import DataError
+
+DEFAULT_NAMES = ("train", "val", "test")
+
+
+def _normalise(ratios: Sequence[float], names: Sequence[str]) -> list[float]:
+    if len(ratios) < 2:
+        raise ValueError(f"need at least two split ratios, got {list(ratios)}")
+    if len(names) != len(ratios):
+        raise ValueError(f"got {len(ratios)} ratios but {len(names)} split names {list(names)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"split names must be unique, got {list(names)}")
+    if not all(r > 0 for r in ratios):
+        raise ValueError(f"split ratios must all be positive, got {list(ratios)}")
+    total = sum(ratios)
+    return [r / total for r in ratios]
+
+
+def stratified_assignment(
+    labels: Sequence[Counter[int]], ratios: Sequence[float], rng: random.Random
+) -> list[int]:
+    """Split index for every item, balancing per-class instance counts (iterative stratification).
+
+    ``labels[i]`` counts the instances of each class in item ``i``; ``ratios`` sum to 1. The
+    rarest class still unassigned goes first: each of its items goes to the split missing the
+    largest fraction of its target for that class, then of its target item count; remaining
+    ties are broken by ``rng``. Items without labels fill up the item counts at the end.
+    Cost is O(items x splits x classes per item + classes^2).
+    """
+    splits = range(len(ratios))
+    totals: Counter[int] = Counter()
+    holders: dict[int, list[int]] = defaultdict(list)
+    for i, counts in enumerate(labels):
+        totals.update(counts)
+        for cls in counts:
+            holders[cls].append(i)
+    wanted = {cls: [r * n for r in ratios] for cls, n in totals.items()}
+    missing = {cls: list(w) for cls, w in wanted.items()}
+    wanted_items = [r * len(labels) for r in ratios]
+    missing_items = list(wanted_items)
+    unassigned = {cls: n for cls, n in totals.items() if n > 0}
+    assignment = [-1] * len(labels)
+
+    def assign(i: int, split: int) -> None:
+        assignment[i] = split
+        missing_items[split] -= 1
+        for cls, n in labels[i].items():
+            missing[cls][split] -= n
+            unassigned[cls] -= n
+            if unassigned[cls] <= 0:
+                unassigned.pop(cls)
+
+    while unassigned:
+        cls = min(unassigned, key=unassigned.__getitem__)  # first seen wins ties: deterministic
+        pending = [i for i in holders[cls] if assignment[i] < 0]
+        rng.shuffle(pending)
+        for i in pending:
+            split = max(
+                splits,
+                key=lambda s: (
+                    missing[cls][s] / wanted[cls][s],
+                    missing_items[s] / wanted_items[s],
+                    rng.random(),
+                ),
+            )
+            assign(i, split)
+
+    rest = [i for i, split in enumerate(assignment) if split < 0]
+    rng.shuffle(rest)
+    for i in rest:
+        assign(i, max(splits, key=lambda s: (missing_items[s] / wanted_items[s], rng.random())))
+    return assignment
+
+
+def split_dataset(
+    annotations: str | Path,
+    out_dir: str | Path,
+    ratios: Sequence[float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    names: Sequence[str] | None = None,
+) -> dict[str, Path]:
+    """Write ``OUT/<name>.json`` per split and return their paths by name.
+
+    Ratios must be positive and are normalised. Every image lands in exactly one split with all
+    of its annotations; other top-level keys (info, licenses, categories) are copied to each.
+    ``names`` defaults to train/val(/test) for two or three ratios. Deterministic per ``seed``.
+    """
+    names = tuple(names) if names is not None else DEFAULT_NAMES[: len(ratios)]
+    fractions = _normalise(ratios, names)
+    dataset = read_json(annotations)
+    images, anns = _images_and_annotations(dataset, annotations)
+
+    per_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for ann in anns:
+        per_image[ann["image_id"]].append(ann)
+    labels = [Counter(a.get("category_id") for a in per_image[im["id"]]) for im in images]
+    assignment = stratified_assignment(labels, fractions, random.Random(seed))
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for index, name in enumerate(names):
+        chosen = [im for im, split in zip(images, assignment, strict=True) if split == index]
+        ids = {im["id"] for im in chosen}
+        part = {
+            **dataset,
+            "images": chosen,
+            "annotations": [a for a in anns if a["image_id"] in ids],
+        }
+        paths[name] = out_dir / f"{name}.json"
+        with open(paths[name], "w", encoding="utf-8") as f:
+            json.dump(part, f)
+    return paths
+
+
+def _images_and_annotations(
+    dataset: Any, path: str | Path
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The image and annotation lists, refusing data a split cannot partition cleanly."""
+    hint = "(run `spinedet data check` for details)"
+    if not isinstance(dataset, dict) or not isinstance(dataset.get("images"), list):
+        raise DataError(f"needs an 'images' list {hint}", path)
+    images, anns = dataset["images"], dataset.get("annotations", [])
+    try:
+        ids = {im["id"] for im in images}
+        orphans = sum(a["image_id"] not in ids for a in anns)
+    except (KeyError, TypeError) as e:
+        raise DataError(f"malformed images or annotations {hint}", path) from e
+    if len(ids) != len(images):
+        raise DataError(f"image ids are not unique {hint}", path)
+    if orphans:
+        raise DataError(f"{orphans} annotations refer to unknown image ids {hint}", path)
+    return images, anns

@@ -1,0 +1,43 @@
+"""Training and evaluation pipelines built from ``torchvision.transforms.v2``.
+
+v2 transforms move ``BoundingBoxes`` and ``Mask`` tv_tensors together with the image, so the
+geometry is torchvision's, not ours.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torchvision.transforms import v2
+
+
+def _per_instance_fields(sample: Any) -> tuple[torch.Tensor, ...]:
+    """Target fields that must be filtered with the boxes (masks are found automatically)."""
+    target = sample[1]
+    return tuple(target[key] for key in ("labels", "area", "iscrowd") if key in target)
+
+
+def train_transforms(
+    size: int, scale_range: tuple[float, float] = (0.5, 2.0), hflip: float = 0.5
+) -> v2.Compose:
+    """Large-scale jitter training pipeline producing ``size`` x ``size`` float images in [0, 1].
+
+    ``ScaleJitter`` resizes by ``s * min(size / h, size / w)``, i.e. the long side becomes
+    ``s * size`` with ``s`` drawn from ``scale_range``; the crop then pads or cuts to a square.
+    """
+    return v2.Compose(
+        [
+            v2.ScaleJitter((size, size), scale_range=scale_range),
+            v2.RandomCrop(size, pad_if_needed=True, fill=0),
+            v2.RandomHorizontalFlip(hflip),
+            v2.ClampBoundingBoxes(),
+            v2.SanitizeBoundingBoxes(labels_getter=_per_instance_fields),
+            v2.ToDtype(torch.float32, scale=True),
+        ]
+    )
+
+
+def eval_transforms() -> v2.Compose:
+    """Only convert to float in [0, 1]: the detector resizes by itself at inference."""
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True)])

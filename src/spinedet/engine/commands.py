@@ -1,0 +1,66 @@
+"""``spinedet train``, ``eval`` and ``predict``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ..config import load_config
+    from .trainer import train
+
+    config = load_config(args.config, args.set)
+    result = train(config, args.out, resume=args.resume, device=args.device)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"trained {result['step']} steps; run directory {result['out']}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .api import evaluate
+    from .evaluate import format_metrics
+
+    metrics = evaluate(args.checkpoint, args.annotations, args.images, args.out,
+                       args.batch_size, args.device)  # fmt: skip
+    print(format_metrics(metrics))
+    if args.out:
+        print(f"wrote {Path(args.out) / 'metrics.json'} and results.json")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .api import predict
+
+    path = predict(args.checkpoint, args.inputs, args.out, args.score_threshold, args.device)
+    print(f"wrote drawings and {path}")
+    return 0
+
+
+def add_engine_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a detector from a YAML config")
+    p.add_argument("config", help="config file or shipped recipe name (e.g. quickstart)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=12")  # fmt: skip
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="COCO AP of a checkpoint, overall and per class")
+    p.add_argument("checkpoint", help=".safetensors file or run directory")
+    p.add_argument("--annotations", required=True, help="COCO json")
+    p.add_argument("--images", required=True, help="image directory")
+    p.add_argument("--out", default=None, help="write metrics.json and results.json here")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("predict", help="draw detections over images, write COCO-style JSON")
+    p.add_argument("checkpoint", help=".safetensors file or run directory")
+    p.add_argument("inputs", nargs="+", help="image files or directories")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--score-threshold", type=float, default=0.5)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_predict)

@@ -1,0 +1,198 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from spinedet.data import Problem, check_dataset, format_report
+
+W, H = 64, 48
+
+
+def _write_images(folder, names, size=(W, H)):
+    folder.mkdir(exist_ok=True)
+    for name in names:
+        Image.new("RGB", size, (90, 20, 200)).save(folder / name)
+
+
+def _ann(ann_id, image_id=1, category_id=1, bbox=(1, 1, 10, 10), **extra):
+    return {"id": ann_id, "image_id": image_id, "category_id": category_id, "bbox": list(bbox),
+            "area": 100, "iscrowd": 0, **extra}  # fmt: skip
+
+
+@pytest.fixture
+def broken(tmp_path):
+    """A dataset with one of every problem, each in its own annotation or image."""
+    images = tmp_path / "images"
+    _write_images(images, ["ok.png", "dup_id.png", "small.png"])
+    Image.new("RGB", (W - 1, H)).save(images / "small.png")
+    (images / "garbage.png").write_bytes(b"definitely not a png")
+    data = {
+        "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}, {"id": 2, "name": "c"}],
+        "images": [
+            {"id": 1, "file_name": "ok.png", "width": W, "height": H},
+            {"id": 2, "file_name": "missing.png", "width": W, "height": H},
+            {"id": 3, "file_name": "garbage.png", "width": W, "height": H},
+            {"id": 4, "file_name": "small.png", "width": W, "height": H},
+            {"id": 5, "file_name": "dup_id.png", "width": W, "height": H},
+            {"id": 5, "file_name": "ok.png", "width": W, "height": H},
+            {"id": 6, "file_name": "ok.png", "height": H},
+            {"id": 7, "file_name": "ok.png", "width": W, "height": H},
+        ],
+        "annotations": [
+            _ann(10, segmentation=[[1, 1, 10, 1, 10, 10]]),  # fine
+            _ann(11, bbox=(60, 40, 10, 10)),  # outside
+            _ann(12, bbox=(5, 5, 0, 4)),  # zero width
+            _ann(13, bbox=(5, 5, -2, 4)),  # negative width
+            _ann(14, segmentation=[[1, 1, 5, 5]]),  # two points
+            _ann(15, segmentation=[[1, 1, 5, 5, 9]]),  # odd coordinates
+            _ann(16, segmentation=[[1, 1, 5, 5, 9, 9]]),  # collinear: zero area
+            _ann(17, segmentation={"size": [H, W], "counts": [5, 5]}),  # too few pixels
+            _ann(18, segmentation={"size": [H, W], "counts": "~~~~"}),  # truncated string
+            _ann(19, segmentation={"size": [10, 10], "counts": [100]}),  # wrong size
+            _ann(20, category_id=99),
+            _ann(21, image_id=404),
+            _ann(22),
+            _ann(22),
+            _ann(23, bbox="big"),
+            _ann(24, segmentation="nope"),
+            _ann(25, iscrowd=2),
+            {"image_id": 1, "category_id": 1, "bbox": [1, 1, 2, 2]},
+            "not an object",
+        ],
+    }
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(data))
+    return path, images
+
+
+def _find(problems, **fields):
+    found = [p for p in problems if all(getattr(p, k) == v for k, v in fields.items())]
+    assert len(found) == 1, (fields, [str(p) for p in problems])
+    return found[0]
+
+
+def test_every_problem_is_reported_with_file_and_ids(broken):
+    ann, images = broken
+    problems = check_dataset(ann, images, progress=False)
+    js = str(ann)
+    box = _find(problems, ann_id=11)
+    assert (box.file, box.image_id, box.kind) == (js, 1, "box")
+    assert str(box) == (
+        f"{js}: annotation 11 (image 1): box [60, 40, 10, 10] lies outside the 64x48 image"
+    )
+    assert "zero or negative size" in _find(problems, ann_id=12).message
+    assert "zero or negative size" in _find(problems, ann_id=13).message
+    assert "2 points" in _find(problems, ann_id=14, kind="polygon").message
+    assert "odd number" in _find(problems, ann_id=15, kind="polygon").message
+    assert "zero area" in _find(problems, ann_id=16, kind="polygon").message
+    assert "cover 10 pixels" in _find(problems, ann_id=17, kind="rle").message
+    assert "malformed" in _find(problems, ann_id=18, kind="rle").message
+    assert "does not match" in _find(problems, ann_id=19, kind="rle").message
+    assert "99" in _find(problems, ann_id=20, kind="unknown category").message
+    assert _find(problems, ann_id=21, kind="unknown image").image_id == 404
+    assert "used 2 times" in _find(problems, ann_id=22, kind="duplicate id").message
+    assert "bbox must be" in _find(problems, ann_id=23).message
+    assert "segmentation must be" in _find(problems, ann_id=24).message
+    assert "iscrowd" in _find(problems, ann_id=25).message
+    assert "annotations[17] has no integer 'id'" in _find(problems, ann_id=None, image_id=1).message
+    assert _find(problems, message="annotations[18] is not an object").kind == "schema"
+    assert _find(problems, message="category id 2 is used 2 times").kind == "duplicate id"
+    assert _find(problems, message="image id 5 is used 2 times").image_id == 5
+    assert "width" in _find(problems, image_id=6, kind="schema").message
+    assert _find(problems, kind="duplicate file").message == "2 images share the file 'ok.png'"
+
+    missing = _find(problems, image_id=2)
+    assert (missing.file, missing.kind, missing.message) == (
+        str(images / "missing.png"), "missing file", "file not found")  # fmt: skip
+    garbage = _find(problems, image_id=3)
+    assert garbage.file == str(images / "garbage.png") and garbage.kind == "unreadable image"
+    small = _find(problems, image_id=4, kind="image size")
+    assert small.message == "image is 63x48 but the annotations say 64x48"
+    assert not [p for p in problems if p.ann_id == 10]
+    assert len(problems) == 24  # nothing reported twice, nothing spurious
+
+
+def test_report_has_one_line_per_problem_and_a_summary(broken):
+    ann, images = broken
+    problems = check_dataset(ann, images, progress=False)
+    lines = format_report(problems).splitlines()
+    assert lines[:-1] == [str(p) for p in problems]
+    assert lines[-1].startswith("24 problems: ") and "3 polygon" in lines[-1]
+    assert format_report([]) == "no problems found"
+    assert format_report(problems[:1]).splitlines()[-1] == f"1 problem: 1 {problems[0].kind}"
+
+
+def test_problem_str_without_ids():
+    assert str(Problem("a.json", None, None, "broken", "json")) == "a.json: broken"
+    assert str(Problem("x.png", 3, None, "file not found", "missing file")) == (
+        "x.png: image 3: file not found"
+    )
+
+
+def test_unparsable_json_is_one_problem_with_position(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('{\n  "images": [\n    {"id": 1}\n  ]\n  "annotations": []\n}')
+    (problem,) = check_dataset(path, tmp_path, progress=False)
+    assert problem.kind == "json" and problem.file == str(path)
+    assert problem.message.startswith("invalid JSON at line 5, column 3")
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("[]", ["top level must be an object with images/annotations/categories"]),
+        ("{}", [f"missing top-level key '{k}'" for k in ("categories", "images", "annotations")]),
+        ('{"images": {}, "annotations": [], "categories": []}', ["'images' must be a list"]),
+    ],
+)
+def test_structure_problems(tmp_path, content, expected):
+    (tmp_path / "a.json").write_text(content)
+    assert [p.message for p in check_dataset(tmp_path / "a.json", tmp_path)] == expected
+
+
+def test_missing_annotation_file(tmp_path):
+    (problem,) = check_dataset(tmp_path / "none.json", tmp_path)
+    assert problem.file == str(tmp_path / "none.json") and "cannot read" in problem.message
+
+
+def test_full_decode_finds_truncated_jpeg_that_header_check_misses(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 255, (H, W, 3), np.uint8)
+    Image.fromarray(pixels).save(images / "cut.jpg", quality=95)
+    data = (images / "cut.jpg").read_bytes()
+    (images / "cut.jpg").write_bytes(data[: len(data) // 2])
+    meta = {"images": [{"id": 1, "file_name": "cut.jpg", "width": W, "height": H}],
+            "annotations": [], "categories": []}  # fmt: skip
+    (tmp_path / "a.json").write_text(json.dumps(meta))
+    assert check_dataset(tmp_path / "a.json", images) == []
+    (problem,) = check_dataset(tmp_path / "a.json", images, full=True)
+    assert problem.kind == "unreadable image" and problem.file == str(images / "cut.jpg")
+
+
+def test_exif_rotation_explains_swapped_size(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees: the upright image is H x W
+    Image.new("RGB", (W, H)).save(images / "r.jpg", exif=exif)
+    Image.new("RGB", (W, H)).save(images / "plain.jpg")
+    meta = {
+        "images": [
+            {"id": 1, "file_name": "r.jpg", "width": H, "height": W},  # upright size
+            {"id": 2, "file_name": "r.jpg", "width": W, "height": H},  # stored size
+            {"id": 3, "file_name": "plain.jpg", "width": H, "height": W},  # unexplained
+            {"id": 4, "file_name": "r.jpg", "width": W, "height": W},  # unexplained
+        ],
+        "annotations": [],
+        "categories": [],
+    }
+    (tmp_path / "a.json").write_text(json.dumps(meta))
+    for full in (False, True):
+        problems = check_dataset(tmp_path / "a.json", images, full=full)
+        sizes = [p for p in problems if p.kind == "image size"]
+        assert [(p.image_id, p.message) for p in sizes] == [
+            (3, f"image is {W}x{H} but the annotations say {H}x{W}"),
+            (4, f"image is {W}x{H} ({H}x{W} after EXIF rotation) but the annotations say {W}x{W}"),
+        ]

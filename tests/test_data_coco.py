@@ -1,0 +1,315 @@
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+from torchvision import tv_tensors
+
+from spinedet.data import CocoDataset, DataError, collate, load_image
+from spinedet.data.coco import _rle_string_counts, decode_segmentation, rle_problem
+
+
+def _rgb(path):
+    return np.asarray(load_image(path))
+
+
+@pytest.mark.parametrize(
+    ("mode", "value", "expected"),
+    [
+        ("L", 100, (100, 100, 100)),
+        ("1", 1, (255, 255, 255)),
+        ("LA", (200, 255), (200, 200, 200)),
+        ("LA", (200, 0), (0, 0, 0)),  # transparent -> black, not the hidden grey
+        ("RGBA", (10, 20, 30, 255), (10, 20, 30)),
+        ("RGBA", (10, 20, 30, 0), (0, 0, 0)),
+        ("CMYK", (0, 0, 0, 0), (255, 255, 255)),
+        ("CMYK", (0, 255, 255, 0), (255, 0, 0)),
+    ],
+)
+def test_load_image_modes(tmp_path, mode, value, expected):
+    path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.png")
+    Image.new(mode, (5, 4), value).save(path, **({"quality": 100} if mode == "CMYK" else {}))
+    rgb = _rgb(path)
+    assert rgb.shape == (4, 5, 3) and rgb.dtype == np.uint8
+    np.testing.assert_allclose(rgb.reshape(-1, 3).mean(0), expected, atol=2)
+
+
+def test_load_palette_with_transparency(tmp_path):
+    image = Image.new("P", (4, 2), 0)
+    image.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    image.putpixel((3, 1), 1)
+    image.save(tmp_path / "p.png", transparency=0)
+    rgb = _rgb(tmp_path / "p.png")
+    assert rgb[1, 3].tolist() == [0, 0, 255]
+    assert rgb[0, 0].tolist() == [0, 0, 0]  # palette entry 0 is transparent
+
+
+def test_load_16_bit_scales_instead_of_clipping(tmp_path):
+    values = np.array([[0, 257, 32896, 65535]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    assert _rgb(tmp_path / "g16.png")[0, :, 0].tolist() == [0, 1, 128, 255]
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.float32])
+def test_load_32_bit_stretches_range(tmp_path, dtype):
+    Image.fromarray(np.array([[-1000, 0, 1000]], dtype=dtype)).save(tmp_path / "x.tif")
+    assert _rgb(tmp_path / "x.tif")[0, :, 1].tolist() == [0, 128, 255]
+
+
+def _rotated_jpeg(path):
+    """Stored 40x20 with a white block top-left; EXIF 6 means 'rotate 90 degrees clockwise'."""
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:8, :8] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(path, exif=exif, quality=95)
+
+
+def test_load_image_applies_exif_orientation(tmp_path):
+    _rotated_jpeg(tmp_path / "r.jpg")
+    rgb = _rgb(tmp_path / "r.jpg")
+    assert rgb.shape == (40, 20, 3)
+    assert rgb[:8, -8:].mean() > 200 and rgb[:8, :8].mean() < 50  # block now top-right
+
+
+def test_load_image_keeps_stored_orientation_when_annotations_use_it(tmp_path):
+    _rotated_jpeg(tmp_path / "r.jpg")
+    assert load_image(tmp_path / "r.jpg", size=(40, 20)).size == (40, 20)
+    assert load_image(tmp_path / "r.jpg", size=(20, 40)).size == (20, 40)
+    with pytest.raises(DataError, match=r"r\.jpg: image is 40x20 \(20x40 after EXIF rotation\)"):
+        load_image(tmp_path / "r.jpg", size=(30, 30))
+
+
+@pytest.mark.parametrize("content", [b"", b"not an image", b"\x89PNG\r\n\x1a\n" + b"\0" * 40])
+def test_broken_image_raises_data_error_naming_file(tmp_path, content):
+    path = tmp_path / "broken.png"
+    path.write_bytes(content)
+    with pytest.raises(DataError) as info:
+        load_image(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+
+
+def test_truncated_image_raises_data_error(tmp_path):
+    path = tmp_path / "cut.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(DataError, match="cut.png"):
+        load_image(path)
+
+
+def test_missing_image_raises_data_error(tmp_path):
+    with pytest.raises(DataError, match="nope.png: image file not found"):
+        load_image(tmp_path / "nope.png")
+
+
+def test_rle_string_decoder_matches_pycocotools():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        mask = np.asfortranarray(rng.random((17, 23)) < rng.random(), dtype=np.uint8)
+        rle = mask_utils.encode(mask)
+        counts = _rle_string_counts(rle["counts"].decode())
+        rebuilt = mask_utils.frPyObjects({"size": [17, 23], "counts": counts}, 17, 23)
+        assert rebuilt["counts"] == rle["counts"]
+
+
+def test_rle_problems():
+    assert rle_problem({"size": [2, 2], "counts": [1, 2, 1]}, 2, 2) is None
+    assert "cover 5 pixels" in rle_problem({"size": [2, 2], "counts": [1, 2, 2]}, 2, 2)
+    assert "negative" in rle_problem({"size": [2, 2], "counts": [5, -1]}, 2, 2)
+    assert "does not match" in rle_problem({"size": [3, 2], "counts": [6]}, 2, 2)
+    assert "malformed" in rle_problem({"size": [2, 2], "counts": "0`"}, 2, 2)  # truncated
+    with pytest.raises(ValueError, match="cover"):
+        decode_segmentation({"size": [2, 2], "counts": "9"}, 2, 2)
+
+
+@pytest.mark.filterwarnings("ignore:__array__:DeprecationWarning")  # pycocotools
+def test_decode_segmentation_matches_pycocotools():
+    rng = np.random.default_rng(1)
+    polygons = [[2.5, 1, 20, 3, 11, 14.2], [1, 1, 1, 1, 1, 1], [0, 9, 5, 9, 5, 13, 0, 13]]
+    rle = mask_utils.merge(mask_utils.frPyObjects([polygons[0], polygons[2]], 15, 21))
+    np.testing.assert_array_equal(decode_segmentation(polygons, 15, 21), mask_utils.decode(rle))
+    mask = np.asfortranarray(rng.random((15, 21)) < 0.3, dtype=np.uint8)
+    compressed = mask_utils.encode(mask)
+    np.testing.assert_array_equal(decode_segmentation(compressed, 15, 21), mask)
+    text = {"size": [15, 21], "counts": compressed["counts"].decode()}
+    np.testing.assert_array_equal(decode_segmentation(text, 15, 21), mask)
+    assert not decode_segmentation([[0, 0, 1, 1]], 15, 21).any()  # degenerate: skipped
+
+
+@pytest.fixture
+def dataset_files(tmp_path):
+    """Two 8x6 images: non-contiguous category ids, polygon, both RLE kinds, a crowd."""
+    h, w = 6, 8
+    (tmp_path / "img").mkdir()
+    for name, colour in (("a.png", (255, 0, 0)), ("b.png", (0, 255, 0))):
+        Image.new("RGB", (w, h), colour).save(tmp_path / "img" / name)
+    square = np.zeros((h, w), np.uint8)
+    square[1:4, 2:6] = 1
+    compressed = mask_utils.encode(np.asfortranarray(square))["counts"].decode()
+    column = np.zeros((h, w), np.uint8)
+    column[:, 7] = 1
+    uncompressed = _run_lengths(column)
+    data = {
+        "images": [
+            {"id": 40, "file_name": "a.png", "width": w, "height": h},
+            {"id": 9, "file_name": "b.png", "width": w, "height": h},
+        ],
+        "categories": [{"id": 90, "name": "late"}, {"id": 5, "name": "early"}],
+        "annotations": [
+            {"id": 1, "image_id": 40, "category_id": 90, "bbox": [0, 0, 4, 4], "area": 16,
+             "segmentation": [[0, 0, 4, 0, 4, 4, 0, 4]], "iscrowd": 0},
+            {"id": 2, "image_id": 40, "category_id": 5, "bbox": [2, 1, 4, 3], "area": 12,
+             "segmentation": {"size": [h, w], "counts": compressed}, "iscrowd": 0},
+            {"id": 3, "image_id": 40, "category_id": 5, "bbox": [7, 0, 1, 6], "area": 6,
+             "segmentation": {"size": [h, w], "counts": uncompressed}, "iscrowd": 1},
+            {"id": 4, "image_id": 40, "category_id": 5, "bbox": [7, 0, 1, 6], "area": 6,
+             "segmentation": {"size": [h, w], "counts": uncompressed}, "iscrowd": 0},
+        ],
+    }  # fmt: skip
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    return tmp_path / "ann.json", tmp_path / "img", {"square": square, "column": column}
+
+
+def _run_lengths(mask):
+    """Uncompressed COCO RLE counts (column-major, starting with zeros)."""
+    flat = mask.flatten(order="F")
+    changes = np.flatnonzero(np.diff(flat)) + 1
+    bounds = np.concatenate([[0], changes, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    return counts if flat[0] == 0 else [0, *counts]
+
+
+def test_category_mapping_is_contiguous_and_sorted(dataset_files):
+    ann, img, _ = dataset_files
+    ds = CocoDataset(ann, img)
+    assert ds.categories == [{"id": 5, "name": "early"}, {"id": 90, "name": "late"}]
+    assert ds.cat_id_to_label == {5: 1, 90: 2}
+    assert ds.label_to_cat_id == {1: 5, 2: 90}
+    assert ds.class_names == ["early", "late"]
+    assert ds.num_classes == 3
+    assert len(ds.coco.getAnnIds(imgIds=[40], iscrowd=None)) == 4  # crowd kept for evaluation
+
+
+@pytest.mark.filterwarnings("ignore:__array__:DeprecationWarning")  # pycocotools
+def test_getitem_decodes_polygon_and_rle_and_drops_crowd(dataset_files):
+    ann, img, expected = dataset_files
+    image, target = CocoDataset(ann, img)[0]
+    assert isinstance(image, tv_tensors.Image) and image.dtype == torch.uint8
+    assert image.shape == (3, 6, 8) and image[0].eq(255).all() and image[1].eq(0).all()
+    assert target["image_id"] == 40
+    assert target["labels"].tolist() == [2, 1, 1]
+    assert target["iscrowd"].tolist() == [0, 0, 0]
+    assert target["area"].tolist() == [16, 12, 6]
+    boxes = target["boxes"]
+    assert isinstance(boxes, tv_tensors.BoundingBoxes) and boxes.dtype == torch.float32
+    assert boxes.format == tv_tensors.BoundingBoxFormat.XYXY and boxes.canvas_size == (6, 8)
+    assert boxes.tolist() == [[0, 0, 4, 4], [2, 1, 6, 4], [7, 0, 8, 6]]
+    masks = target["masks"]
+    assert isinstance(masks, tv_tensors.Mask) and masks.dtype == torch.uint8
+    assert masks.shape == (3, 6, 8)
+    square = mask_utils.frPyObjects([[0, 0, 4, 0, 4, 4, 0, 4]], 6, 8)
+    np.testing.assert_array_equal(masks[0], mask_utils.decode(mask_utils.merge(square)))
+    np.testing.assert_array_equal(masks[1], expected["square"])
+    np.testing.assert_array_equal(masks[2], expected["column"])
+
+
+def test_image_without_annotations_gives_empty_targets(dataset_files):
+    ann, img, _ = dataset_files
+    _, target = CocoDataset(ann, img)[1]
+    assert target["image_id"] == 9
+    assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,)
+    assert target["masks"].shape == (0, 6, 8)
+    _, target = CocoDataset(ann, img, masks=False)[1]
+    assert "masks" not in target and target["boxes"].shape == (0, 4)
+
+
+def test_degenerate_boxes_are_not_targets(dataset_files):
+    ann, img, _ = dataset_files
+    data = json.loads(ann.read_text())
+    data["annotations"][0]["bbox"] = [3, 3, 0, 2]
+    ann.write_text(json.dumps(data))
+    _, target = CocoDataset(ann, img)[0]
+    assert target["labels"].tolist() == [1, 1] and target["masks"].shape[0] == 2
+
+
+def test_transforms_are_applied(dataset_files):
+    ann, img, _ = dataset_files
+    calls = []
+
+    def record(image, target):
+        calls.append(target["image_id"])
+        return image.flip(-1), target
+
+    image, _ = CocoDataset(ann, img, transforms=record)[0]
+    assert calls == [40] and image[0, 0, 0] == 255
+
+
+def test_collate_returns_lists(dataset_files):
+    ann, img, _ = dataset_files
+    ds = CocoDataset(ann, img)
+    images, targets = collate([ds[0], ds[1]])
+    assert isinstance(images, list) and isinstance(targets, list)
+    assert [t["image_id"] for t in targets] == [40, 9] and images[1].shape == (3, 6, 8)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d.pop("categories"), "needs 'images' and 'categories'"),
+        (lambda d: d["annotations"][0].update(category_id=77), r"unknown category ids \[77\]"),
+        (lambda d: d["categories"].append({"id": 5, "name": "again"}), "not unique"),
+        (lambda d: d["annotations"][0].pop("segmentation"), "no segmentation"),
+    ],
+)
+def test_invalid_json_fails_fast(dataset_files, edit, message):
+    ann, img, _ = dataset_files
+    data = json.loads(ann.read_text())
+    edit(data)
+    ann.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=message):
+        CocoDataset(ann, img)
+
+
+def test_boxes_only_dataset_needs_no_segmentation(dataset_files):
+    ann, img, _ = dataset_files
+    data = json.loads(ann.read_text())
+    for a in data["annotations"]:
+        a.pop("segmentation")
+    ann.write_text(json.dumps(data))
+    assert CocoDataset(ann, img, masks=False)[0][1]["labels"].tolist() == [2, 1, 1]
+
+
+def test_malformed_rle_raises_data_error_with_annotation_id(dataset_files):
+    ann, img, _ = dataset_files
+    data = json.loads(ann.read_text())
+    data["annotations"][1]["segmentation"]["counts"] = "zzzz"
+    ann.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"ann\.json: annotation 2: RLE"):
+        CocoDataset(ann, img)[0]
+
+
+def test_image_size_mismatch_raises_data_error(dataset_files):
+    ann, img, _ = dataset_files
+    Image.new("RGB", (9, 6)).save(img / "b.png")
+    with pytest.raises(DataError, match=r"b\.png: image is 9x6 but the annotations say 8x6"):
+        CocoDataset(ann, img)[1]
+
+
+def test_unparsable_json_raises_data_error(tmp_path):
+    (tmp_path / "bad.json").write_text('{"images": [\n  {"id": 1,}\n]}')
+    with pytest.raises(DataError, match=r"bad\.json: invalid JSON at line 2, column 12"):
+        CocoDataset(tmp_path / "bad.json", tmp_path)
+
+
+def test_data_error_is_one_line_and_survives_worker_reraise():
+    error = DataError("cannot decode image: bad\nheader", "x.png")
+    assert str(error) == "x.png: cannot decode image: bad header"
+    assert (error.file, error.reason) == ("x.png", "cannot decode image: bad header")
+    assert str(pickle.loads(pickle.dumps(error))) == str(error)
+    # torch's DataLoader rebuilds worker errors as type(error)(traceback_text)
+    assert str(DataError("Traceback:\n  line")) == "Traceback:\n  line"

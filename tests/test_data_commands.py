@@ -1,0 +1,53 @@
+import argparse
+import json
+
+import pytest
+
+from spinedet.data.commands import add_data_commands
+
+
+def _run(*argv):
+    parser = argparse.ArgumentParser(prog="spinedet")
+    add_data_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["data", *argv])
+    return args.func(args)
+
+
+def test_shapes_check_split_round_trip(tmp_path, capsys):
+    out = tmp_path / "shapes"
+    assert _run("shapes", "--out", str(out), "--num-images", "12", "--size", "64x48") == 0
+    data = json.loads((out / "annotations.json").read_text())
+    assert len(data["images"]) == 12 and data["images"][0]["width"] == 64
+
+    assert _run("check", str(out / "annotations.json"), "--images", str(out / "images")) == 0
+    assert "no problems found" in capsys.readouterr().out
+
+    split = tmp_path / "split"
+    argv = ["split", str(out / "annotations.json"), "--ratios", "2", "1", "--out", str(split)]
+    assert _run(*argv, "--seed", "5") == 0
+    assert f"val: {split / 'val.json'}" in capsys.readouterr().out
+    assert sorted(p.name for p in split.iterdir()) == ["train.json", "val.json"]
+
+
+def test_check_exits_1_and_prints_problems(tmp_path, capsys):
+    (tmp_path / "a.json").write_text('{"images": [{"id": 1, "file_name": "x.png", '
+                                     '"width": 4, "height": 4}], "annotations": [], '
+                                     '"categories": []}')  # fmt: skip
+    assert _run("check", str(tmp_path / "a.json"), "--images", str(tmp_path)) == 1
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'x.png'}: image 1: file not found" in out
+    assert out.strip().endswith("1 problem: 1 missing file")
+
+
+def test_errors_exit_1_with_one_line(tmp_path, capsys):
+    (tmp_path / "a.json").write_text("{")
+    assert _run("split", str(tmp_path / "a.json"), "--out", str(tmp_path)) == 1
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'a.json'}: invalid JSON")
+    assert _run("split", str(tmp_path / "a.json"), "--ratios", "1", "0", "--out", "x") == 1
+    assert "positive" in capsys.readouterr().err
+    assert _run("shapes", "--out", str(tmp_path), "--num-images", "0") == 1
+
+
+def test_bad_size_is_a_usage_error(tmp_path):
+    with pytest.raises(SystemExit):
+        _run("shapes", "--out", str(tmp_path), "--size", "big")

@@ -1,0 +1,127 @@
+"""Training: loss goes down, exact resume, DDP on gloo, clear stops on bad data or NaN."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_config
+from safetensors.torch import load_file
+from torchvision.models.detection import roi_heads
+
+import spinedet
+from spinedet.data import DataError
+from spinedet.engine import TrainingError, train
+
+
+def _losses(run):
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["kind"] == "train"]
+
+
+def test_loss_goes_down_and_run_directory_is_complete(shapes, tmp_path):
+    cfg = tiny_config(shapes, epochs=8, base_lr=0.05, schedule="cosine", clip_grad=0)
+    cfg["data"]["val"] = {"annotations": str(shapes["val"]), "images": str(shapes["images"])}
+    cfg["train"]["eval_every"] = 3
+    train(cfg, tmp_path, device="cpu")
+    losses = _losses(tmp_path)
+    assert len(losses) == 8 * 3  # 6 training images, batch 2
+    assert sum(losses[-6:]) / 6 < 0.8 * sum(losses[:6]) / 6
+    for name in (
+        "config.yaml",
+        "last.safetensors",
+        "best.safetensors",
+        "curves.png",
+        "checkpoints/last.pt",
+    ):
+        assert (tmp_path / name).is_file(), name
+    assert list((tmp_path / "tb").iterdir())
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if r["kind"] == "val"] == [3, 6, 8]
+    assert all("segm/AP" in r and "val_loss" in r for r in rows if r["kind"] == "val")
+    model = spinedet.load_model(tmp_path / "last.safetensors")
+    assert model.class_names == ["circle", "square", "triangle", "star"]
+
+
+def test_interrupted_and_resumed_run_ends_with_identical_weights(shapes, tmp_path):
+    train(tiny_config(shapes, max_steps=6), tmp_path / "straight", device="cpu")
+    train(tiny_config(shapes, max_steps=3), tmp_path / "resumed", device="cpu")
+    interrupted = load_file(tmp_path / "resumed" / "last.safetensors")
+    train(tiny_config(shapes, max_steps=6), tmp_path / "resumed", resume=True, device="cpu")
+    a = load_file(tmp_path / "straight" / "last.safetensors")
+    b = load_file(tmp_path / "resumed" / "last.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], interrupted[k]) for k in a)  # it did train on
+    assert _losses(tmp_path / "straight") == _losses(tmp_path / "resumed")
+
+
+def test_resume_without_checkpoint_is_a_clear_error(shapes, tmp_path):
+    with pytest.raises(ValueError, match="no checkpoint to resume from"):
+        train(tiny_config(shapes), tmp_path, resume=True, device="cpu")
+
+
+def test_training_stops_on_broken_data_with_the_report(shapes, tmp_path):
+    data = json.loads(shapes["train"].read_text())
+    data["annotations"][0]["category_id"] = 99
+    data["images"][1]["file_name"] = "missing.png"
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(data))
+    cfg = tiny_config(shapes)
+    cfg["data"]["train"]["annotations"] = str(broken)
+    with pytest.raises(DataError) as err:
+        train(cfg, tmp_path / "run", device="cpu")
+    assert "broken.json" in str(err.value)
+    assert "99" in str(err.value) and "missing.png" in str(err.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(shapes, tmp_path, monkeypatch):
+    train(tiny_config(shapes, epochs=1), tmp_path, device="cpu")
+    good = load_file(tmp_path / "last.safetensors")
+
+    def nan_mask_loss(*args):
+        return torch.tensor(float("nan"), requires_grad=True)
+
+    monkeypatch.setattr(roi_heads, "maskrcnn_loss", nan_mask_loss)
+    cfg = tiny_config(shapes, epochs=3, max_nonfinite=2)
+    with pytest.raises(TrainingError, match="not finite for 2 steps in a row"):
+        train(cfg, tmp_path, resume=True, device="cpu")
+    after = load_file(tmp_path / "last.safetensors")
+    assert all(torch.equal(good[k], after[k]) for k in good)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_on_gloo(shapes, tmp_path):
+    cfg = tiny_config(shapes, epochs=2, batch_size=4)
+    cfg_file = tmp_path / "cfg.yaml"
+    spinedet.config.save_config(cfg, cfg_file)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        "-m",
+        "spinedet.cli",
+        "train",
+        str(cfg_file),
+        "--out",
+        str(tmp_path / "run"),
+        "--device",
+        "cpu",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # 6 training images, 3 per process, batch 2 per process: one step per epoch
+    assert len(_losses(tmp_path / "run")) == 2
+    assert (tmp_path / "run" / "last.safetensors").is_file()
