@@ -97,10 +97,12 @@ def test_anchors_use_true_strides_for_odd_sizes():
         ImageList(torch.zeros(1, 3, 100, 100), [(100, 100)]), list(feats.values())
     )[0]
     centres = (anchors[:, :2] + anchors[:, 2:]) / 2
-    # P7 of a 100px image is 1x1: its anchors sit at the origin, P3's on an 8px grid.
+    # Anchors sit at cell centres (i + 0.5) * stride: P3's on an 8 px grid starting at 4,
+    # and the single P7 cell of a 100 px image at 64.
     assert anchors.shape[0] == 9 * sum((-(-100 // s)) ** 2 for s in (8, 16, 32, 64, 128))
-    assert torch.allclose(centres[:9], torch.zeros(9, 2), atol=1e-4)
-    assert torch.allclose(centres[9 * 13 * 13 - 9], torch.tensor([96.0, 96.0]), atol=1e-4)
+    assert torch.allclose(centres[:9], torch.full((9, 2), 4.0), atol=1e-4)
+    assert torch.allclose(centres[9 * 13 * 13 - 9], torch.tensor([100.0, 100.0]), atol=1e-4)
+    assert torch.allclose(centres[-9:], torch.full((9, 2), 64.0), atol=1e-4)
 
 
 @pytest.mark.parametrize(

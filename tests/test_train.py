@@ -59,9 +59,12 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(shapes, tmp_pat
     assert _losses(tmp_path / "straight") == _losses(tmp_path / "resumed")
 
 
-def test_resume_without_checkpoint_is_a_clear_error(shapes, tmp_path):
+def test_resume_without_checkpoint_and_reusing_a_run_are_clear_errors(shapes, tmp_path):
     with pytest.raises(ValueError, match="no checkpoint to resume from"):
         train(tiny_config(shapes), tmp_path, resume=True, device="cpu")
+    train(tiny_config(shapes, max_steps=1), tmp_path, device="cpu")
+    with pytest.raises(ValueError, match="already holds a run; continue it with --resume"):
+        train(tiny_config(shapes), tmp_path, device="cpu")
 
 
 def test_training_stops_on_broken_data_with_the_report(shapes, tmp_path):

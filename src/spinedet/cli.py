@@ -59,11 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--filter", default="", help="only names containing this text")
     p.set_defaults(func=_cmd_models)
 
+    from .convert.commands import add_convert_commands
     from .data.commands import add_data_commands
     from .engine.commands import add_engine_commands
 
     add_data_commands(sub)
     add_engine_commands(sub)
+    add_convert_commands(sub)
     return parser
 
 

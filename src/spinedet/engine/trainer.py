@@ -353,9 +353,15 @@ class Trainer:
 
     def run(self, resume: bool = False) -> dict:
         tcfg = self.cfg["train"]
+        if not resume and self.checkpoint_path.exists():
+            raise ValueError(
+                f"{self.out} already holds a run; continue it with --resume or pick another --out"
+            )
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.out / "config.yaml")
+            if not resume:
+                (self.out / "metrics.jsonl").unlink(missing_ok=True)
         if resume:
             self.resume()
         self.net.train()

@@ -33,10 +33,12 @@ def pyramid_anchors(
 
 
 class PyramidAnchorGenerator(AnchorGenerator):
-    """AnchorGenerator with the true stride ``2**level`` of each feature map.
+    """AnchorGenerator with the true stride ``2**level`` of each feature map, centring anchors
+    on their cells at ``(i + 0.5) * stride`` like Model Garden.
 
     torchvision derives strides as ``padded_image_size // feature_size``, which is wrong when the
     image is not a multiple of the coarsest stride (SpineNet level sizes are ``ceil(H / 2**l)``).
+    Anchors depend only on the feature sizes, so they are computed once per input shape.
     """
 
     def __init__(
@@ -47,16 +49,46 @@ class PyramidAnchorGenerator(AnchorGenerator):
     ) -> None:
         super().__init__(tuple(map(tuple, sizes)), tuple(map(tuple, aspect_ratios)))
         self.strides = list(strides)
+        self._cache: dict[tuple, torch.Tensor] = {}
 
     def forward(
         self, image_list: ImageList, feature_maps: list[torch.Tensor]
     ) -> list[torch.Tensor]:
-        device = feature_maps[0].device
-        grid_sizes = [f.shape[-2:] for f in feature_maps]
-        strides = [[torch.tensor(s, device=device)] * 2 for s in self.strides]
-        self.set_cell_anchors(feature_maps[0].dtype, device)
-        anchors = torch.cat(self.grid_anchors(grid_sizes, strides))
+        dtype, device = feature_maps[0].dtype, feature_maps[0].device
+        grid_sizes = [tuple(f.shape[-2:]) for f in feature_maps]
+        key = (tuple(grid_sizes), dtype, device)
+        anchors = self._cache.get(key)
+        if anchors is None:
+            strides = [[torch.tensor(s, device=device)] * 2 for s in self.strides]
+            self.set_cell_anchors(dtype, device)
+            per_level = self.grid_anchors([list(g) for g in grid_sizes], strides)
+            anchors = torch.cat([a + s / 2 for a, s in zip(per_level, self.strides, strict=True)])
+            self._cache = {key: anchors}  # one shape at a time: fixed-size inputs hit every call
         return [anchors] * len(image_list.image_sizes)
+
+
+class LevelConvNormAct(nn.Sequential):
+    """A 3x3 conv shared by all pyramid levels, a norm per level, and an activation.
+
+    Model Garden's RetinaNet head shares the tower convs across levels but keeps a separate
+    BatchNorm per level (feature statistics differ between P3 and P7).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        num_levels: int,
+        norm_layer: Callable[[int], nn.Module],
+        activation: Callable[..., nn.Module],
+    ) -> None:
+        norms = nn.ModuleList(norm_layer(channels) for _ in range(num_levels))
+        super().__init__(
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False), norms, activation()
+        )
+
+    def forward(self, x: torch.Tensor, level: int = 0) -> torch.Tensor:
+        conv, norms, act = self
+        return act(norms[level](conv(x)))
 
 
 def conv_tower(
@@ -64,20 +96,42 @@ def conv_tower(
     depth: int,
     norm_layer: Callable[[int], nn.Module],
     activation: Callable[..., nn.Module],
+    num_levels: int | None = None,
 ) -> nn.Sequential:
-    """``depth`` 3x3 conv + norm + activation layers, initialised like RetinaNet's."""
-    tower = nn.Sequential(
-        *(
+    """``depth`` 3x3 conv + norm + activation layers, initialised like RetinaNet's.
+
+    With ``num_levels`` each layer has one norm per level (:class:`LevelConvNormAct`); the
+    tower is then applied with :func:`apply_tower`.
+    """
+    if num_levels is None:
+        layers = [
             Conv2dNormActivation(
                 channels, channels, norm_layer=norm_layer, activation_layer=activation
             )
             for _ in range(depth)
-        )
-    )
+        ]
+    else:
+        layers = [
+            LevelConvNormAct(channels, num_levels, norm_layer, activation) for _ in range(depth)
+        ]
+    tower = nn.Sequential(*layers)
     for m in tower.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.normal_(m.weight, std=0.01)
     return tower
+
+
+def apply_tower(tower: nn.Sequential, x: torch.Tensor, level: int) -> torch.Tensor:
+    """Run a tower on the features of pyramid level index ``level`` (0 = finest)."""
+    for layer in tower:
+        x = layer(x, level) if isinstance(layer, LevelConvNormAct) else layer(x)
+    return x
+
+
+def _per_anchor(out: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, A * size, H, W) -> (N, H * W * A, size), torchvision's anchor order."""
+    n, _, h, w = out.shape
+    return out.view(n, -1, size, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, size)
 
 
 class FocalClassificationHead(RetinaNetClassificationHead):
@@ -93,10 +147,20 @@ class FocalClassificationHead(RetinaNetClassificationHead):
         activation: Callable[..., nn.Module],
         alpha: float = 0.25,
         gamma: float = 1.5,
+        num_levels: int | None = None,
     ) -> None:
         super().__init__(channels, num_anchors, num_classes, norm_layer=norm_layer)
-        self.conv = conv_tower(channels, depth, norm_layer, activation)
+        self.conv = conv_tower(channels, depth, norm_layer, activation, num_levels)
         self.alpha, self.gamma = alpha, gamma
+
+    def forward(self, x: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(
+            [
+                _per_anchor(self.cls_logits(apply_tower(self.conv, f, i)), self.num_classes)
+                for i, f in enumerate(x)
+            ],
+            dim=1,
+        )
 
     def compute_loss(
         self,
@@ -119,6 +183,29 @@ class FocalClassificationHead(RetinaNetClassificationHead):
         return torch.stack(losses).mean()
 
 
+class TowerRegressionHead(RetinaNetRegressionHead):
+    """RetinaNet box head with a ``depth``-conv tower (optionally a norm per level)."""
+
+    def __init__(
+        self,
+        channels: int,
+        num_anchors: int,
+        depth: int,
+        norm_layer: Callable[[int], nn.Module],
+        activation: Callable[..., nn.Module],
+        num_levels: int | None = None,
+    ) -> None:
+        super().__init__(channels, num_anchors, norm_layer=norm_layer)
+        self.conv = conv_tower(channels, depth, norm_layer, activation, num_levels)
+        self._loss_type = "smooth_l1"
+
+    def forward(self, x: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(
+            [_per_anchor(self.bbox_reg(apply_tower(self.conv, f, i)), 4) for i, f in enumerate(x)],
+            dim=1,
+        )
+
+
 def retinanet_head(
     channels: int,
     num_anchors: int,
@@ -128,13 +215,27 @@ def retinanet_head(
     activation: Callable[..., nn.Module],
     focal_alpha: float,
     focal_gamma: float,
+    num_levels: int | None = 5,
 ) -> RetinaNetHead:
-    """torchvision's RetinaNetHead with SpineNet's tower depth, norm and focal loss."""
+    """torchvision's RetinaNetHead with SpineNet's tower depth, norm and focal loss.
+
+    The tower convs are shared across the ``num_levels`` pyramid levels and each level has its
+    own norm, as in Model Garden (so its checkpoints convert exactly); ``num_levels=None``
+    shares the norms too, like torchvision.
+    """
     head = RetinaNetHead(channels, num_anchors, num_classes, norm_layer=norm_layer)
     head.classification_head = FocalClassificationHead(
-        channels, num_anchors, num_classes, depth, norm_layer, activation, focal_alpha, focal_gamma
+        channels,
+        num_anchors,
+        num_classes,
+        depth,
+        norm_layer,
+        activation,
+        focal_alpha,
+        focal_gamma,
+        num_levels,
     )
-    regression: RetinaNetRegressionHead = head.regression_head
-    regression.conv = conv_tower(channels, depth, norm_layer, activation)
-    regression._loss_type = "smooth_l1"
+    head.regression_head = TowerRegressionHead(
+        channels, num_anchors, depth, norm_layer, activation, num_levels
+    )
     return head

@@ -54,19 +54,25 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
+def pad_same(x: torch.Tensor, kernel: int, stride: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """``(x, padding)`` such that a convolution of ``x`` with ``padding`` pads like TF "same".
+
+    Symmetric cases (e.g. odd sizes) leave ``x`` as it is and let the convolution pad, with no
+    padded copy; asymmetric ones return a padded copy and zero padding.
+    """
+    top, bottom = same_padding(x.shape[-2], kernel, stride)
+    left, right = same_padding(x.shape[-1], kernel, stride)
+    if top == bottom and left == right:
+        return x, (top, left)
+    return F.pad(x, (left, right, top, bottom)), (0, 0)
+
+
 class SameConv2d(nn.Conv2d):
     """Strided convolution padded like TF "same", so TensorFlow weights give the same outputs."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel, stride = self.kernel_size[0], self.stride[0]
-        top, bottom = same_padding(x.shape[-2], kernel, stride)
-        left, right = same_padding(x.shape[-1], kernel, stride)
-        if top == bottom and left == right:
-            # Symmetric (e.g. odd sizes): the convolution pads itself, with no padded copy.
-            return F.conv2d(
-                x, self.weight, self.bias, self.stride, (top, left), self.dilation, self.groups
-            )
-        return super().forward(F.pad(x, (left, right, top, bottom)))
+        x, padding = pad_same(x, self.kernel_size[0], self.stride[0])
+        return F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
 
 
 class SameMaxPool2d(nn.MaxPool2d):
