@@ -14,6 +14,7 @@ from ..data import CocoDataset
 from ..data.transforms import eval_transforms
 from ..models import load_model, model_task
 from ..models.weights import WeightsError, atomic_write, read_metadata
+from .distributed import flush_denormals
 from .evaluate import coco_evaluate, run_inference
 from .predict import collect_images, predict_images
 from .trainer import train
@@ -36,6 +37,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def load_checkpoint(path: str | Path, **overrides) -> tuple[nn.Module, list[dict[str, Any]]]:
     """The model saved in ``path`` and its categories (user ids and names)."""
+    flush_denormals()
     path = resolve_checkpoint(path)
     model = load_model(path, **overrides)
     categories = read_metadata(path).get("categories") or [

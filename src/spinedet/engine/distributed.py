@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "setup", "teardown", "gather_objects", "is_main"]
+__all__ = ["DistInfo", "flush_denormals", "setup", "teardown", "gather_objects", "is_main"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ def setup(device: str | None = None) -> DistInfo:
     NCCL on GPUs, gloo on CPU. ``device`` forces ``cpu``/``cuda``; by default CUDA is used
     when present.
     """
+    flush_denormals()
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -42,6 +43,13 @@ def setup(device: str | None = None) -> DistInfo:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return DistInfo(rank, local_rank, world_size, dev)
+
+
+def flush_denormals() -> None:
+    """Treat denormal floats as zero on the CPU. Zero-initialised residual branches and BN
+    produce many of them early in training, and x86 arithmetic on denormals is so slow that a
+    training step took 15x longer (17 s instead of 1.1 s for the quickstart)."""
+    torch.set_flush_denormal(True)
 
 
 def teardown() -> None:

@@ -13,7 +13,45 @@ from .layers import ConvNormAct, NormFactory, max_pool
 from .specs import BLOCK_EXPANSION
 
 
-class Bottleneck(nn.Module):
+class _ResidualBlock(nn.Module):
+    """``act(shortcut(x) + drop_path(branch(x)))``; the shortcut projects when channels change."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        branch: list[ConvNormAct],
+        norm: NormFactory,
+        act: Callable[[], nn.Module],
+        drop_rate: float,
+        padding: str,
+    ) -> None:
+        super().__init__()
+        self.shortcut = (
+            ConvNormAct(in_channels, out_channels, 1, norm, padding=padding)
+            if in_channels != out_channels
+            else nn.Identity()
+        )
+        # Registered as conv1..convN (the names weight conversion and BN folding rely on).
+        self.branch_names = [f"conv{i}" for i in range(1, len(branch) + 1)]
+        for name, layer in zip(self.branch_names, branch, strict=True):
+            self.add_module(name, layer)
+        self.drop_path = StochasticDepth(drop_rate, "row") if drop_rate > 0 else nn.Identity()
+        self.act = act()
+
+    @property
+    def last_norm(self) -> nn.Module:
+        """The branch's last norm, zero-initialised so the block starts as its shortcut."""
+        return getattr(self, self.branch_names[-1]).norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x
+        for name in self.branch_names:
+            out = getattr(self, name)(out)
+        return self.act(self.shortcut(x) + self.drop_path(out))
+
+
+class Bottleneck(_ResidualBlock):
     """1x1 -> 3x3 -> 1x1 (x4 channels) residual block."""
 
     def __init__(
@@ -25,29 +63,15 @@ class Bottleneck(nn.Module):
         drop_rate: float = 0.0,
         padding: str = "same",
     ) -> None:
-        super().__init__()
-        out_channels = width * 4
-        self.shortcut = (
-            ConvNormAct(in_channels, out_channels, 1, norm, padding=padding)
-            if in_channels != out_channels
-            else nn.Identity()
-        )
-        self.conv1 = ConvNormAct(in_channels, width, 1, norm, act, padding=padding)
-        self.conv2 = ConvNormAct(width, width, 3, norm, act, padding=padding)
-        self.conv3 = ConvNormAct(width, out_channels, 1, norm, padding=padding)
-        self.drop_path = StochasticDepth(drop_rate, "row") if drop_rate > 0 else nn.Identity()
-        self.act = act()
-
-    @property
-    def last_norm(self) -> nn.Module:
-        return self.conv3.norm
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv3(self.conv2(self.conv1(x)))
-        return self.act(self.shortcut(x) + self.drop_path(out))
+        branch = [
+            ConvNormAct(in_channels, width, 1, norm, act, padding=padding),
+            ConvNormAct(width, width, 3, norm, act, padding=padding),
+            ConvNormAct(width, width * 4, 1, norm, padding=padding),
+        ]
+        super().__init__(in_channels, width * 4, branch, norm, act, drop_rate, padding)
 
 
-class Residual(nn.Module):
+class Residual(_ResidualBlock):
     """3x3 -> 3x3 residual block."""
 
     def __init__(
@@ -59,24 +83,11 @@ class Residual(nn.Module):
         drop_rate: float = 0.0,
         padding: str = "same",
     ) -> None:
-        super().__init__()
-        self.shortcut = (
-            ConvNormAct(in_channels, width, 1, norm, padding=padding)
-            if in_channels != width
-            else nn.Identity()
-        )
-        self.conv1 = ConvNormAct(in_channels, width, 3, norm, act, padding=padding)
-        self.conv2 = ConvNormAct(width, width, 3, norm, padding=padding)
-        self.drop_path = StochasticDepth(drop_rate, "row") if drop_rate > 0 else nn.Identity()
-        self.act = act()
-
-    @property
-    def last_norm(self) -> nn.Module:
-        return self.conv2.norm
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv2(self.conv1(x))
-        return self.act(self.shortcut(x) + self.drop_path(out))
+        branch = [
+            ConvNormAct(in_channels, width, 3, norm, act, padding=padding),
+            ConvNormAct(width, width, 3, norm, padding=padding),
+        ]
+        super().__init__(in_channels, width, branch, norm, act, drop_rate, padding)
 
 
 BLOCKS = {"bottleneck": Bottleneck, "residual": Residual}
