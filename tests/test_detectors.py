@@ -184,5 +184,7 @@ def test_detector_options_reach_torchvision_and_unknown_options_are_named():
     )
     assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 64
     assert isinstance(model.backbone.act, torch.nn.SiLU)
+    fast = spinedet.create_model("spinenet49s_retinanet", num_classes=3, bn_momentum=0.1)
+    assert {m.momentum for m in fast.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.1}
     with pytest.raises(ValueError, match="unknown option 'box_size'"):
         spinedet.create_model("spinenet49s_maskrcnn", num_classes=3, box_size=3)

@@ -62,10 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .convert.commands import add_convert_commands
     from .data.commands import add_data_commands
     from .engine.commands import add_engine_commands
+    from .export_commands import add_export_commands
 
     add_data_commands(sub)
     add_engine_commands(sub)
     add_convert_commands(sub)
+    add_export_commands(sub)
     return parser
 
 

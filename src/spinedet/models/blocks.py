@@ -48,7 +48,9 @@ class _ResidualBlock(nn.Module):
         out = x
         for name in self.branch_names:
             out = getattr(self, name)(out)
-        return self.act(self.shortcut(x) + self.drop_path(out))
+        out = self.drop_path(out)
+        out += self.shortcut(x)  # in place: a fresh full-size tensor costs page faults on CPU
+        return self.act(out)
 
 
 class Bottleneck(_ResidualBlock):

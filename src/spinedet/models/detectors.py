@@ -18,7 +18,7 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 
 from .heads import pyramid_anchors, retinanet_head
-from .layers import ACTIVATIONS, BN_EPS, BN_MOMENTUM
+from .layers import ACTIVATIONS
 from .spinenet import SpineNet, spinenet
 
 __all__ = ["spinenet_retinanet", "spinenet_fasterrcnn", "spinenet_maskrcnn"]
@@ -50,9 +50,10 @@ def _check_num_classes(num_classes: int, class_names: Sequence[str] | None) -> i
     return num_classes
 
 
-def _head_norm(norm: str) -> Callable[[int], nn.Module]:
+def _head_norm(norm: str, backbone: SpineNet) -> Callable[[int], nn.Module]:
+    """Head norm layers; BN takes the backbone's momentum and epsilon."""
     if norm == "bn":
-        return partial(nn.BatchNorm2d, eps=BN_EPS, momentum=BN_MOMENTUM)
+        return partial(nn.BatchNorm2d, eps=backbone.bn_eps, momentum=backbone.bn_momentum)
     if norm == "gn":
         return lambda c: nn.GroupNorm(32, c)
     raise ValueError(f"unknown head_norm {norm!r}; expected 'bn' or 'gn'")
@@ -122,7 +123,7 @@ def spinenet_retinanet(
         anchors.num_anchors_per_location()[0],
         num_classes,
         head_depth or cfg["head_depth"],
-        _head_norm(head_norm),
+        _head_norm(head_norm, backbone),
         ACTIVATIONS[backbone_kwargs.get("activation", "relu")],
         focal_alpha,
         focal_gamma,
@@ -153,7 +154,7 @@ def _two_stage(
     num_classes = _check_num_classes(num_classes, class_names)
     detector_kwargs, backbone_kwargs = _split_kwargs(kind, kwargs)
     backbone, cfg = _backbone(variant, backbone_kwargs)
-    norm = _head_norm(head_norm)
+    norm = _head_norm(head_norm, backbone)
     channels = backbone.out_channels
     names = [f"p{lvl}" for lvl in backbone.levels]
     anchors = pyramid_anchors(

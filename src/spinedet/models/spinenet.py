@@ -146,6 +146,7 @@ class SpineNet(nn.Module):
         self.levels = list(range(min_level, max_level + 1))
         self.strides = [2**lvl for lvl in self.levels]
         self.out_channels = endpoint_filters  # torchvision detectors read this attribute
+        self.bn_momentum, self.bn_eps = bn_momentum, bn_eps  # heads normalise alike
 
         norm_layer = make_norm(norm, bn_momentum, bn_eps)
         act = make_activation(activation)

@@ -1,0 +1,169 @@
+"""Inference-time optimisations: BatchNorm folding, channels-last layout, ``torch.compile``.
+
+Each transformation keeps the model's outputs equal to the plain model's (to float rounding);
+``tests/test_optimize.py`` checks this.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from .models.layers import SameConv2d, pad_same
+
+__all__ = ["OneDNNConv2d", "fold_bn_into_conv", "fuse_bn", "optimize_for_inference", "use_onednn"]
+
+_FOLDABLE = (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d)
+
+
+@torch.no_grad()
+def fold_bn_into_conv(conv: nn.Conv2d, norm: nn.Module) -> nn.Conv2d:
+    """Return a copy of ``conv`` (keeping its class, e.g. ``SameConv2d``) computing
+    ``norm(conv(x))`` with the normalisation's running statistics folded into weight and bias."""
+    mean, var = norm.running_mean, norm.running_var
+    gamma = norm.weight if norm.weight is not None else torch.ones_like(mean)
+    beta = norm.bias if norm.bias is not None else torch.zeros_like(mean)
+    scale = gamma * torch.rsqrt(var + norm.eps)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(mean)
+    fused = copy.deepcopy(conv)
+    fused.weight = nn.Parameter(conv.weight * scale.reshape(-1, 1, 1, 1), requires_grad=False)
+    fused.bias = nn.Parameter((bias - mean) * scale + beta, requires_grad=False)
+    return fused
+
+
+def _foldable(norm: nn.Module) -> bool:
+    # A norm without running statistics normalises with batch statistics even in eval mode.
+    return isinstance(norm, _FOLDABLE) and getattr(norm, "track_running_stats", True)
+
+
+def _fuse_sequential(seq: nn.Sequential) -> None:
+    # Conv and norm are adjacent children in our ConvNormAct (conv/norm/act) and torchvision's
+    # Conv2dNormActivation (0/1/2). The RetinaNet head's LevelConvNormAct shares one conv across
+    # levels with a norm per level (a ModuleList) and computes ``norms[level](conv(x))``: there
+    # the conv becomes an identity and each norm the conv folded with that norm.
+    names = list(seq._modules)
+    for conv_name, norm_name in zip(names, names[1:], strict=False):
+        conv, norm = seq._modules[conv_name], seq._modules[norm_name]
+        if not isinstance(conv, nn.Conv2d):
+            continue
+        if _foldable(norm):
+            seq._modules[conv_name] = fold_bn_into_conv(conv, norm)
+            seq._modules[norm_name] = nn.Identity()
+        elif isinstance(norm, nn.ModuleList) and len(norm) and all(map(_foldable, norm)):
+            for i, level_norm in enumerate(norm):
+                norm[i] = fold_bn_into_conv(conv, level_norm)
+            seq._modules[conv_name] = nn.Identity()
+
+
+def fuse_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Fold every BatchNorm / SyncBatchNorm / FrozenBatchNorm2d that directly follows a
+    convolution into that convolution (GroupNorm is left alone), including the per-level norms
+    after the RetinaNet head's shared tower convs (each level then gets its own folded conv).
+
+    Only valid for inference: the model must be in eval mode. Returns a fused copy and leaves
+    ``model`` untouched unless ``inplace=True``. The folded norms become ``nn.Identity``, so the
+    result's state dict no longer matches the unfused model's.
+    """
+    if model.training:
+        raise ValueError("fuse_bn folds running statistics and needs model.eval() first")
+    if not inplace:
+        model = copy.deepcopy(model)
+    for module in model.modules():
+        if isinstance(module, nn.Sequential):
+            _fuse_sequential(module)
+    return model
+
+
+class OneDNNConv2d(nn.Conv2d):
+    """A CPU convolution (plain or TF-"same" padded) that always runs oneDNN.
+
+    PyTorch sends 1x1 convolutions on one thread, and batch-1 inputs of under 20,480 values,
+    to its im2col/GEMM path, which on CPUs where oneDNN has AVX-512 kernels is about 2.5x
+    slower for SpineNet's 1x1 convolutions (and copies channels-last inputs).
+    """
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            device="meta",  # no new storage: the original parameters are shared below
+        )
+        self.weight, self.bias = conv.weight, conv.bias
+        self.same = isinstance(conv, SameConv2d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padding = self.padding
+        if self.same:
+            x, padding = pad_same(x, self.kernel_size[0], self.stride[0])
+        return torch.mkldnn_convolution(
+            x, self.weight, self.bias, padding, self.stride, self.dilation, self.groups
+        )
+
+
+def use_onednn(model: nn.Module) -> nn.Module:
+    """Replace (in place) every zero-padded ``nn.Conv2d`` / ``SameConv2d`` of a CPU model by an
+    :class:`OneDNNConv2d` sharing its parameters."""
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            plain = type(child) in (nn.Conv2d, SameConv2d)
+            if plain and child.padding_mode == "zeros" and not isinstance(child.padding, str):
+                setattr(parent, name, OneDNNConv2d(child))
+    return model
+
+
+def optimize_for_inference(
+    model: nn.Module,
+    channels_last: bool = True,
+    compile: bool = False,
+    inplace: bool = False,
+    onednn: bool | None = None,
+) -> nn.Module:
+    """Eval mode, BatchNorm folding, channels-last weights, oneDNN convolutions on CPU and
+    optionally ``torch.compile``.
+
+    Channels-last weights make oneDNN/cuDNN pick NHWC kernels; the first convolution's output is
+    then channels-last and the layout carries through the network, whatever the input layout.
+    ``onednn`` (default: on CPUs with oneDNN, unless compiling) applies :func:`use_onednn`.
+    ``compile=True`` compiles the backbone and, for detectors, the dense heads (torchvision's
+    pre- and post-processing is dynamic Python and stays eager). Returns a new model unless
+    ``inplace=True``; gradients are disabled on it.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    model.eval().requires_grad_(False)
+    fuse_bn(model, inplace=True)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if onednn is None:  # Dynamo cannot trace mkldnn_convolution: compiling leaves convs to Inductor
+        on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+        onednn = on_cpu and torch.backends.mkldnn.is_available() and not compile
+    if onednn:
+        use_onednn(model)
+    if compile:
+        _compile_parts(model)
+    return model
+
+
+def _compile_parts(model: nn.Module) -> None:
+    # Freezing turns the (frozen) weights into constants, which lets Inductor prepack them for
+    # oneDNN and fuse each convolution with its bias, activation and residual add.
+    def compiled(module):
+        return torch.compile(module, dynamic=False, options={"freezing": True})
+
+    if not hasattr(model, "backbone"):
+        model.forward = compiled(model.forward)
+        return
+    model.backbone = compiled(model.backbone)
+    if hasattr(model, "head"):  # RetinaNet's dense head
+        model.head = compiled(model.head)
+    if hasattr(model, "rpn"):
+        model.rpn.head = compiled(model.rpn.head)
