@@ -11,7 +11,7 @@ def test_shipped_recipe_by_name_and_overrides():
     assert cfg["train"]["epochs"] == 3
     # options merge into the recipe's options instead of replacing them
     assert cfg["model"]["options"]["activation"] == "swish"
-    assert cfg["model"]["options"]["box_batch_size_per_image"] == 128
+    assert cfg["model"]["options"]["box_batch_size_per_image"] == 64
     assert cfg["train"]["momentum"] == 0.9  # untouched defaults stay
 
 
