@@ -66,3 +66,11 @@ def test_info_json(capsys):
     assert main(["info", "spinenet49s", "--size", "128", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["params"] == 9_089_215 and len(info["levels"]) == 5
+
+
+def test_export_from_run_directory_checks_with_onnxruntime(checkpoint, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "model.onnx"
+    assert main(["export", str(checkpoint.parent), "--format", "onnx", "--out", str(out)]) == 0
+    assert out.stat().st_size > 0 and out.stat().st_mode & 0o044  # readable like any file
+    assert "diff" in capsys.readouterr().out

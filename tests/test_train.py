@@ -2,9 +2,11 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -128,3 +130,29 @@ def test_two_process_ddp_on_gloo(shapes, tmp_path):
     # 6 training images, 3 per process, batch 2 per process: one step per epoch
     assert len(_losses(tmp_path / "run")) == 2
     assert (tmp_path / "run" / "last.safetensors").is_file()
+
+
+def test_sigint_checkpoints_and_resume_finishes_the_run(shapes, tmp_path):
+    cfg = tiny_config(shapes, epochs=20)
+    cfg_file = tmp_path / "cfg.yaml"
+    spinedet.config.save_config(cfg, cfg_file)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "spinedet.cli", "train", str(cfg_file), "--out", str(run),
+           "--device", "cpu"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(_read(run / "metrics.jsonl")) < 2:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    assert "continue with --resume" in err
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert 2 <= state["step"] < 60
+    code = subprocess.run([*cmd, "--resume"], capture_output=True, timeout=600).returncode
+    assert code == 0
+    assert len(_losses(run)) == 20 * 3
+
+
+def _read(path):
+    return path.read_text().splitlines() if path.exists() else []

@@ -29,7 +29,7 @@ from torchvision.models.detection.rpn import concat_box_prediction_layers
 
 from .models import create_model, load_model
 from .models.spinenet import SpineNet
-from .models.weights import atomic_write
+from .models.weights import atomic_write, resolve_checkpoint
 
 __all__ = ["DenseOutputs", "ExportError", "export_onnx", "resolve_model"]
 
@@ -91,11 +91,12 @@ def _anchors(generator: nn.Module, levels: list[int], image_size: int) -> torch.
 
 
 def resolve_model(model_or_path: nn.Module | str | Path, **overrides) -> nn.Module:
-    """A model object, a spinedet ``.safetensors`` file, or a registry name (random weights)."""
+    """A model object, a spinedet ``.safetensors`` file or run directory, or a registry name
+    (random weights)."""
     if isinstance(model_or_path, nn.Module):
         return model_or_path
-    if Path(model_or_path).is_file():
-        return load_model(model_or_path, **overrides)
+    if Path(model_or_path).exists():
+        return load_model(resolve_checkpoint(model_or_path), **overrides)
     return create_model(str(model_or_path), **overrides)
 
 

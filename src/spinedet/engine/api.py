@@ -13,26 +13,13 @@ from torch import nn
 from ..data import CocoDataset
 from ..data.transforms import eval_transforms
 from ..models import load_model, model_task
-from ..models.weights import WeightsError, atomic_write, read_metadata
+from ..models.weights import atomic_write, read_metadata, resolve_checkpoint
 from .distributed import flush_denormals
 from .evaluate import coco_evaluate, run_inference
 from .predict import collect_images, predict_images
 from .trainer import train
 
 __all__ = ["train", "evaluate", "predict", "resolve_checkpoint", "load_checkpoint"]
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A weights file, or a run directory (its ``best`` weights, else its ``last``)."""
-    path = Path(path)
-    if path.is_dir():
-        for name in ("best.safetensors", "last.safetensors"):
-            if (path / name).is_file():
-                return path / name
-        raise WeightsError(f"{path}: run directory holds no best/last.safetensors")
-    if not path.is_file():
-        raise WeightsError(f"{path}: no such checkpoint")
-    return path
 
 
 def load_checkpoint(path: str | Path, **overrides) -> tuple[nn.Module, list[dict[str, Any]]]:

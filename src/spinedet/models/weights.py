@@ -13,7 +13,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-__all__ = ["save_weights", "load_weights", "read_metadata", "WeightsError", "atomic_write"]
+__all__ = [
+    "WeightsError",
+    "atomic_write",
+    "load_weights",
+    "read_metadata",
+    "resolve_checkpoint",
+    "save_weights",
+]
 
 log = logging.getLogger(__name__)
 
@@ -129,3 +136,16 @@ def load_weights(
     with torch.no_grad():
         target.load_state_dict(state, strict=True)
     return model
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A weights file, or a run directory (its ``best`` weights, else its ``last``)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.safetensors", "last.safetensors"):
+            if (path / name).is_file():
+                return path / name
+        raise WeightsError(f"{path}: run directory holds no best/last.safetensors")
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such checkpoint")
+    return path
