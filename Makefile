@@ -31,16 +31,16 @@ demo: $(STAMP)
 	@echo "results: $(DEMO)/metrics.json, $(DEMO)/curves.png, $(DEMO)/predictions/*.png"
 
 test: $(STAMP)
-	$(PY) -m ruff check src tests
-	$(PY) -m ruff format --check src tests
+	$(PY) -m ruff check src tests benchmarks scripts
+	$(PY) -m ruff format --check src tests benchmarks scripts
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 
 format: $(STAMP)
-	$(PY) -m ruff format src tests
-	$(PY) -m ruff check --fix src tests
+	$(PY) -m ruff format src tests benchmarks scripts
+	$(PY) -m ruff check --fix src tests benchmarks scripts
 
 clean:
 	rm -rf $(VENV) runs

@@ -198,11 +198,10 @@ class Trainer:
         )
         if mcfg["weights"]:
             load_weights(model, mcfg["weights"], allow_shape_mismatch=True)
-        self.model = model
         self.device = info.device
         if info.enabled and self.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model.to(self.device)
+        self.model = model.to(self.device)
         self.net = (
             nn.parallel.DistributedDataParallel(
                 model, device_ids=[info.local_rank] if self.device.type == "cuda" else None
