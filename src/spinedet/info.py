@@ -9,7 +9,6 @@ from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.roi_heads import RoIHeads
 
 from .models import create_model
-from .models.spinenet import SpineNet
 
 __all__ = ["count_params", "count_macs", "model_info"]
 
@@ -19,8 +18,9 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _backbone(model: nn.Module) -> SpineNet:
-    return model if isinstance(model, SpineNet) else model.backbone
+def _backbone(model: nn.Module) -> nn.Module:
+    """The SpineNet of a detector, or the model itself when it is a backbone."""
+    return getattr(model, "backbone", model)
 
 
 def _roi_macs(roi: RoIHeads, features: dict, image_size: int, num_boxes: int, masks: bool) -> None:

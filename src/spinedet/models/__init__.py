@@ -2,16 +2,29 @@
 
 from .detectors import spinenet_fasterrcnn, spinenet_maskrcnn, spinenet_retinanet
 from .registry import create_model, list_models, load_model, model_task
-from .specs import SCALING, SPINENET_BLOCK_SPECS, BlockSpec, Scaling
+from .specs import (
+    MOBILE_SCALING,
+    SCALING,
+    SPINENET_BLOCK_SPECS,
+    SPINENET_MOBILE_BLOCK_SPECS,
+    BlockSpec,
+    MobileScaling,
+    Scaling,
+)
 from .spinenet import SpineNet, spinenet
+from .spinenet_mobile import SpineNetMobile, spinenet_mobile
 from .weights import WeightsError, load_weights, save_weights
 
 __all__ = [
     "BlockSpec",
+    "MOBILE_SCALING",
+    "MobileScaling",
     "SCALING",
     "SPINENET_BLOCK_SPECS",
+    "SPINENET_MOBILE_BLOCK_SPECS",
     "Scaling",
     "SpineNet",
+    "SpineNetMobile",
     "WeightsError",
     "create_model",
     "list_models",
@@ -20,6 +33,7 @@ __all__ = [
     "model_task",
     "save_weights",
     "spinenet",
+    "spinenet_mobile",
     "spinenet_fasterrcnn",
     "spinenet_maskrcnn",
     "spinenet_retinanet",

@@ -18,8 +18,9 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 
 from .heads import pyramid_anchors, retinanet_head
-from .layers import ACTIVATIONS
+from .layers import ACTIVATIONS, make_norm
 from .spinenet import SpineNet, spinenet
+from .spinenet_mobile import SpineNetMobile, spinenet_mobile
 
 __all__ = ["spinenet_retinanet", "spinenet_fasterrcnn", "spinenet_maskrcnn"]
 
@@ -30,6 +31,12 @@ HEAD_CONFIG = {
     "96": {"head_depth": 4, "anchor_size": 3.0, "fc_dim": 1024},
     "143": {"head_depth": 4, "anchor_size": 4.0, "fc_dim": 1024},
     "190": {"head_depth": 7, "anchor_size": 4.0, "fc_dim": 1024},
+}
+# SpineNet-Mobile ("mobile" + variant): Model Garden's mobile RetinaNet has 4-deep towers of
+# separable convs as wide as the endpoints; here the towers are plain 3x3 convs of that width.
+MOBILE_HEAD_CONFIG = {
+    f"mobile{v}": {"head_depth": 4, "anchor_size": 3.0, "fc_dim": 256}
+    for v in ("49", "49s", "49xs")
 }
 
 
@@ -55,7 +62,7 @@ def _head_norm(norm: str, backbone: SpineNet) -> Callable[[int], nn.Module]:
     if norm == "bn":
         return partial(nn.BatchNorm2d, eps=backbone.bn_eps, momentum=backbone.bn_momentum)
     if norm == "gn":
-        return lambda c: nn.GroupNorm(32, c)
+        return make_norm("gn")
     raise ValueError(f"unknown head_norm {norm!r}; expected 'bn' or 'gn'")
 
 
@@ -67,11 +74,15 @@ def _split_kwargs(detector: type, kwargs: dict) -> tuple[dict, dict]:
     return own, {k: v for k, v in kwargs.items() if k not in accepted}
 
 
-def _backbone(variant: str, backbone_kwargs: dict) -> tuple[SpineNet, dict]:
+def _backbone(variant: str, backbone_kwargs: dict) -> tuple[SpineNet | SpineNetMobile, dict]:
     key = variant.lower()
+    if key in MOBILE_HEAD_CONFIG:
+        backbone = spinenet_mobile(key.removeprefix("mobile"), **backbone_kwargs)
+        return backbone, MOBILE_HEAD_CONFIG[key]
     if key not in HEAD_CONFIG:
         raise ValueError(
-            f"unknown SpineNet variant {variant!r}; expected one of {list(HEAD_CONFIG)}"
+            f"unknown SpineNet variant {variant!r}; "
+            f"expected one of {list(HEAD_CONFIG) + list(MOBILE_HEAD_CONFIG)}"
         )
     return spinenet(key, **backbone_kwargs), HEAD_CONFIG[key]
 
@@ -100,7 +111,8 @@ def spinenet_retinanet(
     """RetinaNet with a SpineNet-``variant`` backbone, the paper's head and anchors.
 
     Args:
-        variant: ``49s``, ``49``, ``96``, ``143`` or ``190``.
+        variant: ``49s``, ``49``, ``96``, ``143`` or ``190``, or ``mobile49``, ``mobile49s``,
+            ``mobile49xs`` for SpineNet-Mobile (plain-conv head as wide as its endpoints).
         num_classes: classes including background (torchvision's convention); inferred from
             ``class_names`` when given.
         class_names: names of classes 1..num_classes-1, kept on the model.

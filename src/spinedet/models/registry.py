@@ -10,8 +10,9 @@ from pathlib import Path
 from torch import nn
 
 from .detectors import spinenet_fasterrcnn, spinenet_maskrcnn, spinenet_retinanet
-from .specs import SCALING
+from .specs import MOBILE_SCALING, SCALING
 from .spinenet import spinenet
+from .spinenet_mobile import spinenet_mobile
 
 __all__ = ["create_model", "list_models", "load_model", "model_task"]
 
@@ -28,6 +29,10 @@ for _variant in SCALING:
     _REGISTRY[f"spinenet{_variant}"] = (_variant, None)
     for _task in _DETECTORS:
         _REGISTRY[f"spinenet{_variant}_{_task}"] = (_variant, _task)
+# SpineNet-Mobile: backbones and RetinaNet only (Model Garden trains no mobile R-CNNs).
+for _variant in MOBILE_SCALING:
+    _REGISTRY[f"spinenet_mobile{_variant}"] = (f"mobile{_variant}", None)
+    _REGISTRY[f"spinenet_mobile{_variant}_retinanet"] = (f"mobile{_variant}", "retinanet")
 
 
 def list_models(pattern: str = "") -> list[str]:
@@ -62,7 +67,8 @@ def create_model(
 
     Args:
         name: ``spinenet{49s,49,96,143,190}`` for a backbone, or with a ``_retinanet``,
-            ``_fasterrcnn`` or ``_maskrcnn`` suffix for a detector.
+            ``_fasterrcnn`` or ``_maskrcnn`` suffix for a detector;
+            ``spinenet_mobile{49,49s,49xs}`` or with a ``_retinanet`` suffix for SpineNet-Mobile.
         num_classes: detector classes including background (default 91, COCO); inferred from
             ``class_names=`` when that is given. Not accepted for backbones.
         weights: a ``.safetensors`` file written by spinedet (training, ``convert-tf``).
@@ -76,7 +82,10 @@ def create_model(
     if task is None:
         if num_classes is not None:
             raise ValueError(f"{name} is a backbone: num_classes applies to detectors only")
-        model = spinenet(variant, **kwargs)
+        if variant.startswith("mobile"):
+            model = spinenet_mobile(variant.removeprefix("mobile"), **kwargs)
+        else:
+            model = spinenet(variant, **kwargs)
     else:
         if num_classes is None and "class_names" not in kwargs:
             num_classes = 91

@@ -80,9 +80,62 @@ SCALING: dict[str, Scaling] = {
 
 NUM_STEM_BLOCKS = 2
 
+# SpineNet-Mobile (Du et al. 2020, "Efficient Scale-Permuted Backbone with Learned Resource
+# Distribution"), as in Model Garden's ``spinenet_mobile.py``: MBConv blocks everywhere.
+MOBILE_BLOCK_TYPES = ("mbconv",)
 
-def parse_block_specs(specs: Sequence[BlockSpec | Sequence]) -> tuple[BlockSpec, ...]:
+# Base block width (before `filter_scale`) of each level; level 0 is the stem conv.
+MOBILE_FILTER_SIZE_MAP = {0: 8, 1: 16, 2: 24, 3: 40, 4: 80, 5: 112, 6: 112, 7: 112}
+
+# The Mobile permutation found by NAS, shared by Mobile-49/49S/49XS. Blocks 0 (level 1) and
+# 1 (level 2) are the stem blocks.
+SPINENET_MOBILE_BLOCK_SPECS: tuple[BlockSpec, ...] = tuple(
+    BlockSpec(level, "mbconv", parents, is_output)
+    for level, parents, is_output in [
+        (2, (0, 1), False),
+        (2, (1, 2), False),
+        (4, (1, 2), False),
+        (3, (3, 4), False),
+        (4, (3, 5), False),
+        (6, (4, 6), False),
+        (4, (4, 6), False),
+        (5, (7, 8), False),
+        (7, (7, 9), False),
+        (5, (9, 10), False),
+        (5, (9, 11), False),
+        (4, (6, 11), True),
+        (3, (5, 11), True),
+        (5, (8, 13), True),
+        (7, (6, 15), True),
+        (6, (13, 15), True),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class MobileScaling:
+    """How a SpineNet-Mobile variant scales the shared Mobile permutation."""
+
+    endpoint_filters: int
+    filter_scale: float
+    block_repeats: int
+    expand_ratio: int = 6
+    se_ratio: float = 0.2
+
+
+MOBILE_SCALING: dict[str, MobileScaling] = {
+    "49": MobileScaling(endpoint_filters=48, filter_scale=1.0, block_repeats=1),
+    "49s": MobileScaling(endpoint_filters=40, filter_scale=0.65, block_repeats=1),
+    "49xs": MobileScaling(endpoint_filters=24, filter_scale=0.6, block_repeats=1),
+}
+
+
+def parse_block_specs(
+    specs: Sequence[BlockSpec | Sequence], block_types: Sequence[str] = BLOCK_TYPES
+) -> tuple[BlockSpec, ...]:
     """Validate block specs given as ``BlockSpec`` objects or ``(level, type, parents, is_output)``.
+
+    ``block_types`` are the accepted block types (SpineNet-Mobile passes ``MOBILE_BLOCK_TYPES``).
 
     Raises:
         ValueError: naming the offending block when a spec is malformed.
@@ -106,9 +159,9 @@ def parse_block_specs(specs: Sequence[BlockSpec | Sequence]) -> tuple[BlockSpec,
             spec = BlockSpec(level, block_type, tuple(parents), bool(is_output))
         if not isinstance(spec.level, int) or not 1 <= spec.level <= 7:
             raise ValueError(f"{where}: level must be an integer in 1..7, got {spec.level!r}")
-        if spec.block_type not in BLOCK_TYPES:
+        if spec.block_type not in block_types:
             raise ValueError(
-                f"{where}: block_type must be one of {BLOCK_TYPES}, got {spec.block_type!r}"
+                f"{where}: block_type must be one of {tuple(block_types)}, got {spec.block_type!r}"
             )
         for p in spec.parents:
             if not isinstance(p, int) or not 0 <= p < index:
