@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -273,27 +274,29 @@ def _check_positive(**values: float) -> None:
             raise ValueError(f"{name} must be positive, got {value!r}")
 
 
+def build_variant(
+    cls: type[nn.Module], table: dict, variant: str, kwargs: dict, family: str = "SpineNet"
+) -> nn.Module:
+    """``cls`` built with the scaling entry ``table[variant]``, overridden by ``kwargs``.
+
+    Unknown variants and options raise a ValueError listing what is accepted.
+    """
+    key = variant.lower()
+    if key not in table:
+        raise ValueError(f"unknown {family} variant {variant!r}; expected one of {list(table)}")
+    accepted = inspect.signature(cls.__init__).parameters
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"unknown option {unknown[0]!r}; {cls.__name__} options are "
+            f"{', '.join(p for p in accepted if p != 'self')}"
+        )
+    return cls(**{**dataclasses.asdict(table[key]), **kwargs})
+
+
 def spinenet(variant: str = "49", **kwargs) -> SpineNet:
     """Build SpineNet-``variant`` (``49s``, ``49``, ``96``, ``143`` or ``190``).
 
     Keyword arguments override the variant's scaling or any other :class:`SpineNet` option.
     """
-    key = variant.lower()
-    if key not in SCALING:
-        raise ValueError(f"unknown SpineNet variant {variant!r}; expected one of {list(SCALING)}")
-    accepted = inspect.signature(SpineNet.__init__).parameters
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        raise ValueError(
-            f"unknown option {unknown[0]!r}; SpineNet options are "
-            f"{', '.join(p for p in accepted if p != 'self')}"
-        )
-    scaling = SCALING[key]
-    options = {
-        "endpoint_filters": scaling.endpoint_filters,
-        "filter_scale": scaling.filter_scale,
-        "resample_alpha": scaling.resample_alpha,
-        "block_repeats": scaling.block_repeats,
-    }
-    options.update(kwargs)
-    return SpineNet(**options)
+    return build_variant(SpineNet, SCALING, variant, kwargs)

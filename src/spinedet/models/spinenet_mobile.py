@@ -8,7 +8,6 @@ convs. The parameter count equals Model Garden's for Mobile-49/49S/49XS.
 
 from __future__ import annotations
 
-import inspect
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
@@ -36,7 +35,7 @@ from .specs import (
     BlockSpec,
     parse_block_specs,
 )
-from .spinenet import _check_positive, plan_blocks
+from .spinenet import _check_positive, build_variant, plan_blocks
 
 __all__ = ["MBConv", "SpineNetMobile", "make_divisible", "spinenet_mobile"]
 
@@ -341,25 +340,4 @@ def spinenet_mobile(variant: str = "49", **kwargs) -> SpineNetMobile:
 
     Keyword arguments override the variant's scaling or any other :class:`SpineNetMobile` option.
     """
-    key = variant.lower()
-    if key not in MOBILE_SCALING:
-        raise ValueError(
-            f"unknown SpineNet-Mobile variant {variant!r}; expected one of {list(MOBILE_SCALING)}"
-        )
-    accepted = inspect.signature(SpineNetMobile.__init__).parameters
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        raise ValueError(
-            f"unknown option {unknown[0]!r}; SpineNetMobile options are "
-            f"{', '.join(p for p in accepted if p != 'self')}"
-        )
-    scaling = MOBILE_SCALING[key]
-    options = {
-        "endpoint_filters": scaling.endpoint_filters,
-        "filter_scale": scaling.filter_scale,
-        "block_repeats": scaling.block_repeats,
-        "expand_ratio": scaling.expand_ratio,
-        "se_ratio": scaling.se_ratio,
-    }
-    options.update(kwargs)
-    return SpineNetMobile(**options)
+    return build_variant(SpineNetMobile, MOBILE_SCALING, variant, kwargs, "SpineNet-Mobile")
