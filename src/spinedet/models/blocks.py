@@ -92,6 +92,13 @@ class Residual(_ResidualBlock):
         super().__init__(in_channels, width, branch, norm, act, drop_rate, padding)
 
 
+def upsample_to(x: torch.Tensor, scale: int, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour upsampling by the exact power of two ``scale``, cropped to ``size``:
+    level sizes are ceil(H / 2**l), so a coarser map may cover one extra row/column."""
+    x = F.interpolate(x, scale_factor=scale, mode="nearest")
+    return x[..., : size[0], : size[1]]
+
+
 BLOCKS = {"bottleneck": Bottleneck, "residual": Residual}
 
 
@@ -152,8 +159,5 @@ class Resample(nn.Module):
         if self.down is not None:
             x = self.down(x)
         elif self.up_scale > 1:
-            # Upsample by the exact power of two, then crop: level sizes are ceil(H / 2**l),
-            # so a coarser map may cover one extra row/column.
-            x = F.interpolate(x, scale_factor=self.up_scale, mode="nearest")
-            x = x[..., : size[0], : size[1]]
+            x = upsample_to(x, self.up_scale, size)
         return self.expand(x)

@@ -91,7 +91,80 @@ def plan_blocks(
     return [b for b in planned if b.index in needed]
 
 
-class SpineNet(nn.Module):
+class ScalePermutedBackbone(nn.Module):
+    """What SpineNet and SpineNet-Mobile share: the output pyramid's attributes, weight
+    initialisation, and the forward walk through the planned blocks.
+
+    Subclasses build ``stem``, ``stem_blocks``, ``plan``, ``resamplers``, ``blocks``, ``act``,
+    ``endpoints`` and ``endpoint_inputs``, then call ``_init_weights``.
+    """
+
+    def _set_pyramid(
+        self,
+        lowest_level: int,
+        min_level: int,
+        max_level: int,
+        endpoint_filters: int,
+        stochastic_depth_rate: float,
+        bn_momentum: float,
+        bn_eps: float,
+    ) -> None:
+        """Validate the output levels and drop rate, and record the pyramid attributes."""
+        if not lowest_level <= min_level <= max_level <= 7:
+            raise ValueError(
+                f"need {lowest_level} <= min_level <= max_level <= 7, got {min_level}..{max_level}"
+            )
+        if not 0.0 <= stochastic_depth_rate < 1.0:
+            raise ValueError(
+                f"stochastic_depth_rate must be in [0, 1), got {stochastic_depth_rate}"
+            )
+        self.min_level, self.max_level = min_level, max_level
+        self.levels = list(range(min_level, max_level + 1))
+        self.strides = [2**lvl for lvl in self.levels]
+        self.out_channels = endpoint_filters  # torchvision detectors read this attribute
+        self.bn_momentum, self.bn_eps = bn_momentum, bn_eps  # heads normalise alike
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d | nn.SyncBatchNorm | nn.GroupNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        # Each residual branch starts at zero, so every block starts as its shortcut (as the
+        # PyTorch ports do): from-scratch stem gradients then shrink ~15x, and training starts.
+        for m in self.modules():
+            last = getattr(m, "last_norm", None)
+            if last is not None and hasattr(last, "weight"):
+                nn.init.zeros_(last.weight)
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        h, w = x.shape[-2:]
+        sizes = {lvl: (-(-h // 2**lvl), -(-w // 2**lvl)) for lvl in range(1, 8)}
+        x = self.stem(x)
+        feats: dict[int, torch.Tensor] = {}
+        for i, group in enumerate(self.stem_blocks):
+            x = group(x)
+            feats[i] = x
+        for block in self.plan:
+            key = str(block.index)
+            size = sizes[block.level]
+            first, second = self.resamplers[key]
+            # In-place sums: ``sum()`` would start from 0 and allocate one more full tensor.
+            x = first(feats[block.parents[0]], size)
+            x += second(feats[block.parents[1]], size)
+            for j in block.extra_inputs:
+                x += feats[j]
+            feats[block.index] = self.blocks[key](self.act(x))
+        return OrderedDict(
+            (f"p{lvl}", self.endpoints[f"p{lvl}"](feats[self.endpoint_inputs[lvl]]))
+            for lvl in self.levels
+        )
+
+
+class SpineNet(ScalePermutedBackbone):
     """SpineNet backbone returning ``OrderedDict(p3=..., ..., p7=...)``.
 
     Level ``l`` of an ``H x W`` input has size ``ceil(H / 2**l) x ceil(W / 2**l)`` and
@@ -135,19 +208,11 @@ class SpineNet(nn.Module):
         super().__init__()
         _check_positive(endpoint_filters=endpoint_filters, filter_scale=filter_scale)
         _check_positive(resample_alpha=resample_alpha, block_repeats=block_repeats)
-        if not 2 <= min_level <= max_level <= 7:
-            raise ValueError(f"need 2 <= min_level <= max_level <= 7, got {min_level}..{max_level}")
-        if not 0.0 <= stochastic_depth_rate < 1.0:
-            raise ValueError(
-                f"stochastic_depth_rate must be in [0, 1), got {stochastic_depth_rate}"
-            )
+        self._set_pyramid(
+            2, min_level, max_level, endpoint_filters, stochastic_depth_rate, bn_momentum, bn_eps
+        )
         specs = parse_block_specs(block_specs)
         self.block_specs = specs
-        self.min_level, self.max_level = min_level, max_level
-        self.levels = list(range(min_level, max_level + 1))
-        self.strides = [2**lvl for lvl in self.levels]
-        self.out_channels = endpoint_filters  # torchvision detectors read this attribute
-        self.bn_momentum, self.bn_eps = bn_momentum, bn_eps  # heads normalise alike
 
         norm_layer = make_norm(norm, bn_momentum, bn_eps)
         act = make_activation(activation)
@@ -229,43 +294,6 @@ class SpineNet(nn.Module):
             }
         )
         self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d | nn.SyncBatchNorm | nn.GroupNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        # Each residual branch starts at zero, so every block starts as its shortcut (as the
-        # PyTorch ports do): from-scratch stem gradients then shrink ~15x, and training starts.
-        for m in self.modules():
-            last = getattr(m, "last_norm", None)
-            if last is not None and hasattr(last, "weight"):
-                nn.init.zeros_(last.weight)
-
-    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        h, w = x.shape[-2:]
-        sizes = {lvl: (-(-h // 2**lvl), -(-w // 2**lvl)) for lvl in range(2, 8)}
-        x = self.stem(x)
-        feats: dict[int, torch.Tensor] = {}
-        for i, group in enumerate(self.stem_blocks):
-            x = group(x)
-            feats[i] = x
-        for block in self.plan:
-            key = str(block.index)
-            size = sizes[block.level]
-            first, second = self.resamplers[key]
-            # In-place sums: ``sum()`` would start from 0 and allocate one more full tensor.
-            x = first(feats[block.parents[0]], size)
-            x += second(feats[block.parents[1]], size)
-            for j in block.extra_inputs:
-                x += feats[j]
-            feats[block.index] = self.blocks[key](self.act(x))
-        return OrderedDict(
-            (f"p{lvl}", self.endpoints[f"p{lvl}"](feats[self.endpoint_inputs[lvl]]))
-            for lvl in self.levels
-        )
 
 
 def _check_positive(**values: float) -> None:

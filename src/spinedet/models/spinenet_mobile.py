@@ -12,10 +12,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import SqueezeExcitation, StochasticDepth
 
+from .blocks import upsample_to
 from .layers import (
     BN_EPS,
     BN_MOMENTUM,
@@ -35,7 +35,7 @@ from .specs import (
     BlockSpec,
     parse_block_specs,
 )
-from .spinenet import _check_positive, build_variant, plan_blocks
+from .spinenet import ScalePermutedBackbone, _check_positive, build_variant, plan_blocks
 
 __all__ = ["MBConv", "SpineNetMobile", "make_divisible", "spinenet_mobile"]
 
@@ -178,12 +178,11 @@ class MobileResample(nn.Module):
         if self.down is not None:
             x = self.down(x)
         elif self.up_scale > 1:
-            x = F.interpolate(x, scale_factor=self.up_scale, mode="nearest")
-            x = x[..., : size[0], : size[1]]
+            x = upsample_to(x, self.up_scale, size)
         return self.project(x)
 
 
-class SpineNetMobile(nn.Module):
+class SpineNetMobile(ScalePermutedBackbone):
     """SpineNet-Mobile backbone returning ``OrderedDict(p3=..., ..., p7=...)``.
 
     Level ``l`` of an ``H x W`` input has size ``ceil(H / 2**l) x ceil(W / 2**l)`` and
@@ -228,19 +227,11 @@ class SpineNetMobile(nn.Module):
         _check_positive(block_repeats=block_repeats, expand_ratio=expand_ratio)
         if not 0 <= se_ratio <= 1:
             raise ValueError(f"se_ratio must be in [0, 1], got {se_ratio}")
-        if not 3 <= min_level <= max_level <= 7:
-            raise ValueError(f"need 3 <= min_level <= max_level <= 7, got {min_level}..{max_level}")
-        if not 0.0 <= stochastic_depth_rate < 1.0:
-            raise ValueError(
-                f"stochastic_depth_rate must be in [0, 1), got {stochastic_depth_rate}"
-            )
+        self._set_pyramid(
+            3, min_level, max_level, endpoint_filters, stochastic_depth_rate, bn_momentum, bn_eps
+        )
         specs = parse_block_specs(block_specs, MOBILE_BLOCK_TYPES)
         self.block_specs = specs
-        self.min_level, self.max_level = min_level, max_level
-        self.levels = list(range(min_level, max_level + 1))
-        self.strides = [2**lvl for lvl in self.levels]
-        self.out_channels = endpoint_filters
-        self.bn_momentum, self.bn_eps = bn_momentum, bn_eps
 
         norm_layer = make_norm(norm, bn_momentum, bn_eps)
         act = make_activation(activation)
@@ -296,43 +287,6 @@ class SpineNetMobile(nn.Module):
             }
         )
         self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d | nn.SyncBatchNorm | nn.GroupNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        # Residual MBConvs start as the identity, like SpineNet's residual blocks.
-        for m in self.modules():
-            last = getattr(m, "last_norm", None)
-            if last is not None and hasattr(last, "weight"):
-                nn.init.zeros_(last.weight)
-
-    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        h, w = x.shape[-2:]
-        sizes = {lvl: (-(-h // 2**lvl), -(-w // 2**lvl)) for lvl in range(1, 8)}
-        x = self.stem(x)
-        feats: dict[int, torch.Tensor] = {}
-        for i, group in enumerate(self.stem_blocks):
-            x = group(x)
-            feats[i] = x
-        for block in self.plan:
-            key = str(block.index)
-            first, second = self.resamplers[key]
-            size = sizes[block.level]
-            x = first(feats[block.parents[0]], size)
-            x = x + second(feats[block.parents[1]], size)
-            for j in block.extra_inputs:
-                x = x + feats[j]
-            feats[block.index] = self.blocks[key](self.act(x))
-        return OrderedDict(
-            (f"p{lvl}", self.endpoints[f"p{lvl}"](feats[self.endpoint_inputs[lvl]]))
-            for lvl in self.levels
-        )
 
 
 def spinenet_mobile(variant: str = "49", **kwargs) -> SpineNetMobile:
