@@ -11,11 +11,14 @@ import torch
 import spinedet
 from spinedet.convert import ConversionError, TFCheckpoint, convert_checkpoint, convert_tf
 from spinedet.convert.tf_checkpoint import CheckpointError
-from spinedet.convert.tf_mapping import model_garden_head_outputs
+from spinedet.convert.tf_mapping import model_garden_head_outputs, model_garden_roi_outputs
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tf"
 CONFIG = json.loads((FIXTURE / "fixture.json").read_text())
 OUTPUTS = np.load(FIXTURE / "outputs.npz")
+MASK_FIXTURE = Path(__file__).parent / "fixtures" / "tf_maskrcnn"
+MASK_CONFIG = json.loads((MASK_FIXTURE / "fixture.json").read_text())
+MASK_OUTPUTS = np.load(MASK_FIXTURE / "outputs.npz")
 
 
 def build(**overrides):
@@ -90,6 +93,73 @@ def test_missing_checkpoint_and_cli_errors(tmp_path):
     shutil.copy(FIXTURE / "outputs.npz", tmp_path / "x.index")
     with pytest.raises(CheckpointError, match="not an SSTable"):
         TFCheckpoint(tmp_path / "x")
-    with pytest.raises(ConversionError, match="2 convs per tower, the model 4"):
+    # Head sizes are read from the checkpoint, the reduced backbone is another variant.
+    with pytest.raises(ConversionError, match="mis-shaped: model/_backbone/layer_with_weights"):
         convert_tf(FIXTURE, "spinenet49s_retinanet", tmp_path / "w.safetensors")
     assert not (tmp_path / "w.safetensors").exists()
+    with pytest.raises(ConversionError, match="has 3 classes .*, not 5"):
+        convert_tf(FIXTURE, "spinenet49s_retinanet", tmp_path / "w.safetensors", num_classes=5)
+    with pytest.raises(ConversionError, match=r"2 _cls_convs layers, the model 4"):
+        convert_checkpoint(TFCheckpoint(FIXTURE), build(head_depth=4))
+
+
+def mask_kwargs():
+    return {**MASK_CONFIG["kwargs"], "activation": MASK_CONFIG["activation"]}
+
+
+def mask_rcnn_outputs(model):
+    """RPN and second-stage outputs on the fixture image and RoIs, in Model Garden's layout."""
+    images = torch.from_numpy(MASK_OUTPUTS["images"]).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        features = model.backbone(images)
+        scores, boxes = model_garden_head_outputs(model, features)
+        out = model_garden_roi_outputs(
+            model,
+            features,
+            tuple(MASK_CONFIG["size"]),
+            torch.tensor(MASK_CONFIG["rois"]),
+            torch.tensor(MASK_CONFIG["roi_classes"]),
+        )
+    for i, level in enumerate(model.backbone.levels):
+        out[f"rpn_scores{level}"], out[f"rpn_boxes{level}"] = scores[i], boxes[i]
+    return out
+
+
+def test_maskrcnn_fixture_converts_through_the_cli_and_matches_tensorflow(tmp_path):
+    out = tmp_path / "mrcnn.safetensors"
+    summary = convert_tf(MASK_FIXTURE, "spinenet49s_maskrcnn", out, num_classes=3, **mask_kwargs())
+    # Head sizes come from the checkpoint and are recorded, so load_model rebuilds the model.
+    assert "num_classes=3, head_channels=16, rpn_depth=1, rpn_scales=1, fc_dim=32" in summary
+    model = spinedet.load_model(out).eval()
+    ours = mask_rcnn_outputs(model)
+    expected = [k for k in MASK_OUTPUTS.files if not k.startswith(("images", "p"))]
+    assert len(expected) == 15  # 5 levels x 2 RPN outputs, RoI features x 2, classes, boxes, masks
+    for key in expected:
+        assert rel_diff(ours[key], MASK_OUTPUTS[key]) < 1e-4, key
+
+
+def test_maskrcnn_checkpoint_does_not_fit_other_detectors():
+    ckpt = TFCheckpoint(MASK_FIXTURE)
+    faster = spinedet.create_model("spinenet49s_fasterrcnn", 3, **mask_kwargs())
+    with pytest.raises(ConversionError, match=r"unexpected: model/mask_head/"):
+        convert_checkpoint(ckpt, faster)
+    retinanet = spinedet.create_model("spinenet49s_retinanet", 3, **CONFIG["kwargs"])
+    with pytest.raises(ConversionError, match="holds no RetinaNet head"):
+        convert_checkpoint(ckpt, retinanet)
+    wider = spinedet.create_model("spinenet49s_maskrcnn", 3, head_channels=32, **mask_kwargs())
+    with pytest.raises(
+        ConversionError, match=r"70 mis-shaped: .*-> roi_heads.box_head.0.1.bias \(32,\)"
+    ):
+        convert_checkpoint(ckpt, wider)
+    with pytest.raises(ConversionError, match="holds no R-CNN heads"):
+        convert_tf(FIXTURE, "spinenet49s_maskrcnn", "unused.safetensors")
+
+
+def test_swish_weights_are_refused_by_a_relu_model(tmp_path):
+    out = tmp_path / "mrcnn.safetensors"
+    convert_tf(MASK_FIXTURE, "spinenet49s_maskrcnn", out, **mask_kwargs())
+    relu = {**mask_kwargs(), "activation": "relu"}
+    with pytest.raises(spinedet.models.WeightsError, match="trained with activation=swish"):
+        spinedet.create_model("spinenet49s_maskrcnn", 3, weights=out, **relu)
+    model = spinedet.create_model("spinenet49s_maskrcnn", 3, weights=out, **mask_kwargs())
+    assert isinstance(model.backbone.act, torch.nn.SiLU)

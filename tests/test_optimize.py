@@ -12,7 +12,7 @@ from spinedet.models.layers import SameConv2d, SameMaxPool2d, same_padding
 from spinedet.optimize import OneDNNConv2d, fuse_bn, optimize_for_inference
 
 SMALL = {"filter_scale": 0.25, "endpoint_filters": 32}
-NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d)
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, FrozenBatchNorm2d)
 
 
 def calibrate(model: nn.Module, *inputs) -> nn.Module:
@@ -20,11 +20,12 @@ def calibrate(model: nn.Module, *inputs) -> nn.Module:
     stay O(1) as in a trained model: random statistics make them explode, and exact batch
     variances near 0 make a gain of 1 / sqrt(eps) per layer that amplifies float rounding."""
 
-    def set_statistics(norm: nn.BatchNorm2d, args: tuple) -> None:
-        norm.running_mean.copy_(args[0].mean((0, 2, 3)))
-        norm.running_var.copy_(args[0].var((0, 2, 3), unbiased=False).clamp(min=1.0))
+    def set_statistics(norm: nn.Module, args: tuple) -> None:
+        dims = [d for d in range(args[0].dim()) if d != 1]
+        norm.running_mean.copy_(args[0].mean(dims))
+        norm.running_var.copy_(args[0].var(dims, unbiased=False).clamp(min=1.0))
 
-    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
     hooks = [m.register_forward_pre_hook(set_statistics) for m in norms]
     with torch.no_grad():
         model.eval()(*inputs)
@@ -100,8 +101,8 @@ def test_optimize_for_inference_matches_detector(name):
             sizes = [(128, 128)] * 2
 
             def second_stage(roi):
-                box = roi.box_head(roi.box_roi_pool(features, boxes, sizes))
-                mask = roi.mask_head(roi.mask_roi_pool(features, boxes, sizes))
-                return box, mask
+                box = roi.box_predictor(roi.box_head(roi.box_roi_pool(features, boxes, sizes)))
+                mask = roi.mask_predictor(roi.mask_head(roi.mask_roi_pool(features, boxes, sizes)))
+                return (*box, mask)
 
             assert max_diff(second_stage(model.roi_heads), second_stage(fast.roi_heads)) <= 1e-4

@@ -4,10 +4,15 @@ converted from their checkpoints. Runs where TensorFlow is installed (``.ci/tf-p
 import numpy as np
 import pytest
 import torch
+from torchvision.models.detection.image_list import ImageList
 
 import spinedet  # before TensorFlow: see spinedet.convert.tf_reference
 from spinedet.convert import TFCheckpoint, convert_checkpoint
-from spinedet.convert.tf_mapping import model_garden_head_outputs
+from spinedet.convert.tf_mapping import (
+    _anchor_permutation,
+    model_garden_head_outputs,
+    model_garden_roi_outputs,
+)
 
 pytest.importorskip("tensorflow")
 pytest.importorskip("official")
@@ -77,3 +82,130 @@ def test_retinanet_matches_model_garden(variant, activation, tmp_path):
         for j, level in enumerate(scores):
             assert rel_diff(ours_scores[j], scores[level]) < TOLERANCE, (name, size, level)
             assert rel_diff(ours_boxes[j], boxes[level]) < TOLERANCE, (name, size, level)
+
+
+def rois_on_every_level(size, rng):
+    """RoIs (y1, x1, y2, x2) inside an image of ``size``: smaller than one P3 cell, one per
+    level 3..7 (sqrt area 100, 300, 600, 1000, 1850) and random ones."""
+    h, w = size
+    fixed = [(5, 7, 8.5, 12), (40, 30, 43, 36)]  # 3.5 x 5 and 3 x 6 px
+    for side in (100, 300, 600, 1000, 1850):
+        y, x = rng.uniform(0, h - side), rng.uniform(0, w - side)
+        fixed.append((y, x, y + side, x + side))
+    sides = np.exp(rng.uniform(np.log(4), np.log(min(size)), size=(25, 2)))
+    y, x = rng.uniform(0, h - sides[:, 0]), rng.uniform(0, w - sides[:, 1])
+    rois = np.concatenate([fixed, np.stack([y, x, y + sides[:, 0], x + sides[:, 1]], 1)])
+    return rois.astype(np.float32)
+
+
+def to_model_garden_boxes(boxes: torch.Tensor, generator, shape) -> np.ndarray:
+    """torchvision-ordered ``x1, y1, x2, y2`` per-anchor boxes of one level -> Model Garden's
+    ``[H, W, A * 4]`` ``y1, x1, y2, x2`` layout."""
+    perm = _anchor_permutation(len(generator.sizes[0]), list(generator.aspect_ratios[0]))
+    boxes = boxes.reshape(*shape, len(perm), 4)[..., [1, 0, 3, 2]]
+    out = torch.empty_like(boxes)
+    out[..., perm, :] = boxes
+    return out.flatten(2).numpy()
+
+
+@pytest.mark.parametrize(
+    "variant,activation,task",
+    [
+        ("49s", "relu", "maskrcnn"),
+        ("49", "relu", "maskrcnn"),
+        ("49", "swish", "maskrcnn"),
+        ("143", "swish", "maskrcnn"),
+        ("49s", "swish", "fasterrcnn"),
+    ],
+)
+def test_rcnn_matches_model_garden(variant, activation, task, tmp_path):
+    masks = task == "maskrcnn"
+    model = spinedet.create_model(f"spinenet{variant}_{task}", 91, activation=activation)
+    model.eval()
+    channels, fc_dim = model.backbone.out_channels, model.roi_heads.box_head[-3].out_features
+    generator = model.rpn.anchor_generator
+    scales, anchor_size = len(generator.sizes[0]), generator.sizes[0][0] / 8
+    size = SIZES[1]
+    backbone = ref.build_spinenet(variant, size, activation)
+    tf_model = ref.build_maskrcnn(
+        backbone,
+        91,
+        channels,
+        fc_dim,
+        activation,
+        include_mask=masks,
+        rpn_scales=scales,
+        anchor_size=anchor_size,
+    )
+    ref.randomize(tf_model, seed=4)
+    ckpt = TFCheckpoint(ref.save(tf_model, str(tmp_path)))
+    model.load_state_dict(convert_checkpoint(ckpt, model), strict=False)
+    # Same layers: Model Garden's parameters less the conv biases folded into BN means
+    # (1 RPN and 4 box-head convs, and 4 mask-head convs and the mask upsampling).
+    tf_params = sum(int(np.prod(v.shape)) for v in tf_model.trainable_variables)
+    folded = (10 if masks else 5) * channels
+    assert sum(p.numel() for p in model.parameters()) == tf_params - folded
+
+    # First stage on a real image: RPN outputs, anchors and decoded proposals.
+    x = images(size)
+    features = ref.run_backbone(backbone, x)
+    expected = ref.run_rcnn_heads(tf_model, features, np.asarray([[8.0, 8, 60, 80]]), [1])
+    tf_anchors = ref.anchors(size, scales, anchor_size)
+    with torch.no_grad():
+        ours = model.backbone(torch_images(x))
+        scores, deltas = model_garden_head_outputs(model, ours)
+        image_list = ImageList(torch.zeros(1, 3, *size), [size])
+        anchors = generator(image_list, list(ours.values()))[0]
+        raw_deltas = model.rpn.head(list(ours.values()))[1]
+    start = 0
+    for i, level in enumerate(map(str, model.backbone.levels)):
+        assert rel_diff(scores[i], expected[f"rpn_scores{level}"]) < TOLERANCE, level
+        assert rel_diff(deltas[i], expected[f"rpn_boxes{level}"]) < TOLERANCE, level
+        shape = tf_anchors[level].shape[:2]
+        n = int(np.prod(shape)) * generator.num_anchors_per_location()[0]
+        level_anchors = anchors[start : start + n]
+        start += n
+        mine = to_model_garden_boxes(level_anchors, generator, shape)
+        assert np.abs(mine - tf_anchors[level]).max() < 1e-3, level
+        # Proposals before NMS: torchvision's decoder on torchvision's layout vs Model Garden's.
+        tv_deltas = raw_deltas[i][0].reshape(-1, 4, *shape).permute(2, 3, 0, 1).reshape(-1, 4)
+        decoded = model.rpn.box_coder.decode_single(tv_deltas, level_anchors)
+        tf_decoded = ref.decode_boxes(
+            expected[f"rpn_boxes{level}"][0].reshape(-1, 4), tf_anchors[level].reshape(-1, 4)
+        )
+        mine = to_model_garden_boxes(decoded, generator, shape).reshape(-1, 4)
+        assert rel_diff(torch.from_numpy(mine), tf_decoded) < TOLERANCE, level
+
+    # Second stage on synthetic features of a 2048 x 1920 image, RoIs on every level.
+    rng = np.random.default_rng(5)
+    big = (2048, 1920)
+    synthetic = {
+        str(lvl): rng.normal(size=(1, big[0] >> lvl, big[1] >> lvl, channels)).astype(np.float32)
+        for lvl in model.backbone.levels
+    }
+    rois = rois_on_every_level(big, rng)
+    classes = rng.integers(0, 91, len(rois))
+    expected = ref.run_rcnn_heads(tf_model, synthetic, rois, classes)
+    with torch.no_grad():
+        feats = {f"p{k}": torch_images(v) for k, v in synthetic.items()}
+        out = model_garden_roi_outputs(
+            model, feats, big, torch.from_numpy(rois), torch.from_numpy(classes)
+        )
+        tv_deltas = model.roi_heads.box_predictor(
+            model.roi_heads.box_head(
+                model.roi_heads.box_roi_pool(
+                    feats, [torch.from_numpy(rois[:, [1, 0, 3, 2]])], [big]
+                )
+            )
+        )[1]
+        decoded = model.roi_heads.box_coder.decode(
+            tv_deltas, [torch.from_numpy(rois[:, [1, 0, 3, 2]])]
+        )
+    keys = ("box_features", "classes", "deltas") + (("mask_features", "masks") if masks else ())
+    assert set(out) == set(expected) - {k for k in expected if k.startswith("rpn")}
+    for key in keys:
+        assert rel_diff(out[key], expected[key]) < TOLERANCE, key
+    tf_decoded = ref.decode_boxes(
+        expected["deltas"].reshape(len(rois), -1, 4), rois[:, None], [10.0, 10.0, 5.0, 5.0]
+    )
+    assert rel_diff(decoded[..., [1, 0, 3, 2]], tf_decoded) < TOLERANCE

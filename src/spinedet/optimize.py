@@ -16,20 +16,26 @@ from .models.layers import SameConv2d, pad_same
 
 __all__ = ["OneDNNConv2d", "fold_bn_into_conv", "fuse_bn", "optimize_for_inference", "use_onednn"]
 
-_FOLDABLE = (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d)
+_FOLDABLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d)
+# Layers whose output channels a following norm scales: the R-CNN box head's FC and the mask
+# head's upsampling (whose weight holds output channels in dim 1) besides convolutions.
+_LINEAR = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 
 
 @torch.no_grad()
-def fold_bn_into_conv(conv: nn.Conv2d, norm: nn.Module) -> nn.Conv2d:
-    """Return a copy of ``conv`` (keeping its class, e.g. ``SameConv2d``) computing
-    ``norm(conv(x))`` with the normalisation's running statistics folded into weight and bias."""
+def fold_bn_into_conv(conv: nn.Module, norm: nn.Module) -> nn.Module:
+    """Return a copy of ``conv`` (a Conv2d of any class, e.g. ``SameConv2d``, a ConvTranspose2d
+    or a Linear) computing ``norm(conv(x))`` with the normalisation's running statistics folded
+    into weight and bias."""
     mean, var = norm.running_mean, norm.running_var
     gamma = norm.weight if norm.weight is not None else torch.ones_like(mean)
     beta = norm.bias if norm.bias is not None else torch.zeros_like(mean)
     scale = gamma * torch.rsqrt(var + norm.eps)
     bias = conv.bias if conv.bias is not None else torch.zeros_like(mean)
     fused = copy.deepcopy(conv)
-    fused.weight = nn.Parameter(conv.weight * scale.reshape(-1, 1, 1, 1), requires_grad=False)
+    shape = [1] * conv.weight.dim()
+    shape[1 if isinstance(conv, nn.ConvTranspose2d) else 0] = -1
+    fused.weight = nn.Parameter(conv.weight * scale.reshape(shape), requires_grad=False)
     fused.bias = nn.Parameter((bias - mean) * scale + beta, requires_grad=False)
     return fused
 
@@ -47,7 +53,7 @@ def _fuse_sequential(seq: nn.Sequential) -> None:
     names = list(seq._modules)
     for conv_name, norm_name in zip(names, names[1:], strict=False):
         conv, norm = seq._modules[conv_name], seq._modules[norm_name]
-        if not isinstance(conv, nn.Conv2d):
+        if not isinstance(conv, _LINEAR):
             continue
         if _foldable(norm):
             seq._modules[conv_name] = fold_bn_into_conv(conv, norm)
@@ -60,8 +66,9 @@ def _fuse_sequential(seq: nn.Sequential) -> None:
 
 def fuse_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Fold every BatchNorm / SyncBatchNorm / FrozenBatchNorm2d that directly follows a
-    convolution into that convolution (GroupNorm is left alone), including the per-level norms
-    after the RetinaNet head's shared tower convs (each level then gets its own folded conv).
+    convolution, transposed convolution or linear layer into that layer (GroupNorm is left
+    alone), including the per-level norms after the RetinaNet and RPN heads' shared convs (each
+    level then gets its own folded conv).
 
     Only valid for inference: the model must be in eval mode. Returns a fused copy and leaves
     ``model`` untouched unless ``inplace=True``. The folded norms become ``nn.Identity``, so the

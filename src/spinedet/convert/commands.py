@@ -13,13 +13,34 @@ from .tf_mapping import ConversionError, convert_checkpoint, find_backbone
 __all__ = ["add_convert_commands", "convert_tf"]
 
 
-def _num_classes(ckpt: TFCheckpoint) -> int:
-    """Classes of a RetinaNet checkpoint: classifier channels / 9 anchors."""
-    root = ckpt.child(ckpt.root, "model") or ckpt.root
-    classifier = ckpt.child(root, "_head", "_classifier", "kernel")
-    if classifier is None or classifier.tensor is None:
-        raise ConversionError(f"{ckpt.prefix} holds no RetinaNet classifier (model/_head)")
-    return ckpt.shape(classifier.tensor)[-1] // 9
+def _shape(ckpt: TFCheckpoint, *path: str) -> tuple[int, ...]:
+    node = ckpt.child(ckpt.child(ckpt.root, "model") or ckpt.root, *path)
+    if node is None or node.tensor is None:
+        raise ConversionError(f"{ckpt.prefix} holds no {'/'.join(path)}")
+    return ckpt.shape(node.tensor)
+
+
+def _retinanet_options(ckpt: TFCheckpoint) -> dict:
+    """Classes (classifier channels / 9 anchors) and tower depth of a RetinaNet checkpoint."""
+    convs = ckpt.child(ckpt.child(ckpt.root, "model") or ckpt.root, "_head", "_cls_convs")
+    return {
+        "num_classes": _shape(ckpt, "_head", "_classifier", "kernel")[-1] // 9,
+        "head_depth": len(convs.children) if convs is not None else None,
+    }
+
+
+def _rcnn_options(ckpt: TFCheckpoint) -> dict:
+    """Head sizes of a Model Garden Faster/Mask R-CNN checkpoint, read from its shapes."""
+    rpn = ckpt.child(ckpt.child(ckpt.root, "model") or ckpt.root, "rpn_head", "_convs")
+    if rpn is None:
+        raise ConversionError(f"{ckpt.prefix} holds no R-CNN heads (model/rpn_head)")
+    return {
+        "num_classes": _shape(ckpt, "detection_head", "0", "_classifier", "kernel")[-1],
+        "head_channels": _shape(ckpt, "rpn_head", "_convs", "0", "kernel")[-1],
+        "rpn_depth": len(rpn.children),
+        "rpn_scales": _shape(ckpt, "rpn_head", "_classifier", "kernel")[-1] // 3,
+        "fc_dim": _shape(ckpt, "detection_head", "0", "_fcs", "0", "kernel")[-1],
+    }
 
 
 def convert_tf(
@@ -28,35 +49,36 @@ def convert_tf(
     out: str | Path,
     num_classes: int | None = None,
     activation: str = "relu",
+    **model_kwargs,
 ) -> str:
     """Convert a Model Garden checkpoint for ``model_name`` and save it to ``out``.
 
-    Two-stage detectors get their backbone only (Model Garden's R-CNN heads differ from
-    torchvision's); the file then loads into the detector's backbone. Returns a summary.
+    Detector head sizes (classes, R-CNN head widths, RPN convs and anchor scales) are read
+    from the checkpoint and recorded in the file, so :func:`~spinedet.load_model` rebuilds the
+    same model. ``model_kwargs`` are further builder options (e.g. ``filter_scale`` for a
+    checkpoint of a custom scaling). Returns a summary.
     """
     ckpt = TFCheckpoint(checkpoint)
     find_backbone(ckpt)  # fail early, before building a model
     task = model_task(model_name)
     name = model_name.lower()
+    options: dict = {}
     if task is None:
         if num_classes is not None:
             raise ConversionError(f"{model_name} is a backbone: --num-classes does not apply")
-        model = create_model(name, activation=activation)
-    elif task == "retinanet":
-        model = create_model(name, num_classes or _num_classes(ckpt), activation=activation)
     else:
-        name = name.split("_")[0]
-        model = create_model(name, activation=activation)
+        options = _retinanet_options(ckpt) if task == "retinanet" else _rcnn_options(ckpt)
+        if num_classes is not None and num_classes != options["num_classes"]:
+            raise ConversionError(
+                f"{ckpt.prefix} has {options['num_classes']} classes (with background), "
+                f"not {num_classes}: convert as is, then fine-tune with your classes"
+            )
+    model = create_model(name, activation=activation, **(options | model_kwargs))
     state = convert_checkpoint(ckpt, model)
     model.load_state_dict(state, strict=False)  # completeness was checked; BN counters stay
     save_weights(model, out, {"converted_from": str(ckpt.prefix)})
-    summary = f"{ckpt.prefix} -> {out}: {name}, {len(state)} tensors"
-    if name != model_name.lower():
-        summary += (
-            f" (backbone only: Model Garden's {task} heads differ from spinedet's; "
-            f"create_model({model_name.lower()!r}, weights=...) loads it into the backbone)"
-        )
-    return summary
+    shown = ", ".join(f"{k}={v}" for k, v in options.items())
+    return f"{ckpt.prefix} -> {out}: {name}{f' ({shown})' if shown else ''}, {len(state)} tensors"
 
 
 def _cmd_convert_tf(args: argparse.Namespace) -> int:
@@ -78,7 +100,7 @@ def add_convert_commands(subparsers: argparse._SubParsersAction) -> None:
         "--num-classes",
         type=int,
         default=None,
-        help="RetinaNet classes incl. background (default: read from the checkpoint)",
+        help="classes incl. background, checked against the checkpoint (read from it anyway)",
     )
     p.add_argument(
         "--activation",

@@ -1,8 +1,9 @@
 """Map a Model Garden checkpoint onto a spinedet model's state dict.
 
 The backbone's layers are matched by position (see :mod:`.keras_order`); inside residual
-blocks and the RetinaNet head, Model Garden's attribute names (``_conv1``, ``_cls_norms``) give
-the structure. Kernels go from TF's HWIO to PyTorch's OIHW.
+blocks and the heads, Model Garden's attribute names (``_conv1``, ``_cls_norms``, ``rpn_head``,
+``detection_head``) give the structure. Kernels go from TF's HWIO to PyTorch's OIHW; a conv
+bias before a BatchNorm is folded into the BN mean.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
+from torchvision.ops.misc import Conv2dNormActivation
 
 from ..models.spinenet import SpineNet
 from .keras_order import spinenet_keras_layers
@@ -20,6 +22,7 @@ __all__ = [
     "convert_checkpoint",
     "find_backbone",
     "model_garden_head_outputs",
+    "model_garden_roi_outputs",
 ]
 
 # Residual-block attributes of Model Garden's nn_blocks -> spinedet module names.
@@ -79,17 +82,45 @@ class _Converter:
             stack += [self.ckpt.node(i) for i in node.children.values()]
         return sorted(found)
 
-    def conv(self, node: TrackableNode, module: str, out_perm: np.ndarray | None = None) -> None:
+    def conv(
+        self,
+        node: TrackableNode,
+        module: str,
+        out_perm: np.ndarray | None = None,
+        dense_input: tuple[int, int] | None = None,
+    ) -> None:
+        """A Conv2D (HWIO -> OIHW; Conv2DTranspose's HWOI becomes IOHW, as torch wants) or,
+        with ``dense_input=(size, channels)``, a Dense layer reading flattened NHWC features
+        (columns reordered to torch's NCHW flattening)."""
         kernel = self._var(node, "kernel")
         if kernel is None:
             raise ConversionError(f"checkpoint layer for {module} has no kernel")
-        weight = kernel[1].transpose(3, 2, 0, 1)  # HWIO -> OIHW
+        weight = kernel[1]
+        if weight.ndim == 4:
+            weight = weight.transpose(3, 2, 0, 1)
+        else:
+            weight = weight.T
+            size, channels = dense_input or (1, weight.shape[1])
+            if weight.shape[1] == size * size * channels:
+                weight = weight.reshape(-1, size, size, channels).transpose(0, 3, 1, 2)
+                weight = weight.reshape(len(weight), -1)
         if out_perm is not None and len(out_perm) != len(weight):
             out_perm = None  # another class count: left for the shape check to report
         self.put(f"{module}.weight", kernel[0], weight if out_perm is None else weight[out_perm])
         bias = self._var(node, "bias")
         if bias is not None:
             self.put(f"{module}.bias", bias[0], bias[1] if out_perm is None else bias[1][out_perm])
+
+    def conv_bn(self, conv: TrackableNode, module: str, norms: list[tuple[TrackableNode, str]]):
+        """A biased conv followed by BatchNorms (one per pyramid level, or just one): the
+        spinedet conv has no bias, which is folded into each BN's mean."""
+        self.conv(conv, module)
+        bias = self.state.pop(f"{module}.bias", None)
+        self.source.pop(f"{module}.bias", None)  # still counted as used: folded into the BNs
+        for norm, norm_module in norms:
+            if norm is None:
+                raise ConversionError(f"the checkpoint has no BatchNorm for {norm_module}")
+            self.bn(norm, norm_module, None if bias is None else bias.numpy())
 
     def bn(self, node: TrackableNode, module: str, conv_bias: np.ndarray | None = None) -> None:
         for tf_name, torch_name in [*_BN.items(), _BN_VAR]:
@@ -157,56 +188,123 @@ def _anchor_permutation(num_scales: int, ratios: list[float]) -> np.ndarray:
     return np.asarray(perm)
 
 
+def _children(conv: _Converter, node: TrackableNode, attr: str) -> list[TrackableNode]:
+    """The layers of a list attribute (``_convs``, ``_norms``), in order."""
+    child = conv.ckpt.child(node, attr)
+    if child is None:
+        raise ConversionError(f"the checkpoint head has no {attr}")
+    return [conv.ckpt.node(child.children[str(i)]) for i in range(len(child.children))]
+
+
+def _check_depth(found: int, expected: int, what: str) -> None:
+    if found != expected:
+        raise ConversionError(f"the checkpoint head has {found} {what}, the model {expected}")
+
+
+def _level_tower(conv: _Converter, head: TrackableNode, attrs: tuple[str, str], tower, module):
+    """Shared convs with a BN per level (``norms[level][layer]``) -> a LevelConvNormAct tower."""
+    convs, norms = (_children(conv, head, a) for a in attrs)
+    _check_depth(len(convs), len(tower), f"{attrs[0]} layers")
+    _check_depth(len(norms), len(tower[0][1]), "levels of norms")
+    for i, tf_conv in enumerate(convs):
+        per_level = [
+            (conv.ckpt.child(norms[lvl], str(i)), f"{module}.{i}.1.{lvl}")
+            for lvl in range(len(norms))
+        ]
+        conv.conv_bn(tf_conv, f"{module}.{i}.0", per_level)
+
+
+def _anchor_outputs(generator, params: np.ndarray) -> np.ndarray:
+    """Output-channel permutation of a dense head predicting ``len(params)`` values per
+    anchor (``params`` also reorders the values, e.g. box parameters)."""
+    anchors = _anchor_permutation(len(generator.sizes[0]), list(generator.aspect_ratios[0]))
+    return (anchors[:, None] * len(params) + params).reshape(-1)
+
+
 def _convert_retinanet_head(conv: _Converter, head: TrackableNode, model: nn.Module) -> None:
-    ckpt = conv.ckpt
-    generator = model.anchor_generator
-    ratios = list(generator.aspect_ratios[0])
-    num_scales = len(generator.sizes[0])
-    anchors = _anchor_permutation(num_scales, ratios)
     num_classes = model.head.classification_head.num_classes
     towers = [
         ("classification_head", "_cls_convs", "_cls_norms", "_classifier", "cls_logits"),
         ("regression_head", "_box_convs", "_box_norms", "_box_regressor", "bbox_reg"),
     ]
     for torch_name, convs_attr, norms_attr, predictor_attr, predictor in towers:
-        tower = getattr(model.head, torch_name)
-        convs, norms = ckpt.child(head, convs_attr), ckpt.child(head, norms_attr)
-        if convs is None or norms is None:
-            raise ConversionError(f"the checkpoint head has no {convs_attr}/{norms_attr}")
-        if len(convs.children) != len(tower.conv):
-            raise ConversionError(
-                f"the checkpoint head has {len(convs.children)} convs per tower, the model "
-                f"{len(tower.conv)}"
-            )
-        levels = len(norms.children)
-        if levels != len(tower.conv[0][1]):
-            raise ConversionError(
-                f"the checkpoint head has norms for {levels} levels, the model "
-                f"{len(tower.conv[0][1])}"
-            )
-        for i in range(len(tower.conv)):
-            tf_conv = ckpt.node(convs.children[str(i)])
-            conv.conv(tf_conv, f"head.{torch_name}.conv.{i}.0")
-            bias_key = f"head.{torch_name}.conv.{i}.0.bias"
-            bias = conv.state.pop(bias_key).numpy() if bias_key in conv.state else None
-            conv.source.pop(bias_key, None)  # still counted as used: folded into the BNs
-            for lvl in range(levels):
-                norm = ckpt.child(norms, str(lvl), str(i))
-                conv.bn(norm, f"head.{torch_name}.conv.{i}.1.{lvl}", conv_bias=bias)
+        tower = getattr(model.head, torch_name).conv
+        _level_tower(conv, head, (convs_attr, norms_attr), tower, f"head.{torch_name}.conv")
         params = _BOX_PARAMS if predictor == "bbox_reg" else np.arange(num_classes)
-        out_perm = anchors[:, None] * len(params) + params
         conv.conv(
-            ckpt.child(head, predictor_attr),
+            conv.ckpt.child(head, predictor_attr),
             f"head.{torch_name}.{predictor}",
-            out_perm=out_perm.reshape(-1),
+            out_perm=_anchor_outputs(model.anchor_generator, params),
         )
 
 
-def convert_checkpoint(ckpt: TFCheckpoint, model: nn.Module) -> dict[str, torch.Tensor]:
-    """Tensors for every parameter and BN statistic of ``model`` (a spinedet backbone or
-    RetinaNet), read from a Model Garden checkpoint.
+def _conv_stack(conv: _Converter, head: TrackableNode, attrs: tuple[str, str], depth, module):
+    """Convs each with its BN (``_convs[i]``, ``_conv_norms[i]``) -> Conv2dNormActivation."""
+    convs, norms = (_children(conv, head, a) for a in attrs)
+    _check_depth(len(convs), depth, f"{attrs[0]} layers")
+    for i, (tf_conv, tf_norm) in enumerate(zip(convs, norms, strict=True)):
+        conv.conv_bn(tf_conv, f"{module}.{i}.0", [(tf_norm, f"{module}.{i}.1")])
 
-    For a two-stage detector only the backbone is converted (keys prefixed ``backbone.``).
+
+def _required(conv: _Converter, parent: TrackableNode, *path: str) -> TrackableNode:
+    node = conv.ckpt.child(parent, *path)
+    if node is None:
+        raise ConversionError(f"{conv.ckpt.prefix} holds no {'/'.join(path)}")
+    conv.searched.append(node)
+    return node
+
+
+def _convert_rcnn_heads(conv: _Converter, parent: TrackableNode, model: nn.Module) -> None:
+    """Model Garden's RPNHead, DetectionHead and MaskHead -> torchvision's R-CNN modules."""
+    ckpt = conv.ckpt
+    rpn = _required(conv, parent, "rpn_head")
+    head = model.rpn.head
+    _level_tower(conv, rpn, ("_convs", "_norms"), head.conv, "rpn.head.conv")
+    generator = model.rpn.anchor_generator
+    for attr, module, params in [
+        ("_classifier", "cls_logits", np.arange(1)),
+        ("_box_regressor", "bbox_pred", _BOX_PARAMS),
+    ]:
+        perm = _anchor_outputs(generator, params)
+        conv.conv(ckpt.child(rpn, attr), f"rpn.head.{module}", out_perm=perm)
+
+    roi = model.roi_heads
+    det = _required(conv, parent, "detection_head", "0")
+    depth = sum(isinstance(m, Conv2dNormActivation) for m in roi.box_head)
+    _conv_stack(conv, det, ("_convs", "_conv_norms"), depth, "roi_heads.box_head")
+    fcs, fc_norms = _children(conv, det, "_fcs"), _children(conv, det, "_fc_norms")
+    _check_depth(len(fcs), 1, "FC layers")
+    size, channels = roi.box_roi_pool.output_size[0], roi.box_head[0][0].out_channels
+    conv.conv(fcs[0], f"roi_heads.box_head.{depth + 1}", dense_input=(size, channels))
+    conv.bn(fc_norms[0], f"roi_heads.box_head.{depth + 2}")
+    num_classes = roi.box_predictor.cls_score.out_features
+    conv.conv(ckpt.child(det, "_classifier"), "roi_heads.box_predictor.cls_score")
+    box_perm = (np.arange(num_classes)[:, None] * 4 + _BOX_PARAMS).reshape(-1)
+    conv.conv(ckpt.child(det, "_box_regressor"), "roi_heads.box_predictor.bbox_pred", box_perm)
+
+    mask = ckpt.child(parent, "mask_head")
+    if mask is not None:
+        conv.searched.append(mask)  # a Faster R-CNN given a Mask R-CNN: reported as unexpected
+    if not roi.has_mask():
+        return
+    mask = _required(conv, parent, "mask_head")
+    _conv_stack(conv, mask, ("_convs", "_conv_norms"), len(roi.mask_head), "roi_heads.mask_head")
+    conv.conv_bn(
+        ckpt.child(mask, "_deconv"),
+        "roi_heads.mask_predictor.conv5_mask",
+        [(ckpt.child(mask, "_deconv_bn"), "roi_heads.mask_predictor.norm")],
+    )
+    conv.conv(ckpt.child(mask, "_mask_regressor"), "roi_heads.mask_predictor.mask_fcn_logits")
+
+
+def _model_node(ckpt: TFCheckpoint) -> TrackableNode:
+    """The Keras model object: ``model`` in a training checkpoint, else the root."""
+    return ckpt.child(ckpt.root, "model") or ckpt.root
+
+
+def convert_checkpoint(ckpt: TFCheckpoint, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Tensors for every parameter and BN statistic of ``model`` (a spinedet backbone,
+    RetinaNet, Faster R-CNN or Mask R-CNN), read from a Model Garden checkpoint.
 
     Raises:
         ConversionError: naming the variables when the checkpoint does not fit the model.
@@ -217,13 +315,8 @@ def convert_checkpoint(ckpt: TFCheckpoint, model: nn.Module) -> dict[str, torch.
     backbone = model.backbone if is_detector else model
     conv.searched.append(backbone_node)
     _convert_backbone(conv, backbone_node, backbone, "backbone." if is_detector else "")
-    expected = {k: v for k, v in model.state_dict().items() if "num_batches_tracked" not in k}
     if hasattr(model, "head"):
-        parent = next(
-            (ckpt.child(ckpt.root, *p) for p in [("model",), ()] if ckpt.child(ckpt.root, *p)),
-            ckpt.root,
-        )
-        head = ckpt.child(parent, "_head")
+        head = ckpt.child(_model_node(ckpt), "_head")
         if head is None:
             raise ConversionError(
                 f"{ckpt.prefix} holds no RetinaNet head (model/_head): convert the backbone "
@@ -231,8 +324,9 @@ def convert_checkpoint(ckpt: TFCheckpoint, model: nn.Module) -> dict[str, torch.
             )
         conv.searched.append(head)
         _convert_retinanet_head(conv, head, model)
-    elif is_detector:
-        expected = {k: v for k, v in expected.items() if k.startswith("backbone.")}
+    elif hasattr(model, "rpn"):
+        _convert_rcnn_heads(conv, _model_node(ckpt), model)
+    expected = {k: v for k, v in model.state_dict().items() if "num_batches_tracked" not in k}
     _check(conv, expected)
     return conv.state
 
@@ -261,30 +355,67 @@ def _check(conv: _Converter, expected: dict[str, torch.Tensor]) -> None:
         )
 
 
-def model_garden_head_outputs(
-    model: nn.Module, features: dict[str, torch.Tensor]
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """A spinedet RetinaNet head's raw per-level outputs in Model Garden's layout (NHWC,
-    channels ``anchor * K + k``, anchors scale-major, boxes ``ty, tx, th, tw``), to compare
-    with TensorFlow."""
-    from ..models.heads import apply_tower
-
-    head = model.head
-    generator = model.anchor_generator
+def _model_garden_layout(x: torch.Tensor, generator, box: bool) -> torch.Tensor:
+    """A torchvision dense output (N, A * K, H, W) in Model Garden's layout: NHWC, channels
+    ``anchor * K + k``, anchors scale-major, boxes ``ty, tx, th, tw``."""
     perm = torch.as_tensor(
         _anchor_permutation(len(generator.sizes[0]), list(generator.aspect_ratios[0]))
     )
-    scores, boxes = [], []
-    for i, f in enumerate(features.values()):
-        for tower, predictor, size, out in [
-            (head.classification_head.conv, head.classification_head.cls_logits, None, scores),
-            (head.regression_head.conv, head.regression_head.bbox_reg, 4, boxes),
-        ]:
-            x = predictor(apply_tower(tower, f, i)).permute(0, 2, 3, 1)
-            x = x.reshape(*x.shape[:3], len(perm), -1)
-            if size == 4:
-                x = x[..., torch.as_tensor(_BOX_PARAMS)]
-            y = torch.empty_like(x)
-            y[..., perm, :] = x
-            out.append(y.flatten(3))
-    return scores, boxes
+    x = x.permute(0, 2, 3, 1)
+    x = x.reshape(*x.shape[:3], len(perm), -1)
+    if box:
+        x = x[..., torch.as_tensor(_BOX_PARAMS)]
+    y = torch.empty_like(x)
+    y[..., perm, :] = x
+    return y.flatten(3)
+
+
+def model_garden_head_outputs(
+    model: nn.Module, features: dict[str, torch.Tensor]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Raw per-level class and box outputs of a spinedet RetinaNet head, or objectness and box
+    outputs of an R-CNN's RPN, in Model Garden's layout (see :func:`_model_garden_layout`),
+    to compare with TensorFlow."""
+    from ..models.heads import apply_tower
+
+    levels = list(features.values())
+    if hasattr(model, "rpn"):
+        generator = model.rpn.anchor_generator
+        scores, boxes = model.rpn.head(levels)
+    else:
+        generator, head = model.anchor_generator, model.head
+        cls, reg = head.classification_head, head.regression_head
+        scores = [cls.cls_logits(apply_tower(cls.conv, f, i)) for i, f in enumerate(levels)]
+        boxes = [reg.bbox_reg(apply_tower(reg.conv, f, i)) for i, f in enumerate(levels)]
+    return (
+        [_model_garden_layout(x, generator, box=False) for x in scores],
+        [_model_garden_layout(x, generator, box=True) for x in boxes],
+    )
+
+
+def model_garden_roi_outputs(
+    model: nn.Module,
+    features: dict[str, torch.Tensor],
+    image_size: tuple[int, int],
+    rois: torch.Tensor,
+    roi_classes: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """An R-CNN's second stage on given RoIs (``[R, 4]`` as ``y1, x1, y2, x2``, Model Garden's
+    order) in Model Garden's layout: RoIAlign features NHWC, class logits, box deltas per class
+    as ``ty, tx, th, tw``, and the mask logits of ``roi_classes`` (Mask R-CNN)."""
+    roi = model.roi_heads
+    boxes = [rois[:, [1, 0, 3, 2]]]
+    box_features = roi.box_roi_pool(features, boxes, [image_size])
+    classes, deltas = roi.box_predictor(roi.box_head(box_features))
+    deltas = deltas.reshape(len(rois), -1, 4)[..., torch.as_tensor(_BOX_PARAMS)]
+    out = {
+        "box_features": box_features.permute(0, 2, 3, 1),
+        "classes": classes,
+        "deltas": deltas.flatten(1),
+    }
+    if roi.has_mask():
+        mask_features = roi.mask_roi_pool(features, boxes, [image_size])
+        logits = roi.mask_predictor(roi.mask_head(mask_features))
+        out["mask_features"] = mask_features.permute(0, 2, 3, 1)
+        out["masks"] = logits[torch.arange(len(rois)), roi_classes]
+    return out

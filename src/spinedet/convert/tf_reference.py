@@ -19,19 +19,35 @@ if importlib.util.find_spec("tensorflow_datasets") is None:
     # uses; it pulls in a large dependency tree, so an empty module stands in.
     sys.modules["tensorflow_datasets"] = types.ModuleType("tensorflow_datasets")
 
-import tensorflow as tf  # noqa: E402
-import tf_keras  # noqa: E402
-from official.vision.modeling import retinanet_model  # noqa: E402
+try:
+    import tensorflow as tf
+    import tf_keras
+except ImportError as e:
+    raise ImportError(
+        f"spinedet.convert.tf_reference needs TensorFlow and Model Garden ({e}): "
+        "pip install 'spinedet[tf]' (recipe in DEVELOPERS.md); convert-tf itself does not"
+    ) from e
+from official.vision.configs import backbones as mg_backbones  # noqa: E402
+from official.vision.configs import common as mg_common  # noqa: E402
+from official.vision.configs import decoders as mg_decoders  # noqa: E402
+from official.vision.configs import maskrcnn as mg_maskrcnn  # noqa: E402
+from official.vision.modeling import factory, maskrcnn_model, retinanet_model  # noqa: E402
 from official.vision.modeling.backbones import spinenet as mg_spinenet  # noqa: E402
 from official.vision.modeling.heads import dense_prediction_heads  # noqa: E402
+from official.vision.ops import anchor as mg_anchor  # noqa: E402
+from official.vision.ops import box_ops  # noqa: E402
 
 __all__ = [
+    "anchors",
+    "build_maskrcnn",
+    "decode_boxes",
     "build_retinanet",
     "build_spinenet",
     "randomize",
     "restore",
     "run_backbone",
     "run_head",
+    "run_rcnn_heads",
     "save",
 ]
 
@@ -73,6 +89,44 @@ def build_retinanet(
     return model
 
 
+def build_maskrcnn(
+    backbone: tf_keras.Model,
+    num_classes: int,
+    filters: int,
+    fc_dim: int,
+    activation: str,
+    *,
+    include_mask: bool = True,
+    rpn_convs: int = 1,
+    rpn_scales: int = 1,
+    anchor_size: float = 3.0,
+) -> maskrcnn_model.MaskRCNNModel:
+    """Model Garden's Mask R-CNN (or Faster R-CNN without the mask) on a SpineNet, built by
+    its factory from a config like ``maskrcnn_spinenet_coco`` (identity decoder, P3..P7)."""
+    config = mg_maskrcnn.MaskRCNN(
+        num_classes=num_classes,
+        input_size=[*backbone.input_shape[1:3], 3],
+        min_level=3,
+        max_level=7,
+        anchor=mg_maskrcnn.Anchor(anchor_size=anchor_size, num_scales=rpn_scales),
+        include_mask=include_mask,
+        backbone=mg_backbones.Backbone(type="spinenet", spinenet=mg_backbones.SpineNet()),
+        decoder=mg_decoders.Decoder(type="identity", identity=mg_decoders.Identity()),
+        norm_activation=mg_common.NormActivation(activation=activation),
+        rpn_head=mg_maskrcnn.RPNHead(num_convs=rpn_convs, num_filters=filters),
+        detection_head=mg_maskrcnn.DetectionHead(
+            num_convs=4, num_filters=filters, num_fcs=1, fc_dims=fc_dim
+        ),
+        mask_head=mg_maskrcnn.MaskHead(num_convs=4, num_filters=filters),
+    )
+    spec = tf_keras.layers.InputSpec(shape=backbone.input_shape)
+    model = factory.build_maskrcnn(spec, config, backbone=backbone)
+    # Build the heads' variables with one pass on dummy features and RoIs.
+    features = run_backbone(backbone, np.zeros((1, *backbone.input_shape[1:3], 3)))
+    run_rcnn_heads(model, features, np.asarray([[0.0, 0.0, 32.0, 32.0]]), np.asarray([1]))
+    return model
+
+
 def randomize(model: tf_keras.Model, seed: int = 0) -> None:
     """Random kernels (fan-in scaled) and BN parameters and statistics, so every variable
     matters to the outputs."""
@@ -107,3 +161,48 @@ def run_head(model: retinanet_model.RetinaNetModel, features: dict[str, np.ndarr
 def restore(model: tf_keras.Model, prefix: str | os.PathLike) -> None:
     """Load a checkpoint written by :func:`save` (every variable must match)."""
     tf.train.Checkpoint(model=model).restore(str(prefix)).assert_existing_objects_matched()
+
+
+def run_rcnn_heads(
+    model: maskrcnn_model.MaskRCNNModel,
+    features: dict[str, np.ndarray],
+    rois: np.ndarray,
+    roi_classes: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """Raw outputs of a Mask R-CNN's heads in inference mode, NHWC: the RPN's per level
+    (``rpn_scores3``, ``rpn_boxes3``, ...), and for the given RoIs (``[R, 4]`` as ``y1, x1, y2,
+    x2`` in image pixels) their RoIAlign features, box-head class and box outputs and, with a
+    mask head, the mask logits of ``roi_classes``."""
+    scores, boxes = model.rpn_head(features, training=False)
+    out = {f"rpn_scores{k}": v.numpy() for k, v in scores.items()}
+    out |= {f"rpn_boxes{k}": v.numpy() for k, v in boxes.items()}
+    rois = tf.constant(np.asarray(rois)[None], tf.float32)
+    box_features = model.roi_aligner(features, rois, training=False)
+    classes, deltas = model.detection_head[0](box_features, training=False)
+    out |= {"box_features": box_features.numpy()[0], "classes": classes.numpy()[0]}
+    out["deltas"] = deltas.numpy()[0]
+    if model.mask_head is not None:
+        mask_features = model.mask_roi_aligner(features, rois, training=False)
+        logits = model.mask_head(
+            [mask_features, tf.constant(np.asarray(roi_classes)[None])], training=False
+        )
+        out |= {"mask_features": mask_features.numpy()[0], "masks": logits.numpy()[0]}
+    return out
+
+
+def anchors(
+    size: tuple[int, int], num_scales: int, anchor_size: float, levels: range = range(3, 8)
+) -> dict[str, np.ndarray]:
+    """Model Garden's anchors for an image of ``size``: per level ``[H, W, A * 4]``, ``y1, x1,
+    y2, x2``, aspect ratios 0.5, 1, 2."""
+    boxes = mg_anchor.Anchor(
+        levels[0], levels[-1], num_scales, [0.5, 1.0, 2.0], anchor_size, list(size)
+    ).multilevel_boxes
+    return {k: v.numpy() for k, v in boxes.items()}
+
+
+def decode_boxes(deltas: np.ndarray, anchors: np.ndarray, weights=None) -> np.ndarray:
+    """Model Garden's box decoding: ``(ty, tx, th, tw)`` deltas on ``y1, x1, y2, x2`` boxes."""
+    return box_ops.decode_boxes(
+        tf.constant(deltas, tf.float32), tf.constant(anchors, tf.float32), weights
+    ).numpy()

@@ -12,30 +12,36 @@ from functools import partial
 
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
-from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.models.detection.rpn import RPNHead
-from torchvision.ops import MultiScaleRoIAlign
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 
-from .heads import pyramid_anchors, retinanet_head
+from .heads import (
+    LevelRPNHead,
+    PyramidRoIAlign,
+    conv_tower,
+    pyramid_anchors,
+    rcnn_box_head,
+    rcnn_mask_predictor,
+    retinanet_head,
+)
 from .layers import ACTIVATIONS, make_norm
 from .spinenet import SpineNet, spinenet
 from .spinenet_mobile import SpineNetMobile, spinenet_mobile
 
 __all__ = ["spinenet_retinanet", "spinenet_fasterrcnn", "spinenet_maskrcnn"]
 
-# Paper heads: (RetinaNet tower depth, anchor size, R-CNN box-head FC width) per variant.
+# Paper heads per variant: RetinaNet tower depth, anchor size, R-CNN box-head FC width, and
+# RPN anchor scales per location (Model Garden's 143 R-CNN configs use 3, 49 and 96 one).
 HEAD_CONFIG = {
-    "49s": {"head_depth": 4, "anchor_size": 3.0, "fc_dim": 512},
-    "49": {"head_depth": 4, "anchor_size": 3.0, "fc_dim": 1024},
-    "96": {"head_depth": 4, "anchor_size": 3.0, "fc_dim": 1024},
-    "143": {"head_depth": 4, "anchor_size": 4.0, "fc_dim": 1024},
-    "190": {"head_depth": 7, "anchor_size": 4.0, "fc_dim": 1024},
+    "49s": {"head_depth": 4, "anchor_size": 3.0, "fc_dim": 512, "rpn_scales": 1},
+    "49": {"head_depth": 4, "anchor_size": 3.0, "fc_dim": 1024, "rpn_scales": 1},
+    "96": {"head_depth": 4, "anchor_size": 3.0, "fc_dim": 1024, "rpn_scales": 1},
+    "143": {"head_depth": 4, "anchor_size": 4.0, "fc_dim": 1024, "rpn_scales": 3},
+    "190": {"head_depth": 7, "anchor_size": 4.0, "fc_dim": 1024, "rpn_scales": 3},
 }
 # SpineNet-Mobile ("mobile" + variant): Model Garden's mobile RetinaNet has 4-deep towers of
 # separable convs as wide as the endpoints; here the towers are plain 3x3 convs of that width.
 MOBILE_HEAD_CONFIG = {
-    f"mobile{v}": {"head_depth": 4, "anchor_size": 3.0, "fc_dim": 256}
+    f"mobile{v}": {"head_depth": 4, "anchor_size": 3.0, "fc_dim": 256, "rpn_scales": 1}
     for v in ("49", "49s", "49xs")
 }
 
@@ -64,6 +70,13 @@ def _head_norm(norm: str, backbone: SpineNet) -> Callable[[int], nn.Module]:
     if norm == "gn":
         return make_norm("gn")
     raise ValueError(f"unknown head_norm {norm!r}; expected 'bn' or 'gn'")
+
+
+def _fc_norm(norm: str, backbone: SpineNet) -> Callable[[int], nn.Module] | None:
+    """Norm after the box head's FC: BatchNorm1d as in Model Garden, none with GroupNorm."""
+    if norm == "bn":
+        return partial(nn.BatchNorm1d, eps=backbone.bn_eps, momentum=backbone.bn_momentum)
+    return None
 
 
 def _split_kwargs(detector: type, kwargs: dict) -> tuple[dict, dict]:
@@ -158,36 +171,50 @@ def _two_stage(
     num_classes: int | None,
     class_names: Sequence[str] | None,
     image_size: int,
-    head_norm: str,
-    anchor_size: float | None,
-    fc_dim: int | None,
+    heads: dict,
     kwargs: dict,
 ) -> nn.Module:
     num_classes = _check_num_classes(num_classes, class_names)
     detector_kwargs, backbone_kwargs = _split_kwargs(kind, kwargs)
     backbone, cfg = _backbone(variant, backbone_kwargs)
-    norm = _head_norm(head_norm, backbone)
-    channels = backbone.out_channels
-    names = [f"p{lvl}" for lvl in backbone.levels]
+    norm = _head_norm(heads["head_norm"], backbone)
+    act = ACTIVATIONS[backbone_kwargs.get("activation", "relu")]
+    in_channels = backbone.out_channels
+    channels = heads["head_channels"] or in_channels
     anchors = pyramid_anchors(
-        backbone.levels, anchor_size or cfg["anchor_size"], 1, (0.5, 1.0, 2.0)
+        backbone.levels,
+        heads["anchor_size"] or cfg["anchor_size"],
+        heads["rpn_scales"] or cfg["rpn_scales"],
+        (0.5, 1.0, 2.0),
     )
-    fc_dim = fc_dim or cfg["fc_dim"]
+    fc_dim = heads["fc_dim"] or cfg["fc_dim"]
     if kind is MaskRCNN:
         detector_kwargs |= {
-            "mask_roi_pool": MultiScaleRoIAlign(names, output_size=14, sampling_ratio=2),
-            "mask_head": MaskRCNNHeads(channels, [channels] * 4, 1, norm_layer=norm),
-            "mask_predictor": MaskRCNNPredictor(channels, channels, num_classes),
+            "mask_roi_pool": PyramidRoIAlign(backbone.levels, output_size=14),
+            "mask_head": conv_tower(channels, 4, norm, act, in_channels=in_channels, init_std=None),
+            "mask_predictor": rcnn_mask_predictor(channels, num_classes, norm, act),
         }
+    rpn_head = LevelRPNHead(
+        in_channels,
+        channels,
+        anchors.num_anchors_per_location()[0],
+        heads["rpn_depth"],
+        norm,
+        act,
+        len(backbone.levels),
+    )
+    box_head = rcnn_box_head(
+        in_channels, channels, 4, fc_dim, norm, _fc_norm(heads["head_norm"], backbone), act
+    )
     model = kind(
         backbone,
         num_classes=None,
         min_size=image_size,
         max_size=image_size,
         rpn_anchor_generator=anchors,
-        rpn_head=RPNHead(channels, anchors.num_anchors_per_location()[0]),
-        box_roi_pool=MultiScaleRoIAlign(names, output_size=7, sampling_ratio=2),
-        box_head=FastRCNNConvFCHead((channels, 7, 7), [channels] * 4, [fc_dim], norm_layer=norm),
+        rpn_head=rpn_head,
+        box_roi_pool=PyramidRoIAlign(backbone.levels, output_size=7),
+        box_head=box_head,
         box_predictor=FastRCNNPredictor(fc_dim, num_classes),
         **detector_kwargs,
     )
@@ -203,19 +230,30 @@ def spinenet_fasterrcnn(
     head_norm: str = "bn",
     anchor_size: float | None = None,
     fc_dim: int | None = None,
+    head_channels: int | None = None,
+    rpn_depth: int = 1,
+    rpn_scales: int | None = None,
     **kwargs,
 ) -> FasterRCNN:
-    """Faster R-CNN on SpineNet-``variant`` with no neck: RPN on P3..P7 and a 4-conv + 1-FC box
-    head with normalisation (FC 512 for 49S, 1024 otherwise).
+    """Faster R-CNN on SpineNet-``variant`` with no neck, heads laid out as Model Garden's: an
+    RPN on P3..P7 (shared convs, a norm per level) and a 4-conv + 1-FC box head, each layer
+    normalised (FC 512 for 49S, 1024 otherwise).
 
-    Arguments are those of :func:`spinenet_retinanet`; ``fc_dim`` overrides the FC width and
-    ``kwargs`` may hold any option of torchvision's ``FasterRCNN`` (``box_score_thresh``,
-    ``box_batch_size_per_image``, ``rpn_post_nms_top_n_train``, ...).
+    Arguments are those of :func:`spinenet_retinanet`, and:
+        fc_dim: box-head FC width.
+        head_channels: width of the RPN, box and mask head convs (default: the backbone's
+            endpoint width; Model Garden's configs use 256 for every variant).
+        rpn_depth: 3x3 convs in the RPN head (Model Garden: 1, or 2 in its cascade configs).
+        rpn_scales: RPN anchor scales per location, each with 3 aspect ratios (default 3 for
+            143 and 190, else 1).
+        **kwargs: options of torchvision's ``FasterRCNN`` (``box_score_thresh``,
+            ``box_batch_size_per_image``, ``rpn_post_nms_top_n_train``, ...) or of the backbone.
     """
-    return _two_stage(
-        FasterRCNN, variant, num_classes, class_names, image_size, head_norm, anchor_size,
-        fc_dim, kwargs,
-    )  # fmt: skip
+    heads = {
+        "head_norm": head_norm, "anchor_size": anchor_size, "fc_dim": fc_dim,
+        "head_channels": head_channels, "rpn_depth": rpn_depth, "rpn_scales": rpn_scales,
+    }  # fmt: skip
+    return _two_stage(FasterRCNN, variant, num_classes, class_names, image_size, heads, kwargs)
 
 
 def spinenet_maskrcnn(
@@ -227,11 +265,16 @@ def spinenet_maskrcnn(
     head_norm: str = "bn",
     anchor_size: float | None = None,
     fc_dim: int | None = None,
+    head_channels: int | None = None,
+    rpn_depth: int = 1,
+    rpn_scales: int | None = None,
     **kwargs,
 ) -> MaskRCNN:
     """Mask R-CNN on SpineNet-``variant``: the Faster R-CNN of :func:`spinenet_fasterrcnn` plus
-    a 4-conv mask head predicting 28 x 28 masks from 14 x 14 RoIAlign features."""
-    return _two_stage(
-        MaskRCNN, variant, num_classes, class_names, image_size, head_norm, anchor_size,
-        fc_dim, kwargs,
-    )  # fmt: skip
+    a 4-conv mask head and a normalised 2x transposed conv predicting 28 x 28 masks from
+    14 x 14 RoIAlign features. Arguments are those of :func:`spinenet_fasterrcnn`."""
+    heads = {
+        "head_norm": head_norm, "anchor_size": anchor_size, "fc_dim": fc_dim,
+        "head_channels": head_channels, "rpn_depth": rpn_depth, "rpn_scales": rpn_scales,
+    }  # fmt: skip
+    return _two_stage(MaskRCNN, variant, num_classes, class_names, image_size, heads, kwargs)

@@ -1,8 +1,10 @@
 """Pieces torchvision's detectors need adapted to SpineNet: exact-stride anchors, deeper
-RetinaNet towers with a configurable focal loss."""
+RetinaNet towers with a configurable focal loss, and R-CNN heads laid out like Model Garden's
+(a norm per pyramid level in the RPN, normalised FC and upsampling in the box and mask heads)."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import torch
@@ -15,7 +17,8 @@ from torchvision.models.detection.retinanet import (
     RetinaNetHead,
     RetinaNetRegressionHead,
 )
-from torchvision.ops import sigmoid_focal_loss
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops import MultiScaleRoIAlign, roi_align, sigmoid_focal_loss
 from torchvision.ops.misc import Conv2dNormActivation
 
 
@@ -34,7 +37,7 @@ def pyramid_anchors(
 
 class PyramidAnchorGenerator(AnchorGenerator):
     """AnchorGenerator with the true stride ``2**level`` of each feature map, centring anchors
-    on their cells at ``(i + 0.5) * stride`` like Model Garden.
+    on their cells at ``(i + 0.5) * stride`` with unrounded corners, like Model Garden.
 
     torchvision derives strides as ``padded_image_size // feature_size``, which is wrong when the
     image is not a multiple of the coarsest stride (SpineNet level sizes are ``ceil(H / 2**l)``).
@@ -50,6 +53,20 @@ class PyramidAnchorGenerator(AnchorGenerator):
         super().__init__(tuple(map(tuple, sizes)), tuple(map(tuple, aspect_ratios)))
         self.strides = list(strides)
         self._cache: dict[tuple, torch.Tensor] = {}
+
+    def generate_anchors(
+        self,
+        scales: list[int],
+        aspect_ratios: list[float],
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:
+        # torchvision rounds anchor corners to whole pixels; Model Garden keeps them exact.
+        scales = torch.as_tensor(scales, dtype=dtype, device=device)
+        h_ratios = torch.as_tensor(aspect_ratios, dtype=dtype, device=device).sqrt()
+        ws = (scales[None, :] / h_ratios[:, None]).view(-1)
+        hs = (scales[None, :] * h_ratios[:, None]).view(-1)
+        return torch.stack([-ws, -hs, ws, hs], dim=1) / 2
 
     def forward(
         self, image_list: ImageList, feature_maps: list[torch.Tensor]
@@ -80,11 +97,11 @@ class LevelConvNormAct(nn.Sequential):
         num_levels: int,
         norm_layer: Callable[[int], nn.Module],
         activation: Callable[..., nn.Module],
+        in_channels: int | None = None,
     ) -> None:
         norms = nn.ModuleList(norm_layer(channels) for _ in range(num_levels))
-        super().__init__(
-            nn.Conv2d(channels, channels, 3, padding=1, bias=False), norms, activation()
-        )
+        conv = nn.Conv2d(in_channels or channels, channels, 3, padding=1, bias=False)
+        super().__init__(conv, norms, activation())
 
     def forward(self, x: torch.Tensor, level: int = 0) -> torch.Tensor:
         conv, norms, act = self
@@ -97,27 +114,30 @@ def conv_tower(
     norm_layer: Callable[[int], nn.Module],
     activation: Callable[..., nn.Module],
     num_levels: int | None = None,
+    in_channels: int | None = None,
+    init_std: float | None = 0.01,
 ) -> nn.Sequential:
-    """``depth`` 3x3 conv + norm + activation layers, initialised like RetinaNet's.
+    """``depth`` 3x3 conv + norm + activation layers (the first taking ``in_channels``).
 
     With ``num_levels`` each layer has one norm per level (:class:`LevelConvNormAct`); the
-    tower is then applied with :func:`apply_tower`.
+    tower is then applied with :func:`apply_tower`. Convs are initialised like RetinaNet's
+    (normal, ``init_std``), or He fan-out like Model Garden's R-CNN heads when it is None.
     """
+    ins = [in_channels or channels] + [channels] * (depth - 1)
     if num_levels is None:
         layers = [
-            Conv2dNormActivation(
-                channels, channels, norm_layer=norm_layer, activation_layer=activation
-            )
-            for _ in range(depth)
+            Conv2dNormActivation(c, channels, norm_layer=norm_layer, activation_layer=activation)
+            for c in ins
         ]
     else:
-        layers = [
-            LevelConvNormAct(channels, num_levels, norm_layer, activation) for _ in range(depth)
-        ]
+        layers = [LevelConvNormAct(channels, num_levels, norm_layer, activation, c) for c in ins]
     tower = nn.Sequential(*layers)
     for m in tower.modules():
         if isinstance(m, nn.Conv2d):
-            nn.init.normal_(m.weight, std=0.01)
+            if init_std is None:
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            else:
+                nn.init.normal_(m.weight, std=init_std)
     return tower
 
 
@@ -239,3 +259,117 @@ def retinanet_head(
         channels, num_anchors, depth, norm_layer, activation, num_levels
     )
     return head
+
+
+class PyramidRoIAlign(MultiScaleRoIAlign):
+    """RoIAlign on the pyramid level Model Garden picks for each box, sampling as it does.
+
+    A box of side ``sqrt(area)`` is read from level ``floor(log2(sqrt(area) / 224)) + 4``
+    (clamped to the pyramid), like torchvision's ``MultiScaleRoIAlign``. The difference is small
+    boxes: torchvision's default RoIAlign stretches a box smaller than one feature cell to a
+    cell, Model Garden samples its true extent. ``aligned=True`` RoIAlign does not stretch but
+    samples half a cell up-left; shifting the boxes half a cell back gives Model Garden's grid.
+
+    Args:
+        levels: pyramid levels of the features, named ``p{level}``.
+        output_size: side of the output crop.
+        sampling_ratio: samples per bin side (Model Garden: 1, at the bin centre).
+    """
+
+    def __init__(self, levels: Sequence[int], output_size: int, sampling_ratio: int = 1) -> None:
+        super().__init__([f"p{lvl}" for lvl in levels], output_size, sampling_ratio)
+        self.levels = list(levels)
+
+    def forward(
+        self,
+        x: dict[str, torch.Tensor],
+        boxes: list[torch.Tensor],
+        image_shapes: list[tuple[int, int]],
+    ) -> torch.Tensor:
+        rois = torch.cat(
+            [torch.cat([b.new_full((len(b), 1), i), b], 1) for i, b in enumerate(boxes)]
+        )
+        sides = ((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2])).sqrt()
+        target = (torch.log2(sides / 224).floor() + 4).clamp(self.levels[0], self.levels[-1])
+        first = x[self.featmap_names[0]]
+        result = first.new_zeros((len(rois), first.shape[1], *self.output_size))
+        for level, name in zip(self.levels, self.featmap_names, strict=True):
+            idx = torch.where(target == level)[0]
+            level_rois = rois[idx].clone()
+            level_rois[:, 1:] += 2 ** (level - 1)  # half a cell, in image pixels
+            crops = roi_align(
+                x[name], level_rois, self.output_size, 2.0**-level, self.sampling_ratio, True
+            )
+            result[idx] = crops.to(result.dtype)
+        return result
+
+
+class LevelRPNHead(RPNHead):
+    """torchvision's RPN head laid out like Model Garden's: ``depth`` 3x3 convs shared by the
+    pyramid levels, each followed by a norm per level and an activation, then the 1x1
+    objectness and box convs."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int,
+        num_anchors: int,
+        depth: int,
+        norm_layer: Callable[[int], nn.Module],
+        activation: Callable[..., nn.Module],
+        num_levels: int,
+    ) -> None:
+        super().__init__(channels, num_anchors)
+        self.conv = conv_tower(channels, depth, norm_layer, activation, num_levels, in_channels)
+
+    def forward(self, x: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        features = [apply_tower(self.conv, f, i) for i, f in enumerate(x)]
+        return [self.cls_logits(f) for f in features], [self.bbox_pred(f) for f in features]
+
+
+def rcnn_box_head(
+    in_channels: int,
+    channels: int,
+    depth: int,
+    fc_dim: int,
+    norm_layer: Callable[[int], nn.Module],
+    fc_norm_layer: Callable[[int], nn.Module] | None,
+    activation: Callable[..., nn.Module],
+    roi_size: int = 7,
+) -> nn.Sequential:
+    """R-CNN box head: ``depth`` 3x3 conv + norm + activation on the ``roi_size``-square RoI
+    features, then flatten and one FC + norm (``fc_norm_layer``, e.g. BatchNorm1d) +
+    activation, as Model Garden's ``DetectionHead`` with one FC."""
+    tower = conv_tower(
+        channels, depth, norm_layer, activation, in_channels=in_channels, init_std=None
+    )
+    fc_norm = fc_norm_layer(fc_dim) if fc_norm_layer is not None else nn.Identity()
+    return nn.Sequential(
+        *tower,
+        nn.Flatten(),
+        nn.Linear(channels * roi_size**2, fc_dim),
+        fc_norm,
+        activation(),
+    )
+
+
+def rcnn_mask_predictor(
+    channels: int,
+    num_classes: int,
+    norm_layer: Callable[[int], nn.Module],
+    activation: Callable[..., nn.Module],
+) -> nn.Sequential:
+    """2x upsampling by a stride-2 transposed conv + norm + activation, then per-class mask
+    logits; torchvision's MaskRCNNPredictor with the norm Model Garden puts after upsampling."""
+    predictor = nn.Sequential(
+        OrderedDict(
+            conv5_mask=nn.ConvTranspose2d(channels, channels, 2, stride=2, bias=False),
+            norm=norm_layer(channels),
+            act=activation(),
+            mask_fcn_logits=nn.Conv2d(channels, num_classes, 1),
+        )
+    )
+    for m in (predictor.conv5_mask, predictor.mask_fcn_logits):
+        nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    nn.init.zeros_(predictor.mask_fcn_logits.bias)
+    return predictor

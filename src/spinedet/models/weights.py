@@ -80,6 +80,19 @@ def _describe(keys: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
+def _check_activation(model: nn.Module, path: Path) -> None:
+    """Weights trained with swish are wrong under relu and vice versa, with every shape equal:
+    refuse the mix instead of loading silently."""
+    meta_kwargs = read_metadata(path).get("model_kwargs", {})
+    theirs = meta_kwargs.get("activation", "relu")
+    ours = getattr(model, "model_kwargs", {}).get("activation", "relu")
+    if theirs != ours:
+        raise WeightsError(
+            f"{path} was trained with activation={theirs}, this model uses {ours}: build it "
+            f"with activation={theirs!r} (config: --set model.options.activation={theirs})"
+        )
+
+
 def load_weights(
     model: nn.Module, path: str | Path, allow_shape_mismatch: bool = False
 ) -> nn.Module:
@@ -98,6 +111,7 @@ def load_weights(
         state = load_file(str(path))
     except (OSError, SafetensorError) as e:
         raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+    _check_activation(model, path)
     target = model
     own = model.state_dict()
     backbone = getattr(model, "backbone", None)
