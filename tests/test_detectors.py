@@ -21,6 +21,10 @@ MODEL_GARDEN_DETECTORS = {
     "spinenet96_maskrcnn": (55_185_009, 10 * 256),
     "spinenet143_maskrcnn": (79_177_359, 10 * 256),
     "spinenet190_maskrcnn": (175_118_687, 10 * 512),
+    # SpineNet-Mobile: separable tower convs whose pointwise bias precedes BN.
+    "spinenet_mobile49_retinanet": (2_337_579, 8 * 48),
+    "spinenet_mobile49s_retinanet": (1_030_653, 8 * 40),
+    "spinenet_mobile49xs_retinanet": (872_711, 8 * 24),
 }
 
 SMALL = {"filter_scale": 0.25, "endpoint_filters": 32, "image_size": 96}
@@ -120,7 +124,11 @@ def test_anchors_use_true_strides_for_odd_sizes():
 
 @pytest.mark.parametrize(
     "name,size,paper",
-    [("spinenet49s_retinanet", 640, 33.8), ("spinenet49_retinanet", 640, 85.4)],
+    [
+        ("spinenet49s_retinanet", 640, 33.8),
+        ("spinenet49_retinanet", 640, 85.4),
+        ("spinenet_mobile49_retinanet", 384, 1.0),
+    ],
 )
 def test_retinanet_flops_within_10_percent_of_paper(name, size, paper):
     macs = count_macs(spinedet.create_model(name), size)

@@ -209,3 +209,35 @@ def test_rcnn_matches_model_garden(variant, activation, task, tmp_path):
         expected["deltas"].reshape(len(rois), -1, 4), rois[:, None], [10.0, 10.0, 5.0, 5.0]
     )
     assert rel_diff(decoded[..., [1, 0, 3, 2]], tf_decoded) < TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "variant,activation", [("49", "swish"), ("49s", "relu"), ("49xs", "swish")]
+)
+def test_mobile_retinanet_matches_model_garden(variant, activation, tmp_path):
+    model = spinedet.create_model(f"spinenet_mobile{variant}_retinanet", 91, activation=activation)
+    model.eval()
+    channels = model.backbone.out_channels
+    for i, size in enumerate(SIZES):
+        backbone = ref.build_spinenet_mobile(variant, size, activation)
+        tf_model = ref.build_retinanet(backbone, 91, 4, channels, activation, separable=True)
+        if i == 0:
+            ref.randomize(tf_model, seed=6)
+            ckpt = TFCheckpoint(ref.save(tf_model, str(tmp_path)))
+            model.load_state_dict(convert_checkpoint(ckpt, model), strict=False)
+            # Model Garden's count less the tower convs' pointwise biases, folded into BN.
+            tf_params = sum(int(np.prod(v.shape)) for v in tf_model.trainable_variables)
+            assert sum(p.numel() for p in model.parameters()) == tf_params - 8 * channels
+        else:
+            ref.restore(tf_model, ckpt.prefix)
+        x = images(size)
+        features = ref.run_backbone(backbone, x)
+        scores, boxes = ref.run_head(tf_model, features)
+        with torch.no_grad():
+            ours = model.backbone(torch_images(x))
+            ours_scores, ours_boxes = model_garden_head_outputs(model, ours)
+        for j, level in enumerate(scores):
+            out = ours[f"p{level}"].permute(0, 2, 3, 1)
+            assert rel_diff(out, features[level]) < TOLERANCE, (variant, size, level)
+            assert rel_diff(ours_scores[j], scores[level]) < TOLERANCE, (variant, size, level)
+            assert rel_diff(ours_boxes[j], boxes[level]) < TOLERANCE, (variant, size, level)

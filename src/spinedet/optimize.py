@@ -22,11 +22,22 @@ _FOLDABLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d
 _LINEAR = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 
 
+def _is_separable(module: nn.Module) -> bool:
+    # models.heads.separable_conv: depthwise then pointwise, applied in order.
+    return isinstance(module, nn.Sequential) and isinstance(
+        getattr(module, "pointwise", None), nn.Conv2d
+    )
+
+
 @torch.no_grad()
 def fold_bn_into_conv(conv: nn.Module, norm: nn.Module) -> nn.Module:
-    """Return a copy of ``conv`` (a Conv2d of any class, e.g. ``SameConv2d``, a ConvTranspose2d
-    or a Linear) computing ``norm(conv(x))`` with the normalisation's running statistics folded
-    into weight and bias."""
+    """Return a copy of ``conv`` (a Conv2d of any class, e.g. ``SameConv2d``, a ConvTranspose2d,
+    a Linear, or a separable conv ending in a pointwise conv) computing ``norm(conv(x))`` with
+    the normalisation's running statistics folded into weight and bias."""
+    if _is_separable(conv):
+        fused = copy.deepcopy(conv)
+        fused.pointwise = fold_bn_into_conv(conv.pointwise, norm)
+        return fused
     mean, var = norm.running_mean, norm.running_var
     gamma = norm.weight if norm.weight is not None else torch.ones_like(mean)
     beta = norm.bias if norm.bias is not None else torch.zeros_like(mean)
@@ -53,7 +64,7 @@ def _fuse_sequential(seq: nn.Sequential) -> None:
     names = list(seq._modules)
     for conv_name, norm_name in zip(names, names[1:], strict=False):
         conv, norm = seq._modules[conv_name], seq._modules[norm_name]
-        if not isinstance(conv, _LINEAR):
+        if not (isinstance(conv, _LINEAR) or _is_separable(conv)):
             continue
         if _foldable(norm):
             seq._modules[conv_name] = fold_bn_into_conv(conv, norm)

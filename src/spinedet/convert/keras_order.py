@@ -14,15 +14,16 @@ from dataclasses import dataclass, field
 
 from ..models.specs import NUM_STEM_BLOCKS
 from ..models.spinenet import SpineNet
+from ..models.spinenet_mobile import STEM_LEVELS, SpineNetMobile
 
-__all__ = ["WeightedLayer", "spinenet_keras_layers"]
+__all__ = ["WeightedLayer", "spinenet_keras_layers", "spinenet_mobile_keras_layers"]
 
 
 @dataclass(frozen=True)
 class WeightedLayer:
     """A Keras layer with variables and the spinedet module that takes them.
 
-    ``kind`` is ``conv``, ``bn``, ``bottleneck`` or ``residual``.
+    ``kind`` is ``conv``, ``depthwise``, ``bn``, ``bottleneck``, ``residual`` or ``mbconv``.
     """
 
     kind: str
@@ -137,5 +138,63 @@ def spinenet_keras_layers(backbone: SpineNet) -> list[WeightedLayer]:
             outputs[spec.level] = net[-1]
     ends = [g.conv_bn(outputs[lvl], f"endpoints.p{lvl}", act=True) for lvl in backbone.levels]
     # The outputs dict is flattened in sorted key order: str(level), i.e. numeric for 3..7.
+    ends = [e for _, e in sorted(zip(map(str, backbone.levels), ends, strict=True))]
+    return [g.nodes[n].layer for n in g.keras_order(ends) if g.nodes[n].layer is not None]
+
+
+def spinenet_mobile_keras_layers(backbone: SpineNetMobile) -> list[WeightedLayer]:
+    """The weighted layers of the equivalent Model Garden SpineNetMobile, in checkpoint order.
+
+    Model Garden's graph differs from SpineNet's: resampling is depthwise stride-2 convs (or
+    nearest upsampling) then a 1x1 conv, parents are summed by a chain of ``Add`` layers, and
+    the stem is one 3x3 conv followed by two MBConv groups.
+    """
+    if len(backbone.stem_blocks[0]) != 1:
+        # Model Garden's repeated MBConvs all read the group input (only the last is used).
+        raise ValueError("SpineNet-Mobile conversion supports block_repeats=1 only")
+    g = _Graph()
+
+    def block_group(x: int, module: str) -> int:
+        return g.op(g.op(x, layer=WeightedLayer("mbconv", f"{module}.0")))  # + linear identity
+
+    def conv_bn(x: int, module: str, kind: str = "conv") -> int:
+        x = g.op(x, layer=WeightedLayer(kind, f"{module}.conv"))
+        return g.op(x, layer=WeightedLayer("bn", f"{module}.norm"))
+
+    x = g.op(conv_bn(g.op(), "stem"))  # conv, BN, activation
+    net, levels = [], []
+    for i, level in enumerate(STEM_LEVELS):
+        x = block_group(x, f"stem_blocks.{i}")
+        net.append(x)
+        levels.append(level)
+    consumers = [0] * len(net)
+    outputs: dict[int, int] = {}
+    for i, spec in enumerate(backbone.block_specs):
+        index = i + NUM_STEM_BLOCKS
+        level = min(spec.level, backbone.max_level)
+        parents = []
+        for k, p in enumerate(spec.parents):
+            module = f"resamplers.{index}.{k}"
+            y = net[p]
+            for d in range(level - levels[p]):
+                y = g.op(conv_bn(y, f"{module}.down.{d}", "depthwise"))
+            if levels[p] > level:
+                y = g.upsample(y)
+            parents.append(conv_bn(y, f"{module}.project"))
+            consumers[p] += 1
+        if spec.is_output:
+            for j in range(len(net)):
+                if consumers[j] == 0 and levels[j] == level:  # same width, same channels
+                    parents.append(net[j])
+                    consumers[j] += 1
+        x = parents[0]
+        for other in parents[1:]:
+            x = g.op(x, other)  # Add
+        net.append(block_group(g.op(x), f"blocks.{index}"))  # activation, block group
+        levels.append(level)
+        consumers.append(0)
+        if spec.is_output:
+            outputs[level] = net[-1]
+    ends = [g.op(conv_bn(outputs[lvl], f"endpoints.p{lvl}")) for lvl in backbone.levels]
     ends = [e for _, e in sorted(zip(map(str, backbone.levels), ends, strict=True))]
     return [g.nodes[n].layer for n in g.keras_order(ends) if g.nodes[n].layer is not None]

@@ -14,7 +14,8 @@ from torch import nn
 from torchvision.ops.misc import Conv2dNormActivation
 
 from ..models.spinenet import SpineNet
-from .keras_order import spinenet_keras_layers
+from ..models.spinenet_mobile import SpineNetMobile
+from .keras_order import spinenet_keras_layers, spinenet_mobile_keras_layers
 from .tf_checkpoint import TFCheckpoint, TrackableNode
 
 __all__ = [
@@ -36,6 +37,16 @@ _BLOCK_LAYERS = {
     "_conv3": ("conv", "conv3.conv"),
     "_norm3": ("bn", "conv3.norm"),
 }
+# Model Garden's InvertedBottleneckBlock (with its SqueezeExcitation) -> spinedet's MBConv.
+_MBCONV_LAYERS = {
+    "_conv0": ("conv", "expand.conv"),
+    "_norm0": ("bn", "expand.norm"),
+    "_conv1": ("depthwise", "depthwise.conv"),
+    "_norm1": ("bn", "depthwise.norm"),
+    "_conv2": ("conv", "project.conv"),
+    "_norm2": ("bn", "project.norm"),
+}
+_SE_LAYERS = {"_se_reduce": ("conv", "se.fc1"), "_se_expand": ("conv", "se.fc2")}
 _BN = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean"}
 _BN_VAR = ("moving_variance", "running_var")
 # Box parameters: Model Garden (ty, tx, th, tw) <-> torchvision (tx, ty, tw, th), self-inverse.
@@ -111,12 +122,39 @@ class _Converter:
         if bias is not None:
             self.put(f"{module}.bias", bias[0], bias[1] if out_perm is None else bias[1][out_perm])
 
+    def depthwise(self, node: TrackableNode, module: str) -> None:
+        """A DepthwiseConv2D: kernel (kh, kw, C, 1) -> PyTorch's grouped (C, 1, kh, kw)."""
+        kernel = self._var(node, "depthwise_kernel")
+        if kernel is None:
+            raise ConversionError(f"checkpoint layer for {module} has no depthwise_kernel")
+        self.put(f"{module}.weight", kernel[0], kernel[1].transpose(2, 3, 0, 1))
+
+    def layer(self, node: TrackableNode, module: str, out_perm: np.ndarray | None = None) -> str:
+        """A Conv2D, or a SeparableConv2D (-> ``module.depthwise`` and ``module.pointwise``);
+        returns the key its bias went to."""
+        if self.ckpt.child(node, "pointwise_kernel") is None:
+            self.conv(node, module, out_perm)
+            return f"{module}.bias"
+        self.depthwise(node, f"{module}.depthwise")
+        pointwise = self._var(node, "pointwise_kernel")
+        weight = pointwise[1].transpose(3, 2, 0, 1)
+        if out_perm is not None and len(out_perm) == len(weight):
+            weight = weight[out_perm]
+        else:
+            out_perm = None
+        self.put(f"{module}.pointwise.weight", pointwise[0], weight)
+        bias = self._var(node, "bias")
+        if bias is not None:
+            value = bias[1] if out_perm is None else bias[1][out_perm]
+            self.put(f"{module}.pointwise.bias", bias[0], value)
+        return f"{module}.pointwise.bias"
+
     def conv_bn(self, conv: TrackableNode, module: str, norms: list[tuple[TrackableNode, str]]):
-        """A biased conv followed by BatchNorms (one per pyramid level, or just one): the
-        spinedet conv has no bias, which is folded into each BN's mean."""
-        self.conv(conv, module)
-        bias = self.state.pop(f"{module}.bias", None)
-        self.source.pop(f"{module}.bias", None)  # still counted as used: folded into the BNs
+        """A biased conv (or separable conv) followed by BatchNorms (one per pyramid level, or
+        just one): the spinedet conv has no bias, which is folded into each BN's mean."""
+        bias_key = self.layer(conv, module)
+        bias = self.state.pop(bias_key, None)
+        self.source.pop(bias_key, None)  # still counted as used: folded into the BNs
         for norm, norm_module in norms:
             if norm is None:
                 raise ConversionError(f"the checkpoint has no BatchNorm for {norm_module}")
@@ -133,11 +171,17 @@ class _Converter:
                 value = value - conv_bias
             self.put(f"{module}.{torch_name}", var[0], value)
 
-    def block(self, node: TrackableNode, module: str) -> None:
-        for attr, (kind, sub) in _BLOCK_LAYERS.items():
+    def block(self, node: TrackableNode, module: str, layers: dict = _BLOCK_LAYERS) -> None:
+        for attr, (kind, sub) in layers.items():
             child = self.ckpt.child(node, attr)
             if child is not None and child.children:
                 getattr(self, kind)(child, f"{module}.{sub}")
+
+    def mbconv(self, node: TrackableNode, module: str) -> None:
+        self.block(node, module, _MBCONV_LAYERS)
+        se = self.ckpt.child(node, "_squeeze_excitation")
+        if se is not None and se.children:
+            self.block(se, module, _SE_LAYERS)
 
 
 def find_backbone(ckpt: TFCheckpoint) -> TrackableNode:
@@ -158,8 +202,13 @@ def find_backbone(ckpt: TFCheckpoint) -> TrackableNode:
     )
 
 
-def _convert_backbone(conv: _Converter, node: TrackableNode, backbone: SpineNet, prefix: str):
-    layers = spinenet_keras_layers(backbone)
+def _convert_backbone(
+    conv: _Converter, node: TrackableNode, backbone: SpineNet | SpineNetMobile, prefix: str
+):
+    if isinstance(backbone, SpineNetMobile):
+        layers = spinenet_mobile_keras_layers(backbone)
+    else:
+        layers = spinenet_keras_layers(backbone)
     found = [k for k in node.children if k.startswith("layer_with_weights-")]
     if len(found) != len(layers):
         raise ConversionError(
@@ -169,10 +218,10 @@ def _convert_backbone(conv: _Converter, node: TrackableNode, backbone: SpineNet,
     for i, layer in enumerate(layers):
         child = conv.ckpt.node(node.children[f"layer_with_weights-{i}"])
         module = f"{prefix}{layer.module}"
-        if layer.kind in ("conv", "bn"):
-            getattr(conv, layer.kind)(child, module)
-        else:
+        if layer.kind in ("bottleneck", "residual"):
             conv.block(child, module)
+        else:  # conv, depthwise, bn, mbconv
+            getattr(conv, layer.kind)(child, module)
 
 
 def _anchor_permutation(num_scales: int, ratios: list[float]) -> np.ndarray:
@@ -231,7 +280,7 @@ def _convert_retinanet_head(conv: _Converter, head: TrackableNode, model: nn.Mod
         tower = getattr(model.head, torch_name).conv
         _level_tower(conv, head, (convs_attr, norms_attr), tower, f"head.{torch_name}.conv")
         params = _BOX_PARAMS if predictor == "bbox_reg" else np.arange(num_classes)
-        conv.conv(
+        conv.layer(
             conv.ckpt.child(head, predictor_attr),
             f"head.{torch_name}.{predictor}",
             out_perm=_anchor_outputs(model.anchor_generator, params),

@@ -33,6 +33,7 @@ from official.vision.configs import decoders as mg_decoders  # noqa: E402
 from official.vision.configs import maskrcnn as mg_maskrcnn  # noqa: E402
 from official.vision.modeling import factory, maskrcnn_model, retinanet_model  # noqa: E402
 from official.vision.modeling.backbones import spinenet as mg_spinenet  # noqa: E402
+from official.vision.modeling.backbones import spinenet_mobile as mg_mobile  # noqa: E402
 from official.vision.modeling.heads import dense_prediction_heads  # noqa: E402
 from official.vision.ops import anchor as mg_anchor  # noqa: E402
 from official.vision.ops import box_ops  # noqa: E402
@@ -43,6 +44,7 @@ __all__ = [
     "decode_boxes",
     "build_retinanet",
     "build_spinenet",
+    "build_spinenet_mobile",
     "randomize",
     "restore",
     "run_backbone",
@@ -71,10 +73,34 @@ def build_spinenet(
     )
 
 
+def build_spinenet_mobile(
+    model_id: str, size: tuple[int, int], activation: str = "relu", **overrides
+) -> tf_keras.Model:
+    """Model Garden's SpineNet-Mobile-``model_id`` for ``size`` (H, W) inputs (static, as for
+    :func:`build_spinenet`), configured as its ``retinanet_spinenet_mobile_coco``."""
+    scaling = {**mg_mobile.SCALING_MAP[model_id.upper()], **overrides}
+    return mg_mobile.SpineNetMobile(
+        input_specs=tf_keras.layers.InputSpec(shape=[None, *size, 3]),
+        endpoints_num_filters=scaling["endpoints_num_filters"],
+        filter_size_scale=scaling["filter_size_scale"],
+        block_repeats=scaling["block_repeats"],
+        expand_ratio=6,
+        se_ratio=0.2,
+        activation=activation,
+        use_keras_upsampling_2d=False,
+    )
+
+
 def build_retinanet(
-    backbone: tf_keras.Model, num_classes: int, depth: int, filters: int, activation: str
+    backbone: tf_keras.Model,
+    num_classes: int,
+    depth: int,
+    filters: int,
+    activation: str,
+    separable: bool = False,
 ) -> retinanet_model.RetinaNetModel:
-    """A RetinaNet (SpineNet needs no decoder) with Model Garden's head, 9 anchors per place."""
+    """A RetinaNet (SpineNet needs no decoder) with Model Garden's head, 9 anchors per place
+    (``separable`` convs for SpineNet-Mobile)."""
     head = dense_prediction_heads.RetinaNetHead(
         min_level=3,
         max_level=7,
@@ -82,6 +108,7 @@ def build_retinanet(
         num_anchors_per_location=9,
         num_convs=depth,
         num_filters=filters,
+        use_separable_conv=separable,
         activation=activation,
     )
     model = retinanet_model.RetinaNetModel(backbone, None, head, None)

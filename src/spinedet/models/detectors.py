@@ -39,11 +39,13 @@ HEAD_CONFIG = {
     "190": {"head_depth": 7, "anchor_size": 4.0, "fc_dim": 1024, "rpn_scales": 3},
 }
 # SpineNet-Mobile ("mobile" + variant): Model Garden's mobile RetinaNet has 4-deep towers of
-# separable convs as wide as the endpoints; here the towers are plain 3x3 convs of that width.
+# depthwise-separable convs as wide as the endpoints, and separable predictors.
 MOBILE_HEAD_CONFIG = {
-    f"mobile{v}": {"head_depth": 4, "anchor_size": 3.0, "fc_dim": 256, "rpn_scales": 1}
+    f"mobile{v}": {
+        "head_depth": 4, "anchor_size": 3.0, "fc_dim": 256, "rpn_scales": 1, "separable": True
+    }
     for v in ("49", "49s", "49xs")
-}
+}  # fmt: skip
 
 
 def _check_num_classes(num_classes: int, class_names: Sequence[str] | None) -> int:
@@ -125,7 +127,7 @@ def spinenet_retinanet(
 
     Args:
         variant: ``49s``, ``49``, ``96``, ``143`` or ``190``, or ``mobile49``, ``mobile49s``,
-            ``mobile49xs`` for SpineNet-Mobile (plain-conv head as wide as its endpoints).
+            ``mobile49xs`` for SpineNet-Mobile (separable-conv head as wide as its endpoints).
         num_classes: classes including background (torchvision's convention); inferred from
             ``class_names`` when given.
         class_names: names of classes 1..num_classes-1, kept on the model.
@@ -152,6 +154,7 @@ def spinenet_retinanet(
         ACTIVATIONS[backbone_kwargs.get("activation", "relu")],
         focal_alpha,
         focal_gamma,
+        separable=cfg.get("separable", False),
     )
     model = RetinaNet(
         backbone,

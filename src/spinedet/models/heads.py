@@ -84,6 +84,19 @@ class PyramidAnchorGenerator(AnchorGenerator):
         return [anchors] * len(image_list.image_sizes)
 
 
+def separable_conv(in_channels: int, out_channels: int, bias: bool = True) -> nn.Sequential:
+    """A 3x3 depthwise then 1x1 pointwise convolution, as Keras' ``SeparableConv2D`` (the
+    SpineNet-Mobile RetinaNet head's convs)."""
+    return nn.Sequential(
+        OrderedDict(
+            depthwise=nn.Conv2d(
+                in_channels, in_channels, 3, padding=1, groups=in_channels, bias=False
+            ),
+            pointwise=nn.Conv2d(in_channels, out_channels, 1, bias=bias),
+        )
+    )
+
+
 class LevelConvNormAct(nn.Sequential):
     """A 3x3 conv shared by all pyramid levels, a norm per level, and an activation.
 
@@ -98,9 +111,13 @@ class LevelConvNormAct(nn.Sequential):
         norm_layer: Callable[[int], nn.Module],
         activation: Callable[..., nn.Module],
         in_channels: int | None = None,
+        separable: bool = False,
     ) -> None:
         norms = nn.ModuleList(norm_layer(channels) for _ in range(num_levels))
-        conv = nn.Conv2d(in_channels or channels, channels, 3, padding=1, bias=False)
+        if separable:
+            conv = separable_conv(in_channels or channels, channels, bias=False)
+        else:
+            conv = nn.Conv2d(in_channels or channels, channels, 3, padding=1, bias=False)
         super().__init__(conv, norms, activation())
 
     def forward(self, x: torch.Tensor, level: int = 0) -> torch.Tensor:
@@ -116,12 +133,14 @@ def conv_tower(
     num_levels: int | None = None,
     in_channels: int | None = None,
     init_std: float | None = 0.01,
+    separable: bool = False,
 ) -> nn.Sequential:
     """``depth`` 3x3 conv + norm + activation layers (the first taking ``in_channels``).
 
-    With ``num_levels`` each layer has one norm per level (:class:`LevelConvNormAct`); the
-    tower is then applied with :func:`apply_tower`. Convs are initialised like RetinaNet's
-    (normal, ``init_std``), or He fan-out like Model Garden's R-CNN heads when it is None.
+    With ``num_levels`` each layer has one norm per level (:class:`LevelConvNormAct`, whose
+    convs may be ``separable``); the tower is then applied with :func:`apply_tower`. Convs are
+    initialised like RetinaNet's (normal, ``init_std``), or He fan-out like Model Garden's
+    R-CNN heads when it is None.
     """
     ins = [in_channels or channels] + [channels] * (depth - 1)
     if num_levels is None:
@@ -130,7 +149,10 @@ def conv_tower(
             for c in ins
         ]
     else:
-        layers = [LevelConvNormAct(channels, num_levels, norm_layer, activation, c) for c in ins]
+        layers = [
+            LevelConvNormAct(channels, num_levels, norm_layer, activation, c, separable)
+            for c in ins
+        ]
     tower = nn.Sequential(*layers)
     for m in tower.modules():
         if isinstance(m, nn.Conv2d):
@@ -154,6 +176,17 @@ def _per_anchor(out: torch.Tensor, size: int) -> torch.Tensor:
     return out.view(n, -1, size, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, size)
 
 
+def _separable_like(conv: nn.Conv2d) -> nn.Sequential:
+    """A separable replacement for a 3x3 predictor conv, keeping its init (e.g. the prior
+    probability bias of the class logits)."""
+    sep = separable_conv(conv.in_channels, conv.out_channels)
+    for m in sep:
+        nn.init.normal_(m.weight, std=0.01)
+    with torch.no_grad():
+        sep.pointwise.bias.copy_(conv.bias)
+    return sep
+
+
 class FocalClassificationHead(RetinaNetClassificationHead):
     """RetinaNet classification head with ``depth`` convs and focal ``alpha``/``gamma``."""
 
@@ -168,9 +201,14 @@ class FocalClassificationHead(RetinaNetClassificationHead):
         alpha: float = 0.25,
         gamma: float = 1.5,
         num_levels: int | None = None,
+        separable: bool = False,
     ) -> None:
         super().__init__(channels, num_anchors, num_classes, norm_layer=norm_layer)
-        self.conv = conv_tower(channels, depth, norm_layer, activation, num_levels)
+        self.conv = conv_tower(
+            channels, depth, norm_layer, activation, num_levels, separable=separable
+        )
+        if separable:
+            self.cls_logits = _separable_like(self.cls_logits)
         self.alpha, self.gamma = alpha, gamma
 
     def forward(self, x: list[torch.Tensor]) -> torch.Tensor:
@@ -214,9 +252,14 @@ class TowerRegressionHead(RetinaNetRegressionHead):
         norm_layer: Callable[[int], nn.Module],
         activation: Callable[..., nn.Module],
         num_levels: int | None = None,
+        separable: bool = False,
     ) -> None:
         super().__init__(channels, num_anchors, norm_layer=norm_layer)
-        self.conv = conv_tower(channels, depth, norm_layer, activation, num_levels)
+        self.conv = conv_tower(
+            channels, depth, norm_layer, activation, num_levels, separable=separable
+        )
+        if separable:
+            self.bbox_reg = _separable_like(self.bbox_reg)
         self._loss_type = "smooth_l1"
 
     def forward(self, x: list[torch.Tensor]) -> torch.Tensor:
@@ -236,12 +279,14 @@ def retinanet_head(
     focal_alpha: float,
     focal_gamma: float,
     num_levels: int | None = 5,
+    separable: bool = False,
 ) -> RetinaNetHead:
     """torchvision's RetinaNetHead with SpineNet's tower depth, norm and focal loss.
 
     The tower convs are shared across the ``num_levels`` pyramid levels and each level has its
     own norm, as in Model Garden (so its checkpoints convert exactly); ``num_levels=None``
-    shares the norms too, like torchvision.
+    shares the norms too, like torchvision. ``separable`` makes every tower and predictor conv
+    depthwise-separable, as Model Garden's SpineNet-Mobile RetinaNet.
     """
     head = RetinaNetHead(channels, num_anchors, num_classes, norm_layer=norm_layer)
     head.classification_head = FocalClassificationHead(
@@ -254,9 +299,10 @@ def retinanet_head(
         focal_alpha,
         focal_gamma,
         num_levels,
+        separable,
     )
     head.regression_head = TowerRegressionHead(
-        channels, num_anchors, depth, norm_layer, activation, num_levels
+        channels, num_anchors, depth, norm_layer, activation, num_levels, separable
     )
     return head
 
