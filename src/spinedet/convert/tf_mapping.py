@@ -318,7 +318,10 @@ def _convert_rcnn_heads(conv: _Converter, parent: TrackableNode, model: nn.Modul
         conv.conv(ckpt.child(rpn, attr), f"rpn.head.{module}", out_perm=perm)
 
     roi = model.roi_heads
-    det = _required(conv, parent, "detection_head", "0")
+    # All of detection_head is checked: a cascade's later heads are reported, not dropped.
+    det = ckpt.child(_required(conv, parent, "detection_head"), "0")
+    if det is None:
+        raise ConversionError(f"{ckpt.prefix} holds no detection_head/0")
     depth = sum(isinstance(m, Conv2dNormActivation) for m in roi.box_head)
     _conv_stack(conv, det, ("_convs", "_conv_norms"), depth, "roi_heads.box_head")
     fcs, fc_norms = _children(conv, det, "_fcs"), _children(conv, det, "_fc_norms")
