@@ -41,6 +41,7 @@ from official.vision.ops import box_ops  # noqa: E402
 __all__ = [
     "anchors",
     "build_maskrcnn",
+    "calibrate_maskrcnn",
     "decode_boxes",
     "build_retinanet",
     "build_spinenet",
@@ -49,6 +50,7 @@ __all__ = [
     "restore",
     "run_backbone",
     "run_head",
+    "run_maskrcnn",
     "run_rcnn_heads",
     "save",
 ]
@@ -169,6 +171,39 @@ def randomize(model: tf_keras.Model, seed: int = 0) -> None:
         var.assign(value.astype(np.float32))
 
 
+def calibrate_maskrcnn(
+    model: maskrcnn_model.MaskRCNNModel, images: np.ndarray, seed: int = 0
+) -> None:
+    """Make a randomised Mask R-CNN behave like a trained one on ``images`` (NHWC, normalised),
+    so that its detections are worth comparing: every BatchNorm's moving statistics become
+    those of these images (variances floored at 1: a variance near 0 turns float rounding into
+    noise), box predictors are scaled to deltas of plausible size and class logits sharpened."""
+    norms = [m for m in model.submodules if isinstance(m, tf_keras.layers.BatchNormalization)]
+    for norm in norms:
+        norm.momentum = 0.0  # one training-mode call sets the moving statistics
+    images = tf.constant(images, tf.float32)
+    model.backbone(images, training=True)
+    features = model.backbone(images, training=False)
+    model.rpn_head(features, training=True)
+    h, w = images.shape[1:3]
+    rng = np.random.default_rng(seed)
+    sides = np.exp(rng.uniform(np.log(16), np.log(min(h, w)), (64, 2)))
+    y, x = rng.uniform(0, h - sides[:, 0]), rng.uniform(0, w - sides[:, 1])
+    rois = tf.constant(np.stack([y, x, y + sides[:, 0], x + sides[:, 1]], 1)[None], tf.float32)
+    model.detection_head[0](model.roi_aligner(features, rois), training=True)
+    if model.mask_head is not None:
+        classes = tf.zeros((1, len(sides)), tf.int32)
+        model.mask_head([model.mask_roi_aligner(features, rois), classes], training=True)
+    for norm in norms:
+        norm.momentum = 0.99
+        norm.moving_variance.assign(tf.maximum(norm.moving_variance, 1.0))
+    for var in model.variables:
+        if "-boxes/" in var.name:
+            var.assign(var * 0.1)
+        elif "detection-scores/kernel" in var.name:
+            var.assign(var * 3.0)
+
+
 def save(model: tf_keras.Model, directory: str) -> str:
     """Write a training-style checkpoint (``model`` at the root) and return its prefix."""
     return tf.train.Checkpoint(model=model).save(os.path.join(directory, "ckpt"))
@@ -233,3 +268,13 @@ def decode_boxes(deltas: np.ndarray, anchors: np.ndarray, weights=None) -> np.nd
     return box_ops.decode_boxes(
         tf.constant(deltas, tf.float32), tf.constant(anchors, tf.float32), weights
     ).numpy()
+
+
+def run_maskrcnn(model: maskrcnn_model.MaskRCNNModel, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Model Garden's inference on one normalised NHWC image: its ``num_detections`` boxes
+    (``y1, x1, y2, x2``), scores, classes and 28 x 28 mask probabilities."""
+    size = list(images.shape[1:3])
+    out = model(tf.constant(images, tf.float32), image_shape=tf.constant([size], tf.float32))
+    n = int(out["num_detections"][0])
+    keys = ["detection_boxes", "detection_scores", "detection_classes", "detection_masks"]
+    return {k.removeprefix("detection_"): out[k][0][:n].numpy() for k in keys if k in out}
