@@ -12,6 +12,8 @@ import spinedet
 from spinedet.convert import ConversionError, TFCheckpoint, convert_checkpoint, convert_tf
 from spinedet.convert.tf_checkpoint import CheckpointError
 from spinedet.convert.tf_mapping import model_garden_head_outputs, model_garden_roi_outputs
+from spinedet.data import DataError
+from spinedet.engine.api import load_checkpoint
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tf"
 CONFIG = json.loads((FIXTURE / "fixture.json").read_text())
@@ -163,3 +165,17 @@ def test_swish_weights_are_refused_by_a_relu_model(tmp_path):
         spinedet.create_model("spinenet49s_maskrcnn", 3, weights=out, **relu)
     model = spinedet.create_model("spinenet49s_maskrcnn", 3, weights=out, **mask_kwargs())
     assert isinstance(model.backbone.act, torch.nn.SiLU)
+
+
+def test_categories_name_converted_classes(tmp_path):
+    coco = tmp_path / "instances.json"
+    coco.write_text(json.dumps({"categories": [{"id": 2, "name": "bicycle"}]}))
+    out = tmp_path / "mrcnn.safetensors"
+    convert_tf(MASK_FIXTURE, "spinenet49s_maskrcnn", out, categories=coco, **mask_kwargs())
+    model, categories = load_checkpoint(out)
+    # Model Garden's class k is category id k; ids missing from the json keep a placeholder.
+    assert categories == [{"id": 1, "name": "unused_1"}, {"id": 2, "name": "bicycle"}]
+    assert model.class_names == ["unused_1", "bicycle"]
+    coco.write_text(json.dumps({"categories": [{"id": 7, "name": "train"}]}))
+    with pytest.raises(DataError, match=r"instances.json: category ids \[7\]"):
+        convert_tf(MASK_FIXTURE, "spinenet49s_maskrcnn", out, categories=coco, **mask_kwargs())

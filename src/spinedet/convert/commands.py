@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..data.coco import read_json
+from ..data.errors import DataError
 from ..models.registry import create_model, model_task
 from ..models.weights import save_weights
 from .tf_checkpoint import TFCheckpoint
@@ -43,20 +45,40 @@ def _rcnn_options(ckpt: TFCheckpoint) -> dict:
     }
 
 
+def _categories(path: str | Path, num_classes: int) -> list[dict]:
+    """Categories ``1 .. num_classes - 1`` named from a COCO json's ``categories`` (Model
+    Garden's class index is the category id); ids the file lacks are named ``unused_<id>``."""
+    data = read_json(path)
+    try:
+        names = {int(c["id"]): str(c["name"]) for c in data["categories"]}
+    except (TypeError, KeyError, ValueError) as e:
+        raise DataError("no valid 'categories' list of {id, name} entries", path) from e
+    beyond = sorted(k for k in names if not 0 < k < num_classes)
+    if beyond:
+        raise DataError(
+            f"category ids {beyond[:5]} are outside the checkpoint's classes 1..{num_classes - 1}",
+            path,
+        )
+    return [{"id": k, "name": names.get(k, f"unused_{k}")} for k in range(1, num_classes)]
+
+
 def convert_tf(
     checkpoint: str | Path,
     model_name: str,
     out: str | Path,
     num_classes: int | None = None,
     activation: str = "relu",
+    categories: str | Path | None = None,
     **model_kwargs,
 ) -> str:
     """Convert a Model Garden checkpoint for ``model_name`` and save it to ``out``.
 
     Detector head sizes (classes, R-CNN head widths, RPN convs and anchor scales) are read
     from the checkpoint and recorded in the file, so :func:`~spinedet.load_model` rebuilds the
-    same model. ``model_kwargs`` are further builder options (e.g. ``filter_scale`` for a
-    checkpoint of a custom scaling). Returns a summary.
+    same model. Model Garden's class ``k`` is category id ``k`` of its COCO json; given that
+    json as ``categories``, the file records their names (else the names are ``"1"``, ...).
+    ``model_kwargs`` are further builder options (e.g. ``filter_scale`` for a checkpoint of a
+    custom scaling). Returns a summary.
     """
     ckpt = TFCheckpoint(checkpoint)
     find_backbone(ckpt)  # fail early, before building a model
@@ -73,16 +95,26 @@ def convert_tf(
                 f"{ckpt.prefix} has {options['num_classes']} classes (with background), "
                 f"not {num_classes}: convert as is, then fine-tune with your classes"
             )
+    metadata: dict = {"converted_from": str(ckpt.prefix)}
+    if categories is not None:
+        if task is None:
+            raise ConversionError(f"{model_name} is a backbone: --categories does not apply")
+        metadata["categories"] = _categories(categories, options["num_classes"])
+        options["class_names"] = [c["name"] for c in metadata["categories"]]
+        del options["num_classes"]
     model = create_model(name, activation=activation, **(options | model_kwargs))
     state = convert_checkpoint(ckpt, model)
     model.load_state_dict(state, strict=False)  # completeness was checked; BN counters stay
-    save_weights(model, out, {"converted_from": str(ckpt.prefix)})
-    shown = ", ".join(f"{k}={v}" for k, v in options.items())
+    save_weights(model, out, metadata)
+    shown = ", ".join(f"{k}={v}" for k, v in options.items() if k != "class_names")
     return f"{ckpt.prefix} -> {out}: {name}{f' ({shown})' if shown else ''}, {len(state)} tensors"
 
 
 def _cmd_convert_tf(args: argparse.Namespace) -> int:
-    print(convert_tf(args.checkpoint, args.model, args.out, args.num_classes, args.activation))
+    summary = convert_tf(
+        args.checkpoint, args.model, args.out, args.num_classes, args.activation, args.categories
+    )
+    print(summary)
     return 0
 
 
@@ -92,7 +124,8 @@ def add_convert_commands(subparsers: argparse._SubParsersAction) -> None:
         "convert-tf",
         help="convert a TensorFlow Model Garden SpineNet checkpoint to safetensors",
         description="Read a Model Garden checkpoint (a ckpt-N prefix or its directory) of a "
-        "SpineNet backbone, RetinaNet or Mask R-CNN, without TensorFlow.",
+        "SpineNet or SpineNet-Mobile backbone, RetinaNet, Faster R-CNN or Mask R-CNN, without "
+        "TensorFlow.",
     )
     p.add_argument("checkpoint", help="ckpt-N prefix, one of its files, or its directory")
     p.add_argument("--model", required=True, help="spinedet model name, e.g. spinenet49_retinanet")
@@ -107,6 +140,12 @@ def add_convert_commands(subparsers: argparse._SubParsersAction) -> None:
         choices=["relu", "swish"],
         default="relu",
         help="activation the checkpoint was trained with (checkpoints do not record it)",
+    )
+    p.add_argument(
+        "--categories",
+        default=None,
+        help="COCO json whose categories name the checkpoint's classes (class k = id k), "
+        "e.g. instances_val2017.json",
     )
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.set_defaults(func=_cmd_convert_tf)
