@@ -35,13 +35,14 @@ from official.vision.modeling import factory, maskrcnn_model, retinanet_model  #
 from official.vision.modeling.backbones import spinenet as mg_spinenet  # noqa: E402
 from official.vision.modeling.backbones import spinenet_mobile as mg_mobile  # noqa: E402
 from official.vision.modeling.heads import dense_prediction_heads  # noqa: E402
+from official.vision.modeling.layers import detection_generator  # noqa: E402
 from official.vision.ops import anchor as mg_anchor  # noqa: E402
 from official.vision.ops import box_ops  # noqa: E402
 
 __all__ = [
     "anchors",
     "build_maskrcnn",
-    "calibrate_maskrcnn",
+    "calibrate",
     "decode_boxes",
     "build_retinanet",
     "build_spinenet",
@@ -50,7 +51,7 @@ __all__ = [
     "restore",
     "run_backbone",
     "run_head",
-    "run_maskrcnn",
+    "run_detections",
     "run_rcnn_heads",
     "save",
 ]
@@ -100,9 +101,11 @@ def build_retinanet(
     filters: int,
     activation: str,
     separable: bool = False,
+    anchor_size: float = 3.0,
 ) -> retinanet_model.RetinaNetModel:
     """A RetinaNet (SpineNet needs no decoder) with Model Garden's head, 9 anchors per place
-    (``separable`` convs for SpineNet-Mobile)."""
+    (``separable`` convs for SpineNet-Mobile) and the detection generator of its RetinaNet
+    configs (top 5000, score 0.05, NMS 0.5, 100 detections)."""
     head = dense_prediction_heads.RetinaNetHead(
         min_level=3,
         max_level=7,
@@ -113,7 +116,24 @@ def build_retinanet(
         use_separable_conv=separable,
         activation=activation,
     )
-    model = retinanet_model.RetinaNetModel(backbone, None, head, None)
+    generator = detection_generator.MultilevelDetectionGenerator(
+        pre_nms_top_k=5000,
+        pre_nms_score_threshold=0.05,
+        nms_iou_threshold=0.5,
+        max_num_detections=100,
+        nms_version="v2",
+    )
+    model = retinanet_model.RetinaNetModel(
+        backbone,
+        None,
+        head,
+        generator,
+        min_level=3,
+        max_level=7,
+        num_scales=3,
+        aspect_ratios=[0.5, 1.0, 2.0],
+        anchor_size=anchor_size,
+    )
     run_head(model, run_backbone(backbone, np.zeros((1, *backbone.input_shape[1:3], 3))))
     return model
 
@@ -171,21 +191,39 @@ def randomize(model: tf_keras.Model, seed: int = 0) -> None:
         var.assign(value.astype(np.float32))
 
 
-def calibrate_maskrcnn(
-    model: maskrcnn_model.MaskRCNNModel, images: np.ndarray, seed: int = 0
-) -> None:
-    """Make a randomised Mask R-CNN behave like a trained one on ``images`` (NHWC, normalised),
-    so that its detections are worth comparing: every BatchNorm's moving statistics become
-    those of these images (variances floored at 1: a variance near 0 turns float rounding into
-    noise), box predictors are scaled to deltas of plausible size and class logits sharpened."""
+def calibrate(model: tf_keras.Model, images: np.ndarray, seed: int = 0) -> None:
+    """Make a randomised RetinaNet or Mask R-CNN behave like a trained one on ``images`` (NHWC,
+    normalised), so that its detections are worth comparing: every BatchNorm's moving
+    statistics become those of these images (variances floored at 1: a variance near 0 turns
+    float rounding into noise), box predictors give deltas of plausible size and class logits
+    are confident (RetinaNet: prior bias -3)."""
     norms = [m for m in model.submodules if isinstance(m, tf_keras.layers.BatchNormalization)]
     for norm in norms:
         norm.momentum = 0.0  # one training-mode call sets the moving statistics
     images = tf.constant(images, tf.float32)
     model.backbone(images, training=True)
     features = model.backbone(images, training=False)
+    if isinstance(model, retinanet_model.RetinaNetModel):
+        model.head(features, training=True)
+    else:
+        _calibrate_rcnn_heads(model, features, seed)
+    for norm in norms:
+        norm.momentum = 0.99
+        norm.moving_variance.assign(tf.maximum(norm.moving_variance, 1.0))
+    for var in model.variables:
+        name = var.name.split("/")[-2:]
+        if name[0] in ("boxes", "detection-boxes", "rpn-boxes"):
+            var.assign(var * 0.1)
+        elif name == ["scores", "bias:0"]:
+            var.assign(tf.fill(var.shape, -3.0))
+        elif name[0] in ("scores", "detection-scores") and name[1] == "kernel:0":
+            var.assign(var * 3.0)
+
+
+def _calibrate_rcnn_heads(model: maskrcnn_model.MaskRCNNModel, features, seed: int) -> None:
+    """Training-mode passes of the R-CNN heads on the features and random RoIs."""
     model.rpn_head(features, training=True)
-    h, w = images.shape[1:3]
+    h, w = [int(d) * 8 for d in features["3"].shape[1:3]]
     rng = np.random.default_rng(seed)
     sides = np.exp(rng.uniform(np.log(16), np.log(min(h, w)), (64, 2)))
     y, x = rng.uniform(0, h - sides[:, 0]), rng.uniform(0, w - sides[:, 1])
@@ -194,14 +232,6 @@ def calibrate_maskrcnn(
     if model.mask_head is not None:
         classes = tf.zeros((1, len(sides)), tf.int32)
         model.mask_head([model.mask_roi_aligner(features, rois), classes], training=True)
-    for norm in norms:
-        norm.momentum = 0.99
-        norm.moving_variance.assign(tf.maximum(norm.moving_variance, 1.0))
-    for var in model.variables:
-        if "-boxes/" in var.name:
-            var.assign(var * 0.1)
-        elif "detection-scores/kernel" in var.name:
-            var.assign(var * 3.0)
 
 
 def save(model: tf_keras.Model, directory: str) -> str:
@@ -270,9 +300,10 @@ def decode_boxes(deltas: np.ndarray, anchors: np.ndarray, weights=None) -> np.nd
     ).numpy()
 
 
-def run_maskrcnn(model: maskrcnn_model.MaskRCNNModel, images: np.ndarray) -> dict[str, np.ndarray]:
-    """Model Garden's inference on one normalised NHWC image: its ``num_detections`` boxes
-    (``y1, x1, y2, x2``), scores, classes and 28 x 28 mask probabilities."""
+def run_detections(model: tf_keras.Model, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Model Garden's inference (RetinaNet or Mask R-CNN) on one normalised NHWC image: its
+    ``num_detections`` boxes (``y1, x1, y2, x2``), scores, classes and, for Mask R-CNN, 28 x 28
+    mask probabilities."""
     size = list(images.shape[1:3])
     out = model(tf.constant(images, tf.float32), image_shape=tf.constant([size], tf.float32))
     n = int(out["num_detections"][0])
