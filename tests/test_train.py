@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 from torchvision.models.detection import roi_heads
 
 import spinedet
+from spinedet.convert import convert_tf
 from spinedet.data import DataError
 from spinedet.engine import TrainingError, train
 
@@ -156,3 +158,26 @@ def test_sigint_checkpoints_and_resume_finishes_the_run(shapes, tmp_path):
 
 def _read(path):
     return path.read_text().splitlines() if path.exists() else []
+
+
+def test_fine_tuning_from_converted_model_garden_weights(shapes, tmp_path, caplog):
+    """A converted Mask R-CNN with 3 classes fine-tunes on the 4 shapes classes: the file's
+    architecture (head widths, activation, reduced backbone) is kept, every tensor but the
+    class-dependent ones loads."""
+    fixture = Path(__file__).parent / "fixtures" / "tf_maskrcnn"
+    arch = json.loads((fixture / "fixture.json").read_text())["kwargs"]
+    weights = tmp_path / "mg.safetensors"
+    convert_tf(fixture, "spinenet49s_maskrcnn", weights, activation="swish", **arch)
+    cfg = tiny_config(shapes, epochs=1)
+    cfg["model"]["weights"] = str(weights)
+    cfg["model"]["options"] = {"box_batch_size_per_image": 32}  # no architecture options
+    with caplog.at_level("INFO"):
+        train(cfg, tmp_path / "run", device="cpu")
+    log = caplog.text
+    assert "model options from" in log and "activation='swish'" in log and "fc_dim=32" in log
+    fresh = log.split("kept 6 freshly initialised tensors: ")[1].splitlines()[0]
+    assert fresh.startswith("roi_heads.box_predictor.") and "mask_fcn_logits" in fresh
+    model = spinedet.load_model(tmp_path / "run" / "last.safetensors")
+    assert isinstance(model.backbone.act, torch.nn.SiLU)
+    assert model.roi_heads.box_head[-3].out_features == 32
+    assert model.class_names == ["circle", "square", "triangle", "star"]

@@ -24,7 +24,7 @@ from ..config import save_config
 from ..data import CocoDataset, DataError, check_dataset, collate, format_report
 from ..data.transforms import eval_transforms, train_transforms
 from ..models import create_model, model_task
-from ..models.weights import load_weights, save_weights
+from ..models.weights import architecture_options, load_weights, save_weights
 from . import distributed
 from .checkpoint import load_state, save_state
 from .evaluate import coco_evaluate, format_metrics, run_inference
@@ -190,11 +190,20 @@ class Trainer:
             )
         self.categories = self.train_set.categories
 
+        options = dict(mcfg["options"])
+        if mcfg["weights"]:
+            # Fine-tuning keeps the file's architecture (e.g. a converted checkpoint's head
+            # widths and activation) unless the config sets an option itself.
+            inherited = architecture_options(mcfg["weights"], mcfg["name"].lower())
+            options = {**inherited, **options}
+            if inherited:
+                shown = ", ".join(f"{k}={v!r}" for k, v in sorted(inherited.items()))
+                log.info("model options from %s: %s", mcfg["weights"], shown)
         model = create_model(
             mcfg["name"],
             class_names=self.train_set.class_names,
             image_size=mcfg["image_size"],
-            **mcfg["options"],
+            **options,
         )
         if mcfg["weights"]:
             load_weights(model, mcfg["weights"], allow_shape_mismatch=True)

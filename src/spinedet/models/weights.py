@@ -75,6 +75,31 @@ def read_metadata(path: str | Path) -> dict:
     return json.loads(raw) if raw else {}
 
 
+# Builder options that change a model's tensors or their meaning (widths, depths, anchors per
+# place, activation), as opposed to training or inference settings.
+ARCHITECTURE_OPTIONS = frozenset(
+    {
+        "activation", "block_specs", "filter_scale", "endpoint_filters", "resample_alpha",
+        "block_repeats", "expand_ratio", "se_ratio", "min_level", "max_level", "head_depth",
+        "head_norm", "head_channels", "fc_dim", "rpn_depth", "rpn_scales",
+    }
+)  # fmt: skip
+
+
+def architecture_options(path: str | Path, model_name: str) -> dict:
+    """The architecture options recorded in a weights file made for ``model_name`` or for its
+    backbone (e.g. the head widths and activation of a converted Model Garden checkpoint), so
+    that a model built to load it gets the same shapes; empty for another model."""
+    if not Path(path).is_file():
+        return {}  # load_weights reports it
+    meta = read_metadata(path)
+    made_for = meta.get("model_name") or ""
+    if made_for != model_name and not model_name.startswith(f"{made_for}_"):
+        return {}
+    kwargs = meta.get("model_kwargs", {})
+    return {k: v for k, v in kwargs.items() if k in ARCHITECTURE_OPTIONS}
+
+
 def _describe(keys: list[str], limit: int = 5) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
