@@ -10,7 +10,7 @@ from torchvision.ops import box_iou
 import spinedet  # before TensorFlow: see spinedet.convert.tf_reference
 from spinedet.convert import TFCheckpoint, convert_checkpoint
 from spinedet.convert.tf_mapping import (
-    _anchor_permutation,
+    _model_garden_layout,
     model_garden_head_outputs,
     model_garden_roi_outputs,
 )
@@ -101,12 +101,9 @@ def rois_on_every_level(size, rng):
 
 def to_model_garden_boxes(boxes: torch.Tensor, generator, shape) -> np.ndarray:
     """torchvision-ordered ``x1, y1, x2, y2`` per-anchor boxes of one level -> Model Garden's
-    ``[H, W, A * 4]`` ``y1, x1, y2, x2`` layout."""
-    perm = _anchor_permutation(len(generator.sizes[0]), list(generator.aspect_ratios[0]))
-    boxes = boxes.reshape(*shape, len(perm), 4)[..., [1, 0, 3, 2]]
-    out = torch.empty_like(boxes)
-    out[..., perm, :] = boxes
-    return out.flatten(2).numpy()
+    ``[H, W, A * 4]`` ``y1, x1, y2, x2`` layout (swapping x and y is the box-delta reorder)."""
+    as_output = boxes.reshape(1, *shape, -1).permute(0, 3, 1, 2)  # (1, A * 4, H, W)
+    return _model_garden_layout(as_output, generator, box=True)[0].numpy()
 
 
 @pytest.mark.parametrize(

@@ -10,13 +10,13 @@ from ..data.errors import DataError
 from ..models.registry import create_model, model_task
 from ..models.weights import save_weights
 from .tf_checkpoint import TFCheckpoint
-from .tf_mapping import ConversionError, convert_checkpoint, find_backbone
+from .tf_mapping import ConversionError, convert_checkpoint, find_backbone, model_node
 
 __all__ = ["add_convert_commands", "convert_tf"]
 
 
 def _shape(ckpt: TFCheckpoint, *path: str) -> tuple[int, ...]:
-    node = ckpt.child(ckpt.child(ckpt.root, "model") or ckpt.root, *path)
+    node = ckpt.child(model_node(ckpt), *path)
     if node is None or node.tensor is None:
         raise ConversionError(f"{ckpt.prefix} holds no {'/'.join(path)}")
     return ckpt.shape(node.tensor)
@@ -24,7 +24,7 @@ def _shape(ckpt: TFCheckpoint, *path: str) -> tuple[int, ...]:
 
 def _retinanet_options(ckpt: TFCheckpoint) -> dict:
     """Classes (classifier channels / 9 anchors) and tower depth of a RetinaNet checkpoint."""
-    convs = ckpt.child(ckpt.child(ckpt.root, "model") or ckpt.root, "_head", "_cls_convs")
+    convs = ckpt.child(model_node(ckpt), "_head", "_cls_convs")
     return {
         "num_classes": _shape(ckpt, "_head", "_classifier", "kernel")[-1] // 9,
         "head_depth": len(convs.children) if convs is not None else None,
@@ -33,7 +33,7 @@ def _retinanet_options(ckpt: TFCheckpoint) -> dict:
 
 def _rcnn_options(ckpt: TFCheckpoint) -> dict:
     """Head sizes of a Model Garden Faster/Mask R-CNN checkpoint, read from its shapes."""
-    rpn = ckpt.child(ckpt.child(ckpt.root, "model") or ckpt.root, "rpn_head", "_convs")
+    rpn = ckpt.child(model_node(ckpt), "rpn_head", "_convs")
     if rpn is None:
         raise ConversionError(f"{ckpt.prefix} holds no R-CNN heads (model/rpn_head)")
     return {

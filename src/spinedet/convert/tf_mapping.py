@@ -24,6 +24,7 @@ __all__ = [
     "find_backbone",
     "model_garden_head_outputs",
     "model_garden_roi_outputs",
+    "model_node",
 ]
 
 # Residual-block attributes of Model Garden's nn_blocks -> spinedet module names.
@@ -99,13 +100,14 @@ class _Converter:
         module: str,
         out_perm: np.ndarray | None = None,
         dense_input: tuple[int, int] | None = None,
+        kernel_name: str = "kernel",
     ) -> None:
         """A Conv2D (HWIO -> OIHW; Conv2DTranspose's HWOI becomes IOHW, as torch wants) or,
         with ``dense_input=(size, channels)``, a Dense layer reading flattened NHWC features
         (columns reordered to torch's NCHW flattening)."""
-        kernel = self._var(node, "kernel")
+        kernel = self._var(node, kernel_name)
         if kernel is None:
-            raise ConversionError(f"checkpoint layer for {module} has no kernel")
+            raise ConversionError(f"checkpoint layer for {module} has no {kernel_name}")
         weight = kernel[1]
         if weight.ndim == 4:
             weight = weight.transpose(3, 2, 0, 1)
@@ -136,17 +138,7 @@ class _Converter:
             self.conv(node, module, out_perm)
             return f"{module}.bias"
         self.depthwise(node, f"{module}.depthwise")
-        pointwise = self._var(node, "pointwise_kernel")
-        weight = pointwise[1].transpose(3, 2, 0, 1)
-        if out_perm is not None and len(out_perm) == len(weight):
-            weight = weight[out_perm]
-        else:
-            out_perm = None
-        self.put(f"{module}.pointwise.weight", pointwise[0], weight)
-        bias = self._var(node, "bias")
-        if bias is not None:
-            value = bias[1] if out_perm is None else bias[1][out_perm]
-            self.put(f"{module}.pointwise.bias", bias[0], value)
+        self.conv(node, f"{module}.pointwise", out_perm, kernel_name="pointwise_kernel")
         return f"{module}.pointwise.bias"
 
     def conv_bn(self, conv: TrackableNode, module: str, norms: list[tuple[TrackableNode, str]]):
@@ -224,12 +216,13 @@ def _convert_backbone(
             getattr(conv, layer.kind)(child, module)
 
 
-def _anchor_permutation(num_scales: int, ratios: list[float]) -> np.ndarray:
-    """torchvision anchor index -> Model Garden anchor index.
+def _anchor_permutation(generator) -> np.ndarray:
+    """torchvision anchor index -> Model Garden anchor index, for a spinedet anchor generator.
 
     torchvision orders anchors ratio-major with ratio = h / w; Model Garden scale-major with
     ratio = w / h.
     """
+    num_scales, ratios = len(generator.sizes[0]), list(generator.aspect_ratios[0])
     perm = []
     for ratio in ratios:
         tf_ratio = next(j for j, r in enumerate(ratios) if np.isclose(r, 1.0 / ratio))
@@ -266,8 +259,7 @@ def _level_tower(conv: _Converter, head: TrackableNode, attrs: tuple[str, str], 
 def _anchor_outputs(generator, params: np.ndarray) -> np.ndarray:
     """Output-channel permutation of a dense head predicting ``len(params)`` values per
     anchor (``params`` also reorders the values, e.g. box parameters)."""
-    anchors = _anchor_permutation(len(generator.sizes[0]), list(generator.aspect_ratios[0]))
-    return (anchors[:, None] * len(params) + params).reshape(-1)
+    return (_anchor_permutation(generator)[:, None] * len(params) + params).reshape(-1)
 
 
 def _convert_retinanet_head(conv: _Converter, head: TrackableNode, model: nn.Module) -> None:
@@ -339,7 +331,8 @@ def _convert_rcnn_heads(conv: _Converter, parent: TrackableNode, model: nn.Modul
         conv.searched.append(mask)  # a Faster R-CNN given a Mask R-CNN: reported as unexpected
     if not roi.has_mask():
         return
-    mask = _required(conv, parent, "mask_head")
+    if mask is None:
+        raise ConversionError(f"{ckpt.prefix} holds no mask_head")
     _conv_stack(conv, mask, ("_convs", "_conv_norms"), len(roi.mask_head), "roi_heads.mask_head")
     conv.conv_bn(
         ckpt.child(mask, "_deconv"),
@@ -349,7 +342,7 @@ def _convert_rcnn_heads(conv: _Converter, parent: TrackableNode, model: nn.Modul
     conv.conv(ckpt.child(mask, "_mask_regressor"), "roi_heads.mask_predictor.mask_fcn_logits")
 
 
-def _model_node(ckpt: TFCheckpoint) -> TrackableNode:
+def model_node(ckpt: TFCheckpoint) -> TrackableNode:
     """The Keras model object: ``model`` in a training checkpoint, else the root."""
     return ckpt.child(ckpt.root, "model") or ckpt.root
 
@@ -368,7 +361,7 @@ def convert_checkpoint(ckpt: TFCheckpoint, model: nn.Module) -> dict[str, torch.
     conv.searched.append(backbone_node)
     _convert_backbone(conv, backbone_node, backbone, "backbone." if is_detector else "")
     if hasattr(model, "head"):
-        head = ckpt.child(_model_node(ckpt), "_head")
+        head = ckpt.child(model_node(ckpt), "_head")
         if head is None:
             raise ConversionError(
                 f"{ckpt.prefix} holds no RetinaNet head (model/_head): convert the backbone "
@@ -377,7 +370,7 @@ def convert_checkpoint(ckpt: TFCheckpoint, model: nn.Module) -> dict[str, torch.
         conv.searched.append(head)
         _convert_retinanet_head(conv, head, model)
     elif hasattr(model, "rpn"):
-        _convert_rcnn_heads(conv, _model_node(ckpt), model)
+        _convert_rcnn_heads(conv, model_node(ckpt), model)
     expected = {k: v for k, v in model.state_dict().items() if "num_batches_tracked" not in k}
     _check(conv, expected)
     return conv.state
@@ -410,9 +403,7 @@ def _check(conv: _Converter, expected: dict[str, torch.Tensor]) -> None:
 def _model_garden_layout(x: torch.Tensor, generator, box: bool) -> torch.Tensor:
     """A torchvision dense output (N, A * K, H, W) in Model Garden's layout: NHWC, channels
     ``anchor * K + k``, anchors scale-major, boxes ``ty, tx, th, tw``."""
-    perm = torch.as_tensor(
-        _anchor_permutation(len(generator.sizes[0]), list(generator.aspect_ratios[0]))
-    )
+    perm = torch.as_tensor(_anchor_permutation(generator))
     x = x.permute(0, 2, 3, 1)
     x = x.reshape(*x.shape[:3], len(perm), -1)
     if box:
