@@ -23,12 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 
-from .models import create_model, load_model
-from .models.spinenet import SpineNet
+from .errors import SpinedetError
+from .models import create_model, describe, load_model
 from .models.weights import atomic_write, resolve_checkpoint
 
 __all__ = ["DenseOutputs", "ExportError", "export_onnx", "resolve_model"]
@@ -36,7 +35,7 @@ __all__ = ["DenseOutputs", "ExportError", "export_onnx", "resolve_model"]
 TOLERANCE = 1e-4
 
 
-class ExportError(ValueError):
+class ExportError(SpinedetError):
     """The export failed or the exported model does not match PyTorch."""
 
 
@@ -46,13 +45,15 @@ class DenseOutputs(nn.Module):
     def __init__(self, model: nn.Module, image_size: int) -> None:
         super().__init__()
         self.image_size = image_size
-        if isinstance(model, SpineNet):
+        try:
+            task = describe(model).task
+        except SpinedetError as e:
+            raise ExportError(f"cannot export: {e}") from None
+        if task == "backbone":
             self.kind, self.backbone = "backbone", model
             return
-        if not hasattr(model, "backbone") or not hasattr(model, "transform"):
-            raise ExportError(f"cannot export {type(model).__name__}: not a spinedet model")
         self.backbone = model.backbone
-        if isinstance(model, RetinaNet):
+        if task == "retinanet":
             self.kind, self.head, generator = "retinanet", model.head, model.anchor_generator
         else:
             self.kind, self.head, generator = "rcnn", model.rpn.head, model.rpn.anchor_generator

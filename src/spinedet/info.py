@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
-from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.roi_heads import RoIHeads
 
-from .models import create_model
+from .models import create_model, describe
 
 __all__ = ["count_params", "count_macs", "model_info"]
 
@@ -20,7 +19,7 @@ def count_params(module: nn.Module) -> int:
 
 def _backbone(model: nn.Module) -> nn.Module:
     """The SpineNet of a detector, or the model itself when it is a backbone."""
-    return getattr(model, "backbone", model)
+    return model if describe(model).task == "backbone" else model.backbone
 
 
 def _roi_macs(roi: RoIHeads, features: dict, image_size: int, num_boxes: int, masks: bool) -> None:
@@ -49,9 +48,10 @@ def count_macs(model: nn.Module, image_size: int = 640) -> int:
     try:
         with counter:
             features = _backbone(model)(x)
-            if isinstance(model, RetinaNet):
+            task = describe(model).task
+            if task == "retinanet":
                 model.head(list(features.values()))
-            elif hasattr(model, "rpn"):
+            elif task in ("fasterrcnn", "maskrcnn"):
                 model.rpn.head(list(features.values()))
                 proposals = model.rpn._post_nms_top_n["testing"]
                 _roi_macs(model.roi_heads, features, image_size, proposals, masks=True)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from .models import describe
 from .models.layers import SameConv2d, pad_same
 
 __all__ = ["OneDNNConv2d", "fold_bn_into_conv", "fuse_bn", "optimize_for_inference", "use_onednn"]
@@ -177,11 +178,12 @@ def _compile_parts(model: nn.Module) -> None:
     def compiled(module):
         return torch.compile(module, dynamic=False, options={"freezing": True})
 
-    if not hasattr(model, "backbone"):
+    task = describe(model).task
+    if task == "backbone":
         model.forward = compiled(model.forward)
         return
     model.backbone = compiled(model.backbone)
-    if hasattr(model, "head"):  # RetinaNet's dense head
+    if task == "retinanet":  # the dense head
         model.head = compiled(model.head)
-    if hasattr(model, "rpn"):
+    else:
         model.rpn.head = compiled(model.rpn.head)

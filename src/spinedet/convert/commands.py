@@ -99,14 +99,12 @@ def convert_tf(
     if categories is not None:
         if task is None:
             raise ConversionError(f"{model_name} is a backbone: --categories does not apply")
-        metadata["categories"] = _categories(categories, options["num_classes"])
-        options["class_names"] = [c["name"] for c in metadata["categories"]]
-        del options["num_classes"]
+        options["categories"] = _categories(categories, options.pop("num_classes"))
     model = create_model(name, activation=activation, **(options | model_kwargs))
     state = convert_checkpoint(ckpt, model)
     model.load_state_dict(state, strict=False)  # completeness was checked; BN counters stay
     save_weights(model, out, metadata)
-    shown = ", ".join(f"{k}={v}" for k, v in options.items() if k != "class_names")
+    shown = ", ".join(f"{k}={v}" for k, v in options.items() if k != "categories")
     return f"{ckpt.prefix} -> {out}: {name}{f' ({shown})' if shown else ''}, {len(state)} tensors"
 
 

@@ -12,11 +12,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from torch import nn
+
+from ..errors import SpinedetError
+from ..models import describe
 from ..models.specs import NUM_STEM_BLOCKS
 from ..models.spinenet import SpineNet
 from ..models.spinenet_mobile import STEM_LEVELS, SpineNetMobile
 
-__all__ = ["WeightedLayer", "spinenet_keras_layers", "spinenet_mobile_keras_layers"]
+__all__ = [
+    "WeightedLayer",
+    "keras_layers",
+    "spinenet_keras_layers",
+    "spinenet_mobile_keras_layers",
+]
 
 
 @dataclass(frozen=True)
@@ -198,3 +207,18 @@ def spinenet_mobile_keras_layers(backbone: SpineNetMobile) -> list[WeightedLayer
     ends = [g.op(conv_bn(outputs[lvl], f"endpoints.p{lvl}")) for lvl in backbone.levels]
     ends = [e for _, e in sorted(zip(map(str, backbone.levels), ends, strict=True))]
     return [g.nodes[n].layer for n in g.keras_order(ends) if g.nodes[n].layer is not None]
+
+
+# The Keras layer order of each backbone family Model Garden has.
+_FAMILY_LAYERS = {
+    "spinenet": spinenet_keras_layers,
+    "spinenet_mobile": spinenet_mobile_keras_layers,
+}
+
+
+def keras_layers(backbone: nn.Module) -> list[WeightedLayer]:
+    """The weighted layers of ``backbone`` in the order its Model Garden twin saves them."""
+    family = describe(backbone).family
+    if family not in _FAMILY_LAYERS:
+        raise SpinedetError(f"no Model Garden layout for {family} backbones")
+    return _FAMILY_LAYERS[family](backbone)

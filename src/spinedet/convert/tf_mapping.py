@@ -13,9 +13,10 @@ import torch
 from torch import nn
 from torchvision.ops.misc import Conv2dNormActivation
 
-from ..models.spinenet import SpineNet
-from ..models.spinenet_mobile import SpineNetMobile
-from .keras_order import spinenet_keras_layers, spinenet_mobile_keras_layers
+from ..errors import SpinedetError
+from ..models import describe
+from ..models.spinenet import ScalePermutedBackbone
+from .keras_order import keras_layers
 from .tf_checkpoint import TFCheckpoint, TrackableNode
 
 __all__ = [
@@ -54,7 +55,7 @@ _BN_VAR = ("moving_variance", "running_var")
 _BOX_PARAMS = np.asarray([1, 0, 3, 2])
 
 
-class ConversionError(ValueError):
+class ConversionError(SpinedetError):
     """A checkpoint that does not fit the requested model."""
 
 
@@ -195,12 +196,9 @@ def find_backbone(ckpt: TFCheckpoint) -> TrackableNode:
 
 
 def _convert_backbone(
-    conv: _Converter, node: TrackableNode, backbone: SpineNet | SpineNetMobile, prefix: str
+    conv: _Converter, node: TrackableNode, backbone: ScalePermutedBackbone, prefix: str
 ):
-    if isinstance(backbone, SpineNetMobile):
-        layers = spinenet_mobile_keras_layers(backbone)
-    else:
-        layers = spinenet_keras_layers(backbone)
+    layers = keras_layers(backbone)
     found = [k for k in node.children if k.startswith("layer_with_weights-")]
     if len(found) != len(layers):
         raise ConversionError(
@@ -356,11 +354,12 @@ def convert_checkpoint(ckpt: TFCheckpoint, model: nn.Module) -> dict[str, torch.
     """
     conv = _Converter(ckpt)
     backbone_node = find_backbone(ckpt)
-    is_detector = hasattr(model, "backbone")
+    task = describe(model).task
+    is_detector = task != "backbone"
     backbone = model.backbone if is_detector else model
     conv.searched.append(backbone_node)
     _convert_backbone(conv, backbone_node, backbone, "backbone." if is_detector else "")
-    if hasattr(model, "head"):
+    if task == "retinanet":
         head = ckpt.child(model_node(ckpt), "_head")
         if head is None:
             raise ConversionError(
@@ -369,7 +368,7 @@ def convert_checkpoint(ckpt: TFCheckpoint, model: nn.Module) -> dict[str, torch.
             )
         conv.searched.append(head)
         _convert_retinanet_head(conv, head, model)
-    elif hasattr(model, "rpn"):
+    elif is_detector:
         _convert_rcnn_heads(conv, model_node(ckpt), model)
     expected = {k: v for k, v in model.state_dict().items() if "num_batches_tracked" not in k}
     _check(conv, expected)
@@ -422,7 +421,7 @@ def model_garden_head_outputs(
     from ..models.heads import apply_tower
 
     levels = list(features.values())
-    if hasattr(model, "rpn"):
+    if describe(model).task != "retinanet":
         generator = model.rpn.anchor_generator
         scores, boxes = model.rpn.head(levels)
     else:

@@ -12,8 +12,10 @@ from torch import nn
 
 from ..data import CocoDataset
 from ..data.transforms import eval_transforms
-from ..models import load_model, model_task
-from ..models.weights import atomic_write, read_metadata, resolve_checkpoint
+from ..errors import SpinedetError
+from ..models import describe, load_model
+from ..models.registry import task_of
+from ..models.weights import atomic_write, resolve_checkpoint
 from .distributed import flush_denormals
 from .evaluate import coco_evaluate, run_inference
 from .predict import collect_images, predict_images
@@ -27,9 +29,7 @@ def load_checkpoint(path: str | Path, **overrides) -> tuple[nn.Module, list[dict
     flush_denormals()
     path = resolve_checkpoint(path)
     model = load_model(path, **overrides)
-    categories = read_metadata(path).get("categories") or [
-        {"id": i + 1, "name": name} for i, name in enumerate(model.class_names)
-    ]
+    categories = [{"id": c.id, "name": c.name} for c in describe(model).categories]
     return model, categories
 
 
@@ -46,15 +46,18 @@ def evaluate(
     With ``out_dir``, writes ``metrics.json`` and the COCO results file ``results.json``.
     """
     model, categories = load_checkpoint(checkpoint)
-    masks = model_task(model.model_name) == "maskrcnn"
+    task = task_of(model)
+    if task is None:
+        raise SpinedetError(f"{checkpoint} holds a backbone: evaluate a detector")
+    masks = task.masks
     dataset = CocoDataset(annotations, images, eval_transforms(), masks=masks)
     ids = {c["id"] for c in categories}
     unknown = sorted({c["id"] for c in dataset.categories} - ids)
     if unknown:
-        raise ValueError(
+        raise SpinedetError(
             f"{annotations}: category ids {unknown[:10]} are not among the model's categories"
         )
-    label_to_cat = {i + 1: c["id"] for i, c in enumerate(categories)}
+    label_to_cat = describe(model).label_to_category_id()
     results = run_inference(model.to(device), dataset, label_to_cat, torch.device(device),
                             batch_size=batch_size)  # fmt: skip
     metrics = coco_evaluate(dataset.coco, results, ("bbox", "segm") if masks else ("bbox",))
@@ -77,6 +80,5 @@ def predict(
 ) -> Path:
     """Draw a checkpoint's detections over images (files or directories) into ``out_dir``;
     returns the path of ``predictions.json``."""
-    model, categories = load_checkpoint(checkpoint)
-    return predict_images(model, collect_images(inputs), out_dir, categories, score_threshold,
-                          device)  # fmt: skip
+    model, _ = load_checkpoint(checkpoint)
+    return predict_images(model, collect_images(inputs), out_dir, score_threshold, device)

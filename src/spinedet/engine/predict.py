@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -14,6 +13,7 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 from tqdm import tqdm
 
 from ..data import load_image
+from ..models import describe
 from ..models.weights import atomic_write
 from .evaluate import to_coco_results
 
@@ -55,7 +55,6 @@ def predict_images(
     model: nn.Module,
     paths: Sequence[Path],
     out_dir: str | Path,
-    categories: list[dict[str, Any]],
     score_threshold: float = 0.5,
     device: torch.device | str = "cpu",
 ) -> Path:
@@ -64,9 +63,10 @@ def predict_images(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.eval().to(device)
-    label_to_cat = {i + 1: c["id"] for i, c in enumerate(categories)}
-    names = [c["name"] for c in categories]
-    name_of = {c["id"]: c["name"] for c in categories}
+    description = describe(model)
+    label_to_cat = description.label_to_category_id()
+    names = description.class_names
+    name_of = {c.id: c.name for c in description.categories}
     results = []
     for index, path in enumerate(tqdm(paths, desc="predict", unit="img")):
         image = F.pil_to_tensor(load_image(path))

@@ -23,7 +23,9 @@ from tqdm import tqdm
 from ..config import save_config
 from ..data import CocoDataset, DataError, check_dataset, collate, format_report
 from ..data.transforms import eval_transforms, train_transforms
-from ..models import create_model, model_task
+from ..errors import SpinedetError
+from ..models import create_model, describe
+from ..models.registry import TASKS, model_task
 from ..models.weights import architecture_options, load_weights, save_weights
 from . import distributed
 from .checkpoint import load_state, save_state
@@ -174,10 +176,11 @@ class Trainer:
             _check_data(config, info)
 
         mcfg = config["model"]
-        self.task = model_task(mcfg["name"])
-        if self.task is None:
-            raise ValueError(f"{mcfg['name']} is a backbone; train a detector (e.g. _maskrcnn)")
-        masks = self.task == "maskrcnn"
+        task = model_task(mcfg["name"])
+        if task is None:
+            raise SpinedetError(f"{mcfg['name']} is a backbone; train a detector (e.g. _maskrcnn)")
+        self.task = TASKS[task]
+        masks = self.task.masks
         dcfg = config["data"]
         train_tf = train_transforms(mcfg["image_size"], tuple(dcfg["scale_range"]), dcfg["hflip"])
         self.train_set = CocoDataset(
@@ -188,7 +191,6 @@ class Trainer:
             self.val_set = CocoDataset(
                 dcfg["val"]["annotations"], dcfg["val"]["images"], eval_transforms(), masks
             )
-        self.categories = self.train_set.categories
 
         options = dict(mcfg["options"])
         if mcfg["weights"]:
@@ -201,7 +203,7 @@ class Trainer:
                 log.info("model options from %s: %s", mcfg["weights"], shown)
         model = create_model(
             mcfg["name"],
-            class_names=self.train_set.class_names,
+            categories=self.train_set.categories,
             image_size=mcfg["image_size"],
             **options,
         )
@@ -256,7 +258,7 @@ class Trainer:
         save_weights(self.model, self.out / "last.safetensors", self._meta())
 
     def _meta(self) -> dict:
-        return {"categories": self.categories, "step": self.step, "config": self.cfg}
+        return {"step": self.step, "config": self.cfg}
 
     def resume(self) -> None:
         state = load_state(self.checkpoint_path)
@@ -340,8 +342,8 @@ class Trainer:
         return total / max(count, 1)
 
     def _evaluate(self, epoch: int) -> dict:
-        iou_types = ("bbox", "segm") if self.task == "maskrcnn" else ("bbox",)
-        label_to_cat = self.val_set.label_to_cat_id
+        iou_types = ("bbox", "segm") if self.task.masks else ("bbox",)
+        label_to_cat = describe(self.model).label_to_category_id()
         results = run_inference(
             self.model, self.val_set, label_to_cat, self.device, self.info, self.batch
         )

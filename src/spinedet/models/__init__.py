@@ -1,7 +1,8 @@
 """SpineNet backbones and detectors."""
 
+from .description import Category, ModelDescription
 from .detectors import spinenet_fasterrcnn, spinenet_maskrcnn, spinenet_retinanet
-from .registry import create_model, list_models, load_model, model_task
+from .registry import FAMILIES, TASKS, create_model, describe, list_models, load_model, model_task
 from .specs import (
     MOBILE_SCALING,
     SCALING,
@@ -13,10 +14,16 @@ from .specs import (
 )
 from .spinenet import SpineNet, spinenet
 from .spinenet_mobile import SpineNetMobile, spinenet_mobile
-from .weights import WeightsError, load_weights, save_weights
+from .weights import WeightsError, load_weights, read_description, save_weights
 
 __all__ = [
     "BlockSpec",
+    "Category",
+    "FAMILIES",
+    "ModelDescription",
+    "TASKS",
+    "describe",
+    "read_description",
     "MOBILE_SCALING",
     "MobileScaling",
     "SCALING",

@@ -14,6 +14,7 @@ from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 
+from ..errors import ModelError
 from .heads import (
     LevelRPNHead,
     PyramidRoIAlign,
@@ -24,57 +25,40 @@ from .heads import (
     retinanet_head,
 )
 from .layers import ACTIVATIONS, make_norm
-from .spinenet import SpineNet, spinenet
-from .spinenet_mobile import SpineNetMobile, spinenet_mobile
+from .registry import register_task, resolve_variant
+from .spinenet import ScalePermutedBackbone, build_variant
+from .spinenet_mobile import SPINENET_MOBILE  # noqa: F401 - registers the Mobile family
 
 __all__ = ["spinenet_retinanet", "spinenet_fasterrcnn", "spinenet_maskrcnn"]
-
-# Paper heads per variant: RetinaNet tower depth, anchor size, R-CNN box-head FC width, and
-# RPN anchor scales per location (Model Garden's 143 R-CNN configs use 3, 49 and 96 one).
-HEAD_CONFIG = {
-    "49s": {"head_depth": 4, "anchor_size": 3.0, "fc_dim": 512, "rpn_scales": 1},
-    "49": {"head_depth": 4, "anchor_size": 3.0, "fc_dim": 1024, "rpn_scales": 1},
-    "96": {"head_depth": 4, "anchor_size": 3.0, "fc_dim": 1024, "rpn_scales": 1},
-    "143": {"head_depth": 4, "anchor_size": 4.0, "fc_dim": 1024, "rpn_scales": 3},
-    "190": {"head_depth": 7, "anchor_size": 4.0, "fc_dim": 1024, "rpn_scales": 3},
-}
-# SpineNet-Mobile ("mobile" + variant): Model Garden's mobile RetinaNet has 4-deep towers of
-# depthwise-separable convs as wide as the endpoints, and separable predictors.
-MOBILE_HEAD_CONFIG = {
-    f"mobile{v}": {
-        "head_depth": 4, "anchor_size": 3.0, "fc_dim": 256, "rpn_scales": 1, "separable": True
-    }
-    for v in ("49", "49s", "49xs")
-}  # fmt: skip
 
 
 def _check_num_classes(num_classes: int, class_names: Sequence[str] | None) -> int:
     if class_names is not None:
         expected = len(class_names) + 1
         if num_classes is not None and num_classes != expected:
-            raise ValueError(
+            raise ModelError(
                 f"num_classes={num_classes} does not match {len(class_names)} class names "
                 f"(num_classes counts the background: expected {expected})"
             )
         num_classes = expected
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(
+        raise ModelError(
             "num_classes must be an integer >= 2 (object classes + background), "
             f"got {num_classes!r}"
         )
     return num_classes
 
 
-def _head_norm(norm: str, backbone: SpineNet) -> Callable[[int], nn.Module]:
+def _head_norm(norm: str, backbone: ScalePermutedBackbone) -> Callable[[int], nn.Module]:
     """Head norm layers; BN takes the backbone's momentum and epsilon."""
     if norm == "bn":
         return partial(nn.BatchNorm2d, eps=backbone.bn_eps, momentum=backbone.bn_momentum)
     if norm == "gn":
         return make_norm("gn")
-    raise ValueError(f"unknown head_norm {norm!r}; expected 'bn' or 'gn'")
+    raise ModelError(f"unknown head_norm {norm!r}; expected 'bn' or 'gn'")
 
 
-def _fc_norm(norm: str, backbone: SpineNet) -> Callable[[int], nn.Module] | None:
+def _fc_norm(norm: str, backbone: ScalePermutedBackbone) -> Callable[[int], nn.Module] | None:
     """Norm after the box head's FC: BatchNorm1d as in Model Garden, none with GroupNorm."""
     if norm == "bn":
         return partial(nn.BatchNorm1d, eps=backbone.bn_eps, momentum=backbone.bn_momentum)
@@ -89,17 +73,10 @@ def _split_kwargs(detector: type, kwargs: dict) -> tuple[dict, dict]:
     return own, {k: v for k, v in kwargs.items() if k not in accepted}
 
 
-def _backbone(variant: str, backbone_kwargs: dict) -> tuple[SpineNet | SpineNetMobile, dict]:
-    key = variant.lower()
-    if key in MOBILE_HEAD_CONFIG:
-        backbone = spinenet_mobile(key.removeprefix("mobile"), **backbone_kwargs)
-        return backbone, MOBILE_HEAD_CONFIG[key]
-    if key not in HEAD_CONFIG:
-        raise ValueError(
-            f"unknown SpineNet variant {variant!r}; "
-            f"expected one of {list(HEAD_CONFIG) + list(MOBILE_HEAD_CONFIG)}"
-        )
-    return spinenet(key, **backbone_kwargs), HEAD_CONFIG[key]
+def _backbone(variant: str, backbone_kwargs: dict) -> tuple[nn.Module, dict]:
+    """The backbone a task builder's ``variant`` names, and its family's head defaults."""
+    family, key = resolve_variant(variant)
+    return build_variant(family, key, backbone_kwargs), family.head_defaults[key]
 
 
 def _finish(model: nn.Module, num_classes: int, class_names: Sequence[str] | None) -> nn.Module:
@@ -110,6 +87,16 @@ def _finish(model: nn.Module, num_classes: int, class_names: Sequence[str] | Non
     return model
 
 
+# Options of torchvision's detector classes (thresholds, proposal counts, sizes) leave the
+# weights alone: they are the tasks' runtime options, with the input size.
+def _runtime(detector: type) -> set[str]:
+    return {*inspect.signature(detector.__init__).parameters, "image_size"}
+
+
+_ALL = {"spinenet": None, "spinenet_mobile": None}
+
+
+@register_task("retinanet", families=_ALL, runtime=_runtime(RetinaNet))
 def spinenet_retinanet(
     variant: str = "49",
     num_classes: int | None = 91,
@@ -151,7 +138,7 @@ def spinenet_retinanet(
         num_classes,
         head_depth or cfg["head_depth"],
         _head_norm(head_norm, backbone),
-        ACTIVATIONS[backbone_kwargs.get("activation", "relu")],
+        ACTIVATIONS[backbone.activation],
         focal_alpha,
         focal_gamma,
         separable=cfg.get("separable", False),
@@ -181,7 +168,7 @@ def _two_stage(
     detector_kwargs, backbone_kwargs = _split_kwargs(kind, kwargs)
     backbone, cfg = _backbone(variant, backbone_kwargs)
     norm = _head_norm(heads["head_norm"], backbone)
-    act = ACTIVATIONS[backbone_kwargs.get("activation", "relu")]
+    act = ACTIVATIONS[backbone.activation]
     in_channels = backbone.out_channels
     channels = heads["head_channels"] or in_channels
     anchors = pyramid_anchors(
@@ -224,6 +211,7 @@ def _two_stage(
     return _finish(model, num_classes, class_names)
 
 
+@register_task("fasterrcnn", families={"spinenet": None}, runtime=_runtime(FasterRCNN))
 def spinenet_fasterrcnn(
     variant: str = "49",
     num_classes: int | None = 91,
@@ -259,6 +247,7 @@ def spinenet_fasterrcnn(
     return _two_stage(FasterRCNN, variant, num_classes, class_names, image_size, heads, kwargs)
 
 
+@register_task("maskrcnn", families={"spinenet": None}, runtime=_runtime(MaskRCNN), masks=True)
 def spinenet_maskrcnn(
     variant: str = "49",
     num_classes: int | None = 91,

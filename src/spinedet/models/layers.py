@@ -11,12 +11,15 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from ..errors import ModelError
+
 # Model Garden's BatchNormalization defaults (TF decay 0.99 is PyTorch momentum 0.01).
 BN_MOMENTUM = 0.01
 BN_EPS = 1e-3
 
 NORMS = ("bn", "syncbn", "frozenbn", "gn")
 ACTIVATIONS = {"relu": nn.ReLU, "swish": nn.SiLU, "silu": nn.SiLU}
+DEFAULT_ACTIVATION = "relu"  # the paper's and Model Garden's default
 PADDINGS = ("same", "symmetric")
 
 NormFactory = Callable[[int], nn.Module]
@@ -33,7 +36,7 @@ def make_norm(norm: str = "bn", momentum: float = BN_MOMENTUM, eps: float = BN_E
     if norm == "gn":
         # 32 groups where the width allows it; scaled widths such as 41 or 166 need fewer.
         return lambda channels: nn.GroupNorm(math.gcd(32, channels), channels, eps=eps)
-    raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
+    raise ModelError(f"unknown norm {norm!r}; expected one of {NORMS}")
 
 
 def make_activation(name: str) -> Callable[[], nn.Module]:
@@ -41,7 +44,7 @@ def make_activation(name: str) -> Callable[[], nn.Module]:
     try:
         act = ACTIVATIONS[name]
     except KeyError:
-        raise ValueError(
+        raise ModelError(
             f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}"
         ) from None
     return partial(act, inplace=True)
@@ -104,7 +107,7 @@ def conv2d(
     differ, and ``padding="same"`` then reproduces TensorFlow's asymmetric rule.
     """
     if padding not in PADDINGS:
-        raise ValueError(f"unknown padding {padding!r}; expected one of {PADDINGS}")
+        raise ModelError(f"unknown padding {padding!r}; expected one of {PADDINGS}")
     if stride > 1 and padding == "same":
         return SameConv2d(in_channels, out_channels, kernel_size, stride, padding=0, bias=bias)
     return nn.Conv2d(

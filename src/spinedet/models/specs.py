@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..errors import ModelError
+
 BLOCK_TYPES = ("bottleneck", "residual")
 
 # Base block width (before `filter_scale`) of each level.
@@ -78,6 +80,16 @@ SCALING: dict[str, Scaling] = {
     "190": Scaling(endpoint_filters=512, filter_scale=1.3, resample_alpha=1.0, block_repeats=4),
 }
 
+# Paper heads per variant: RetinaNet tower depth, anchor size, R-CNN box-head FC width, and
+# RPN anchor scales per location (Model Garden's 143 R-CNN configs use 3, 49 and 96 one).
+HEAD_DEFAULTS: dict[str, dict] = {
+    "49s": {"head_depth": 4, "anchor_size": 3.0, "fc_dim": 512, "rpn_scales": 1},
+    "49": {"head_depth": 4, "anchor_size": 3.0, "fc_dim": 1024, "rpn_scales": 1},
+    "96": {"head_depth": 4, "anchor_size": 3.0, "fc_dim": 1024, "rpn_scales": 1},
+    "143": {"head_depth": 4, "anchor_size": 4.0, "fc_dim": 1024, "rpn_scales": 3},
+    "190": {"head_depth": 7, "anchor_size": 4.0, "fc_dim": 1024, "rpn_scales": 3},
+}
+
 NUM_STEM_BLOCKS = 2
 
 # SpineNet-Mobile (Du et al. 2020, "Efficient Scale-Permuted Backbone with Learned Resource
@@ -130,6 +142,14 @@ MOBILE_SCALING: dict[str, MobileScaling] = {
 }
 
 
+# Model Garden's mobile RetinaNet has 4-deep towers of depthwise-separable convs as wide as the
+# endpoints, and separable predictors.
+MOBILE_HEAD_DEFAULTS: dict[str, dict] = {
+    v: {"head_depth": 4, "anchor_size": 3.0, "fc_dim": 256, "rpn_scales": 1, "separable": True}
+    for v in MOBILE_SCALING
+}
+
+
 def parse_block_specs(
     specs: Sequence[BlockSpec | Sequence], block_types: Sequence[str] = BLOCK_TYPES
 ) -> tuple[BlockSpec, ...]:
@@ -138,10 +158,10 @@ def parse_block_specs(
     ``block_types`` are the accepted block types (SpineNet-Mobile passes ``MOBILE_BLOCK_TYPES``).
 
     Raises:
-        ValueError: naming the offending block when a spec is malformed.
+        ModelError: naming the offending block when a spec is malformed.
     """
     if not specs:
-        raise ValueError("block_specs is empty: SpineNet needs at least one block")
+        raise ModelError("block_specs is empty: SpineNet needs at least one block")
     parsed: list[BlockSpec] = []
     outputs: set[int] = set()
     for i, spec in enumerate(specs):
@@ -149,28 +169,28 @@ def parse_block_specs(
         where = f"block spec {i} (block index {index})"
         if not isinstance(spec, BlockSpec):
             if isinstance(spec, str) or not isinstance(spec, Sequence) or len(spec) != 4:
-                raise ValueError(
+                raise ModelError(
                     f"{where}: expected (level, block_type, (parent0, parent1), is_output), "
                     f"got {spec!r}"
                 )
             level, block_type, parents, is_output = spec
             if isinstance(parents, str) or not isinstance(parents, Sequence) or len(parents) != 2:
-                raise ValueError(f"{where}: parents must be two block indices, got {parents!r}")
+                raise ModelError(f"{where}: parents must be two block indices, got {parents!r}")
             spec = BlockSpec(level, block_type, tuple(parents), bool(is_output))
         if not isinstance(spec.level, int) or not 1 <= spec.level <= 7:
-            raise ValueError(f"{where}: level must be an integer in 1..7, got {spec.level!r}")
+            raise ModelError(f"{where}: level must be an integer in 1..7, got {spec.level!r}")
         if spec.block_type not in block_types:
-            raise ValueError(
+            raise ModelError(
                 f"{where}: block_type must be one of {tuple(block_types)}, got {spec.block_type!r}"
             )
         for p in spec.parents:
             if not isinstance(p, int) or not 0 <= p < index:
-                raise ValueError(
+                raise ModelError(
                     f"{where}: parent {p!r} must be an earlier block index in 0..{index - 1}"
                 )
         if spec.is_output:
             if spec.level in outputs:
-                raise ValueError(f"{where}: a second output block for level {spec.level}")
+                raise ModelError(f"{where}: a second output block for level {spec.level}")
             outputs.add(spec.level)
         parsed.append(spec)
     return tuple(parsed)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import inspect
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -11,11 +11,23 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import ModelError
 from .blocks import Resample, block_group
-from .layers import BN_EPS, BN_MOMENTUM, ConvNormAct, make_activation, make_norm, max_pool
+from .description import ModelDescription
+from .layers import (
+    BN_EPS,
+    BN_MOMENTUM,
+    DEFAULT_ACTIVATION,
+    ConvNormAct,
+    make_activation,
+    make_norm,
+    max_pool,
+)
+from .registry import FAMILIES, Family, register_family
 from .specs import (
     BLOCK_EXPANSION,
     FILTER_SIZE_MAP,
+    HEAD_DEFAULTS,
     NUM_STEM_BLOCKS,
     SCALING,
     SPINENET_BLOCK_SPECS,
@@ -23,7 +35,7 @@ from .specs import (
     parse_block_specs,
 )
 
-__all__ = ["SpineNet", "spinenet", "plan_blocks"]
+__all__ = ["SpineNet", "spinenet", "plan_blocks", "ScalePermutedBackbone"]
 
 
 @dataclass(frozen=True)
@@ -80,7 +92,7 @@ def plan_blocks(
     outputs = {b.level: b.index for b in planned if b.is_output}
     missing = [lvl for lvl in range(min_level, max_level + 1) if lvl not in outputs]
     if missing:
-        raise ValueError(
+        raise ModelError(
             f"block_specs have no output block for level(s) {missing}; "
             f"outputs exist for levels {sorted(outputs)}"
         )
@@ -97,7 +109,26 @@ class ScalePermutedBackbone(nn.Module):
 
     Subclasses build ``stem``, ``stem_blocks``, ``plan``, ``resamplers``, ``blocks``, ``act``,
     ``endpoints`` and ``endpoint_inputs``, then call ``_init_weights``.
+
+    A backbone built directly (``SpineNet(...)``) describes itself as its family's custom
+    build with the options it was given, so its saved weights load with ``load_model``.
     """
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__init__
+        signature = inspect.signature(init)
+
+        @functools.wraps(init)
+        def described_init(self, *args, **options) -> None:
+            init(self, *args, **options)
+            if type(self) is cls:
+                given = signature.bind(self, *args, **options).arguments
+                family = next(f for f in FAMILIES.values() if f.backbone_class is cls)
+                given = {k: v for k, v in given.items() if k != "self"}
+                self.description = ModelDescription(family.name, None, "backbone", given)
+
+        cls.__init__ = described_init
 
     def _set_pyramid(
         self,
@@ -108,20 +139,22 @@ class ScalePermutedBackbone(nn.Module):
         stochastic_depth_rate: float,
         bn_momentum: float,
         bn_eps: float,
+        activation: str,
     ) -> None:
         """Validate the output levels and drop rate, and record the pyramid attributes."""
         if not lowest_level <= min_level <= max_level <= 7:
-            raise ValueError(
+            raise ModelError(
                 f"need {lowest_level} <= min_level <= max_level <= 7, got {min_level}..{max_level}"
             )
         if not 0.0 <= stochastic_depth_rate < 1.0:
-            raise ValueError(
+            raise ModelError(
                 f"stochastic_depth_rate must be in [0, 1), got {stochastic_depth_rate}"
             )
         self.min_level, self.max_level = min_level, max_level
         self.levels = list(range(min_level, max_level + 1))
         self.strides = [2**lvl for lvl in self.levels]
         self.out_channels = endpoint_filters  # torchvision detectors read this attribute
+        self.activation = activation  # heads use the backbone's
         self.bn_momentum, self.bn_eps = bn_momentum, bn_eps  # heads normalise alike
 
     def _init_weights(self) -> None:
@@ -197,7 +230,7 @@ class SpineNet(ScalePermutedBackbone):
         block_repeats: int = 1,
         min_level: int = 3,
         max_level: int = 7,
-        activation: str = "relu",
+        activation: str = DEFAULT_ACTIVATION,
         stochastic_depth_rate: float = 0.0,
         norm: str = "bn",
         bn_momentum: float = BN_MOMENTUM,
@@ -209,7 +242,14 @@ class SpineNet(ScalePermutedBackbone):
         _check_positive(endpoint_filters=endpoint_filters, filter_scale=filter_scale)
         _check_positive(resample_alpha=resample_alpha, block_repeats=block_repeats)
         self._set_pyramid(
-            2, min_level, max_level, endpoint_filters, stochastic_depth_rate, bn_momentum, bn_eps
+            2,
+            min_level,
+            max_level,
+            endpoint_filters,
+            stochastic_depth_rate,
+            bn_momentum,
+            bn_eps,
+            activation,
         )
         specs = parse_block_specs(block_specs)
         self.block_specs = specs
@@ -299,27 +339,10 @@ class SpineNet(ScalePermutedBackbone):
 def _check_positive(**values: float) -> None:
     for name, value in values.items():
         if not value > 0:
-            raise ValueError(f"{name} must be positive, got {value!r}")
+            raise ModelError(f"{name} must be positive, got {value!r}")
 
 
-def build_variant(
-    cls: type[nn.Module], table: dict, variant: str, kwargs: dict, family: str = "SpineNet"
-) -> nn.Module:
-    """``cls`` built with the scaling entry ``table[variant]``, overridden by ``kwargs``.
-
-    Unknown variants and options raise a ValueError listing what is accepted.
-    """
-    key = variant.lower()
-    if key not in table:
-        raise ValueError(f"unknown {family} variant {variant!r}; expected one of {list(table)}")
-    accepted = inspect.signature(cls.__init__).parameters
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        raise ValueError(
-            f"unknown option {unknown[0]!r}; {cls.__name__} options are "
-            f"{', '.join(p for p in accepted if p != 'self')}"
-        )
-    return cls(**{**dataclasses.asdict(table[key]), **kwargs})
+SPINENET = register_family(Family("spinenet", SpineNet, SCALING, HEAD_DEFAULTS))
 
 
 def spinenet(variant: str = "49", **kwargs) -> SpineNet:
@@ -327,4 +350,14 @@ def spinenet(variant: str = "49", **kwargs) -> SpineNet:
 
     Keyword arguments override the variant's scaling or any other :class:`SpineNet` option.
     """
-    return build_variant(SpineNet, SCALING, variant, kwargs)
+    return build_variant(SPINENET, variant, kwargs)
+
+
+def build_variant(family: Family, variant: str, kwargs: dict) -> nn.Module:
+    """``family``'s backbone of ``variant``; unknown variants raise a ModelError listing them."""
+    key = variant.lower()
+    if key not in family.scaling:
+        raise ModelError(
+            f"unknown {family.title} variant {variant!r}; expected one of {list(family.scaling)}"
+        )
+    return family.build(key, **kwargs)

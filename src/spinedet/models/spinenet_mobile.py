@@ -16,10 +16,12 @@ import torch
 from torch import nn
 from torchvision.ops import SqueezeExcitation, StochasticDepth
 
+from ..errors import ModelError
 from .blocks import upsample_to
 from .layers import (
     BN_EPS,
     BN_MOMENTUM,
+    DEFAULT_ACTIVATION,
     PADDINGS,
     ConvNormAct,
     NormFactory,
@@ -27,9 +29,11 @@ from .layers import (
     make_activation,
     make_norm,
 )
+from .registry import Family, register_family
 from .specs import (
     MOBILE_BLOCK_TYPES,
     MOBILE_FILTER_SIZE_MAP,
+    MOBILE_HEAD_DEFAULTS,
     MOBILE_SCALING,
     NUM_STEM_BLOCKS,
     SPINENET_MOBILE_BLOCK_SPECS,
@@ -64,7 +68,7 @@ class _DepthwiseConvNormAct(nn.Sequential):
         padding: str,
     ) -> None:
         if padding not in PADDINGS:
-            raise ValueError(f"unknown padding {padding!r}; expected one of {PADDINGS}")
+            raise ModelError(f"unknown padding {padding!r}; expected one of {PADDINGS}")
         if stride > 1 and padding == "same":
             conv = SameConv2d(channels, channels, 3, stride, padding=0, groups=channels, bias=False)
         else:
@@ -215,7 +219,7 @@ class SpineNetMobile(ScalePermutedBackbone):
         se_ratio: float = 0.2,
         min_level: int = 3,
         max_level: int = 7,
-        activation: str = "relu",
+        activation: str = DEFAULT_ACTIVATION,
         stochastic_depth_rate: float = 0.0,
         norm: str = "bn",
         bn_momentum: float = BN_MOMENTUM,
@@ -227,9 +231,16 @@ class SpineNetMobile(ScalePermutedBackbone):
         _check_positive(endpoint_filters=endpoint_filters, filter_scale=filter_scale)
         _check_positive(block_repeats=block_repeats, expand_ratio=expand_ratio)
         if not 0 <= se_ratio <= 1:
-            raise ValueError(f"se_ratio must be in [0, 1], got {se_ratio}")
+            raise ModelError(f"se_ratio must be in [0, 1], got {se_ratio}")
         self._set_pyramid(
-            3, min_level, max_level, endpoint_filters, stochastic_depth_rate, bn_momentum, bn_eps
+            3,
+            min_level,
+            max_level,
+            endpoint_filters,
+            stochastic_depth_rate,
+            bn_momentum,
+            bn_eps,
+            activation,
         )
         specs = parse_block_specs(block_specs, MOBILE_BLOCK_TYPES)
         self.block_specs = specs
@@ -290,9 +301,21 @@ class SpineNetMobile(ScalePermutedBackbone):
         self._init_weights()
 
 
+SPINENET_MOBILE = register_family(
+    Family(
+        "spinenet_mobile",
+        SpineNetMobile,
+        MOBILE_SCALING,
+        MOBILE_HEAD_DEFAULTS,
+        variant_prefix="mobile",
+        title="SpineNet-Mobile",
+    )
+)
+
+
 def spinenet_mobile(variant: str = "49", **kwargs) -> SpineNetMobile:
     """Build SpineNet-Mobile-``variant`` (``49``, ``49s`` or ``49xs``).
 
     Keyword arguments override the variant's scaling or any other :class:`SpineNetMobile` option.
     """
-    return build_variant(SpineNetMobile, MOBILE_SCALING, variant, kwargs, "SpineNet-Mobile")
+    return build_variant(SPINENET_MOBILE, variant, kwargs)

@@ -9,15 +9,23 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
+
+from ..errors import SpinedetError
+from .description import ModelDescription, categories_from
+from .layers import DEFAULT_ACTIVATION
+from .registry import BACKBONE, TASKS, _lookup, describe
 
 __all__ = [
     "WeightsError",
     "atomic_write",
     "load_weights",
+    "read_description",
     "read_metadata",
+    "read_weights",
+    "restore",
     "resolve_checkpoint",
     "save_weights",
 ]
@@ -25,7 +33,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class WeightsError(ValueError):
+class WeightsError(SpinedetError):
     """A weights file that cannot be read or does not fit the model."""
 
 
@@ -48,14 +56,9 @@ def atomic_write(path: str | Path, write) -> None:
 
 
 def save_weights(model: nn.Module, path: str | Path, metadata: dict | None = None) -> None:
-    """Write the model's state dict (parameters and buffers) and JSON metadata to ``path``."""
-    meta = {
-        "model_name": getattr(model, "model_name", ""),
-        "num_classes": getattr(model, "num_classes", None),
-        "class_names": getattr(model, "class_names", None),
-        "model_kwargs": getattr(model, "model_kwargs", {}),
-        **(metadata or {}),
-    }
+    """Write the model's state dict (parameters and buffers) and its description to ``path``,
+    with ``metadata`` (JSON values) beside it."""
+    meta = {"description": describe(model).to_json(), **(metadata or {})}
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write(
         path,
@@ -65,25 +68,55 @@ def save_weights(model: nn.Module, path: str | Path, metadata: dict | None = Non
 
 def read_metadata(path: str | Path) -> dict:
     """The spinedet metadata of a safetensors file (empty dict when it has none)."""
-    from safetensors import safe_open
+    return _read(path, tensors=False)[0]
 
+
+def _read(path: str | Path, tensors: bool) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The file's spinedet metadata and (if asked) its tensors, from one opening."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found")
     try:
         with safe_open(str(path), "pt") as f:
             raw = (f.metadata() or {}).get("spinedet")
+            state = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except (OSError, SafetensorError) as e:
         raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
-    return json.loads(raw) if raw else {}
+    return (json.loads(raw) if raw else {}), state
 
 
-# Builder options that change a model's tensors or their meaning (widths, depths, anchors per
-# place, activation), as opposed to training or inference settings.
-ARCHITECTURE_OPTIONS = frozenset(
-    {
-        "activation", "block_specs", "filter_scale", "endpoint_filters", "resample_alpha",
-        "block_repeats", "expand_ratio", "se_ratio", "min_level", "max_level", "head_depth",
-        "head_norm", "head_channels", "fc_dim", "rpn_depth", "rpn_scales",
-    }
-)  # fmt: skip
+def _legacy_description(meta: dict, path: Path) -> ModelDescription:
+    """The description of a file written before descriptions existed (model_name, kwargs)."""
+    name = meta.get("model_name")
+    if not name:
+        raise WeightsError(
+            f"{path}: no spinedet model description in the file; "
+            "use create_model(NAME, weights=...)"
+        )
+    family, variant, task = _lookup(name)
+    categories = meta.get("categories")
+    if not (isinstance(categories, list) and all(isinstance(c, dict) for c in categories)):
+        categories = categories_from(class_names=meta.get("class_names"))
+    return ModelDescription(
+        family.name, variant, task, meta.get("model_kwargs") or {}, categories_from(categories)
+    )
+
+
+def read_description(path: str | Path) -> ModelDescription:
+    """The description of the model a spinedet weights file was saved from."""
+    return _description(read_metadata(path), Path(path))
+
+
+def _description(meta: dict, path: Path) -> ModelDescription:
+    if "description" in meta:
+        return ModelDescription.from_json(meta["description"], str(path))
+    return _legacy_description(meta, path)
+
+
+def read_weights(path: str | Path) -> tuple[ModelDescription, dict[str, torch.Tensor], dict]:
+    """A weights file's model description, tensors and metadata, read once."""
+    meta, state = _read(path, tensors=True)
+    return _description(meta, Path(path)), state, meta
 
 
 def architecture_options(path: str | Path, model_name: str) -> dict:
@@ -92,30 +125,20 @@ def architecture_options(path: str | Path, model_name: str) -> dict:
     that a model built to load it gets the same shapes; empty for another model."""
     if not Path(path).is_file():
         return {}  # load_weights reports it
-    meta = read_metadata(path)
-    made_for = meta.get("model_name") or ""
-    if made_for != model_name and not model_name.startswith(f"{made_for}_"):
+    theirs = read_description(path)
+    family, variant, task = _lookup(model_name)
+    if (theirs.family, theirs.variant) != (family.name, variant) or theirs.task not in (
+        task,
+        BACKBONE,
+    ):
         return {}
-    kwargs = meta.get("model_kwargs", {})
-    return {k: v for k, v in kwargs.items() if k in ARCHITECTURE_OPTIONS}
+    runtime = TASKS[theirs.task].runtime_options if theirs.task in TASKS else frozenset()
+    return {k: v for k, v in theirs.options_dict().items() if k not in runtime}
 
 
-def _describe(keys: list[str], limit: int = 5) -> str:
+def _describe_keys(keys: list[str], limit: int = 5) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
-def _check_activation(model: nn.Module, path: Path) -> None:
-    """Weights trained with swish are wrong under relu and vice versa, with every shape equal:
-    refuse the mix instead of loading silently."""
-    meta_kwargs = read_metadata(path).get("model_kwargs", {})
-    theirs = meta_kwargs.get("activation", "relu")
-    ours = getattr(model, "model_kwargs", {}).get("activation", "relu")
-    if theirs != ours:
-        raise WeightsError(
-            f"{path} was trained with activation={theirs}, this model uses {ours}: build it "
-            f"with activation={theirs!r} (config: --set model.options.activation={theirs})"
-        )
 
 
 def load_weights(
@@ -129,19 +152,33 @@ def load_weights(
     classes, ``allow_shape_mismatch`` keeps the model's own tensors where shapes differ (the
     class-dependent layers) and logs their names.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: weights file not found")
-    try:
-        state = load_file(str(path))
-    except (OSError, SafetensorError) as e:
-        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
-    _check_activation(model, path)
+    description, state, _ = read_weights(path)
+    return restore(model, state, description, path, allow_shape_mismatch)
+
+
+def restore(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    theirs: ModelDescription,
+    path: str | Path,
+    allow_shape_mismatch: bool = False,
+) -> nn.Module:
+    """Load tensors read from ``path`` (described by ``theirs``) into ``model``; see
+    :func:`load_weights`."""
+    ours = describe(model)
+    # Weights trained with swish are wrong under relu and vice versa, with every shape equal:
+    # refuse the mix instead of loading silently.
+    act = theirs.option("activation", DEFAULT_ACTIVATION)
+    if act != ours.option("activation", DEFAULT_ACTIVATION):
+        raise WeightsError(
+            f"{path} was trained with activation={act}, this model uses "
+            f"{ours.option('activation', DEFAULT_ACTIVATION)}: build it with activation={act!r} "
+            f"(config: --set model.options.activation={act})"
+        )
     target = model
     own = model.state_dict()
-    backbone = getattr(model, "backbone", None)
-    if backbone is not None and not any(k.startswith("backbone.") for k in state):
-        target, own = backbone, backbone.state_dict()
+    if ours.task != BACKBONE and theirs.task == BACKBONE:
+        target, own = model.backbone, model.backbone.state_dict()
         log.info("%s holds a backbone only: loading it into the detector's backbone", path)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -152,25 +189,26 @@ def load_weights(
     )
     if allow_shape_mismatch and shapes:
         log.warning(
-            "%s: kept %d freshly initialised tensors: %s", path, len(shapes), _describe(shapes)
+            "%s: kept %d freshly initialised tensors: %s",
+            path,
+            len(shapes),
+            _describe_keys(shapes),
         )
         state = {k: own[k] if k in own and v.shape != own[k].shape else v for k, v in state.items()}
         shapes = []
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing: {_describe(missing)}")
+        problems.append(f"{len(missing)} missing: {_describe_keys(missing)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected: {_describe(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected: {_describe_keys(unexpected)}")
     if shapes:
-        problems.append(f"{len(shapes)} with another shape: {_describe(shapes)}")
+        problems.append(f"{len(shapes)} with another shape: {_describe_keys(shapes)}")
     if problems:
-        meta = read_metadata(path)
-        made_for = meta.get("model_name") or "another model"
-        if meta.get("num_classes"):
-            made_for += f" with {meta['num_classes']} classes"
+        made_for = theirs.name
+        if theirs.num_classes:
+            made_for += f" with {theirs.num_classes} classes"
         raise WeightsError(
-            f"{path} does not fit {getattr(model, 'model_name', type(model).__name__)} "
-            f"(file made for {made_for}): " + "; ".join(problems)
+            f"{path} does not fit {ours.name} (file made for {made_for}): " + "; ".join(problems)
         )
     with torch.no_grad():
         target.load_state_dict(state, strict=True)
