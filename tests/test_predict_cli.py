@@ -13,12 +13,11 @@ from spinedet.cli import main
 @pytest.fixture(scope="module")
 def checkpoint(shapes, tmp_path_factory):
     """Untrained tiny weights with the shapes categories, saved as training would save them."""
-    model = spinedet.create_model("spinenet49s_maskrcnn", class_names=["circle", "square",
-                                  "triangle", "star"], image_size=64, box_score_thresh=0.0,
-                                  **TINY_MODEL)  # fmt: skip
     categories = json.loads(shapes["annotations"].read_text())["categories"]
+    model = spinedet.create_model("spinenet49s_maskrcnn", categories=categories, image_size=64,
+                                  box_score_thresh=0.0, **TINY_MODEL)  # fmt: skip
     path = tmp_path_factory.mktemp("ckpt") / "best.safetensors"
-    spinedet.save_weights(model, path, {"categories": categories})
+    spinedet.save_weights(model, path)
     return path
 
 
