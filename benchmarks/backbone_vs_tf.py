@@ -46,7 +46,8 @@ def main() -> int:
 
     import tensorflow as tf
 
-    from spinedet.convert.tf_reference import build_spinenet
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tf_reference import build_spinenet
 
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)

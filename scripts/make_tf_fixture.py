@@ -17,9 +17,12 @@ from pathlib import Path
 import numpy as np
 
 import spinedet  # noqa: F401  (torch before TensorFlow, see tf_reference)
-from spinedet.convert import tf_reference as ref
 
-FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
+TESTS = Path(__file__).resolve().parents[1] / "tests"
+sys.path.insert(0, str(TESTS))
+import tf_reference as ref  # noqa: E402  (tests/tf_reference.py)
+
+FIXTURES = TESTS / "fixtures"
 # Reduced SpineNet-49S backbones (filter scale 0.125) keep each checkpoint near 2 MB; a
 # non-square input exercises the asymmetric "same" padding in both directions.
 BACKBONE = {"filter_scale": 0.125, "endpoint_filters": 16}

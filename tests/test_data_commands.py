@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from spinedet.data.commands import add_data_commands
+from spinedet.cli import main
+from spinedet.cli.data import add_data_commands
 
 
 def _run(*argv):
@@ -39,13 +40,17 @@ def test_check_exits_1_and_prints_problems(tmp_path, capsys):
     assert out.strip().endswith("1 problem: 1 missing file")
 
 
-def test_errors_exit_1_with_one_line(tmp_path, capsys):
+def test_errors_exit_2_with_one_line(tmp_path, capsys):
     (tmp_path / "a.json").write_text("{")
-    assert _run("split", str(tmp_path / "a.json"), "--out", str(tmp_path)) == 1
-    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'a.json'}: invalid JSON")
-    assert _run("split", str(tmp_path / "a.json"), "--ratios", "1", "0", "--out", "x") == 1
+    assert main(["data", "split", str(tmp_path / "a.json"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"spinedet: error: {tmp_path / 'a.json'}: invalid JSON")
+    assert len(err.strip().splitlines()) == 1
+    (tmp_path / "b.json").write_text('{"images": [], "annotations": [], "categories": []}')
+    argv = ["data", "split", str(tmp_path / "b.json"), "--ratios", "1", "0", "--out", "x"]
+    assert main(argv) == 2
     assert "positive" in capsys.readouterr().err
-    assert _run("shapes", "--out", str(tmp_path), "--num-images", "0") == 1
+    assert main(["data", "shapes", "--out", str(tmp_path), "--num-images", "0"]) == 2
 
 
 def test_bad_size_is_a_usage_error(tmp_path):

@@ -8,8 +8,8 @@ from torchvision.models.detection.image_list import ImageList
 
 import spinedet.export as export
 from spinedet import create_model, save_weights
+from spinedet.cli.export import add_export_commands
 from spinedet.export import ExportError, export_onnx
-from spinedet.export_commands import add_export_commands
 
 # The optional export dependencies (onnx, onnxscript, onnxruntime).
 onnx = pytest.importorskip("onnx")

@@ -7,7 +7,7 @@ import torch
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou
 
-import spinedet  # before TensorFlow: see spinedet.convert.tf_reference
+import spinedet  # before TensorFlow: see tf_reference
 from spinedet.convert import TFCheckpoint, convert_checkpoint
 from spinedet.convert.tf_mapping import (
     _model_garden_layout,
@@ -17,7 +17,7 @@ from spinedet.convert.tf_mapping import (
 
 pytest.importorskip("tensorflow")
 pytest.importorskip("official")
-ref = pytest.importorskip("spinedet.convert.tf_reference")
+ref = pytest.importorskip("tf_reference")  # tests/tf_reference.py
 
 TOLERANCE = 1e-4  # max |diff| relative to the output's max |value|
 SIZES = [(256, 256), (256, 384)]

@@ -10,6 +10,8 @@ from typing import Any
 
 import yaml
 
+from .errors import SpinedetError
+
 __all__ = ["ConfigError", "DEFAULTS", "load_config", "apply_overrides", "save_config"]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -53,7 +55,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(SpinedetError):
     """A config file or override that cannot be used."""
 
 

@@ -1,6 +1,6 @@
 """Conversion of TensorFlow Model Garden SpineNet checkpoints (read without TensorFlow)."""
 
-from .commands import add_convert_commands, convert_tf
+from .api import convert_tf
 from .tf_checkpoint import CheckpointError, TFCheckpoint
 from .tf_mapping import ConversionError, convert_checkpoint
 
@@ -8,7 +8,6 @@ __all__ = [
     "CheckpointError",
     "ConversionError",
     "TFCheckpoint",
-    "add_convert_commands",
     "convert_checkpoint",
     "convert_tf",
 ]

@@ -160,7 +160,7 @@ def spinenet_mobile_keras_layers(backbone: SpineNetMobile) -> list[WeightedLayer
     """
     if len(backbone.stem_blocks[0]) != 1:
         # Model Garden's repeated MBConvs all read the group input (only the last is used).
-        raise ValueError("SpineNet-Mobile conversion supports block_repeats=1 only")
+        raise SpinedetError("SpineNet-Mobile conversion supports block_repeats=1 only")
     g = _Graph()
 
     def block_group(x: int, module: str) -> int:

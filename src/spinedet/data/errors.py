@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import SpinedetError
 
-class DataError(ValueError):
+
+class DataError(SpinedetError):
     """A dataset file is missing or malformed.
 
     With ``file``, the message is a single line starting with the offending file, so it reads

@@ -20,6 +20,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from spinedet.data.coco import decode_segmentation
+from spinedet.data.errors import DataError
 from spinedet.data.split import split_dataset
 
 # Non-contiguous ids on purpose: they exercise the id <-> label mapping everywhere.
@@ -148,7 +149,7 @@ def make_shapes(
     """
     width, height = (size, size) if isinstance(size, int) else size
     if num_images < 1 or min(width, height) < 16:
-        raise ValueError("need at least one image of at least 16x16 pixels")
+        raise DataError("need at least one image of at least 16x16 pixels")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     images, annotations = [], []

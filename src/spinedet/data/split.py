@@ -17,13 +17,13 @@ DEFAULT_NAMES = ("train", "val", "test")
 
 def _normalise(ratios: Sequence[float], names: Sequence[str]) -> list[float]:
     if len(ratios) < 2:
-        raise ValueError(f"need at least two split ratios, got {list(ratios)}")
+        raise DataError(f"need at least two split ratios, got {list(ratios)}")
     if len(names) != len(ratios):
-        raise ValueError(f"got {len(ratios)} ratios but {len(names)} split names {list(names)}")
+        raise DataError(f"got {len(ratios)} ratios but {len(names)} split names {list(names)}")
     if len(set(names)) != len(names):
-        raise ValueError(f"split names must be unique, got {list(names)}")
+        raise DataError(f"split names must be unique, got {list(names)}")
     if not all(r > 0 for r in ratios):
-        raise ValueError(f"split ratios must all be positive, got {list(ratios)}")
+        raise DataError(f"split ratios must all be positive, got {list(ratios)}")
     total = sum(ratios)
     return [r / total for r in ratios]
 

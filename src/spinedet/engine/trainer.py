@@ -37,7 +37,7 @@ __all__ = ["train", "TrainingError"]
 log = logging.getLogger(__name__)
 
 
-class TrainingError(RuntimeError):
+class TrainingError(SpinedetError, RuntimeError):
     """Training cannot go on (e.g. the loss stays non-finite)."""
 
 
@@ -100,7 +100,7 @@ def _amp(setting: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
         return torch.float16, True
     if setting in ("bf16", "auto"):
         return torch.bfloat16, False
-    raise ValueError(f"train.amp must be auto, bf16, fp16 or none, got {setting!r}")
+    raise SpinedetError(f"train.amp must be auto, bf16, fp16 or none, got {setting!r}")
 
 
 class _Stop:
@@ -163,9 +163,9 @@ class Trainer:
         self.main = distributed.is_main(info)
         tcfg = config["train"]
         if config["data"]["train"]["annotations"] is None:
-            raise ValueError("data.train.annotations is not set (use --set data.train=...)")
+            raise SpinedetError("data.train.annotations is not set (use --set data.train=...)")
         if tcfg["batch_size"] % info.world_size:
-            raise ValueError(
+            raise SpinedetError(
                 f"train.batch_size {tcfg['batch_size']} is not divisible by the "
                 f"{info.world_size} processes"
             )
@@ -364,7 +364,7 @@ class Trainer:
     def run(self, resume: bool = False) -> dict:
         tcfg = self.cfg["train"]
         if not resume and self.checkpoint_path.exists():
-            raise ValueError(
+            raise SpinedetError(
                 f"{self.out} already holds a run; continue it with --resume or pick another --out"
             )
         if self.main:

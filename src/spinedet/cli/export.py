@@ -9,7 +9,7 @@ __all__ = ["add_export_commands"]
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_onnx
+    from ..export import export_onnx
 
     out = args.out or str(Path(args.checkpoint).with_suffix(".onnx").name)
     result = export_onnx(args.checkpoint, out, image_size=args.size, check=not args.no_check)

@@ -1,13 +1,11 @@
-"""The ``spinedet data`` command group: check, split and generate datasets."""
+"""``spinedet data``: check, split and generate datasets."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from spinedet.data.check import check_dataset, format_report
-from spinedet.data.errors import DataError
 from spinedet.data.shapes import make_shapes
 from spinedet.data.split import split_dataset
 
@@ -30,26 +28,18 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _split(args: argparse.Namespace) -> int:
-    try:
-        paths = split_dataset(
-            args.annotations, args.out, ratios=args.ratios, seed=args.seed, names=args.names
-        )
-    except (DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    paths = split_dataset(
+        args.annotations, args.out, ratios=args.ratios, seed=args.seed, names=args.names
+    )
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
 
 
 def _shapes(args: argparse.Namespace) -> int:
-    try:
-        paths = make_shapes(
-            args.out, num_images=args.num_images, size=args.size, seed=args.seed, splits=args.splits
-        )
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    paths = make_shapes(
+        args.out, num_images=args.num_images, size=args.size, seed=args.seed, splits=args.splits
+    )
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0

@@ -1,4 +1,5 @@
-"""Model Garden reference models for parity checks (needs the ``tf`` extra).
+"""Model Garden reference models for parity checks (needs the ``tf`` extra); a test helper,
+imported by tests/test_tf_parity.py, scripts/make_tf_fixture.py and benchmarks/backbone_vs_tf.py.
 
 Import spinedet (torch, torchvision) before this module: loading TensorFlow first makes
 torch's optional Triton import crash in the same process.
@@ -24,7 +25,7 @@ try:
     import tf_keras
 except ImportError as e:
     raise ImportError(
-        f"spinedet.convert.tf_reference needs TensorFlow and Model Garden ({e}): "
+        f"tests/tf_reference.py needs TensorFlow and Model Garden ({e}): "
         "pip install 'spinedet[tf]' (recipe in DEVELOPERS.md); convert-tf itself does not"
     ) from e
 from official.vision.configs import backbones as mg_backbones  # noqa: E402

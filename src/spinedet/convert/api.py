@@ -1,8 +1,7 @@
-"""``spinedet convert-tf``: a Model Garden checkpoint to a spinedet safetensors file."""
+"""A Model Garden checkpoint to a spinedet safetensors file (``spinedet convert-tf``)."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from ..data.coco import read_json
@@ -12,7 +11,7 @@ from ..models.weights import save_weights
 from .tf_checkpoint import TFCheckpoint
 from .tf_mapping import ConversionError, convert_checkpoint, find_backbone, model_node
 
-__all__ = ["add_convert_commands", "convert_tf"]
+__all__ = ["convert_tf"]
 
 
 def _shape(ckpt: TFCheckpoint, *path: str) -> tuple[int, ...]:
@@ -106,44 +105,3 @@ def convert_tf(
     save_weights(model, out, metadata)
     shown = ", ".join(f"{k}={v}" for k, v in options.items() if k != "categories")
     return f"{ckpt.prefix} -> {out}: {name}{f' ({shown})' if shown else ''}, {len(state)} tensors"
-
-
-def _cmd_convert_tf(args: argparse.Namespace) -> int:
-    summary = convert_tf(
-        args.checkpoint, args.model, args.out, args.num_classes, args.activation, args.categories
-    )
-    print(summary)
-    return 0
-
-
-def add_convert_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``convert-tf`` on the ``spinedet`` command line."""
-    p = subparsers.add_parser(
-        "convert-tf",
-        help="convert a TensorFlow Model Garden SpineNet checkpoint to safetensors",
-        description="Read a Model Garden checkpoint (a ckpt-N prefix or its directory) of a "
-        "SpineNet or SpineNet-Mobile backbone, RetinaNet, Faster R-CNN or Mask R-CNN, without "
-        "TensorFlow.",
-    )
-    p.add_argument("checkpoint", help="ckpt-N prefix, one of its files, or its directory")
-    p.add_argument("--model", required=True, help="spinedet model name, e.g. spinenet49_retinanet")
-    p.add_argument(
-        "--num-classes",
-        type=int,
-        default=None,
-        help="classes incl. background, checked against the checkpoint (read from it anyway)",
-    )
-    p.add_argument(
-        "--activation",
-        choices=["relu", "swish"],
-        default="relu",
-        help="activation the checkpoint was trained with (checkpoints do not record it)",
-    )
-    p.add_argument(
-        "--categories",
-        default=None,
-        help="COCO json whose categories name the checkpoint's classes (class k = id k), "
-        "e.g. instances_val2017.json",
-    )
-    p.add_argument("--out", required=True, help="output .safetensors file")
-    p.set_defaults(func=_cmd_convert_tf)

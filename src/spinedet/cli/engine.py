@@ -9,7 +9,7 @@ from pathlib import Path
 
 def _train(args: argparse.Namespace) -> int:
     from ..config import load_config
-    from .trainer import train
+    from ..engine.trainer import train
 
     config = load_config(args.config, args.set)
     result = train(config, args.out, resume=args.resume, device=args.device)
@@ -19,8 +19,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .api import evaluate
-    from .evaluate import format_metrics
+    from ..engine.api import evaluate
+    from ..engine.evaluate import format_metrics
 
     metrics = evaluate(args.checkpoint, args.annotations, args.images, args.out,
                        args.batch_size, args.device)  # fmt: skip
@@ -31,7 +31,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .api import predict
+    from ..engine.api import predict
 
     path = predict(args.checkpoint, args.inputs, args.out, args.score_threshold, args.device)
     print(f"wrote drawings and {path}")

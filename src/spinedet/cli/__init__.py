@@ -1,0 +1,60 @@
+"""The ``spinedet`` command line: one entry point, a sub-command per job.
+
+Every command lives in a module of this package (``info``, ``data``, ``engine``, ``convert``,
+``export``) that adds its sub-parsers; the library code it calls lives outside. A command
+reports a :class:`~spinedet.errors.SpinedetError` (or an unreadable file) as one line and a
+non-zero exit; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from .. import __version__
+from ..errors import SpinedetError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .convert import add_convert_commands
+    from .data import add_data_commands
+    from .engine import add_engine_commands
+    from .export import add_export_commands
+    from .info import add_info_commands
+
+    parser = argparse.ArgumentParser(
+        prog="spinedet", description="SpineNet detectors: train, evaluate, predict, export."
+    )
+    parser.add_argument("--version", action="version", version=f"spinedet {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_info_commands(sub)
+    add_data_commands(sub)
+    add_engine_commands(sub)
+    add_convert_commands(sub)
+    add_export_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # spinedet's own progress at INFO; other libraries (ONNX export, TensorBoard) stay quiet.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("spinedet").setLevel(logging.INFO)
+    try:
+        return args.func(args)
+    except (SpinedetError, OSError) as e:
+        # SPINEDET_DEBUG=1 shows the traceback.
+        if os.environ.get("SPINEDET_DEBUG"):
+            raise
+        print(f"spinedet: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        print(f"spinedet: {e or 'interrupted'}", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

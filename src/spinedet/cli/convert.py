@@ -1,0 +1,48 @@
+"""``spinedet convert-tf``: a Model Garden checkpoint to a spinedet safetensors file."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _cmd_convert_tf(args: argparse.Namespace) -> int:
+    from ..convert import convert_tf
+
+    summary = convert_tf(
+        args.checkpoint, args.model, args.out, args.num_classes, args.activation, args.categories
+    )
+    print(summary)
+    return 0
+
+
+def add_convert_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``convert-tf`` on the ``spinedet`` command line."""
+    p = subparsers.add_parser(
+        "convert-tf",
+        help="convert a TensorFlow Model Garden SpineNet checkpoint to safetensors",
+        description="Read a Model Garden checkpoint (a ckpt-N prefix or its directory) of a "
+        "SpineNet or SpineNet-Mobile backbone, RetinaNet, Faster R-CNN or Mask R-CNN, without "
+        "TensorFlow.",
+    )
+    p.add_argument("checkpoint", help="ckpt-N prefix, one of its files, or its directory")
+    p.add_argument("--model", required=True, help="spinedet model name, e.g. spinenet49_retinanet")
+    p.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="classes incl. background, checked against the checkpoint (read from it anyway)",
+    )
+    p.add_argument(
+        "--activation",
+        choices=["relu", "swish"],
+        default="relu",
+        help="activation the checkpoint was trained with (checkpoints do not record it)",
+    )
+    p.add_argument(
+        "--categories",
+        default=None,
+        help="COCO json whose categories name the checkpoint's classes (class k = id k), "
+        "e.g. instances_val2017.json",
+    )
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.set_defaults(func=_cmd_convert_tf)

@@ -1,0 +1,51 @@
+"""``spinedet info`` and ``spinedet models``: sizes, multiply-adds and outputs of models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..models import list_models
+
+
+def _info(args: argparse.Namespace) -> int:
+    from ..info import model_info
+
+    info = model_info(args.name, args.size, args.num_classes)
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(f"{info['model']} at {info['image_size']} x {info['image_size']}")
+    if info["num_classes"] is not None:
+        print(f"  classes (incl. background): {info['num_classes']}")
+    print(f"  parameters: {info['params']:,} (backbone {info['backbone_params']:,})")
+    print(f"  multiply-adds: {info['gflops']:.2f} G")
+    for lvl in info["levels"]:
+        print(f"  {lvl['name']}: stride {lvl['stride']:>3}, {lvl['channels']} channels")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from ..info import model_info
+
+    names = list_models(args.filter)
+    print(f"| model | params | backbone params | GFLOPs @ {args.size} |")
+    print("|---|---:|---:|---:|")
+    for name in names:
+        info = model_info(name, args.size)
+        print(f"| {name} | {info['params']:,} | {info['backbone_params']:,} | {info['gflops']} |")
+    return 0
+
+
+def add_info_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="parameters, FLOPs and outputs of a model")
+    p.add_argument("name", help="a model name, e.g. spinenet49s_maskrcnn (see `spinedet models`)")
+    p.add_argument("--size", type=int, default=640, help="square input size for FLOPs")
+    p.add_argument("--num-classes", type=int, default=None, help="classes incl. background")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_info)
+
+    p = sub.add_parser("models", help="markdown table of every registered model")
+    p.add_argument("--size", type=int, default=640, help="square input size for FLOPs")
+    p.add_argument("--filter", default="", help="only names containing this text")
+    p.set_defaults(func=_models)
