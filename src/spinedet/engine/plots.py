@@ -1,14 +1,19 @@
-"""Loss and AP curves from a run's ``metrics.jsonl``."""
+"""Plots: loss and AP curves from a run's ``metrics.jsonl``; precision-recall curves and
+confusion matrices of an evaluation (see ``analysis.py``)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
+
+from ..models.weights import atomic_write  # noqa: E402
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -43,3 +48,68 @@ def plot_curves(metrics_file: str | Path, out: str | Path) -> Path:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Save as PNG atomically and free the figure."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def plot_pr_curves(curves: list[dict[str, Any]], iou_type: str, out_dir: Path) -> list[Path]:
+    """``pr_curve_{iou_type}.png`` (all classes) and ``..._per_class.png`` (a grid) from
+    :func:`spinedet.engine.analysis.pr_curves`; returns the paths written."""
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    for c in curves:
+        if c["class"] == "all":
+            ap = float(c["precision"].mean())
+            ax.plot(c["recall"], c["precision"], label=f"IoU {c['iou']}: AP {ap:.3f}")
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02),
+           title=f"{iou_type}: precision-recall, all classes")  # fmt: skip
+    if ax.lines:
+        ax.legend(loc="lower left")
+    paths = [out_dir / f"pr_curve_{iou_type}.png"]
+    save_figure(fig, paths[0])
+    per_class = [c for c in curves if c["class"] != "all"]
+    classes = list(dict.fromkeys(c["class"] for c in per_class))
+    if classes:
+        cols = min(6, len(classes))
+        rows = -(-len(classes) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.2 * rows), squeeze=False,
+                                 sharex=True, sharey=True)  # fmt: skip
+        where = {name: axes.flat[i] for i, name in enumerate(classes)}
+        for c in per_class:
+            where[c["class"]].plot(c["recall"], c["precision"], label=c["iou"])
+        for name, ax in where.items():
+            ax.set_title(name[:24], fontsize=8)
+        for ax in axes.flat[len(classes) :]:
+            ax.axis("off")
+        axes.flat[0].legend(fontsize=6, title="IoU", title_fontsize=6)
+        fig.supxlabel("recall")
+        fig.supylabel("precision")
+        fig.tight_layout()
+        paths.append(out_dir / f"pr_curve_{iou_type}_per_class.png")
+        save_figure(fig, paths[-1])
+    return paths
+
+
+def plot_confusion(matrix: np.ndarray, labels: list[str], title: str, path: Path) -> None:
+    """A confusion matrix: colours normalised per row (rare classes stay visible), counts
+    written while they fit."""
+    k = len(labels)
+    side = min(4 + 0.35 * k, 40)
+    fig, ax = plt.subplots(figsize=(side, side * 0.9))
+    rows = matrix.sum(axis=1, keepdims=True)
+    ax.imshow(matrix / np.maximum(rows, 1), cmap="Blues", vmin=0, vmax=1)
+    ticks = range(k)
+    fontsize = 8 if k <= 30 else 4
+    ax.set_xticks(ticks, labels, rotation=90, fontsize=fontsize)
+    ax.set_yticks(ticks, labels, fontsize=fontsize)
+    ax.set(xlabel="predicted", ylabel="ground truth", title=title)
+    if k <= 30:
+        for (i, j), n in np.ndenumerate(matrix):
+            if n:
+                ax.text(j, i, str(n), ha="center", va="center", fontsize=7,
+                        color="white" if n > rows[i, 0] / 2 else "black")  # fmt: skip
+    fig.tight_layout()
+    save_figure(fig, path)
