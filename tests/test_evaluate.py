@@ -12,7 +12,13 @@ from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
 
 from spinedet.data import CocoDataset
-from spinedet.engine.evaluate import STAT_NAMES, coco_evaluate, format_metrics, to_coco_results
+from spinedet.engine.evaluate import (
+    STAT_NAMES,
+    coco_evaluate,
+    flat_metrics,
+    format_metrics,
+    to_coco_results,
+)
 
 
 def gt_as_results(coco, jitter: float, drop_every: int, masks: bool = False) -> list[dict]:
@@ -95,6 +101,9 @@ def test_classes_without_ground_truth_are_null_and_worst_classes_print_first(sha
     aps = [metrics["bbox"]["per_class"][n]["AP"] for n in names[:-1]]
     assert names[-1] == "unicorn" and aps == sorted(aps) and len(set(aps)) > 1
     assert format_metrics(metrics, worst=2).count("\n") == table.count("\n") - 3
+    flat = flat_metrics(metrics)
+    assert flat["bbox/ARl"] == metrics["bbox"]["ARl"] and flat["bbox_AP_per_class/unicorn"] is None
+    assert len(flat) == 12 + 5
 
 
 def test_perfect_masks_score_one_and_empty_results_score_zero(shapes):

@@ -32,6 +32,7 @@ __all__ = [
     "coco_evaluate",
     "eval_mode_for_losses",
     "evaluate_distributed",
+    "flat_metrics",
     "format_metrics",
     "run_inference",
     "sharded_val_loss",
@@ -323,6 +324,16 @@ def sharded_val_loss(
         dist.all_reduce(total)
     model.train(was_training)
     return (total[0] / total[1].clamp(min=1)).item()
+
+
+def flat_metrics(metrics: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """One level for metrics.jsonl and TensorBoard: ``bbox/AP`` ... ``bbox/ARl`` and
+    ``bbox_AP_per_class/<class>`` (its own TensorBoard section; None where undefined)."""
+    flat: dict[str, float | None] = {}
+    for iou_type, m in metrics.items():
+        flat |= {f"{iou_type}/{n}": m[n] for n in STAT_NAMES}
+        flat |= {f"{iou_type}_AP_per_class/{name}": r["AP"] for name, r in m["per_class"].items()}
+    return flat
 
 
 def _cell(value: float | None) -> str:
