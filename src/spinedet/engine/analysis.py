@@ -87,6 +87,10 @@ def _write_csv(path: Path, header: list[str], rows: Iterable[list[Any]]) -> None
     atomic_write(path, write)
 
 
+def _id(value: int | None) -> int | str:
+    return "" if value is None else value  # category id 0 exists in some data sets
+
+
 def _number(value: float | None, digits: int = 6) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
@@ -120,7 +124,7 @@ def write_analysis(
         curves = pr_curves(acc, names)
         path = out / f"pr_curve_{iou_type}.csv"
         rows = (
-            [c["class"], c["category_id"] or "", c["iou"], f"{r:.2f}", _number(p),
+            [c["class"], _id(c["category_id"]), c["iou"], f"{r:.2f}", _number(p),
              "" if s is None else _number(float(s))]
             for c in curves
             for r, p, s in zip(c["recall"], c["precision"],

@@ -71,33 +71,45 @@ def plot_pr_curves(curves: list[dict[str, Any]], iou_type: str, out_dir: Path) -
     paths = [out_dir / f"pr_curve_{iou_type}.png"]
     save_figure(fig, paths[0])
     per_class = [c for c in curves if c["class"] != "all"]
-    classes = list(dict.fromkeys(c["class"] for c in per_class))
-    if classes:
-        cols = min(6, len(classes))
-        rows = -(-len(classes) // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.2 * rows), squeeze=False,
-                                 sharex=True, sharey=True)  # fmt: skip
-        where = {name: axes.flat[i] for i, name in enumerate(classes)}
-        for c in per_class:
-            where[c["class"]].plot(c["recall"], c["precision"], label=c["iou"])
-        for name, ax in where.items():
-            ax.set_title(name[:24], fontsize=8)
-        for ax in axes.flat[len(classes) :]:
-            ax.axis("off")
-        axes.flat[0].legend(fontsize=6, title="IoU", title_fontsize=6)
-        fig.supxlabel("recall")
-        fig.supylabel("precision")
-        fig.tight_layout()
+    if per_class:
         paths.append(out_dir / f"pr_curve_{iou_type}_per_class.png")
-        save_figure(fig, paths[-1])
+        save_figure(_pr_grid(per_class), paths[-1])
     return paths
+
+
+def _pr_grid(curves: list[dict[str, Any]]) -> Any:
+    """Small multiples drawn into one axes (cells offset in data coordinates): a grid of one
+    axes per class took minutes for 178 classes."""
+    classes = list(dict.fromkeys(c["class"] for c in curves))
+    cols = min(8, len(classes))
+    rows = -(-len(classes) // cols)
+    fig, ax = plt.subplots(figsize=(1.7 * cols, 1.5 * rows + 0.6))
+    colours = {}
+    for c in curves:
+        row, col = divmod(classes.index(c["class"]), cols)
+        x0, y0 = col * 1.2, -row * 1.35
+        colour = colours.setdefault(c["iou"], f"C{len(colours)}")
+        ax.plot(x0 + c["recall"], y0 + c["precision"], color=colour, lw=1)
+    for i, name in enumerate(classes):
+        row, col = divmod(i, cols)
+        x0, y0 = col * 1.2, -row * 1.35
+        ax.add_patch(plt.Rectangle((x0, y0), 1, 1, fill=False, lw=0.5, color="0.6"))
+        ax.text(x0, y0 + 1.04, name[:22], fontsize=7)
+    ax.set_axis_off()
+    ax.autoscale_view()
+    handles = [plt.Line2D([], [], color=c, label=f"IoU {iou}") for iou, c in colours.items()]
+    title = "precision (up) against recall (right), per class"
+    fig.legend(handles=handles, loc="upper center", ncols=len(handles), fontsize=8,
+               title=title, title_fontsize=8)  # fmt: skip
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=1 - 0.5 / fig.get_figheight())
+    return fig
 
 
 def plot_confusion(matrix: np.ndarray, labels: list[str], title: str, path: Path) -> None:
     """A confusion matrix: colours normalised per row (rare classes stay visible), counts
     written while they fit."""
     k = len(labels)
-    side = min(4 + 0.35 * k, 40)
+    side = min(4 + 0.3 * k, 24)
     fig, ax = plt.subplots(figsize=(side, side * 0.9))
     rows = matrix.sum(axis=1, keepdims=True)
     ax.imshow(matrix / np.maximum(rows, 1), cmap="Blues", vmin=0, vmax=1)
