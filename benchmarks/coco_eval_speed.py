@@ -133,7 +133,12 @@ def main() -> None:
         for name, timing in timings.items():
             rows.append([iou_type, name, f"{timing.median_s:.1f}", f"{timing.ratio:.2f}x",
                          f"{worst:.1e}" if name == "faster-coco-eval" else ""])  # fmt: skip
-    print(table(["IoU type", "evaluator", "seconds", "vs pycocotools", "max |stat diff|"], rows))
+    print(
+        table(
+            ["IoU type", "evaluator", "seconds", "vs pycocotools", "max stat diff vs pycocotools"],
+            rows,
+        )
+    )
     print(
         f"\n`rank 0 of {args.shares}`: the evaluate + accumulate one rank does when "
         f"`coco_evaluate(..., info=...)` splits the {args.classes} categories over "
