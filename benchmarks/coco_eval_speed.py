@@ -23,10 +23,10 @@ from pycocotools.cocoeval import COCOeval
 from spinedet.engine.distributed import DistInfo
 from spinedet.engine.evaluate import (
     STAT_NAMES,
-    _category_share,
-    _fast_coco,
     accumulate,
+    category_share,
     coco_evaluate,
+    fast_coco,
 )
 
 WIDTH, HEIGHT = 640, 480
@@ -113,8 +113,8 @@ def main() -> None:
         f"{args.repeats} interleaved rounds. Times vary with the machine and its load: read "
         "the ratios.\n"
     )
-    fast = _fast_coco(coco)
-    rank0 = _category_share(fast, results, DistInfo(0, 0, args.shares))
+    fast = fast_coco(coco)
+    rank0 = category_share(fast, results, DistInfo(0, 0, args.shares))
     rows = []
     for iou_type in ("bbox", "segm"):
         reference = pycocotools_stats(coco, results, iou_type)

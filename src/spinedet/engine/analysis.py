@@ -14,7 +14,7 @@ from faster_coco_eval.extra import PreviewResults
 from pycocotools.coco import COCO
 
 from ..models.weights import atomic_write
-from .evaluate import Accumulated, _fast_coco, _quiet, accumulate, summarize
+from .evaluate import Accumulated, accumulate, fast_coco, summarize
 from .plots import plot_confusion, plot_pr_curves
 
 __all__ = ["confusion_matrix", "pr_curves", "write_analysis"]
@@ -59,9 +59,8 @@ def confusion_matrix(
     any class at ``iou_threshold`` (faster-coco-eval's class-agnostic COCO matching);
     unmatched detections land in the background row, unmatched objects in the background
     column. Returns the matrix and the category ids of its rows, ascending."""
-    gt = _fast_coco(coco_gt)
+    gt = fast_coco(coco_gt)
     dt = gt.loadRes([dict(r) for r in results])
-    dt.print_function = _quiet
     preview = PreviewResults(gt, dt, iou_type, min_score=score_threshold,
                              iou_tresh=iou_threshold, useCats=False)  # fmt: skip
     # faster-coco-eval: [gt class, predicted class | unmatched detections | unmatched objects],
@@ -113,7 +112,7 @@ def write_analysis(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    gt = _fast_coco(coco_gt)
+    gt = fast_coco(coco_gt)
     names = {c["id"]: c["name"] for c in gt.dataset["categories"]}
     accumulated = accumulated or {}
     written: list[Path] = []

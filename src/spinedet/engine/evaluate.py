@@ -29,11 +29,15 @@ __all__ = [
     "STAT_NAMES",
     "Accumulated",
     "accumulate",
+    "category_share",
     "coco_evaluate",
     "eval_mode_for_losses",
     "evaluate_distributed",
+    "fast_coco",
     "flat_metrics",
     "format_metrics",
+    "instance_counts",
+    "merge",
     "run_inference",
     "sharded_val_loss",
     "summarize",
@@ -129,7 +133,7 @@ class Accumulated:
     scores: np.ndarray
 
 
-def _fast_coco(coco_gt: COCO | FastCOCO) -> FastCOCO:
+def fast_coco(coco_gt: COCO | FastCOCO) -> FastCOCO:
     """faster-coco-eval's index of the ground truth (spinedet's datasets hold pycocotools')."""
     if isinstance(coco_gt, FastCOCO):
         return coco_gt
@@ -147,7 +151,7 @@ def accumulate(
     Categories are evaluated independently, so any split of them gives, merged, the same
     arrays as one evaluation of all.
     """
-    gt = _fast_coco(coco_gt)
+    gt = fast_coco(coco_gt)
     cat_ids = sorted(gt.getCatIds() if cat_ids is None else cat_ids)
     evaluator = COCOeval_faster(gt, None, iou_type, print_function=_quiet)
     if not cat_ids:  # a rank whose share of the categories is empty
@@ -211,7 +215,7 @@ def summarize(coco_gt: COCO | FastCOCO, acc: Accumulated) -> dict[str, Any]:
     return {**stats, "per_class": per_class}
 
 
-def _category_share(
+def category_share(
     coco_gt: COCO | FastCOCO, results: list[dict[str, Any]], info: DistInfo
 ) -> list[int]:
     """This rank's categories: greedy balance of ground-truth + detection counts, the same
@@ -242,9 +246,9 @@ def coco_evaluate(
     arrays are gathered, and every rank returns the numbers of a single-process evaluation.
     """
     info = info or DistInfo()
-    gt = _fast_coco(coco_gt)
+    gt = fast_coco(coco_gt)
     iou_types = list(iou_types)
-    share = _category_share(gt, results, info) if info.enabled else None
+    share = category_share(gt, results, info) if info.enabled else None
     parts = {t: accumulate(gt, results, t, share) for t in iou_types}
     if info.enabled:
         gathered = gather_objects(parts, info)
