@@ -21,6 +21,7 @@ SCRIPTS = [
     ("train_step.py", []),
     ("profile_inference.py", []),
     ("gpu_throughput.py", []),
+    ("coco_eval_speed.py", []),
 ]
 
 

@@ -1,28 +1,59 @@
-"""COCO evaluation with pycocotools: box and mask AP, overall and per class."""
+"""COCO evaluation with faster-coco-eval: the twelve COCO numbers and per-class AP, optionally
+split over the ranks of a distributed run; the validation loss, sharded the same way."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import math
-from collections.abc import Iterable
+import logging
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from faster_coco_eval import COCO as FastCOCO
+from faster_coco_eval import COCOeval_faster
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.ops import StochasticDepth
 from tqdm import tqdm
 
 from ..data import collate
 from .distributed import DistInfo, gather_objects
 
-__all__ = ["STAT_NAMES", "to_coco_results", "coco_evaluate", "run_inference", "format_metrics"]
+__all__ = [
+    "STAT_NAMES",
+    "Accumulated",
+    "accumulate",
+    "category_share",
+    "coco_evaluate",
+    "eval_mode_for_losses",
+    "evaluate_distributed",
+    "fast_coco",
+    "flat_metrics",
+    "format_metrics",
+    "instance_counts",
+    "merge",
+    "run_inference",
+    "sharded_val_loss",
+    "summarize",
+    "to_coco_results",
+]
 
-STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100")
+# The twelve numbers of COCO's summary, in COCOeval.stats order.
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
+              "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")  # fmt: skip
+
+# faster-coco-eval logs every load and index build at INFO; spinedet prints its own summary.
+logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
+
+
+def _quiet(*_args: Any, **_kwargs: Any) -> None:
+    """The print function handed to faster-coco-eval (its summaries are ours to print)."""
 
 
 def to_coco_results(
@@ -65,60 +96,286 @@ def run_inference(
     workers: int = 0,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """COCO results of ``model`` on every image of ``dataset`` (sharded across ranks)."""
+    """COCO results of ``model`` on every image of ``dataset``: each rank infers every
+    ``world_size``-th image (loaded by ``workers`` DataLoader processes); every rank gets all."""
     info = info or DistInfo()
     shard = Subset(dataset, range(info.rank, len(dataset), info.world_size))
-    loader = DataLoader(shard, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    # A generator of its own: the workers' seeds are not drawn from the training RNG.
+    loader = DataLoader(shard, batch_size=batch_size, num_workers=workers, collate_fn=collate,
+                        pin_memory=torch.device(device).type == "cuda",
+                        generator=torch.Generator())  # fmt: skip
     was_training = model.training
     model.eval()
     results: list[dict[str, Any]] = []
     bar = tqdm(loader, desc="evaluate", unit="batch", disable=not progress or info.rank != 0)
     for images, targets in bar:
-        outputs = model([img.to(device) for img in images])
+        outputs = model([img.to(device, non_blocking=True) for img in images])
         for out, target in zip(outputs, targets, strict=True):
             results.extend(to_coco_results(out, int(target["image_id"]), label_to_cat_id))
     model.train(was_training)
     return [r for part in gather_objects(results, info) for r in part]
 
 
-def coco_evaluate(
-    coco_gt: COCO, results: list[dict[str, Any]], iou_types: Iterable[str] = ("bbox",)
-) -> dict[str, dict[str, Any]]:
-    """AP metrics per IoU type: the 12 COCO numbers (as ``STAT_NAMES``) and AP per class."""
-    metrics: dict[str, dict[str, Any]] = {}
+@dataclass
+class Accumulated:
+    """COCOeval's accumulated arrays for one IoU type; -1 where a class has no ground truth.
+
+    ``precision`` and ``scores`` are [IoU thresholds, recall points, classes, area ranges,
+    max detections], ``recall`` is [IoU thresholds, classes, area ranges, max detections];
+    classes in the order of ``cat_ids`` (ascending), IoU thresholds 0.50:0.05:0.95, recall
+    points 0:0.01:1, areas all/small/medium/large, max detections 1/10/100.
+    """
+
+    iou_type: str
+    cat_ids: list[int]
+    precision: np.ndarray
+    recall: np.ndarray
+    scores: np.ndarray
+
+
+def fast_coco(coco_gt: COCO | FastCOCO) -> FastCOCO:
+    """faster-coco-eval's index of the ground truth (spinedet's datasets hold pycocotools')."""
+    if isinstance(coco_gt, FastCOCO):
+        return coco_gt
+    return FastCOCO(coco_gt.dataset, print_function=_quiet)
+
+
+def accumulate(
+    coco_gt: COCO | FastCOCO,
+    results: list[dict[str, Any]],
+    iou_type: str,
+    cat_ids: Iterable[int] | None = None,
+) -> Accumulated:
+    """COCOeval ``evaluate`` + ``accumulate`` (faster-coco-eval) for ``cat_ids`` (default: all).
+
+    Categories are evaluated independently, so any split of them gives, merged, the same
+    arrays as one evaluation of all.
+    """
+    gt = fast_coco(coco_gt)
+    cat_ids = sorted(gt.getCatIds() if cat_ids is None else cat_ids)
+    evaluator = COCOeval_faster(gt, None, iou_type, print_function=_quiet)
+    if not cat_ids:  # a rank whose share of the categories is empty
+        p = evaluator.params
+        t, r, a, m = len(p.iouThrs), len(p.recThrs), len(p.areaRng), len(p.maxDets)
+        empty = np.zeros((t, r, 0, a, m))
+        return Accumulated(iou_type, [], empty, np.zeros((t, 0, a, m)), empty)
+    wanted = set(cat_ids)
+    # Copies: loading results adds ids and areas to the entries.
+    evaluator.cocoDt = gt.loadRes([dict(r) for r in results if r["category_id"] in wanted])
+    evaluator.params.catIds = cat_ids
+    evaluator.evaluate()
+    evaluator.accumulate()
+    e = evaluator.eval
+    return Accumulated(iou_type, cat_ids, e["precision"], e["recall"], e["scores"])
+
+
+def merge(parts: Sequence[Accumulated]) -> Accumulated:
+    """The arrays of category shares as one evaluation, classes in ascending id order."""
+    ids = [c for part in parts for c in part.cat_ids]
+    order = np.argsort(ids, kind="stable")
+    precision = np.concatenate([p.precision for p in parts], axis=2)[:, :, order]
+    recall = np.concatenate([p.recall for p in parts], axis=1)[:, order]
+    scores = np.concatenate([p.scores for p in parts], axis=2)[:, :, order]
+    return Accumulated(parts[0].iou_type, sorted(ids), precision, recall, scores)
+
+
+def _mean_defined(values: np.ndarray) -> float | None:
+    """COCO's mean over entries that exist (> -1); None (JSON null) when none do."""
+    defined = values[values > -1]
+    return float(defined.mean()) if defined.size else None
+
+
+def instance_counts(coco_gt: COCO | FastCOCO) -> Counter:
+    """Ground-truth instances per category id (crowd regions are not instances to find)."""
+    anns = coco_gt.dataset["annotations"]
+    return Counter(a["category_id"] for a in anns if not a.get("iscrowd", 0))
+
+
+def summarize(coco_gt: COCO | FastCOCO, acc: Accumulated) -> dict[str, Any]:
+    """The twelve COCO numbers (``STAT_NAMES``; -1 as COCO's "no ground truth in this area
+    range") and ``per_class``: {name: {category_id, instances, AP, AP50, AR100}}, with null
+    for classes without ground truth."""
+    evaluator = COCOeval_faster(None, None, acc.iou_type, print_function=_quiet)
+    evaluator.eval = {"precision": acc.precision, "recall": acc.recall, "scores": acc.scores}
+    evaluator.summarize()
+    stats = {name: float(v) for name, v in zip(STAT_NAMES, evaluator.stats, strict=True)}
+    iou50 = int(np.flatnonzero(np.isclose(evaluator.params.iouThrs, 0.5))[0])
     names = {c["id"]: c["name"] for c in coco_gt.dataset["categories"]}
-    for iou_type in iou_types:
-        if not results:  # pycocotools cannot load an empty result list
-            metrics[iou_type] = {
-                **dict.fromkeys(STAT_NAMES, 0.0),
-                "per_class": dict.fromkeys(names.values(), 0.0),
-            }
-            continue
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco_dt = coco_gt.loadRes(results)
-            evaluator = COCOeval(coco_gt, coco_dt, iou_type)
-            evaluator.evaluate()
-            evaluator.accumulate()
-            evaluator.summarize()
-        stats = {name: float(v) for name, v in zip(STAT_NAMES, evaluator.stats, strict=False)}
-        # precision: [IoU thresholds, recall points, classes, area ranges, max dets]
-        precision = evaluator.eval["precision"][:, :, :, 0, -1]
-        per_class = {}
-        for k, cat_id in enumerate(evaluator.params.catIds):
-            p = precision[:, :, k]
-            per_class[names[cat_id]] = float(p[p > -1].mean()) if (p > -1).any() else math.nan
-        metrics[iou_type] = {**stats, "per_class": per_class}
-    return metrics
+    counts = instance_counts(coco_gt)
+    per_class = {}
+    for k, cat_id in enumerate(acc.cat_ids):
+        precision = acc.precision[:, :, k, 0, -1]  # area "all", 100 detections
+        per_class[names[cat_id]] = {
+            "category_id": cat_id,
+            "instances": counts[cat_id],
+            "AP": _mean_defined(precision),
+            "AP50": _mean_defined(precision[iou50]),
+            "AR100": _mean_defined(acc.recall[:, k, 0, -1]),
+        }
+    return {**stats, "per_class": per_class}
 
 
-def format_metrics(metrics: dict[str, dict[str, Any]]) -> str:
-    """A summary table, then per-class AP in columns that stay readable for 178 classes."""
-    lines = ["type  " + " ".join(f"{n:>6}" for n in STAT_NAMES[:6])]
+def category_share(
+    coco_gt: COCO | FastCOCO, results: list[dict[str, Any]], info: DistInfo
+) -> list[int]:
+    """This rank's categories: greedy balance of ground-truth + detection counts, the same
+    on every rank (all hold the same results)."""
+    load = instance_counts(coco_gt) + Counter(r["category_id"] for r in results)
+    totals = [0] * info.world_size
+    mine = []
+    cat_ids = [c["id"] for c in coco_gt.dataset["categories"]]
+    for cat_id in sorted(cat_ids, key=lambda c: (-load[c], c)):
+        rank = totals.index(min(totals))
+        totals[rank] += load[cat_id] + 1
+        if rank == info.rank:
+            mine.append(cat_id)
+    return mine
+
+
+def coco_evaluate(
+    coco_gt: COCO | FastCOCO,
+    results: list[dict[str, Any]],
+    iou_types: Iterable[str] = ("bbox",),
+    *,
+    info: DistInfo | None = None,
+) -> dict[str, dict[str, Any]]:
+    """COCO metrics per IoU type (see :func:`summarize`); strict JSON (no NaN).
+
+    With ``info`` of a distributed run, every rank must call this with the same ``results``
+    (as :func:`run_inference` returns them): each evaluates a share of the categories, the
+    arrays are gathered, and every rank returns the numbers of a single-process evaluation.
+    """
+    info = info or DistInfo()
+    gt = fast_coco(coco_gt)
+    iou_types = list(iou_types)
+    share = category_share(gt, results, info) if info.enabled else None
+    parts = {t: accumulate(gt, results, t, share) for t in iou_types}
+    if info.enabled:
+        gathered = gather_objects(parts, info)
+        parts = {t: merge([g[t] for g in gathered]) for t in iou_types}
+    return {t: summarize(gt, parts[t]) for t in iou_types}
+
+
+def evaluate_distributed(
+    model: nn.Module,
+    dataset: Dataset,
+    label_to_cat_id: dict[int, int],
+    device: torch.device,
+    info: DistInfo | None = None,
+    iou_types: Iterable[str] = ("bbox",),
+    batch_size: int = 2,
+    workers: int = 0,
+    progress: bool = True,
+) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """Inference sharded by image, COCO evaluation sharded by category: no rank waits for
+    another beyond its share. Returns (metrics, results), identical on every rank and equal
+    to the single-process numbers. ``dataset`` needs a ``coco`` attribute (a CocoDataset)."""
+    results = run_inference(model, dataset, label_to_cat_id, device, info, batch_size, workers,
+                            progress)  # fmt: skip
+    return coco_evaluate(dataset.coco, results, iou_types, info=info), results
+
+
+def eval_mode_for_losses(model: nn.Module) -> None:
+    """Train mode (so torchvision returns losses) with frozen BN statistics and no drop-path."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, _BatchNorm | StochasticDepth):
+            m.eval()
+
+
+@torch.no_grad()
+def sharded_val_loss(
+    model: nn.Module,
+    dataset: Dataset,
+    batch_size: int,
+    device: torch.device,
+    info: DistInfo | None = None,
+    workers: int = 0,
+    seed: int = 0,
+) -> float:
+    """Mean loss per image over ``dataset``, in :func:`eval_mode_for_losses`.
+
+    The batches are those of one process (consecutive images), dealt to the ranks in turn and
+    the sums all-reduced; each batch seeds the detector's proposal sampling with
+    ``seed + batch index``, so the value depends neither on the number of ranks nor on the
+    training RNG (which it leaves untouched). Pass the bare model, not the DDP wrapper.
+    """
+    info = info or DistInfo()
+    device = torch.device(device)
+    starts = range(0, len(dataset), batch_size)
+    batches = [list(range(s, min(s + batch_size, len(dataset)))) for s in starts]
+    mine = range(info.rank, len(batches), info.world_size)
+    loader = DataLoader(dataset, batch_sampler=[batches[i] for i in mine], num_workers=workers,
+                        collate_fn=collate, pin_memory=device.type == "cuda",
+                        generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    was_training = model.training
+    eval_mode_for_losses(model)
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, images
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    for index, (images, targets) in zip(mine, loader, strict=True):
+        with torch.random.fork_rng(devices=cuda):
+            torch.default_generator.manual_seed(seed + index)
+            if cuda:
+                torch.cuda.manual_seed(seed + index)
+            losses = model(
+                [i.to(device, non_blocking=True) for i in images],
+                [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()}
+                 for t in targets],
+            )  # fmt: skip
+        total[0] += sum(losses.values()).double() * len(images)
+        total[1] += len(images)
+    if info.enabled:
+        dist.all_reduce(total)
+    model.train(was_training)
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def flat_metrics(metrics: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """One level for metrics.jsonl and TensorBoard: ``bbox/AP`` ... ``bbox/ARl`` and
+    ``bbox_AP_per_class/<class>`` (its own TensorBoard section; None where undefined)."""
+    flat: dict[str, float | None] = {}
     for iou_type, m in metrics.items():
-        lines.append(f"{iou_type:<5} " + " ".join(f"{m[n]:6.3f}" for n in STAT_NAMES[:6]))
+        flat |= {f"{iou_type}/{n}": m[n] for n in STAT_NAMES}
+        flat |= {f"{iou_type}_AP_per_class/{name}": r["AP"] for name, r in m["per_class"].items()}
+    return flat
+
+
+def _cell(value: float | None) -> str:
+    """A table cell; "-" where COCO has no number (null, or -1 for an empty area range)."""
+    return "     -" if value is None or value < 0 else f"{value:6.3f}"
+
+
+def format_metrics(metrics: dict[str, dict[str, Any]], worst: int | None = None) -> str:
+    """The twelve COCO numbers per IoU type, then a per-class table (AP, AP50, AR100 per type
+    and ground-truth instances) sorted worst first by the mask AP if present, else box AP;
+    ``worst`` keeps only that many rows."""
+    lines = ["type  " + " ".join(f"{n:>6}" for n in STAT_NAMES)]
     for iou_type, m in metrics.items():
-        lines.append(f"\nper-class {iou_type} AP (IoU 0.50:0.95)")
-        cells = [f"{name[:18]:<18} {ap:6.3f}" for name, ap in m["per_class"].items()]
-        for i in range(0, len(cells), 3):
-            lines.append("   ".join(cells[i : i + 3]))
+        lines.append(f"{iou_type:<5} " + " ".join(_cell(m[n]) for n in STAT_NAMES))
+    if not metrics:
+        return "\n".join(lines)
+    types = list(metrics)
+    key_type = "segm" if "segm" in metrics else types[0]
+    rows = metrics[key_type]["per_class"]
+
+    def order(name: str) -> tuple[bool, float]:  # classes without ground truth last
+        ap = rows[name]["AP"]
+        return (ap is None, ap or 0.0)
+
+    names = sorted(rows, key=order)
+    shown = names if worst is None else names[:worst]
+    title = f"per class, worst {key_type} AP first"
+    if len(shown) < len(names):
+        title += f" ({len(shown)} of {len(names)})"
+    header = f"{'class':<20} {'inst':>6} " + " ".join(
+        f"{t + ' ' + n:>10}" for t in types for n in ("AP", "AP50", "AR100")
+    )
+    lines += ["", title, header]
+    for name in shown:
+        cells = " ".join(
+            f"{_cell(metrics[t]['per_class'][name][n]):>10}"
+            for t in types
+            for n in ("AP", "AP50", "AR100")
+        )
+        lines.append(f"{name[:20]:<20} {rows[name]['instances']:>6} {cells}")
     return "\n".join(lines)

@@ -1,0 +1,99 @@
+"""Evaluation over 2 gloo processes gives exactly the single-process numbers: inference sharded
+by image, COCO evaluation by category, the validation loss by batch."""
+
+import json
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import TINY_MODEL
+from test_evaluate import gt_as_results
+
+import spinedet
+from spinedet.data import CocoDataset, eval_transforms
+from spinedet.engine.distributed import DistInfo
+from spinedet.engine.evaluate import (
+    coco_evaluate,
+    eval_mode_for_losses,
+    evaluate_distributed,
+    sharded_val_loss,
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(info: DistInfo | None, shapes: dict, weights: str) -> dict:
+    """Inference + evaluation, the validation loss, and evaluation of fixed detections."""
+    model = spinedet.create_model("spinenet49s_maskrcnn", num_classes=5, box_score_thresh=0.0,
+                                  **TINY_MODEL)  # fmt: skip
+    model.load_state_dict(torch.load(weights))
+    cpu = torch.device("cpu")
+    val = CocoDataset(shapes["val"], shapes["images"], eval_transforms(), masks=True)
+    metrics, results = evaluate_distributed(model, val, val.label_to_cat_id, cpu, info,
+                                            ("bbox", "segm"), batch_size=1, workers=1,
+                                            progress=False)  # fmt: skip
+    loss = sharded_val_loss(model, val, 1, cpu, info, workers=1)
+    train = CocoDataset(shapes["train"], shapes["images"], masks=True)
+    fixed = gt_as_results(train.coco, jitter=0.15, drop_every=4, masks=True)
+    fixed_metrics = coco_evaluate(train.coco, fixed, ("bbox", "segm"), info=info)
+    return {"metrics": metrics, "results": results, "loss": loss, "fixed": fixed_metrics,
+            "training": model.training}  # fmt: skip
+
+
+def _worker(rank: int, port: int, shapes: dict, weights: str, out: str) -> None:
+    torch.set_num_threads(1)  # the arithmetic of the single-process run
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    record = _run(DistInfo(rank, rank, 2), shapes, weights)
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(record, f, allow_nan=False)
+    dist.destroy_process_group()
+
+
+def test_two_gloo_processes_give_the_single_process_numbers(shapes, tmp_path):
+    torch.manual_seed(0)
+    model = spinedet.create_model("spinenet49s_maskrcnn", num_classes=5, **TINY_MODEL)
+    weights = str(tmp_path / "weights.pt")
+    torch.save(model.state_dict(), weights)
+    out = str(tmp_path / "rank")
+    mp.spawn(_worker, (_free_port(), shapes, weights, out), nprocs=2)
+    rank0, rank1 = (json.load(open(f"{out}.{r}")) for r in range(2))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = json.loads(json.dumps(_run(None, shapes, weights), allow_nan=False))
+    finally:
+        torch.set_num_threads(threads)
+    assert single["results"], "the untrained model must detect something to compare"
+    key = lambda r: (r["image_id"], -r["score"], r["bbox"])  # noqa: E731
+    assert sorted(rank0["results"], key=key) == sorted(single["results"], key=key)
+    for rank in (rank0, rank1):  # every rank gets the numbers
+        assert rank["metrics"] == single["metrics"]
+        assert rank["fixed"] == single["fixed"]
+        assert abs(rank["loss"] - single["loss"]) <= 1e-12 * abs(single["loss"])
+        assert rank["training"] is True  # the mode the model came in with
+    assert 0.2 < single["fixed"]["bbox"]["AP"] < 0.95  # category shares of a non-trivial case
+    assert single["loss"] > 0
+
+
+def test_val_loss_freezes_batchnorm_and_leaves_training_rng_alone(shapes):
+    model = spinedet.create_model("spinenet49s_maskrcnn", num_classes=5, **TINY_MODEL)
+    model.train()
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+    stats = bn.running_mean.clone()
+    val = CocoDataset(shapes["val"], shapes["images"], eval_transforms(), masks=True)
+    torch.manual_seed(5)
+    first = sharded_val_loss(model, val, 2, torch.device("cpu"))
+    after = torch.rand(1)
+    torch.manual_seed(5)
+    assert torch.equal(torch.rand(1), after)  # the training RNG did not move
+    assert sharded_val_loss(model, val, 2, torch.device("cpu")) == first  # seeded per batch
+    assert torch.equal(bn.running_mean, stats) and model.training and bn.training
+    eval_mode_for_losses(model)
+    assert model.training and not bn.training
