@@ -107,6 +107,7 @@ def test_ratios_are_normalised_and_names_follow_count(skewed, tmp_path):
         ((1.0,), None, "at least two"),
         ((0.5, 0.5), ("x", "y", "z"), "2 ratios but 3"),
         ((0.5, 0.5), ("x", "x"), "unique"),
+        ((0.5, 0.5), ("x", "../y"), "plain file names"),
         ((1, 1, 1, 1), None, "4 ratios but 3"),
     ],
 )

@@ -25,6 +25,8 @@ def _normalise(ratios: Sequence[float], names: Sequence[str]) -> list[float]:
         raise ValueError(f"got {len(ratios)} ratios but {len(names)} split names {list(names)}")
     if len(set(names)) != len(names):
         raise ValueError(f"split names must be unique, got {list(names)}")
+    if any(not name or Path(name).name != name or name in (".", "..") for name in names):
+        raise ValueError(f"split names must be plain file names, got {list(names)}")
     if not all(r > 0 and math.isfinite(r) for r in ratios):
         raise ValueError(f"split ratios must all be positive and finite, got {list(ratios)}")
     total = sum(ratios)
@@ -161,12 +163,15 @@ def write_split(
     existing = [path.name for path in targets.values() if path.exists()]
     if existing and not overwrite:
         raise DataError(f"{', '.join(existing)} already exist; use --overwrite to replace", out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".split-", dir=out_dir))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".split-", dir=out_dir))
+    except OSError as e:
+        raise DataError(f"cannot write ({e.strerror or e})", out_dir) from None
     try:
         for name, part in parts.items():
             write_json(staging / targets[name].name, part)
-        for path in targets.values():  # renames in one folder: no room left for a failure
+        for path in targets.values():  # renames within one file system need no space
             (staging / path.name).replace(path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
