@@ -2,7 +2,8 @@
 
 import pytest
 
-from spinedet.config import ConfigError, load_config
+from spinedet import config
+from spinedet.config import ConfigError, load_config, validate_config
 
 
 def test_shipped_recipe_by_name_and_overrides():
@@ -37,3 +38,97 @@ def test_malformed_override_and_file(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_scientific_notation_reads_as_numbers_in_overrides_and_files(tmp_path):
+    recipe = tmp_path / "sci.yaml"
+    recipe.write_text("train:\n  weight_decay: 4e-5\n  base_lr: 1.5E+1\nmodel:\n  options:\n"
+                      "    bn_eps: 1e-3\n")  # fmt: skip
+    cfg = load_config(recipe, ["train.base_lr=1e6", "train.max_steps=1e3", "data.hflip=5e-1"])
+    assert cfg["train"]["weight_decay"] == 4e-5 and cfg["train"]["base_lr"] == 1e6
+    assert cfg["model"]["options"]["bn_eps"] == 1e-3  # options reach create_model as numbers
+    assert cfg["train"]["max_steps"] == 1000 and type(cfg["train"]["max_steps"]) is int
+    assert cfg["data"]["hflip"] == 0.5
+    # ints where a float is expected become floats; strings that only look like words stay
+    assert load_config(None, ["train.clip_grad=3"])["train"]["clip_grad"] == 3.0
+    assert load_config(None, ["model.name=e5"])["model"]["name"] == "e5"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.epochs=0", "train.epochs=0: expected an integer >= 1"),
+        ("train.epochs=abc", "train.epochs='abc': expected an integer >= 1"),
+        ("train.epochs=2.5", "train.epochs=2.5: expected an integer >= 1"),
+        ("train.epochs=true", "train.epochs=True: expected an integer >= 1"),
+        ("train.batch_size=0", "train.batch_size=0: expected an integer >= 1"),
+        ("train.batch_size=abc", "train.batch_size='abc': expected an integer >= 1"),
+        ("train.log_every=0", "train.log_every=0: expected an integer >= 1"),
+        ("data.workers=-1", "data.workers=-1: expected an integer >= 0"),
+        ("train.warmup_steps=-1", "train.warmup_steps=-1: expected an integer >= 0"),
+        ("train.max_steps=0", "train.max_steps=0: expected an integer >= 1 or null"),
+        ("train.amp=foo", "train.amp='foo': expected one of auto, bf16, fp16, none"),
+        ("train.schedule=foo", "train.schedule='foo': expected one of step, cosine"),
+        ("train.base_lr=0", "train.base_lr=0: expected a finite number > 0"),
+        ("train.base_lr=.inf", "train.base_lr=inf: expected a finite number > 0"),
+        ("train.base_lr=.nan", "train.base_lr=nan: expected a finite number > 0"),
+        ("train.momentum=1", "train.momentum=1: expected a finite number in [0, 1)"),
+        ("train.weight_decay=-1e-4", "train.weight_decay=-0.0001: expected a finite number >= 0"),
+        ("train.gamma=0", "train.gamma=0: expected a finite number in (0, 1]"),
+        ("train.warmup_factor=2", "train.warmup_factor=2: expected a finite number in (0, 1]"),
+        ("train.clip_grad=-1", "train.clip_grad=-1: expected a finite number >= 0"),
+        ("data.hflip=abc", "data.hflip='abc': expected a finite number in [0, 1]"),
+        ("data.scale_range=5", "data.scale_range=5: expected a list of 2 numbers > 0 in ascending"),
+        ("data.scale_range=[2, 1]", "data.scale_range=[2, 1]: expected a list of 2 numbers"),
+        ("data.scale_range=[0, 1]", "data.scale_range=[0, 1]: expected a list of 2 numbers > 0"),
+        ("data.scale_range=[1]", "data.scale_range=[1]: expected a list of 2 numbers"),
+        ("train.milestones=[2]", "train.milestones=[2]: expected a list of numbers in (0, 1]"),
+        ("train.milestones=0.5", "train.milestones=0.5: expected a list of numbers in (0, 1]"),
+        ("model.name=123", "model.name=123: expected a string"),
+        ("model.options=[1]", "model.options=[1]: expected a mapping"),
+        ("model.image_size=16", "model.image_size=16: expected an integer >= 32"),
+        ("model.weights=3", "model.weights=3: expected a string or null"),
+        ("data.check=1", "data.check=1: expected true or false"),
+        ("data.train.images=[a]", "data.train.images=['a']: expected a string or null"),
+    ],
+)  # fmt: skip
+def test_bad_values_are_one_line_errors_naming_key_value_and_range(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert str(e.value).startswith(f"--set {message}") and "\n" not in str(e.value)
+
+
+def test_bad_value_in_a_file_names_the_file(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  amp: fp8\n")
+    with pytest.raises(ConfigError, match=r"r\.yaml: train\.amp='fp8': expected one of auto"):
+        load_config(recipe)
+
+
+def test_validate_config_checks_a_dict_built_in_python():
+    cfg = load_config(None)
+    cfg["train"]["epochs"] = 0
+    with pytest.raises(ConfigError, match=r"^train\.epochs=0: expected an integer >= 1$"):
+        validate_config(cfg)
+
+
+def test_a_new_key_needs_only_its_default_and_optionally_a_rule(monkeypatch):
+    monkeypatch.setitem(config.DEFAULTS["train"], "accumulate", 1)
+    assert load_config(None, ["train.accumulate=3"])["train"]["accumulate"] == 3
+    with pytest.raises(ConfigError, match="train.accumulate='x': expected an integer$"):
+        load_config(None, ["train.accumulate=x"])
+    monkeypatch.setitem(config.RULES, "train.accumulate", config.Rule(low=1))
+    with pytest.raises(ConfigError, match="train.accumulate=0: expected an integer >= 1$"):
+        load_config(None, ["train.accumulate=0"])
+
+
+def test_shipped_recipes_are_valid():
+    for recipe in config.CONFIG_DIR.glob("*.yaml"):
+        validate_config(load_config(recipe))
+
+
+def test_save_config_round_trips(tmp_path):
+    cfg = load_config("quickstart", ["train.weight_decay=4e-5"])
+    config.save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+    assert [p.name for p in tmp_path.iterdir()] == ["c.yaml"]  # no temp file left

@@ -1,4 +1,6 @@
+import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -156,19 +158,30 @@ def test_missing_annotation_file(tmp_path):
     assert problem.file == str(tmp_path / "none.json") and "cannot read" in problem.message
 
 
-def test_full_decode_finds_truncated_jpeg_that_header_check_misses(tmp_path):
+@pytest.mark.parametrize("full", [False, True])
+def test_truncated_images_are_found_by_the_fast_check_too(tmp_path, full):
     images = tmp_path / "images"
     images.mkdir()
     pixels = np.random.default_rng(0).integers(0, 255, (H, W, 3), np.uint8)
-    Image.fromarray(pixels).save(images / "cut.jpg", quality=95)
-    data = (images / "cut.jpg").read_bytes()
-    (images / "cut.jpg").write_bytes(data[: len(data) // 2])
-    meta = {"images": [{"id": 1, "file_name": "cut.jpg", "width": W, "height": H}],
-            "annotations": [], "categories": []}  # fmt: skip
+    for name in ("cut.jpg", "cut.png", "cut.bmp", "tail.jpg", "padded.jpg", "ok.jpg"):
+        Image.fromarray(pixels).save(images / name, quality=95)
+    for name in ("cut.jpg", "cut.png", "cut.bmp"):
+        data = (images / name).read_bytes()
+        (images / name).write_bytes(data[: len(data) // 2])
+    data = (images / "tail.jpg").read_bytes()
+    (images / "tail.jpg").write_bytes(data[:-2])  # only the end-of-image marker is missing:
+    # Pillow refuses it as truncated, so training could not read it either
+    with open(images / "padded.jpg", "ab") as f:  # complete, then more than a tail's bytes
+        f.write(b"\0" * 5000)
+    names = sorted(p.name for p in images.iterdir())
+    entries = [{"id": i, "file_name": n, "width": W, "height": H} for i, n in enumerate(names)]
+    meta = {"images": entries, "annotations": [], "categories": []}
     (tmp_path / "a.json").write_text(json.dumps(meta))
-    assert check_dataset(tmp_path / "a.json", images) == []
-    (problem,) = check_dataset(tmp_path / "a.json", images, full=True)
-    assert problem.kind == "unreadable image" and problem.file == str(images / "cut.jpg")
+    problems = check_dataset(tmp_path / "a.json", images, full=full)
+    found = sorted(Path(p.file).name for p in problems)
+    assert found == ["cut.bmp", "cut.jpg", "cut.png", "tail.jpg"]
+    assert {p.kind for p in problems} == {"unreadable image"}
+    assert all("truncated" in p.message.lower() for p in problems)
 
 
 def test_exif_rotation_explains_swapped_size(tmp_path):
@@ -196,3 +209,65 @@ def test_exif_rotation_explains_swapped_size(tmp_path):
             (3, f"image is {W}x{H} but the annotations say {H}x{W}"),
             (4, f"image is {W}x{H} ({H}x{W} after EXIF rotation) but the annotations say {W}x{W}"),
         ]
+
+
+def test_file_names_outside_the_image_folder_are_refused_and_never_read(tmp_path):
+    images = tmp_path / "images"
+    _write_images(images, ["ok.png"])
+    (images / "sub").mkdir()
+    (tmp_path / "secret.png").write_bytes(b"not an image: reading it would be reported")
+    names = {1: "ok.png", 2: "../secret.png", 3: str(tmp_path / "secret.png"), 4: "/etc/passwd",
+             5: "sub/../../secret.png", 6: "sub/../ok.png"}  # fmt: skip
+    data = {
+        "categories": [{"id": 1, "name": "a"}],
+        "images": [{"id": i, "file_name": n, "width": W, "height": H} for i, n in names.items()],
+        "annotations": [_ann(i, image_id=i) for i in names],
+    }
+    (tmp_path / "a.json").write_text(json.dumps(data))
+    problems = check_dataset(tmp_path / "a.json", images)
+    assert [(p.image_id, p.kind, p.file) for p in problems] == [
+        (i, "path outside images", str(tmp_path / "a.json")) for i in (2, 3, 4, 5)
+    ]
+    assert problems[0].message == (
+        f"file_name '../secret.png' points outside {images}: use a path relative to the image "
+        "directory"
+    )
+
+
+def test_categories_without_images_or_annotations_are_a_problem(tmp_path):
+    _write_images(tmp_path, ["a.png"])
+    data = {"categories": [{"id": 1, "name": "a"}], "images": [], "annotations": []}
+    (tmp_path / "a.json").write_text(json.dumps(data))
+    (problem,) = check_dataset(tmp_path / "a.json", tmp_path)
+    assert (problem.kind, problem.message) == ("empty", "the data set has categories but no images")
+    data["images"] = [{"id": 1, "file_name": "a.png", "width": W, "height": H}]
+    data["annotations"] = [_ann(1, image_id=7)]  # on no known image: nothing to learn from
+    (tmp_path / "a.json").write_text(json.dumps(data))
+    problems = check_dataset(tmp_path / "a.json", tmp_path)
+    assert [p.kind for p in problems] == ["unknown image", "empty"]
+    assert problems[1].message.startswith("no image has an annotation")
+
+
+def test_check_command_prints_instances_and_images_per_class(tmp_path, capsys):
+    from spinedet.cli.data import add_data_commands
+
+    _write_images(tmp_path, ["1.png", "2.png", "3.png"])
+    data = {
+        "categories": [{"id": 7, "name": "cat"}, {"id": 3, "name": "dog"}, {"id": 9, "name": "x"}],
+        "images": [{"id": i, "file_name": f"{i}.png", "width": W, "height": H} for i in (1, 2, 3)],
+        "annotations": [_ann(1, 1, 7), _ann(2, 1, 7), _ann(3, 2, 7), _ann(4, 2, 3), _ann(5, 9, 3)],
+    }
+    (tmp_path / "a.json").write_text(json.dumps(data))
+    parser = argparse.ArgumentParser()
+    add_data_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["data", "check", str(tmp_path / "a.json"), "--images", str(tmp_path)])
+    assert args.func(args) == 1  # annotation 5 is on an unknown image: not counted
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split() for line in lines[:5]] == [
+        ["class", "instances", "images"],
+        ["cat", "3", "2"],
+        ["dog", "1", "1"],
+        ["x", "0", "0"],
+        ["total", "4", "3"],
+    ]
+    assert lines[-1] == "1 problem: 1 unknown image"

@@ -1,14 +1,16 @@
 import json
 import pickle
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
+from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 
-from spinedet.data import CocoDataset, DataError, collate, load_image
+from spinedet.data import CocoDataset, DataError, collate, load_image, train_transforms
 from spinedet.data.coco import _rle_string_counts, decode_segmentation, rle_problem
 
 
@@ -313,3 +315,67 @@ def test_data_error_is_one_line_and_survives_worker_reraise():
     assert str(pickle.loads(pickle.dumps(error))) == str(error)
     # torch's DataLoader rebuilds worker errors as type(error)(traceback_text)
     assert str(DataError("Traceback:\n  line")) == "Traceback:\n  line"
+
+
+@pytest.mark.parametrize("name", ["../a.png", "/etc/passwd", "x/../../a.png"])
+def test_dataset_refuses_file_names_outside_the_image_folder(dataset_files, name):
+    ann, img, _ = dataset_files
+    data = json.loads(ann.read_text())
+    data["images"][1]["file_name"] = name
+    ann.write_text(json.dumps(data))
+    with pytest.raises(DataError) as info:
+        CocoDataset(ann, img)
+    assert str(info.value) == (
+        f"{ann}: 1 images (ids 9) have file names outside the image directory {img}; "
+        "use paths relative to it"
+    )
+
+
+def test_dataset_without_images_is_refused(dataset_files):
+    ann, img, _ = dataset_files
+    data = json.loads(ann.read_text())
+    data["images"], data["annotations"] = [], []
+    ann.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"ann\.json: the data set has no images$"):
+        CocoDataset(ann, img)
+
+
+def _with_truncated_jpeg(shapes, tmp_path):
+    """A copy of the shapes train split whose first image is a JPEG cut in half."""
+    data = json.loads(shapes["train"].read_text())
+    first = data["images"][0]
+    images = tmp_path / "images"
+    shutil.copytree(shapes["images"], images)
+    jpeg = images / "cut.jpg"
+    Image.open(images / first["file_name"]).save(jpeg, quality=90)
+    jpeg.write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 2])
+    first["file_name"] = "cut.jpg"
+    (tmp_path / "train.json").write_text(json.dumps(data))
+    return tmp_path / "train.json", images, first
+
+
+def test_undecodable_image_stands_as_blank_and_is_logged_once(shapes, tmp_path, caplog):
+    ann, images, first = _with_truncated_jpeg(shapes, tmp_path)
+    ds = CocoDataset(ann, images)
+    with caplog.at_level("WARNING", logger="spinedet.data.coco"):
+        for _ in range(2):
+            image, target = ds[0]
+            assert image.shape == (3, first["height"], first["width"]) and not image.any()
+            assert target["image_id"] == first["id"] and target["boxes"].shape == (0, 4)
+            assert target["labels"].numel() == 0 and target["masks"].shape[0] == 0
+    (record,) = caplog.records  # once per image, not once per epoch
+    assert record.getMessage().startswith(f"skipping image {first['id']} (")
+    assert f"{images / 'cut.jpg'}: cannot decode image: image file is truncated" in record.message
+    _, other = ds[1]  # the rest of the set is untouched
+    assert other["boxes"].shape[0] == len(ds.coco.imgToAnns[ds.ids[1]])
+
+
+def test_loader_workers_run_past_an_undecodable_image_with_augmentation(shapes, tmp_path):
+    """What training does: augmented samples from a DataLoader worker, batched by collate."""
+    ann, images, first = _with_truncated_jpeg(shapes, tmp_path)
+    ds = CocoDataset(ann, images, train_transforms(64, (0.8, 1.25), 0.5))
+    loader = DataLoader(ds, batch_size=3, num_workers=1, collate_fn=collate)
+    targets = [t for _, batch in loader for t in batch]
+    assert [t["image_id"] for t in targets] == ds.ids
+    assert targets[0]["image_id"] == first["id"] and targets[0]["boxes"].shape == (0, 4)
+    assert all(t["boxes"].shape[0] > 0 for t in targets[1:])

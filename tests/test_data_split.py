@@ -1,10 +1,17 @@
+import errno
 import json
+import os
 import random
+import signal
 from collections import Counter
 
 import pytest
 
+from spinedet.cli import main
+from spinedet.cli.data import add_data_commands
 from spinedet.data import DataError, split_dataset
+from spinedet.models import weights
+from spinedet.models.weights import atomic_write
 
 RATIOS = (0.8, 0.1, 0.1)
 
@@ -96,9 +103,12 @@ def test_ratios_are_normalised_and_names_follow_count(skewed, tmp_path):
     [
         ((0.8, 0.0, 0.2), None, "positive"),
         ((0.8, -0.1, 0.3), None, "positive"),
+        ((float("inf"), 1.0), None, "positive and finite"),
+        ((float("nan"), 1.0), None, "positive and finite"),
         ((1.0,), None, "at least two"),
         ((0.5, 0.5), ("x", "y", "z"), "2 ratios but 3"),
         ((0.5, 0.5), ("x", "x"), "unique"),
+        ((0.5, 0.5), ("x", "../y"), "plain file names"),
         ((1, 1, 1, 1), None, "4 ratios but 3"),
     ],
 )
@@ -120,3 +130,168 @@ def test_unpartitionable_data_is_rejected(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps(data))
     with pytest.raises(DataError, match="image ids are not unique"):
         split_dataset(tmp_path / "a.json", tmp_path)
+
+
+def _run(*argv):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="spinedet")
+    add_data_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["data", *argv])
+    return args.func(args)
+
+
+def _state(folder):
+    """Every file under ``folder`` (hidden ones included) with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_existing_splits_are_kept_unless_overwrite(skewed, tmp_path, capsys):
+    path, _ = skewed
+    split_dataset(path, tmp_path, seed=1)
+    before = _state(tmp_path)
+    with pytest.raises(
+        DataError, match=r"train\.json, val\.json, test\.json already exist; use --ov"
+    ):
+        split_dataset(path, tmp_path, seed=2)
+    assert _state(tmp_path) == before
+    assert main(["data", "split", str(path), "--out", str(tmp_path), "--seed", "2"]) == 2
+    assert "use --overwrite" in capsys.readouterr().err
+    assert _run("split", str(path), "--out", str(tmp_path), "--seed", "2", "--overwrite") == 0
+    after = _state(tmp_path)
+    assert after.keys() == before.keys() and after != before  # replaced, nothing left over
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_split_never_replaces_its_input(tmp_path, skewed, overwrite):
+    _, data = skewed
+    (tmp_path / "train.json").write_text(json.dumps(data))
+    before = _state(tmp_path)
+    with pytest.raises(DataError, match=r"writing train\.json would replace the input annotations"):
+        split_dataset(tmp_path / "train.json", tmp_path, overwrite=overwrite)
+    (tmp_path / "link").symlink_to(tmp_path)  # the same folder under another name
+    with pytest.raises(DataError, match="would replace the input annotations"):
+        split_dataset(tmp_path / "link" / "train.json", tmp_path, overwrite=overwrite)
+    assert _state(tmp_path) == before
+
+
+def test_split_prints_paths_and_per_class_counts_per_split(skewed, tmp_path, capsys):
+    path, data = skewed
+    assert _run("split", str(path), "--out", str(tmp_path), "--seed", "0") == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:3] == [f"{n}: {tmp_path / n}.json" for n in ("train", "val", "test")]
+    assert out[3].split() == ["class", "train", "val", "test", "(instances/images)"]
+    parts = _load({n: tmp_path / f"{n}.json" for n in ("train", "val", "test")})
+    for row, cat in zip(out[4:8], (1, 2, 3, 4), strict=True):
+        cells = []
+        for part in parts.values():
+            anns = [a for a in part["annotations"] if a["category_id"] == cat]
+            cells.append(f"{len(anns)}/{len({a['image_id'] for a in anns})}")
+        assert row.split() == [str(cat), *cells]
+    totals = [f"{len(p['annotations'])}/{len(p['images'])}" for p in parts.values()]
+    assert out[8].split() == ["total", *totals] and len(out) == 9
+
+
+def test_disk_full_midway_leaves_previous_splits_whole(skewed, tmp_path, monkeypatch, capsys):
+    path, _ = skewed
+    split_dataset(path, tmp_path, seed=1)
+    before = _state(tmp_path)
+    real_dump, calls = json.dump, []
+
+    def dump(obj, f, *args, **kwargs):  # the second split file hits a full disk
+        calls.append(f.name)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_dump(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(json, "dump", dump)
+    argv = ["data", "split", str(path), "--out", str(tmp_path), "--seed", "2", "--overwrite"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.endswith(": cannot write (No space left on device)\n") and err.count("\n") == 1
+    assert "val.json" in err
+    assert _state(tmp_path) == before  # no split replaced, no temp file or folder left
+
+
+def test_sigkill_while_writing_leaves_no_split_at_all(skewed, tmp_path, monkeypatch):
+    """A kill after the first part is written: nothing half-written becomes a split file."""
+    path, _ = skewed
+    real_dump, calls = json.dump, []
+
+    def dump(obj, f, *args, **kwargs):
+        calls.append(f.name)
+        if len(calls) == 2:
+            f.write('{"images": [')
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_dump(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(json, "dump", dump)
+    child = os.fork()  # a real process to kill, with everything already imported
+    if child == 0:
+        try:
+            split_dataset(path, tmp_path / "out")
+        finally:
+            os._exit(1)  # never reached: the kill comes first
+    _, status = os.waitpid(child, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    # only the staging folder is left behind, holding what was written: no <name>.json
+    assert not list((tmp_path / "out").glob("*.json"))
+    assert len(list((tmp_path / "out").rglob("*"))) == 3  # staging, train.json, temp of val.json
+
+
+def test_atomic_write_syncs_before_renaming(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync") or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append("replace") or real_replace(a, b))
+    atomic_write(tmp_path / "a.txt", lambda tmp: open(tmp, "w").write("x"))
+    assert (tmp_path / "a.txt").read_text() == "x"
+    assert events[:2] == ["fsync", "replace"]  # the data is on disk before the name points at it
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "No space left on device"),
+        (PermissionError(errno.EROFS, os.strerror(errno.EROFS)), "Read-only file system"),
+    ],
+)
+def test_atomic_write_failure_is_one_line_and_removes_the_temp_file(tmp_path, error, reason):
+    target = tmp_path / "keep.json"
+    target.write_text("old")
+
+    def write(tmp):
+        open(tmp, "w").write("partial")
+        raise error
+
+    with pytest.raises(OSError) as info:
+        atomic_write(target, write)
+    assert str(info.value) == f"{target}: cannot write ({reason})"
+    assert info.value.errno == error.errno
+    assert _state(tmp_path) == {"keep.json": b"old"}
+
+
+def test_atomic_write_in_a_read_only_folder(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path))
+
+    monkeypatch.setattr(weights.tempfile, "mkstemp", refuse)
+    with pytest.raises(OSError, match=r"^.*a\.json: cannot write \(Permission denied\)$"):
+        atomic_write(tmp_path / "a.json", lambda tmp: None)
+
+
+def test_writer_failing_without_errno_on_a_full_disk_says_so(tmp_path, monkeypatch):
+    """torch.save reports a full disk as RuntimeError('[enforce fail at inline_container...')."""
+
+    def write(tmp):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")
+
+    usage = weights.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(weights.shutil, "disk_usage", lambda p: usage._replace(free=4096))
+    with pytest.raises(OSError, match=r"ck\.pt: cannot write \(No space left on device\)$"):
+        atomic_write(tmp_path / "ck.pt", write)
+    monkeypatch.setattr(weights.shutil, "disk_usage", lambda p: usage._replace(free=1 << 30))
+    with pytest.raises(RuntimeError, match="enforce fail"):  # not a full disk: as it was
+        atomic_write(tmp_path / "ck.pt", write)
+    assert not list(tmp_path.iterdir())

@@ -191,12 +191,16 @@ def test_backbone_weights_load_into_detector(tmp_path):
 
 def test_load_model_rebuilds_from_file_metadata(tmp_path):
     model = spinedet.create_model("spinenet49s_maskrcnn", class_names=["cat", "dog"], **SMALL)
-    spinedet.save_weights(model, tmp_path / "m.safetensors", {"categories": [3, 9]})
+    categories = [{"id": 3, "name": "cat"}, {"id": 9, "name": "dog"}]
+    spinedet.save_weights(model, tmp_path / "m.safetensors", {"categories": categories})
     again = spinedet.load_model(tmp_path / "m.safetensors", box_score_thresh=0.5)
     assert again.class_names == ["cat", "dog"] and again.roi_heads.score_thresh == 0.5
     assert again.transform.min_size == (96,)
     assert torch.equal(again.backbone.stem[0].conv.weight, model.backbone.stem[0].conv.weight)
-    assert spinedet.models.weights.read_metadata(tmp_path / "m.safetensors")["categories"] == [3, 9]
+    assert (
+        spinedet.models.weights.read_metadata(tmp_path / "m.safetensors")["categories"]
+        == categories
+    )
 
 
 def test_detector_options_reach_torchvision_and_unknown_options_are_named():

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
+import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +15,16 @@ import yaml
 
 from .errors import SpinedetError
 
-__all__ = ["ConfigError", "DEFAULTS", "load_config", "apply_overrides", "save_config"]
+__all__ = [
+    "ConfigError",
+    "DEFAULTS",
+    "RULES",
+    "Rule",
+    "apply_overrides",
+    "load_config",
+    "save_config",
+    "validate_config",
+]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -55,8 +67,88 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+@dataclass(frozen=True)
+class Rule:
+    """What a key accepts beyond the type of its default (for a list: what each item accepts).
+
+    Bounds are inclusive unless ``*_open``; ``type`` is needed only where the default is None
+    (which also allows null), and is ``str`` there unless given.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[str, ...] = ()
+    type: type | None = None
+    length: int | None = None  # lists: exact number of items
+    ascending: bool = False  # lists: items in non-decreasing order
+
+    def bounds(self) -> str:
+        if self.low is not None and self.high is not None:
+            opening, closing = "(["[not self.low_open], ")]"[not self.high_open]
+            return f" in {opening}{self.low:g}, {self.high:g}{closing}"
+        if self.low is not None:
+            return f" {'>' if self.low_open else '>='} {self.low:g}"
+        if self.high is not None:
+            return f" {'<' if self.high_open else '<='} {self.high:g}"
+        return ""
+
+    def admits(self, number: float) -> bool:
+        low_ok = self.low is None or (number > self.low if self.low_open else number >= self.low)
+        high_ok = self.high is None or (
+            number < self.high if self.high_open else number <= self.high
+        )
+        return low_ok and high_ok
+
+
+# Ranges and choices of the keys that need more than their default's type. A new key needs a
+# line in DEFAULTS, and one here only if its values are bounded or its default is None.
+RULES: dict[str, Rule] = {
+    "model.image_size": Rule(low=32),
+    "data.scale_range": Rule(low=0, low_open=True, length=2, ascending=True),
+    "data.hflip": Rule(low=0, high=1),
+    "data.workers": Rule(low=0),
+    "train.epochs": Rule(low=1),
+    "train.batch_size": Rule(low=1),
+    "train.base_lr": Rule(low=0, low_open=True),
+    "train.base_batch": Rule(low=1),
+    "train.momentum": Rule(low=0, high=1, high_open=True),
+    "train.weight_decay": Rule(low=0),
+    "train.schedule": Rule(choices=("step", "cosine")),
+    "train.milestones": Rule(low=0, high=1, low_open=True),
+    "train.gamma": Rule(low=0, high=1, low_open=True),
+    "train.warmup_steps": Rule(low=0),
+    "train.warmup_factor": Rule(low=0, high=1, low_open=True),
+    "train.clip_grad": Rule(low=0),
+    "train.amp": Rule(choices=("auto", "bf16", "fp16", "none")),
+    "train.seed": Rule(low=0),
+    "train.eval_every": Rule(low=1),
+    "train.checkpoint_every": Rule(low=1),
+    "train.log_every": Rule(low=1),
+    "train.max_nonfinite": Rule(low=1),
+    "train.max_steps": Rule(low=1, type=int),
+}
+
+
 class ConfigError(SpinedetError):
     """A config file or override that cannot be used."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e6`` and ``4e-5`` (no dot, or no exponent sign) as strings; read every
+    number in scientific notation as a float, as YAML 1.2 does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: no arbitrary objects
 
 
 def _merge(base: dict, update: dict, where: str, source: str) -> dict:
@@ -72,11 +164,89 @@ def _merge(base: dict, update: dict, where: str, source: str) -> dict:
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: {path} must be a mapping, got {value!r}")
             _merge(base[key], value, path, source)
-        elif isinstance(base[key], dict):
+        elif isinstance(base[key], dict) and isinstance(value, dict | None):
             base[key] = {**base[key], **(value or {})}
         else:
-            base[key] = value
+            base[key] = value  # validate_config judges it
     return base
+
+
+_NOUNS = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
+          list: "a list", dict: "a mapping"}  # fmt: skip
+_PLURALS = {int: "integers", float: "numbers", str: "strings"}
+
+
+def _coerce(value: Any, kind: type) -> Any:
+    """``value`` as a ``kind``: an integral float is an int, an int a float, floats are finite.
+
+    Raises TypeError otherwise (bools are not numbers here, though Python says so)."""
+    if kind is float and type(value) in (int, float) and math.isfinite(value):
+        return float(value)
+    if kind is int and type(value) is float and value.is_integer():
+        return int(value)
+    if type(value) is kind and kind is not float or kind is dict and isinstance(value, dict):
+        return value
+    raise TypeError(kind)
+
+
+def _expected(kind: type, item: type | None, rule: Rule, nullable: bool) -> str:
+    if rule.choices:
+        text = "one of " + ", ".join(rule.choices)
+    elif kind is list and item is not None:
+        count = f"{rule.length} " if rule.length else ""
+        order = " in ascending order" if rule.ascending else ""
+        text = f"a list of {count}{_PLURALS[item]}{rule.bounds()}{order}"
+    else:
+        text = _NOUNS[kind] + rule.bounds()
+    return text + (" or null" if nullable else "")
+
+
+def _checked(key: str, value: Any, default: Any, prefix: str) -> Any:
+    """``value`` typed like ``default`` and within ``RULES[key]``, else a ConfigError."""
+    rule = RULES.get(key, Rule())
+    kind = rule.type or (str if default is None else type(default))
+    item = type(default[0]) if isinstance(default, list) and default else None
+    if value is None and default is None:
+        return None
+    try:
+        typed = _coerce(value, kind)
+        if item is not None:
+            typed = [_coerce(v, item) for v in typed]
+        numbers = typed if item in (int, float) else [typed] if kind in (int, float) else []
+        ok = (
+            all(rule.admits(n) for n in numbers)
+            and (not rule.choices or typed in rule.choices)
+            and (rule.length is None or len(typed) == rule.length)
+            and (not rule.ascending or typed == sorted(typed))
+        )
+    except TypeError:
+        ok = False
+    if not ok:
+        expected = _expected(kind, item, rule, default is None)
+        raise ConfigError(f"{prefix}{key}={value!r}: expected {expected}")
+    return typed
+
+
+def _validate(config: dict[str, Any], defaults: dict[str, Any], where: str, prefix: str) -> None:
+    for key, default in defaults.items():
+        path = f"{where}{key}"
+        if isinstance(default, dict) and default:  # a section: its keys are fixed
+            if not isinstance(config.get(key), dict):
+                raise ConfigError(f"{prefix}{path}={config.get(key)!r}: expected a mapping")
+            _validate(config[key], default, f"{path}.", prefix)
+        else:
+            config[key] = _checked(path, config.get(key, default), default, prefix)
+
+
+def validate_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Check every value against the type of its default and ``RULES``, in place.
+
+    Integral floats become ints where the default is an int, ints floats where it is a float.
+    A bad value raises a one-line ConfigError naming the key, the value and what is expected,
+    after ``prefix`` (the file or ``--set``). Returns ``config``.
+    """
+    _validate(config, DEFAULTS, "", prefix)
+    return config
 
 
 def resolve_config_path(name: str | Path) -> Path:
@@ -97,28 +267,37 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     if path is not None:
         path = resolve_config_path(path)
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = _parse_yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         _merge(config, loaded, "", str(path))
+        validate_config(config, f"{path}: ")
     return apply_overrides(config, overrides)
 
 
 def apply_overrides(config: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` strings; values are parsed as YAML (numbers, lists, null, ...)."""
+    """Apply ``a.b.c=value`` strings; values are parsed as YAML (numbers, lists, null, ...),
+    then checked by :func:`validate_config`."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.epochs=12")
-        value = yaml.safe_load(raw) if raw else None
+        try:
+            value = _parse_yaml(raw) if raw else None
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML") from None
         update: Any = value
         for part in reversed(key.split(".")):
             update = {part: update}
         _merge(config, update, "", f"--set {item}")
+        validate_config(config, "--set ")
     return config
 
 
 def save_config(config: dict[str, Any], path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config, sort_keys=False))
+    from .models.weights import atomic_write  # torch: imported only when a run writes
+
+    text = yaml.safe_dump(config, sort_keys=False)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -7,7 +7,7 @@ bug and keeps its traceback. It derives from ``ValueError`` so code that caught 
 
 from __future__ import annotations
 
-__all__ = ["ModelError", "SpinedetError"]
+__all__ = ["ModelError", "SpinedetError", "shorten"]
 
 
 class SpinedetError(ValueError):
@@ -16,3 +16,9 @@ class SpinedetError(ValueError):
 
 class ModelError(SpinedetError):
     """An unknown model name, variant or builder option."""
+
+
+def shorten(items: list[str], limit: int = 5) -> str:
+    """``a, b, c and 7 more``: a list for a one-line message."""
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from spinedet.data.check import check_dataset, format_report
+from spinedet.data.check import format_report, inspect_dataset
 from spinedet.data.shapes import make_shapes
-from spinedet.data.split import split_dataset
+from spinedet.data.split import split_parts, split_table, write_split
 
 
 def _size(text: str) -> int | tuple[int, int]:
@@ -22,17 +22,21 @@ def _size(text: str) -> int | tuple[int, int]:
 
 
 def _check(args: argparse.Namespace) -> int:
-    problems = check_dataset(args.annotations, args.images, full=args.full, workers=args.workers)
+    problems, table = inspect_dataset(
+        args.annotations, args.images, full=args.full, workers=args.workers
+    )
+    if table:
+        print(table)
     print(format_report(problems))
     return 1 if problems else 0
 
 
 def _split(args: argparse.Namespace) -> int:
-    paths = split_dataset(
-        args.annotations, args.out, ratios=args.ratios, seed=args.seed, names=args.names
-    )
+    parts = split_parts(args.annotations, args.ratios, args.seed, args.names)
+    paths = write_split(parts, args.out, args.annotations, args.overwrite)
     for name, path in paths.items():
         print(f"{name}: {path}")
+    print(split_table(parts))
     return 0
 
 
@@ -63,6 +67,7 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     split.add_argument("--names", nargs="+", help="split names (default: train val [test])")
     split.add_argument("--seed", type=int, default=0)
     split.add_argument("--out", type=Path, required=True, help="directory for <name>.json")
+    split.add_argument("--overwrite", action="store_true", help="replace existing split files")
     split.set_defaults(func=_split)
 
     shapes = commands.add_parser("shapes", help="generate the synthetic shapes dataset")

@@ -10,9 +10,14 @@ fields needed here are decoded, straight from the wire format.
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -43,17 +48,37 @@ class CheckpointError(ValueError):
     """A file that is not a readable TensorFlow checkpoint."""
 
 
+@contextlib.contextmanager
+def _reading(path: Path, what: str) -> Iterator[None]:
+    """Name ``path`` in every error raised while parsing it, and turn the low-level errors of
+    a corrupt file that a check below missed into a one-line CheckpointError too."""
+    try:
+        yield
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except (IndexError, KeyError, TypeError, ValueError, OverflowError, struct.error) as e:
+        reason = " ".join(f"{type(e).__name__}: {e}".split())
+        raise CheckpointError(f"{path}: corrupt {what} ({reason})") from None
+
+
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:
     result = shift = 0
     while True:
-        if pos >= len(buf):
-            raise CheckpointError("truncated varint")
+        if pos >= len(buf) or shift > 63:
+            raise CheckpointError("truncated or overlong varint")
         byte = buf[pos]
         pos += 1
         result |= (byte & 0x7F) << shift
         if byte < 0x80:
             return result, pos
         shift += 7
+
+
+def _take(buf: bytes, pos: int, length: int) -> tuple[bytes, int]:
+    """``length`` bytes at ``pos`` and the position after them; all must be there."""
+    if pos + length > len(buf):
+        raise CheckpointError(f"a field of {length} bytes runs past the end of its message")
+    return buf[pos : pos + length], pos + length
 
 
 def _fields(buf: bytes) -> list[tuple[int, int | bytes]]:
@@ -65,26 +90,41 @@ def _fields(buf: bytes) -> list[tuple[int, int | bytes]]:
         number, wire = tag >> 3, tag & 7
         if wire == 0:
             value, pos = _varint(buf, pos)
-        elif wire == 1:
-            value, pos = int.from_bytes(buf[pos : pos + 8], "little"), pos + 8
+        elif wire in (1, 5):
+            raw, pos = _take(buf, pos, 8 if wire == 1 else 4)
+            value = int.from_bytes(raw, "little")
         elif wire == 2:
             length, pos = _varint(buf, pos)
-            value, pos = buf[pos : pos + length], pos + length
-        elif wire == 5:
-            value, pos = int.from_bytes(buf[pos : pos + 4], "little"), pos + 4
+            value, pos = _take(buf, pos, length)
         else:
             raise CheckpointError(f"unsupported protobuf wire type {wire}")
         out.append((number, value))
     return out
 
 
+def _typed(fields: list[tuple[int, int | bytes]], kinds: dict[int, type]) -> dict[int, Any]:
+    """The last value of each field number in ``kinds``, which must be of that kind (a varint
+    is an int, a length-delimited field bytes); other fields are skipped."""
+    values: dict[int, Any] = {}
+    for number, value in fields:
+        if number in kinds:
+            if not isinstance(value, kinds[number]):
+                raise CheckpointError(f"protobuf field {number} has the wrong wire type")
+            values[number] = value
+    return values
+
+
 def _read_block(data: bytes, offset: int, size: int) -> list[tuple[bytes, bytes]]:
     """The ``(key, value)`` entries of one SSTable block (keys are prefix-compressed)."""
+    if size < 4 or offset + size + _BLOCK_TRAILER_SIZE > len(data):
+        raise CheckpointError(f"block at {offset} (+{size} bytes) lies outside the file")
     if data[offset + size] != 0:
         raise CheckpointError("compressed checkpoint index blocks are not supported")
     block = data[offset : offset + size]
     (num_restarts,) = struct.unpack_from("<I", block, len(block) - 4)
     end = len(block) - 4 - 4 * num_restarts
+    if end < 0:
+        raise CheckpointError(f"block at {offset} has more restart points than bytes")
     entries: list[tuple[bytes, bytes]] = []
     key = b""
     pos = 0
@@ -92,6 +132,8 @@ def _read_block(data: bytes, offset: int, size: int) -> list[tuple[bytes, bytes]
         shared, pos = _varint(block, pos)
         unshared, pos = _varint(block, pos)
         value_len, pos = _varint(block, pos)
+        if shared > len(key) or pos + unshared + value_len > end:
+            raise CheckpointError(f"entry at {offset + pos} of its block is malformed")
         key = key[:shared] + block[pos : pos + unshared]
         pos += unshared
         entries.append((key, block[pos : pos + value_len]))
@@ -114,7 +156,10 @@ def _read_table(data: bytes) -> dict[str, bytes]:
         offset, pos = _varint(handle, 0)
         size, _ = _varint(handle, pos)
         for key, value in _read_block(data, offset, size):
-            table[key.decode()] = value
+            try:
+                table[key.decode()] = value
+            except UnicodeDecodeError:
+                raise CheckpointError(f"tensor key {key[:40]!r} is not UTF-8") from None
     return table
 
 
@@ -128,26 +173,18 @@ class _Entry:
 
 
 def _parse_entry(buf: bytes) -> _Entry:
-    dtype = shard = offset = size = 0
+    fields = _fields(buf)
+    if any(number == 7 for number, _ in fields):
+        raise CheckpointError("partitioned (sliced) variables are not supported")
+    values = _typed(fields, {1: int, 2: bytes, 3: int, 4: int, 5: int})
     shape: list[int] = []
-    for number, value in _fields(buf):
-        if number == 1:
-            dtype = value
-        elif number == 2:
-            shape = [
-                next((v for n, v in _fields(dim) if n == 1), 0)
-                for n, dim in _fields(value)
-                if n == 2
-            ]
-        elif number == 3:
-            shard = value
-        elif number == 4:
-            offset = value
-        elif number == 5:
-            size = value
-        elif number == 7:
-            raise CheckpointError("partitioned (sliced) variables are not supported")
-    return _Entry(dtype, tuple(shape), shard, offset, size)
+    for number, dim in _fields(values.get(2, b"")):
+        if number == 2:  # TensorShapeProto.dim: Dim.size is field 1
+            if not isinstance(dim, bytes):
+                raise CheckpointError("tensor shape has the wrong wire type")
+            shape.append(_typed(_fields(dim), {1: int}).get(1, 0))
+    return _Entry(values.get(1, 0), tuple(shape), values.get(3, 0), values.get(4, 0),
+                  values.get(5, 0))  # fmt: skip
 
 
 @dataclass
@@ -165,18 +202,27 @@ class TrackableNode:
 
 def _parse_object_graph(buf: bytes) -> list[TrackableNode]:
     nodes = []
-    for i, (number, raw) in enumerate(f for f in _fields(buf) if f[0] == 1):
-        del number
+    for i, (_, raw) in enumerate(f for f in _fields(buf) if f[0] == 1):
+        if not isinstance(raw, bytes):
+            raise CheckpointError("object graph node has the wrong wire type")
         node = TrackableNode(i)
         for n, value in _fields(raw):
+            if n in (1, 2) and not isinstance(value, bytes):
+                raise CheckpointError(f"object graph node {i} has the wrong wire type")
             if n == 1:
-                ref = dict(_fields(value))
+                ref = _typed(_fields(value), {1: int, 2: bytes})
                 node.children[ref.get(2, b"").decode()] = ref.get(1, 0)
             elif n == 2:
-                attribute = {k: v for k, v in _fields(value)}
+                attribute = _typed(_fields(value), {1: bytes, 3: bytes})
                 if attribute.get(1) == b"VARIABLE_VALUE":
-                    node.tensor = attribute[3].decode()
+                    node.tensor = attribute.get(3, b"").decode()
         nodes.append(node)
+    if not nodes:
+        raise CheckpointError("the object graph is empty")
+    for node in nodes:
+        dangling = [name for name, child in node.children.items() if child >= len(nodes)]
+        if dangling:
+            raise CheckpointError(f"object graph node {node.id} refers to missing nodes")
     return nodes
 
 
@@ -216,51 +262,77 @@ class TFCheckpoint:
 
     def __init__(self, path: str | Path) -> None:
         self.prefix = resolve_prefix(path)
-        index = self.prefix.with_name(self.prefix.name + ".index").read_bytes()
-        table = _read_table(index)
-        header = dict(_fields(table.pop("", b"")))
-        if header.get(2, 0) != 0:
-            raise CheckpointError(f"{self.prefix}: big-endian checkpoints are not supported")
-        self.num_shards = header.get(1, 1)
-        self.entries = {key: _parse_entry(value) for key, value in table.items()}
+        index_path = self.prefix.with_name(self.prefix.name + ".index")
+        with _reading(index_path, "index"):
+            table = _read_table(index_path.read_bytes())
+            header = _typed(_fields(table.pop("", b"")), {1: int, 2: int})
+            if header.get(2, 0) != 0:
+                raise CheckpointError("big-endian checkpoints are not supported")
+            self.num_shards = header.get(1, 1)
+            self.entries = {key: _parse_entry(value) for key, value in table.items()}
+            bad = [key for key, e in self.entries.items() if e.shard >= self.num_shards]
+            if bad:
+                raise CheckpointError(f"{bad[0]} lies in shard {self.entries[bad[0]].shard} of "
+                                      f"{self.num_shards}")  # fmt: skip
         if OBJECT_GRAPH_KEY not in self.entries:
             raise CheckpointError(
                 f"{self.prefix}: no object graph; only TF2 object-based checkpoints "
                 "(tf.train.Checkpoint, Model Garden) are supported"
             )
-        self.nodes = _parse_object_graph(self._string(OBJECT_GRAPH_KEY))
+        entry = self.entries[OBJECT_GRAPH_KEY]
+        with _reading(self._shard(entry), "object graph"):
+            self.nodes = _parse_object_graph(self._string(OBJECT_GRAPH_KEY))
         self.root = self.nodes[0]
 
+    def _shard(self, entry: _Entry) -> Path:
+        return self.prefix.with_name(
+            f"{self.prefix.name}.data-{entry.shard:05d}-of-{self.num_shards:05d}"
+        )
+
     def _raw(self, entry: _Entry) -> bytes:
-        shard = f"{self.prefix.name}.data-{entry.shard:05d}-of-{self.num_shards:05d}"
-        with open(self.prefix.with_name(shard), "rb") as f:
-            f.seek(entry.offset)
-            raw = f.read(entry.size)
-        if len(raw) != entry.size:
-            raise CheckpointError(f"{shard}: truncated data file")
-        return raw
+        """The bytes of one entry, from its data file; errors name no file (callers do)."""
+        try:
+            with open(self._shard(entry), "rb") as f:
+                available = os.fstat(f.fileno()).st_size
+                if entry.offset + entry.size > available:
+                    raise CheckpointError(
+                        f"truncated data file: {entry.size} bytes at {entry.offset} wanted, "
+                        f"the file has {available}"
+                    )
+                f.seek(entry.offset)
+                return f.read(entry.size)
+        except OSError as e:
+            raise CheckpointError(f"cannot read ({e.strerror or e})") from None
+
+    def _entry(self, key: str) -> _Entry:
+        if key not in self.entries:
+            raise CheckpointError(f"{self.prefix}: no tensor {key!r} in the checkpoint")
+        return self.entries[key]
 
     def _string(self, key: str) -> bytes:
-        entry = self.entries[key]
+        entry = self._entry(key)
         if entry.dtype != _DT_STRING or entry.shape:
             raise CheckpointError(f"{key}: expected a scalar string tensor")
         raw = self._raw(entry)
         length, pos = _varint(raw, 0)
-        pos += 4  # crc32c of the length
-        return raw[pos : pos + length]
+        return _take(raw, pos + 4, length)[0]  # 4 bytes: the crc32c of the length
 
     def tensor(self, key: str) -> np.ndarray:
         """The value stored under a checkpoint key."""
-        entry = self.entries[key]
-        if entry.dtype not in _DTYPES:
-            raise CheckpointError(f"{key}: unsupported tensor dtype (TF DataType {entry.dtype})")
-        array = np.frombuffer(
-            self._raw(entry), dtype=np.dtype(_DTYPES[entry.dtype]).newbyteorder("<")
-        )
-        return array.reshape(entry.shape)
+        entry = self._entry(key)
+        with _reading(self._shard(entry), f"tensor {key}"):
+            if entry.dtype not in _DTYPES:
+                raise CheckpointError(f"{key}: unsupported dtype (TF DataType {entry.dtype})")
+            dtype = np.dtype(_DTYPES[entry.dtype]).newbyteorder("<")
+            if entry.size != math.prod(entry.shape) * dtype.itemsize:
+                raise CheckpointError(
+                    f"{key}: {entry.size} bytes do not hold a {dtype.name} tensor of shape "
+                    f"{list(entry.shape)}"
+                )
+            return np.frombuffer(self._raw(entry), dtype=dtype).reshape(entry.shape)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return self.entries[key].shape
+        return self._entry(key).shape
 
     def node(self, node_id: int) -> TrackableNode:
         return self.nodes[node_id]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from spinedet.data.coco import (
     EXIF_ORIENTATION,
     ROTATING_ORIENTATIONS,
     is_number,
+    leaves_directory,
     load_image,
     polygon_problem,
     read_json,
@@ -22,9 +24,11 @@ from spinedet.data.coco import (
     size_mismatch,
 )
 from spinedet.data.errors import DataError
+from spinedet.data.stats import format_class_counts
 
 BOX_TOLERANCE = 0.5  # pixels a box may overshoot the image: sub-pixel float noise is harmless
 IMAGE_CHUNK = 64  # image files checked per thread-pool task
+JPEG_TAIL = 1024  # bytes searched for a JPEG's end-of-image marker (padding may follow it)
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,19 @@ def _header_orientation(image: Image.Image) -> int | None:
     return image.getexif().get(EXIF_ORIENTATION)
 
 
+def _looks_complete(path: Path, image_format: str | None) -> bool:
+    """Whether a file that passed ``verify()`` surely holds the whole image. PNG's verify reads
+    every chunk up to IEND; JPEG's reads nothing, so its end-of-image marker must be in the
+    tail (a cut file lacks it). Otherwise only decoding tells."""
+    if image_format == "PNG":
+        return True
+    if image_format != "JPEG":
+        return False
+    with open(path, "rb") as f:
+        f.seek(max(0, os.fstat(f.fileno()).st_size - JPEG_TAIL))
+        return b"\xff\xd9" in f.read()
+
+
 def _fmt_box(box: list[float]) -> str:
     return "[" + ", ".join(f"{v:g}" for v in box) + "]"
 
@@ -70,6 +87,8 @@ class _Checker:
         self.problems: list[Problem] = []
         self.cat_ids: set[Any] = set()
         self.images: dict[int, dict[str, Any]] = {}  # valid entries, first of duplicated ids
+        self.category_entries: list[dict[str, Any]] = []  # valid, first of duplicated ids
+        self.counted: list[dict[str, Any]] = []  # annotations of a known image and category
 
     def report(
         self,
@@ -120,6 +139,8 @@ class _Checker:
                 continue
             if not isinstance(cat.get("name"), str):
                 self.report("schema", f"category {cat['id']} has no 'name'")
+            if cat["id"] not in self.cat_ids:
+                self.category_entries.append(cat)
             self.cat_ids.add(cat["id"])
         self.duplicates(categories, "category")
 
@@ -136,7 +157,15 @@ class _Checker:
                 missing.insert(0, "file_name")
             if missing:
                 self.report("schema", f"missing or invalid {', '.join(missing)}", image_id)
-            elif image_id not in self.images:
+                continue
+            if leaves_directory(image["file_name"]):
+                self.report(
+                    "path outside images",
+                    f"file_name {image['file_name']!r} points outside {self.images_dir}: "
+                    "use a path relative to the image directory",
+                    image_id,
+                )
+            if image_id not in self.images:
                 self.images[image_id] = image
         self.duplicates(images, "image")
         names = Counter(image["file_name"] for image in self.images.values())
@@ -158,6 +187,8 @@ class _Checker:
         category_id = ann.get("category_id")
         if not _is_id(category_id) or category_id not in self.cat_ids:
             report("unknown category", f"category id {category_id!r} is not defined")
+        elif image is not None:
+            self.counted.append(ann)
         if ann.get("iscrowd", 0) not in (0, 1):
             report("schema", f"iscrowd must be 0 or 1, not {ann['iscrowd']!r}")
 
@@ -197,9 +228,10 @@ class _Checker:
             with Image.open(path) as header:
                 stored = header.size
                 rotated = _header_orientation(header) in ROTATING_ORIENTATIONS
+                image_format = header.format
                 header.verify()  # cheap integrity check; decoding everything is `full`'s job
             oriented = stored[::-1] if rotated else stored
-            if full:
+            if full or not _looks_complete(path, image_format):
                 oriented = load_image(path).size
         except DataError as e:
             return "unreadable image", e.reason
@@ -208,8 +240,17 @@ class _Checker:
         problem = size_mismatch(stored, oriented, (image["width"], image["height"]))
         return ("image size", problem) if problem else None
 
+    def emptiness(self) -> None:
+        """A data set with classes must have images, and annotations on them, to be used."""
+        if not self.cat_ids:
+            return
+        if not self.images:
+            self.report("empty", "the data set has categories but no images")
+        elif not self.counted:
+            self.report("empty", "no image has an annotation: nothing to train or evaluate on")
+
     def image_files(self, full: bool, progress: bool | None, workers: int) -> None:
-        images = list(self.images.values())
+        images = [im for im in self.images.values() if not leaves_directory(im["file_name"])]
         # Chunks keep the per-task overhead of the pool small next to a cheap header check.
         chunks = [images[i : i + IMAGE_CHUNK] for i in range(0, len(images), IMAGE_CHUNK)]
         with (
@@ -239,18 +280,30 @@ def check_dataset(
 ) -> list[Problem]:
     """Report every problem of a COCO dataset: json, ids, boxes, segmentations, image files.
 
-    Image files are checked for existence, header integrity and size; ``full=True`` also
-    decodes every pixel (slow on large sets). ``progress=None`` shows a bar only on a terminal.
+    Image files are checked for existence, header integrity, completeness and size; a file
+    name leaving ``images`` is a problem and never read. ``full=True`` decodes every pixel
+    (slow on large sets). ``progress=None`` shows a bar only on a terminal.
     """
+    return inspect_dataset(annotations, images, full, progress, workers)[0]
+
+
+def inspect_dataset(
+    annotations: str | Path,
+    images: str | Path,
+    full: bool = False,
+    progress: bool | None = None,
+    workers: int = 8,
+) -> tuple[list[Problem], str]:
+    """:func:`check_dataset`'s problems and a table of instances and images per class."""
     checker = _Checker(Path(annotations), Path(images))
     try:
         dataset = read_json(annotations)
     except DataError as e:
         checker.report("json", e.reason)
-        return checker.problems
+        return checker.problems, ""
     if not isinstance(dataset, dict):
         checker.report("schema", "top level must be an object with images/annotations/categories")
-        return checker.problems
+        return checker.problems, ""
 
     checker.categories(checker.entries(dataset, "categories"))
     checker.image_entries(checker.entries(dataset, "images"))
@@ -258,8 +311,12 @@ def check_dataset(
     for index, ann in enumerate(anns):
         checker.annotation(index, ann)
     checker.duplicates(anns, "annotation")
+    checker.emptiness()
     checker.image_files(full, progress, workers)
-    return checker.problems
+    table = format_class_counts(
+        checker.category_entries, {"": (checker.counted, len(checker.images))}
+    )
+    return checker.problems, table
 
 
 def format_report(problems: list[Problem]) -> str:

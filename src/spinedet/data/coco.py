@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,11 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from spinedet.data.errors import DataError
+from spinedet.data.errors import DataError, UnreadableImage
+from spinedet.errors import shorten
+from spinedet.models.weights import atomic_write
+
+log = logging.getLogger(__name__)
 
 EXIF_ORIENTATION = 0x0112
 ROTATING_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width and height
@@ -38,6 +44,16 @@ def read_json(path: str | Path) -> Any:
         raise DataError(f"not UTF-8 text ({e.reason} at byte {e.start})", path) from e
     except OSError as e:
         raise DataError(f"cannot read file: {e.strerror or e}", path) from e
+
+
+def write_json(path: str | Path, content: Any) -> None:
+    """Write ``content`` as JSON atomically (temp file, fsync, rename): never half a file."""
+
+    def dump(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(content, f)
+
+    atomic_write(path, dump)
 
 
 def is_number(value: Any) -> bool:
@@ -106,9 +122,25 @@ def load_image(path: str | Path, size: tuple[int, int] | None = None) -> Image.I
     except DataError:
         raise
     except FileNotFoundError as e:
-        raise DataError("image file not found", path) from e
+        raise UnreadableImage("image file not found", path) from e
     except Exception as e:  # Pillow raises many types (OSError, SyntaxError, struct.error, ...)
-        raise DataError(f"cannot decode image: {e}", path) from e
+        raise UnreadableImage(f"cannot decode image: {e}", path) from e
+
+
+def leaves_directory(file_name: str) -> bool:
+    """Whether an image ``file_name`` names a file outside the image directory: absolute, or
+    climbing out with ``..``. Decided on the name alone, so symlinks the user placed inside the
+    directory still work."""
+    normalised = os.path.normpath(file_name)
+    return os.path.isabs(normalised) or normalised.split(os.sep, 1)[0] == os.pardir
+
+
+def image_path(images: str | Path, file_name: str) -> Path:
+    """``images / file_name``, refusing names that leave ``images``: a data set must never make
+    training read other files (``../../etc/passwd``)."""
+    if leaves_directory(file_name):
+        raise DataError(f"image file name {file_name!r} points outside the image directory", images)
+    return Path(images) / file_name
 
 
 def polygon_problem(polygon: Any) -> str | None:
@@ -244,6 +276,7 @@ class CocoDataset(Dataset):
         self.class_names = [c["name"] for c in self.categories]
         self.num_classes = len(self.categories) + 1
         self.ids = [image["id"] for image in dataset["images"]]
+        self._unreadable: set[int] = set()  # image ids skipped, so each is logged once
 
     def _validate(self, dataset: Any) -> None:
         """Fail fast on what would otherwise break mid-training; ``data check`` says more."""
@@ -261,6 +294,19 @@ class CocoDataset(Dataset):
             raise DataError(f"malformed categories or annotations {hint}", self.annotations) from e
         if len(cat_ids) != len(dataset["categories"]):
             raise DataError(f"category ids are not unique {hint}", self.annotations)
+        if not dataset["images"]:
+            raise DataError("the data set has no images", self.annotations)
+        try:
+            escaping = [im["id"] for im in dataset["images"] if leaves_directory(im["file_name"])]
+        except (KeyError, TypeError) as e:
+            raise DataError(f"malformed images {hint}", self.annotations) from e
+        if escaping:
+            ids = shorten([str(i) for i in escaping], 10)
+            raise DataError(
+                f"{len(escaping)} images (ids {ids}) have file names outside the image directory "
+                f"{self.images}; use paths relative to it",
+                self.annotations,
+            )
         if unknown:
             raise DataError(
                 f"annotations use unknown category ids {unknown[:10]}", self.annotations
@@ -276,13 +322,24 @@ class CocoDataset(Dataset):
         return len(self.ids)
 
     def __getitem__(self, index: int) -> tuple[tv_tensors.Image, Target]:
+        """The image and its targets. An image that is missing or cannot be decoded does not
+        stop a run: it is logged (once per image and process) and stands as a black image with
+        no objects, under its own id. (Substituting another image instead would, in evaluation,
+        score that image's detections twice.)"""
         image_id = self.ids[index]
         info = self.coco.imgs[image_id]
         width, height = int(info["width"]), int(info["height"])
-        pil = load_image(self.images / info["file_name"], size=(width, height))
-        image = tv_tensors.Image(F.pil_to_tensor(pil))
-
-        anns = [a for a in self.coco.imgToAnns[image_id] if not a.get("iscrowd", 0)]
+        image, anns = tv_tensors.Image(torch.zeros((3, height, width), dtype=torch.uint8)), []
+        if image_id not in self._unreadable:
+            try:
+                pil = load_image(image_path(self.images, info["file_name"]), (width, height))
+                image = tv_tensors.Image(F.pil_to_tensor(pil))
+                anns = [a for a in self.coco.imgToAnns[image_id] if not a.get("iscrowd", 0)]
+            except UnreadableImage as e:
+                log.warning(
+                    "skipping image %s (trained as blank, scored as missed): %s", image_id, e
+                )
+                self._unreadable.add(image_id)
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)

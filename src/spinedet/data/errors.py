@@ -1,4 +1,4 @@
-"""The one exception type the data package raises for bad input files."""
+"""The exception types the data package raises for bad input files."""
 
 from __future__ import annotations
 
@@ -20,3 +20,8 @@ class DataError(SpinedetError):
         self.file = None if file is None else str(file)
         self.reason = reason if file is None else " ".join(str(reason).split())
         super().__init__(self.reason if self.file is None else f"{self.file}: {self.reason}")
+
+
+class UnreadableImage(DataError):
+    """An image file that is missing or cannot be decoded (as opposed to one that does not fit
+    its annotations): training can do without it."""

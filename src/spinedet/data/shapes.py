@@ -9,7 +9,6 @@ pixels (still ``iscrowd=0``), an unoccluded one as its polygon.
 from __future__ import annotations
 
 import colorsys
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from spinedet.data.coco import decode_segmentation
+from spinedet.data.coco import decode_segmentation, write_json
 from spinedet.data.errors import DataError
 from spinedet.data.split import split_dataset
 
@@ -171,8 +170,7 @@ def make_shapes(
         "annotations": annotations,
     }
     paths = {"images": out / "images", "annotations": out / "annotations.json"}
-    with open(paths["annotations"], "w", encoding="utf-8") as f:
-        json.dump(dataset, f)
-    if splits is not None:
-        paths.update(split_dataset(paths["annotations"], out, ratios=splits, seed=seed))
+    write_json(paths["annotations"], dataset)
+    if splits is not None:  # a new data set: its old splits are stale
+        paths.update(split_dataset(paths["annotations"], out, splits, seed, overwrite=True))
     return paths

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import json
+import math
 import random
+import shutil
+import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from spinedet.data.coco import read_json
+from spinedet.data.coco import read_json, write_json
 from spinedet.data.errors import DataError
+from spinedet.data.stats import format_class_counts
 
 DEFAULT_NAMES = ("train", "val", "test")
 
@@ -22,8 +25,10 @@ def _normalise(ratios: Sequence[float], names: Sequence[str]) -> list[float]:
         raise DataError(f"got {len(ratios)} ratios but {len(names)} split names {list(names)}")
     if len(set(names)) != len(names):
         raise DataError(f"split names must be unique, got {list(names)}")
-    if not all(r > 0 for r in ratios):
-        raise DataError(f"split ratios must all be positive, got {list(ratios)}")
+    if any(not name or Path(name).name != name or name in (".", "..") for name in names):
+        raise DataError(f"split names must be plain file names, got {list(names)}")
+    if not all(r > 0 and math.isfinite(r) for r in ratios):
+        raise DataError(f"split ratios must all be positive and finite, got {list(ratios)}")
     total = sum(ratios)
     return [r / total for r in ratios]
 
@@ -90,13 +95,26 @@ def split_dataset(
     ratios: Sequence[float] = (0.8, 0.1, 0.1),
     seed: int = 0,
     names: Sequence[str] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Path]:
     """Write ``OUT/<name>.json`` per split and return their paths by name.
 
     Ratios must be positive and are normalised. Every image lands in exactly one split with all
     of its annotations; other top-level keys (info, licenses, categories) are copied to each.
     ``names`` defaults to train/val(/test) for two or three ratios. Deterministic per ``seed``.
+    See :func:`write_split` for how files are written.
     """
+    parts = split_parts(annotations, ratios, seed, names)
+    return write_split(parts, out_dir, annotations, overwrite)
+
+
+def split_parts(
+    annotations: str | Path,
+    ratios: Sequence[float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    names: Sequence[str] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """The COCO dict of every split, by name, in memory (see :func:`split_dataset`)."""
     names = tuple(names) if names is not None else DEFAULT_NAMES[: len(ratios)]
     fractions = _normalise(ratios, names)
     dataset = read_json(annotations)
@@ -108,21 +126,64 @@ def split_dataset(
     labels = [Counter(a.get("category_id") for a in per_image[im["id"]]) for im in images]
     assignment = stratified_assignment(labels, fractions, random.Random(seed))
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {}
+    parts = {}
     for index, name in enumerate(names):
         chosen = [im for im, split in zip(images, assignment, strict=True) if split == index]
         ids = {im["id"] for im in chosen}
-        part = {
+        parts[name] = {
             **dataset,
             "images": chosen,
             "annotations": [a for a in anns if a["image_id"] in ids],
         }
-        paths[name] = out_dir / f"{name}.json"
-        with open(paths[name], "w", encoding="utf-8") as f:
-            json.dump(part, f)
-    return paths
+    return parts
+
+
+def write_split(
+    parts: dict[str, dict[str, Any]],
+    out_dir: str | Path,
+    annotations: str | Path,
+    overwrite: bool = False,
+) -> dict[str, Path]:
+    """Write ``OUT/<name>.json`` per part, all or nothing, and return their paths.
+
+    Existing files are replaced only with ``overwrite``, the input ``annotations`` never. Every
+    part is written and synced in a staging folder before the first is renamed into place, so a
+    full disk or a kill leaves the previous files (or none), never a truncated or partial split.
+    """
+    out_dir = Path(out_dir)
+    targets = {name: out_dir / f"{name}.json" for name in parts}
+    source = Path(annotations)
+    inputs = {source.resolve(), source.parent.resolve() / source.name}  # the file and its link
+    clashes = [p.name for p in targets.values() if p.parent.resolve() / p.name in inputs]
+    if clashes:
+        raise DataError(
+            f"writing {clashes[0]} would replace the input annotations; choose another --out",
+            out_dir,
+        )
+    existing = [path.name for path in targets.values() if path.exists()]
+    if existing and not overwrite:
+        raise DataError(f"{', '.join(existing)} already exist; use --overwrite to replace", out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".split-", dir=out_dir))
+    except OSError as e:
+        raise DataError(f"cannot write ({e.strerror or e})", out_dir) from None
+    try:
+        for name, part in parts.items():
+            write_json(staging / targets[name].name, part)
+        for path in targets.values():  # renames within one file system need no space
+            (staging / path.name).replace(path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return targets
+
+
+def split_table(parts: dict[str, dict[str, Any]]) -> str:
+    """Instances/images per class (rows) and split (columns) of :func:`split_parts`' result."""
+    categories = next(iter(parts.values())).get("categories") or []
+    return format_class_counts(
+        categories, {name: (p["annotations"], len(p["images"])) for name, p in parts.items()}
+    )
 
 
 def _images_and_annotations(

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..errors import SpinedetError
+from ..errors import SpinedetError, shorten
 from .description import ModelDescription, categories_from
 from .layers import DEFAULT_ACTIVATION
 from .registry import BACKBONE, TASKS, _lookup, describe
@@ -37,22 +42,64 @@ class WeightsError(SpinedetError):
     """A weights file that cannot be read or does not fit the model."""
 
 
-def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+def _cannot_write(path: Path, error: OSError) -> OSError:
+    """One line naming the file and the system's reason; keeps the errno for callers."""
+    reason = error.strerror or " ".join(str(error).split())
+    failure = OSError(f"{path}: cannot write ({reason})")
+    failure.errno = error.errno
+    return failure
+
+
+def _fsync(path: str | Path, flags: int) -> None:
+    fd = os.open(path, flags)
     try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+DISK_FULL_BYTES = 1 << 20  # free space below which a failed write is put down to a full disk
+
+
+def _disk_full(folder: Path) -> bool:
+    """Whether the file system holding ``folder`` is (about) full: writers such as torch.save
+    report a full disk as a RuntimeError without an errno."""
+    try:
+        return shutil.disk_usage(folder).free < DISK_FULL_BYTES
+    except OSError:
+        return False
+
+
+def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
+    """Call ``write(tmp_path)``, fsync, then rename onto ``path``: a crash, a kill or a full disk
+    never leaves half a file, and the file is on disk when this returns.
+
+    A failure to write (disk full, read-only directory, ...) raises a one-line
+    ``OSError("<path>: cannot write (<reason>)")``; the temp file is always removed.
+    """
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
         write(tmp)
         # mkstemp makes the file private (0600); give it the mode a plain open() would.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
+        _fsync(tmp, os.O_RDWR)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _cannot_write(path, e) from e
+        if isinstance(e, Exception) and _disk_full(path.parent):
+            raise _cannot_write(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) from e
         raise
+    with contextlib.suppress(OSError):  # some file systems cannot sync a directory
+        _fsync(path.parent, os.O_RDONLY)  # makes the rename itself durable
 
 
 def save_weights(model: nn.Module, path: str | Path, metadata: dict | None = None) -> None:
@@ -66,8 +113,43 @@ def save_weights(model: nn.Module, path: str | Path, metadata: dict | None = Non
     )
 
 
+def _metadata_problem(meta: Any) -> str | None:
+    """Why parsed spinedet metadata has the wrong shape, or None; absent keys are fine."""
+    if not isinstance(meta, dict):
+        return "is not a JSON object"
+
+    def is_int(value: Any) -> bool:
+        return type(value) is int  # exact: JSON true/false are not counts or ids
+
+    def is_names(value: Any) -> bool:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+    def is_categories(value: Any) -> bool:
+        return isinstance(value, list) and all(
+            isinstance(c, dict) and is_int(c.get("id")) and isinstance(c.get("name"), str)
+            for c in value
+        )
+
+    expected = {
+        "model_name": ("a string", lambda v: isinstance(v, str)),
+        "num_classes": ("a positive integer or null", lambda v: v is None or is_int(v) and v > 0),
+        "model_kwargs": ("an object", lambda v: isinstance(v, dict)),
+        "class_names": ("a list of strings or null", lambda v: v is None or is_names(v)),
+        "categories": ("a list of {id, name} or null", lambda v: v is None or is_categories(v)),
+    }
+    for key, (what, ok) in expected.items():
+        if key in meta and not ok(meta[key]):
+            shown = json.dumps(meta[key])
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            return f"{key} must be {what}, not {shown}"
+    return None
+
+
 def read_metadata(path: str | Path) -> dict:
-    """The spinedet metadata of a safetensors file (empty dict when it has none)."""
+    """The spinedet metadata of a safetensors file (empty dict when it has none), checked:
+    ``model_name`` a string, ``num_classes`` a positive int or null, ``model_kwargs`` an object,
+    ``class_names`` a list of strings or null, ``categories`` a list of ``{id: int, name: str}``
+    or null. Anything else raises a one-line :class:`WeightsError` naming the file."""
     return _read(path, tensors=False)[0]
 
 
@@ -82,7 +164,16 @@ def _read(path: str | Path, tensors: bool) -> tuple[dict, dict[str, torch.Tensor
             state = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except (OSError, SafetensorError) as e:
         raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
-    return (json.loads(raw) if raw else {}), state
+    if not raw:
+        return {}, state
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{path}: spinedet metadata is not valid JSON ({e})") from None
+    problem = _metadata_problem(meta)
+    if problem:
+        raise WeightsError(f"{path}: spinedet metadata {problem}")
+    return meta, state
 
 
 def _legacy_description(meta: dict, path: Path) -> ModelDescription:
@@ -108,9 +199,14 @@ def read_description(path: str | Path) -> ModelDescription:
 
 
 def _description(meta: dict, path: Path) -> ModelDescription:
-    if "description" in meta:
-        return ModelDescription.from_json(meta["description"], str(path))
-    return _legacy_description(meta, path)
+    try:
+        if "description" in meta:
+            return ModelDescription.from_json(meta["description"], str(path))
+        return _legacy_description(meta, path)
+    except WeightsError:
+        raise
+    except SpinedetError as e:  # e.g. a model name this version does not know
+        raise WeightsError(f"{path}: {e}") from None
 
 
 def read_weights(path: str | Path) -> tuple[ModelDescription, dict[str, torch.Tensor], dict]:
@@ -134,11 +230,6 @@ def architecture_options(path: str | Path, model_name: str) -> dict:
         return {}
     runtime = TASKS[theirs.task].runtime_options if theirs.task in TASKS else frozenset()
     return {k: v for k, v in theirs.options_dict().items() if k not in runtime}
-
-
-def _describe_keys(keys: list[str], limit: int = 5) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def load_weights(
@@ -192,17 +283,17 @@ def restore(
             "%s: kept %d freshly initialised tensors: %s",
             path,
             len(shapes),
-            _describe_keys(shapes),
+            shorten(shapes),
         )
         state = {k: own[k] if k in own and v.shape != own[k].shape else v for k, v in state.items()}
         shapes = []
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing: {_describe_keys(missing)}")
+        problems.append(f"{len(missing)} missing: {shorten(missing)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected: {_describe_keys(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected: {shorten(unexpected)}")
     if shapes:
-        problems.append(f"{len(shapes)} with another shape: {_describe_keys(shapes)}")
+        problems.append(f"{len(shapes)} with another shape: {shorten(shapes)}")
     if problems:
         made_for = theirs.name
         if theirs.num_classes:
