@@ -96,7 +96,7 @@ def test_classes_without_ground_truth_are_null_and_worst_classes_print_first(sha
         "category_id": 99, "instances": 0, "AP": None, "AP50": None, "AR100": None
     }  # fmt: skip
     table = format_metrics(metrics)
-    rows = table.split("worst bbox AP first")[1].splitlines()[2:]
+    rows = table.split("per-class bbox AP (IoU 0.50:0.95), worst first")[1].splitlines()[2:]
     names = [row.split()[0] for row in rows]
     aps = [metrics["bbox"]["per_class"][n]["AP"] for n in names[:-1]]
     assert names[-1] == "unicorn" and aps == sorted(aps) and len(set(aps)) > 1
@@ -128,4 +128,4 @@ def test_perfect_masks_score_one_and_empty_results_score_zero(shapes):
     assert empty["segm"]["AP"] == 0.0
     assert all(r["AP"] == 0.0 for r in empty["segm"]["per_class"].values())
     table = format_metrics(metrics)
-    assert "worst segm AP first" in table and "triangle" in table
+    assert "per-class segm AP (IoU 0.50:0.95), worst first" in table and "triangle" in table

@@ -364,7 +364,7 @@ def format_metrics(metrics: dict[str, dict[str, Any]], worst: int | None = None)
 
     names = sorted(rows, key=order)
     shown = names if worst is None else names[:worst]
-    title = f"per class, worst {key_type} AP first"
+    title = f"per-class {key_type} AP (IoU 0.50:0.95), worst first"
     if len(shown) < len(names):
         title += f" ({len(shown)} of {len(names)})"
     header = f"{'class':<20} {'inst':>6} " + " ".join(
