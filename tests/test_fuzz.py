@@ -118,11 +118,14 @@ def test_metadata_that_is_not_a_json_object_is_refused(tmp_path, raw):
 
 
 # ----- TensorFlow checkpoints ----------------------------------------------------------------
-def _checkpoint_copy(folder: Path) -> Path:
+@pytest.fixture
+def checkpoint(tmp_path) -> tuple[TFCheckpoint, Path]:
+    """The fixture checkpoint as read unharmed, and a copy of its files to mutate."""
+    folder = tmp_path / "ckpt"
     folder.mkdir()
     for name in ("checkpoint", "ckpt-1.index", "ckpt-1.data-00000-of-00001"):
         shutil.copyfile(TF_FIXTURE / name, folder / name)
-    return folder
+    return TFCheckpoint(TF_FIXTURE), folder
 
 
 def _read_changed(folder: Path, pristine: TFCheckpoint, cut: int | None = None) -> None:
@@ -141,13 +144,10 @@ def _read_changed(folder: Path, pristine: TFCheckpoint, cut: int | None = None) 
             ckpt.tensor(key)
 
 
-def test_fuzzed_checkpoint_index_raises_checkpoint_error(tmp_path):
-    pristine = TFCheckpoint(TF_FIXTURE)
-    folder = _checkpoint_copy(tmp_path / "ckpt")
+def test_fuzzed_checkpoint_index_raises_checkpoint_error(checkpoint):
+    pristine, folder = checkpoint
     index = folder / "ckpt-1.index"
-    data = index.read_bytes()
-    rng = random.Random(1)
-    failures = 0
+    data, rng, failures = index.read_bytes(), random.Random(1), 0
     for i in range(200):
         region = (len(data) - 48, len(data)) if i % 3 == 0 else (0, len(data))  # footer too
         index.write_bytes(_mutate(rng, data, *region))
@@ -155,14 +155,11 @@ def test_fuzzed_checkpoint_index_raises_checkpoint_error(tmp_path):
     assert failures > 100
 
 
-def test_fuzzed_checkpoint_data_raises_checkpoint_error(tmp_path):
-    pristine = TFCheckpoint(TF_FIXTURE)
+def test_fuzzed_checkpoint_data_raises_checkpoint_error(checkpoint):
+    pristine, folder = checkpoint
     graph = pristine.entries["_CHECKPOINTABLE_OBJECT_GRAPH"]
-    folder = _checkpoint_copy(tmp_path / "ckpt")
     shard = folder / "ckpt-1.data-00000-of-00001"
-    original = shard.read_bytes()
-    rng = random.Random(2)
-    failures = 0
+    original, rng, failures = shard.read_bytes(), random.Random(2), 0
     for i in range(90):
         if i % 3 == 0:  # a cut anywhere: every tensor beyond it must be refused
             cut = rng.randrange(len(original))

@@ -1,8 +1,8 @@
 """Datasets: COCO loading, transforms, checking, splitting and the synthetic shapes set."""
 
-from spinedet.data.check import Problem, check_dataset, format_report
+from spinedet.data.check import Problem, check_dataset, format_report, inspect_dataset
 from spinedet.data.coco import CocoDataset, collate, load_image
-from spinedet.data.errors import DataError
+from spinedet.data.errors import DataError, UnreadableImage
 from spinedet.data.shapes import make_shapes
 from spinedet.data.split import split_dataset
 from spinedet.data.transforms import eval_transforms, train_transforms
@@ -11,10 +11,12 @@ __all__ = [
     "CocoDataset",
     "DataError",
     "Problem",
+    "UnreadableImage",
     "check_dataset",
     "collate",
     "eval_transforms",
     "format_report",
+    "inspect_dataset",
     "load_image",
     "make_shapes",
     "split_dataset",
