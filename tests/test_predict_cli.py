@@ -44,6 +44,8 @@ def test_eval_writes_metrics_and_results(checkpoint, shapes, tmp_path, capsys):
     assert set(metrics) == {"bbox", "segm"}
     assert set(metrics["segm"]["per_class"]) == {"circle", "square", "triangle", "star"}
     assert isinstance(json.loads((tmp_path / "results.json").read_text()), list)
+    for name in ("pr_curve_segm.png", "confusion_bbox.csv", "per_class.csv"):
+        assert (tmp_path / name).stat().st_size > 0, name
     assert "per-class segm AP" in capsys.readouterr().out
 
 

@@ -23,10 +23,11 @@ def _eval(args: argparse.Namespace) -> int:
     from ..engine.evaluate import format_metrics
 
     metrics = evaluate(args.checkpoint, args.annotations, args.images, args.out,
-                       args.batch_size, args.device)  # fmt: skip
-    print(format_metrics(metrics))
-    if args.out:
-        print(f"wrote {Path(args.out) / 'metrics.json'} and results.json")
+                       args.batch_size, args.device, args.workers)  # fmt: skip
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_metrics(metrics))
+        if args.out:
+            print(f"wrote {Path(args.out) / 'metrics.json'}, results.json and the analysis")
     return 0
 
 
@@ -52,9 +53,14 @@ def add_engine_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help=".safetensors file or run directory")
     p.add_argument("--annotations", required=True, help="COCO json")
     p.add_argument("--images", required=True, help="image directory")
-    p.add_argument("--out", default=None, help="write metrics.json and results.json here")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="write metrics.json, results.json, PR curves, confusion matrix and per_class.csv",
+    )
+    p.add_argument("--batch-size", type=int, default=2, help="images per forward pass")
+    p.add_argument("--workers", type=int, default=2, help="data loading processes")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("predict", help="draw detections over images, write COCO-style JSON")

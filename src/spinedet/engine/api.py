@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..data import CocoDataset
@@ -16,8 +15,10 @@ from ..errors import SpinedetError
 from ..models import describe, load_model
 from ..models.registry import task_of
 from ..models.weights import atomic_write, resolve_checkpoint
+from . import distributed
+from .analysis import write_analysis
 from .distributed import flush_denormals
-from .evaluate import coco_evaluate, run_inference
+from .evaluate import evaluate_distributed
 from .predict import collect_images, predict_images
 from .trainer import train
 
@@ -39,36 +40,44 @@ def evaluate(
     images: str | Path,
     out_dir: str | Path | None = None,
     batch_size: int = 2,
-    device: str = "cpu",
+    device: str | None = None,
+    workers: int = 2,
 ) -> dict[str, dict[str, Any]]:
     """COCO AP (box, and mask for Mask R-CNN) of a checkpoint on a COCO json data set.
 
-    With ``out_dir``, writes ``metrics.json`` and the COCO results file ``results.json``.
+    With ``out_dir``, writes ``metrics.json``, the COCO results file ``results.json`` and the
+    analysis (precision-recall curves, confusion matrix, ``per_class.csv``). Under ``torchrun``
+    every process takes a share of the images and of the classes; rank 0 writes the files.
+    ``device`` defaults to CUDA when present.
     """
-    model, categories = load_checkpoint(checkpoint)
-    task = task_of(model)
-    if task is None:
-        raise SpinedetError(f"{checkpoint} holds a backbone: evaluate a detector")
-    masks = task.masks
-    dataset = CocoDataset(annotations, images, eval_transforms(), masks=masks)
-    ids = {c["id"] for c in categories}
-    unknown = sorted({c["id"] for c in dataset.categories} - ids)
-    if unknown:
-        raise SpinedetError(
-            f"{annotations}: category ids {unknown[:10]} are not among the model's categories"
-        )
-    label_to_cat = describe(model).label_to_category_id()
-    results = run_inference(model.to(device), dataset, label_to_cat, torch.device(device),
-                            batch_size=batch_size)  # fmt: skip
-    metrics = coco_evaluate(dataset.coco, results, ("bbox", "segm") if masks else ("bbox",))
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write(
-            out / "metrics.json", lambda t: Path(t).write_text(json.dumps(metrics, indent=1))
-        )
-        atomic_write(out / "results.json", lambda t: Path(t).write_text(json.dumps(results)))
-    return metrics
+    info = distributed.setup(device)
+    try:
+        model, categories = load_checkpoint(checkpoint)
+        task = task_of(model)
+        if task is None:
+            raise SpinedetError(f"{checkpoint} holds a backbone: evaluate a detector")
+        iou_types = ("bbox", "segm") if task.masks else ("bbox",)
+        dataset = CocoDataset(annotations, images, eval_transforms(), masks=task.masks)
+        unknown = sorted({c["id"] for c in dataset.categories} - {c["id"] for c in categories})
+        if unknown:
+            raise SpinedetError(
+                f"{annotations}: category ids {unknown[:10]} are not among the model's categories"
+            )
+        label_to_cat = describe(model).label_to_category_id()
+        metrics, results = evaluate_distributed(
+            model.to(info.device), dataset, label_to_cat, info.device, info, iou_types,
+            batch_size, workers, progress=distributed.is_main(info),
+        )  # fmt: skip
+        if out_dir is not None and distributed.is_main(info):
+            out = Path(out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            text = json.dumps(metrics, indent=1, allow_nan=False)
+            atomic_write(out / "metrics.json", lambda t: Path(t).write_text(text))
+            atomic_write(out / "results.json", lambda t: Path(t).write_text(json.dumps(results)))
+            write_analysis(dataset.coco, results, iou_types, out)
+        return metrics
+    finally:
+        distributed.teardown()
 
 
 def predict(
