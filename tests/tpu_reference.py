@@ -1,0 +1,118 @@
+"""The tensorflow/tpu detection code (``models/official/detection``) as a reference: builds its
+SpineNet, classification head and RetinaNet head under ``tf.compat.v1`` graph mode, randomises
+every variable, saves TF1 name-based checkpoints and runs forward passes.
+
+The repository is not part of spinedet: point ``SPINEDET_TPU_DIR`` at a checkout's
+``models/official/detection`` directory. Needs TensorFlow with ``tf_keras``
+(``TF_USE_LEGACY_KERAS=1`` is set here, before TensorFlow is imported).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # tf.layers needs Keras 2
+
+TPU_DIR = os.environ.get("SPINEDET_TPU_DIR", "")
+
+
+def available() -> bool:
+    return bool(TPU_DIR) and (Path(TPU_DIR) / "modeling" / "architecture" / "spinenet.py").is_file()
+
+
+def _modules():
+    if TPU_DIR not in sys.path:
+        sys.path.insert(0, TPU_DIR)
+    import tensorflow.compat.v1 as tf
+    from modeling.architecture import heads, nn_ops, spinenet
+
+    tf.disable_eager_execution()
+    return tf, spinenet, heads, nn_ops
+
+
+class TpuModel:
+    """One graph: an NHWC image placeholder of a fixed size and named output tensors."""
+
+    def __init__(
+        self,
+        size: tuple[int, int],
+        activation: str,
+        model_id: str = "49",
+        scaling: dict | None = None,
+        num_classes: int | None = None,
+        retinanet: dict | None = None,
+        bn_eps: float = 1e-5,
+    ) -> None:
+        """``scaling`` overrides SpineNet's SCALING_MAP entry (``filter_size_scale``,
+        ``endpoints_num_filters``, ...); ``num_classes`` adds the classification head
+        (aggregation ``all``, as the zoo's configs); ``retinanet`` (``num_classes``,
+        ``num_convs``, ``num_filters``) adds a RetinaNet head with 9 anchors per place."""
+        tf, spinenet, heads, nn_ops = _modules()
+        self.tf = tf
+        self.graph = tf.Graph()
+        with self.graph.as_default():
+            norm = nn_ops.BatchNormActivation(momentum=0.9, epsilon=bn_eps, activation=activation)
+            params = {**spinenet.SCALING_MAP[model_id], **(scaling or {})}
+            backbone = spinenet.SpineNet(
+                min_level=3,
+                max_level=7,
+                block_specs=spinenet.build_block_specs(),
+                activation=activation,
+                batch_norm_activation=norm,
+                **params,
+            )
+            self.images = tf.placeholder(tf.float32, [1, *size, 3])
+            feats = backbone(self.images, is_training=False)
+            self.outputs = {f"p{level}": value for level, value in feats.items()}
+            if num_classes is not None:
+                head = heads.ClassificationHead(num_classes, 0, "all", 0.0, norm)
+                self.outputs["logits"] = head(feats, is_training=False)
+            if retinanet is not None:
+                head = heads.RetinanetHead(
+                    3,
+                    7,
+                    retinanet["num_classes"],
+                    9,
+                    retinanet["num_convs"],
+                    retinanet["num_filters"],
+                    activation=activation,
+                    batch_norm_activation=norm,
+                )
+                scores, boxes = head(feats, is_training=False)
+                for level in scores:
+                    self.outputs[f"scores{level}"] = scores[level]
+                    self.outputs[f"boxes{level}"] = boxes[level]
+            self.variables = tf.global_variables()
+            self.session = tf.Session(graph=self.graph)
+            self.session.run(tf.global_variables_initializer())
+
+    def num_parameters(self) -> int:
+        """Trainable parameters (BN moving statistics excluded), as the zoo counts them."""
+        with self.graph.as_default():
+            return sum(int(np.prod(v.shape)) for v in self.tf.trainable_variables())
+
+    def randomize(self, seed: int = 0) -> None:
+        """Fan-in scaled kernels, random BN parameters and statistics, random biases."""
+        rng = np.random.default_rng(seed)
+        for var in self.variables:
+            name, shape = var.op.name, tuple(var.shape.as_list())
+            if name.endswith("kernel"):
+                value = rng.normal(0, np.sqrt(2.0 / np.prod(shape[:-1])), shape)
+            elif name.endswith(("gamma", "moving_variance")):
+                value = rng.uniform(0.5, 1.5, shape)
+            else:
+                value = rng.normal(0, 0.2, shape)
+            var.load(value.astype(np.float32), self.session)
+
+    def save(self, directory: str | Path) -> str:
+        """A TF1 name-based checkpoint ``directory/model.ckpt`` (``.index`` + ``.data``)."""
+        with self.graph.as_default():
+            saver = self.tf.train.Saver(self.variables)
+            return saver.save(self.session, str(Path(directory) / "model.ckpt"))
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        return self.session.run(self.outputs, {self.images: images})
