@@ -112,7 +112,9 @@ class TpuModel:
         """A TF1 name-based checkpoint ``directory/model.ckpt`` (``.index`` + ``.data``)."""
         with self.graph.as_default():
             saver = self.tf.train.Saver(self.variables)
-            return saver.save(self.session, str(Path(directory) / "model.ckpt"))
+            return saver.save(
+                self.session, str(Path(directory) / "model.ckpt"), write_meta_graph=False
+            )
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         return self.session.run(self.outputs, {self.images: images})
