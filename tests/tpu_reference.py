@@ -98,6 +98,7 @@ class TpuModel:
     def randomize(self, seed: int = 0) -> None:
         """Fan-in scaled kernels, random BN parameters and statistics, random biases."""
         rng = np.random.default_rng(seed)
+        values = {}
         for var in self.variables:
             name, shape = var.op.name, tuple(var.shape.as_list())
             if name.endswith("kernel"):
@@ -106,7 +107,9 @@ class TpuModel:
                 value = rng.uniform(0.5, 1.5, shape)
             else:
                 value = rng.normal(0, 0.2, shape)
-            var.load(value.astype(np.float32), self.session)
+            # Fed in place of the initial value: one run, no new ops per variable.
+            values[var.initializer.inputs[1]] = value.astype(np.float32)
+        self.session.run([v.initializer for v in self.variables], values)
 
     def save(self, directory: str | Path) -> str:
         """A TF1 name-based checkpoint ``directory/model.ckpt`` (``.index`` + ``.data``)."""
