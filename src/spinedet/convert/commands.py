@@ -4,6 +4,7 @@ safetensors file."""
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import yaml
@@ -140,11 +141,8 @@ def _tpu_options(ckpt: TensorBundle, kind: str, task: str | None, params: dict) 
             "backbone alone with --model spinenetXX"
         )
     options["num_classes"] = ckpt.shape("retinanet/class_net/class-predict/kernel")[-1] // 9
-    options["head_depth"] = sum(
-        key.startswith("retinanet/class_net/class-") and key.count("-") == 1
-        for key in ckpt.entries
-        if key.endswith("/kernel") and "predict" not in key
-    )
+    tower_conv = re.compile(r"retinanet/class_net/class-\d+/kernel")
+    options["head_depth"] = sum(bool(tower_conv.fullmatch(key)) for key in ckpt.entries)
     anchor_size = _lookup(params, "anchor", "anchor_size")
     if anchor_size is not None:
         options["anchor_size"] = float(anchor_size)
