@@ -1,10 +1,12 @@
 """Regenerate the tensorflow/tpu fixtures of tests/test_convert_tpu.py (which then runs without
-TensorFlow): TF1 checkpoints of a small SpineNet-49 classifier (tests/fixtures/tpu_classifier)
-and a small RetinaNet-SpineNet-49S (tests/fixtures/tpu_retinanet), with their outputs.
+TensorFlow): TF1 checkpoints of a small SpineNet-49 classifier (tests/fixtures/tpu_classifier),
+RetinaNet-SpineNet-49S (tests/fixtures/tpu_retinanet) and Mask R-CNN-SpineNet-49S
+(tests/fixtures/tpu_maskrcnn), with their outputs.
 
 Run in the TensorFlow environment with a tensorflow/tpu checkout:
 ``SPINEDET_TPU_DIR=.../tpu/models/official/detection .venv-tf/bin/python
-scripts/make_tpu_fixture.py [NAME ...]`` (NAME: ``tpu_classifier``, ``tpu_retinanet``).
+scripts/make_tpu_fixture.py [NAME ...]`` (NAME: ``tpu_classifier``, ``tpu_retinanet``,
+``tpu_maskrcnn``; default all).
 """
 
 from __future__ import annotations
@@ -42,6 +44,21 @@ CONFIGS = {
         "bn_eps": 1e-4,
         "retinanet": {"num_classes": 3, "num_convs": 2, "num_filters": 16},
     },
+    "tpu_maskrcnn": {
+        "model": "spinenet49s_maskrcnn",
+        "model_id": "49S",
+        "size": [128, 256],
+        "activation": "relu",
+        "bn_eps": 1e-3,
+        # RoIs (y1, x1, y2, x2) from smaller than a P3 cell to most of the image.
+        "maskrcnn": {
+            "num_classes": 3,
+            "num_filters": 16,
+            "fc_dims": 32,
+            "rois": [[5, 7, 8.5, 12], [10, 20, 60, 90], [0, 0, 128, 256], [64, 100, 120, 250]],
+            "roi_classes": [1, 2, 0, 2],
+        },
+    },
 }
 
 
@@ -53,6 +70,7 @@ def build(config: dict) -> ref.TpuModel:
         SCALING,
         num_classes=config.get("num_classes"),
         retinanet=config.get("retinanet"),
+        maskrcnn=config.get("maskrcnn"),
         bn_eps=config["bn_eps"],
     )
 

@@ -1,6 +1,7 @@
 """convert-tf of tensorflow/tpu (TF1 name-based) checkpoints without TensorFlow: the committed
 fixtures (scripts/make_tpu_fixture.py) against the outputs tensorflow/tpu's code computed."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import spinedet
 from spinedet.cli import main
 from spinedet.convert import ConversionError, TFCheckpoint, convert_tf
 from spinedet.convert.tf_checkpoint import CheckpointError, TensorBundle, open_checkpoint
-from spinedet.convert.tf_mapping import model_garden_head_outputs
+from spinedet.convert.tf_mapping import model_garden_head_outputs, model_garden_roi_outputs
 from spinedet.convert.tpu_mapping import TPU_ANCHOR_RATIOS, convert_tpu_checkpoint
 from spinedet.models.classifier import spinenet_classifier
 from spinedet.models.weights import read_metadata
@@ -20,6 +21,7 @@ from spinedet.models.weights import read_metadata
 FIXTURES = Path(__file__).parent / "fixtures"
 CLASSIFIER = FIXTURES / "tpu_classifier"
 RETINANET = FIXTURES / "tpu_retinanet"
+MASKRCNN = FIXTURES / "tpu_maskrcnn"
 SCALING = {"filter_scale": 0.125, "endpoint_filters": 16}
 TOLERANCE = 1e-4  # max |diff| relative to the output's max |value|
 
@@ -113,6 +115,33 @@ def test_retinanet_matches_tensorflow_tpu(tmp_path):
         assert rel_diff(boxes[i], outputs[f"boxes{level}"]) < TOLERANCE
 
 
+def test_maskrcnn_matches_tensorflow_tpu(tmp_path):
+    out = tmp_path / "maskrcnn.safetensors"
+    convert_tf(MASKRCNN, "spinenet49s_maskrcnn", out, **SCALING)
+    model = spinedet.load_model(out).eval()
+    kwargs = model.model_kwargs
+    assert (kwargs["head_channels"], kwargs["fc_dim"], kwargs["rpn_scales"]) == (16, 32, 1)
+    assert kwargs["anchor_size"] == 3.0 and model.backbone.bn_eps == 1e-3
+    images, outputs = expected(MASKRCNN)
+    config = json.loads((MASKRCNN / "fixture.json").read_text())["maskrcnn"]
+    with torch.no_grad():
+        features = model.backbone(images)
+        scores, boxes = model_garden_head_outputs(model, features, TPU_ANCHOR_RATIOS)
+        rois = model_garden_roi_outputs(
+            model,
+            features,
+            tuple(images.shape[-2:]),
+            torch.tensor(config["rois"]),
+            torch.tensor(config["roi_classes"]),
+        )
+    check_pyramid(features, outputs)
+    for i, level in enumerate(range(3, 8)):
+        assert rel_diff(scores[i], outputs[f"rpn_scores{level}"]) < TOLERANCE
+        assert rel_diff(boxes[i], outputs[f"rpn_boxes{level}"]) < TOLERANCE
+    for key, value in rois.items():
+        assert rel_diff(value, outputs[key]) < TOLERANCE, key
+
+
 def test_backbone_alone_from_a_classifier_or_retinanet(tmp_path):
     for fixture, outputs in [(CLASSIFIER, expected(CLASSIFIER)), (RETINANET, expected(RETINANET))]:
         out = tmp_path / f"{fixture.name}.safetensors"
@@ -145,6 +174,8 @@ def test_checkpoint_and_model_must_fit(tmp_path):
         ConversionError, match="tensorflow/tpu classifier checkpoint .* not a retinanet"
     ):
         convert_tf(CLASSIFIER, "spinenet49_retinanet", out, **SCALING)
+    with pytest.raises(ConversionError, match="tensorflow/tpu maskrcnn checkpoint .* fasterrcnn"):
+        convert_tf(MASKRCNN, "spinenet49s_fasterrcnn", out, **SCALING)
     with pytest.raises(ConversionError, match="has 5 classes .*, not 1000"):
         convert_tf(CLASSIFIER, "spinenet49_classifier", out, 1000, **SCALING)
     with pytest.raises(ConversionError, match="Model Garden .* classifiers convert from"):

@@ -10,7 +10,7 @@ from test_convert_tpu import load_classifier
 
 import spinedet  # before TensorFlow: see spinedet.convert.tf_reference
 from spinedet.convert import convert_tf
-from spinedet.convert.tf_mapping import model_garden_head_outputs
+from spinedet.convert.tf_mapping import model_garden_head_outputs, model_garden_roi_outputs
 from spinedet.convert.tpu_mapping import TPU_ANCHOR_RATIOS
 
 pytest.importorskip("tensorflow")
@@ -73,3 +73,30 @@ def test_retinanet_matches_tensorflow_tpu(variant, activation, size, tmp_path):
     for i, level in enumerate(range(3, 8)):
         assert rel_diff(scores[i], expected[f"scores{level}"]) < TOLERANCE, level
         assert rel_diff(boxes[i], expected[f"boxes{level}"]) < TOLERANCE, level
+
+
+def test_maskrcnn_matches_tensorflow_tpu(tmp_path):
+    size = (256, 384)
+    rois = [[5, 7, 8.5, 12], [10, 20, 60, 90], [0, 0, 256, 384], [64, 100, 250, 380]]
+    roi_classes = [1, 90, 0, 45]
+    heads = {"num_classes": 91, "num_filters": 256, "fc_dims": 1024}
+    heads |= {"rois": rois, "roi_classes": roi_classes}
+    prefix, images, expected = run_tpu(
+        tmp_path, size, "relu", model_id="49", maskrcnn=heads, bn_eps=1e-3
+    )
+    out = tmp_path / "maskrcnn.safetensors"
+    convert_tf(prefix, "spinenet49_maskrcnn", out, activation="relu")
+    model = spinedet.load_model(out).eval()
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        features = model.backbone(x)
+        scores, boxes = model_garden_head_outputs(model, features, TPU_ANCHOR_RATIOS)
+        second = model_garden_roi_outputs(
+            model, features, size, torch.tensor(rois), torch.tensor(roi_classes)
+        )
+    check_pyramid(features, expected)
+    for i, level in enumerate(range(3, 8)):
+        assert rel_diff(scores[i], expected[f"rpn_scores{level}"]) < TOLERANCE, level
+        assert rel_diff(boxes[i], expected[f"rpn_boxes{level}"]) < TOLERANCE, level
+    for key, value in second.items():
+        assert rel_diff(value, expected[key]) < TOLERANCE, key

@@ -34,6 +34,33 @@ def _modules():
     return tf, spinenet, heads, nn_ops
 
 
+def _maskrcnn_outputs(tf, heads, feats, norm, activation, config) -> dict:
+    from ops import spatial_transform_ops
+
+    classes, filters = config["num_classes"], config["num_filters"]
+    rpn = heads.RpnHead(3, 7, 3, 1, filters, False, activation, True, norm)
+    scores, boxes = rpn(feats, is_training=False)
+    outputs = {f"rpn_scores{lvl}": scores[lvl] for lvl in scores}
+    outputs |= {f"rpn_boxes{lvl}": boxes[lvl] for lvl in boxes}
+    rois = tf.constant([config["rois"]], tf.float32)
+    roi_classes = tf.constant([config["roi_classes"]], tf.int32)
+    box_features = spatial_transform_ops.multilevel_crop_and_resize(feats, rois, output_size=7)
+    fast_rcnn = heads.FastrcnnHead(
+        classes, 4, filters, False, 1, config["fc_dims"], activation, True, norm
+    )
+    logits, deltas = fast_rcnn(box_features, is_training=False)
+    mask_features = spatial_transform_ops.multilevel_crop_and_resize(feats, rois, output_size=14)
+    mask_head = heads.MaskrcnnHead(classes, 28, 4, filters, False, activation, True, norm)
+    masks = mask_head(mask_features, roi_classes, is_training=False)
+    return outputs | {
+        "box_features": box_features[0],
+        "classes": logits[0],
+        "deltas": deltas[0],
+        "mask_features": mask_features[0],
+        "masks": masks[0],
+    }
+
+
 class TpuModel:
     """One graph: an NHWC image placeholder of a fixed size and named output tensors."""
 
@@ -45,12 +72,16 @@ class TpuModel:
         scaling: dict | None = None,
         num_classes: int | None = None,
         retinanet: dict | None = None,
+        maskrcnn: dict | None = None,
         bn_eps: float = 1e-5,
     ) -> None:
         """``scaling`` overrides SpineNet's SCALING_MAP entry (``filter_size_scale``,
         ``endpoints_num_filters``, ...); ``num_classes`` adds the classification head
         (aggregation ``all``, as the zoo's configs); ``retinanet`` (``num_classes``,
-        ``num_convs``, ``num_filters``) adds a RetinaNet head with 9 anchors per place."""
+        ``num_convs``, ``num_filters``) adds a RetinaNet head with 9 anchors per place;
+        ``maskrcnn`` (``num_classes``, ``num_filters``, ``fc_dims``, ``rois`` as y1, x1, y2, x2,
+        ``roi_classes``) adds the Mask R-CNN heads of its SpineNet configs (BatchNorm, RPN of
+        one conv and 3 anchors, 4 convs + 1 FC, 4 mask convs) run on the given RoIs."""
         tf, spinenet, heads, nn_ops = _modules()
         self.tf = tf
         self.graph = tf.Graph()
@@ -86,6 +117,8 @@ class TpuModel:
                 for level in scores:
                     self.outputs[f"scores{level}"] = scores[level]
                     self.outputs[f"boxes{level}"] = boxes[level]
+            if maskrcnn is not None:
+                self.outputs |= _maskrcnn_outputs(tf, heads, feats, norm, activation, maskrcnn)
             self.variables = tf.global_variables()
             self.session = tf.Session(graph=self.graph)
             self.session.run(tf.global_variables_initializer())

@@ -113,7 +113,14 @@ def _activation(ckpt: TensorBundle, params: dict, given: str | None) -> str:
 _TPU_BN_EPS = {"classifier": 1e-5, "retinanet": 1e-4, "maskrcnn": 1e-3, "backbone": 1e-4}
 
 
-def _tpu_options(ckpt: TensorBundle, kind: str, task: str | None, params: dict) -> dict:
+# Anchor sizes of tensorflow/tpu's zoo configs (configs/spinenet/*.yaml, else
+# detection_config.py's 4.0) where params.yaml does not say.
+_TPU_ANCHOR_SIZE = {"retinanet": {"143": 4.0, "190": 4.0}, "maskrcnn": {"190": 5.0}}
+
+
+def _tpu_options(
+    ckpt: TensorBundle, kind: str, task: str | None, variant: str, params: dict
+) -> dict:
     """Builder options reproducing a tensorflow/tpu network: its padding, downsampling and BN
     epsilon, plus head sizes read from the checkpoint's shapes (and anchors from params)."""
     eps = _lookup(params, "batch_norm_activation", "batch_norm_epsilon")
@@ -136,16 +143,20 @@ def _tpu_options(ckpt: TensorBundle, kind: str, task: str | None, params: dict) 
         options["num_classes"] = ckpt.shape("classification_head/dense/kernel")[-1]
         return options
     if kind == "maskrcnn":
-        raise ConversionError(
-            f"{ckpt.prefix}: tensorflow/tpu Mask R-CNN heads do not convert yet; convert the "
-            "backbone alone with --model spinenetXX"
-        )
-    options["num_classes"] = ckpt.shape("retinanet/class_net/class-predict/kernel")[-1] // 9
-    tower_conv = re.compile(r"retinanet/class_net/class-\d+/kernel")
-    options["head_depth"] = sum(bool(tower_conv.fullmatch(key)) for key in ckpt.entries)
+        rpn_conv = re.compile(r"rpn_head/rpn(-\d+)?/kernel")
+        options |= {
+            "num_classes": ckpt.shape("fast_rcnn_head/class-predict/kernel")[-1],
+            "head_channels": ckpt.shape("rpn_head/rpn/kernel")[-1],
+            "rpn_depth": sum(bool(rpn_conv.fullmatch(key)) for key in ckpt.entries),
+            "rpn_scales": ckpt.shape("rpn_head/rpn-class/kernel")[-1] // 3,
+            "fc_dim": ckpt.shape("fast_rcnn_head/fc6/kernel")[-1],
+        }
+    else:
+        tower_conv = re.compile(r"retinanet/class_net/class-\d+/kernel")
+        options["num_classes"] = ckpt.shape("retinanet/class_net/class-predict/kernel")[-1] // 9
+        options["head_depth"] = sum(bool(tower_conv.fullmatch(key)) for key in ckpt.entries)
     anchor_size = _lookup(params, "anchor", "anchor_size")
-    if anchor_size is not None:
-        options["anchor_size"] = float(anchor_size)
+    options["anchor_size"] = float(anchor_size or _TPU_ANCHOR_SIZE[kind].get(variant, 3.0))
     return options
 
 
@@ -196,7 +207,8 @@ def convert_tf(
     activation = _activation(ckpt, params, activation)
     options: dict = {}
     if kind is not None:
-        options = _tpu_options(ckpt, kind, task, params)
+        variant = name.removeprefix("spinenet").split("_")[0]
+        options = _tpu_options(ckpt, kind, task, variant, params)
     elif task == "classifier":
         raise ConversionError(
             f"{ckpt.prefix} is a Model Garden (TF2) checkpoint: classifiers convert from "

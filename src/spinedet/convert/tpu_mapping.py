@@ -7,7 +7,11 @@ tensorflow/tpu builds its layers with ``tf.layers``, which name them ``conv2d``,
 * ``spinenet/sub_policy{i}/resample_with_alpha_resample_{i}_{j}/``: parent ``j`` of block ``i``;
 * ``spinenet/sub_policy{i}/scale_permuted_block_{i + 2}/``: the block group of block ``i``;
 * ``classification_head/dense/``; ``retinanet/{class,box}_net/{class,box}-{k}`` (shared convs),
-  ``...-{k}-{level}`` (their BatchNorm per level) and ``...-predict``.
+  ``...-{k}-{level}`` (their BatchNorm per level) and ``...-predict``;
+* ``rpn_head/rpn[-k]``, ``rpn-l{level}-bn[-k]``, ``rpn-class``, ``rpn-box``;
+  ``fast_rcnn_head/conv_{i}``, ``fc6``, ``class-predict``, ``box-predict`` and
+  ``mask_head/mask-conv-l{i}``, ``conv5-mask``, ``mask_fcn_logits``, each head's BatchNorms
+  auto-named in order.
 
 spinedet registers its convolutions in that same order, so a scope's ``k``-th conv/BN pair is
 the ``k``-th :class:`~spinedet.models.layers.ConvNormAct` of the matching module.
@@ -18,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
+from torchvision.ops.misc import Conv2dNormActivation
 
 from ..models.layers import ConvNormAct
 from ..models.specs import NUM_STEM_BLOCKS
@@ -127,9 +132,57 @@ def _convert_retinanet_head(conv: _NameConverter, model: nn.Module) -> None:
         conv.conv(f"{scope}-predict", f"{module}.{predictor}", out_perm=perm)
 
 
+def _bn(k: int) -> str:
+    """The ``k``-th auto-named BatchNorm of a scope."""
+    return f"batch_normalization_{k}" if k else "batch_normalization"
+
+
+def _convert_rcnn_heads(conv: _NameConverter, model: nn.Module) -> None:
+    """tensorflow/tpu's RpnHead, FastrcnnHead and MaskrcnnHead (``modeling/architecture/
+    heads.py``, with BatchNorm as its SpineNet configs) -> torchvision's R-CNN modules."""
+    conv.searched += ["rpn_head/", "fast_rcnn_head/", "mask_head/"]
+    levels = model.backbone.levels
+    for k in range(len(model.rpn.head.conv)):
+        suffix = f"-{k}" if k else ""
+        norms = [
+            (f"rpn_head/rpn-l{lvl}-bn{suffix}", f"rpn.head.conv.{k}.1.{i}")
+            for i, lvl in enumerate(levels)
+        ]
+        conv.conv_bn(f"rpn_head/rpn{suffix}", f"rpn.head.conv.{k}.0", norms)
+    generator = model.rpn.anchor_generator
+    for tf_name, module, params in [
+        ("rpn-class", "cls_logits", np.arange(1)),
+        ("rpn-box", "bbox_pred", _BOX_PARAMS),
+    ]:
+        perm = _anchor_outputs(generator, params, TPU_ANCHOR_RATIOS)
+        conv.conv(f"rpn_head/{tf_name}", f"rpn.head.{module}", out_perm=perm)
+
+    roi = model.roi_heads
+    depth = sum(isinstance(m, Conv2dNormActivation) for m in roi.box_head)
+    for i in range(depth):
+        norm = [(f"fast_rcnn_head/{_bn(i)}", f"roi_heads.box_head.{i}.1")]
+        conv.conv_bn(f"fast_rcnn_head/conv_{i}", f"roi_heads.box_head.{i}.0", norm)
+    size, channels = roi.box_roi_pool.output_size[0], roi.box_head[0][0].out_channels
+    conv.conv("fast_rcnn_head/fc6", f"roi_heads.box_head.{depth + 1}", dense_input=(size, channels))
+    conv.bn(f"fast_rcnn_head/{_bn(depth)}", f"roi_heads.box_head.{depth + 2}")
+    conv.conv("fast_rcnn_head/class-predict", "roi_heads.box_predictor.cls_score")
+    num_classes = roi.box_predictor.cls_score.out_features
+    box_perm = (np.arange(num_classes)[:, None] * 4 + _BOX_PARAMS).reshape(-1)
+    conv.conv("fast_rcnn_head/box-predict", "roi_heads.box_predictor.bbox_pred", box_perm)
+    if not roi.has_mask():
+        return
+    depth = len(roi.mask_head)
+    for i in range(depth):
+        norm = [(f"mask_head/{_bn(i)}", f"roi_heads.mask_head.{i}.1")]
+        conv.conv_bn(f"mask_head/mask-conv-l{i}", f"roi_heads.mask_head.{i}.0", norm)
+    norm = [(f"mask_head/{_bn(depth)}", "roi_heads.mask_predictor.norm")]
+    conv.conv_bn("mask_head/conv5-mask", "roi_heads.mask_predictor.conv5_mask", norm)
+    conv.conv("mask_head/mask_fcn_logits", "roi_heads.mask_predictor.mask_fcn_logits")
+
+
 def convert_tpu_checkpoint(ckpt: TensorBundle, model: nn.Module) -> dict[str, torch.Tensor]:
     """Tensors for every parameter and BN statistic of ``model`` (a spinedet SpineNet,
-    SpineNet classifier or RetinaNet), read from a tensorflow/tpu checkpoint.
+    SpineNet classifier, RetinaNet or Mask R-CNN), read from a tensorflow/tpu checkpoint.
 
     Raises:
         ConversionError: naming the variables when the checkpoint does not fit the model.
@@ -145,10 +198,7 @@ def convert_tpu_checkpoint(ckpt: TensorBundle, model: nn.Module) -> dict[str, to
     elif hasattr(model, "head"):
         _convert_retinanet_head(conv, model)
     elif hasattr(model, "rpn"):
-        raise ConversionError(
-            f"{ckpt.prefix}: tensorflow/tpu Mask R-CNN heads do not convert yet; convert the "
-            "backbone alone with --model spinenetXX"
-        )
+        _convert_rcnn_heads(conv, model)
     expected = {k: v for k, v in model.state_dict().items() if "num_batches_tracked" not in k}
     _check(conv, expected)
     return conv.state
