@@ -97,10 +97,12 @@ def test_missing_checkpoint_and_cli_errors(tmp_path):
         TFCheckpoint(tmp_path / "x")
     # Head sizes are read from the checkpoint, the reduced backbone is another variant.
     with pytest.raises(ConversionError, match="mis-shaped: model/_backbone/layer_with_weights"):
-        convert_tf(FIXTURE, "spinenet49s_retinanet", tmp_path / "w.safetensors")
+        convert_tf(FIXTURE, "spinenet49s_retinanet", tmp_path / "w.safetensors", activation="swish")
     assert not (tmp_path / "w.safetensors").exists()
     with pytest.raises(ConversionError, match="has 3 classes .*, not 5"):
-        convert_tf(FIXTURE, "spinenet49s_retinanet", tmp_path / "w.safetensors", num_classes=5)
+        convert_tf(
+            FIXTURE, "spinenet49s_retinanet", tmp_path / "w.safetensors", 5, activation="swish"
+        )
     with pytest.raises(ConversionError, match=r"2 _cls_convs layers, the model 4"):
         convert_checkpoint(TFCheckpoint(FIXTURE), build(head_depth=4))
 
@@ -154,7 +156,7 @@ def test_maskrcnn_checkpoint_does_not_fit_other_detectors():
     ):
         convert_checkpoint(ckpt, wider)
     with pytest.raises(ConversionError, match="holds no R-CNN heads"):
-        convert_tf(FIXTURE, "spinenet49s_maskrcnn", "unused.safetensors")
+        convert_tf(FIXTURE, "spinenet49s_maskrcnn", "unused.safetensors", activation="swish")
 
 
 def test_swish_weights_are_refused_by_a_relu_model(tmp_path):

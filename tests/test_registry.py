@@ -73,8 +73,10 @@ def test_description_round_trips_through_the_weights_file(name, tmp_path):
     for key, value in model.state_dict().items():
         assert torch.equal(again.state_dict()[key], value), key
     if description.task != "backbone":
-        # Labels map to the data set's own category ids, whatever their gaps.
-        assert description.label_to_category_id() == {1: 3, 2: 9}
+        # Labels map to the data set's own category ids, whatever their gaps; label 0 is the
+        # background of detectors and the first class of classifiers.
+        first = int(description.background)
+        assert description.label_to_category_id() == {first: 3, first + 1: 9}
         assert again.class_names == ["cat", "dog"]
 
 
@@ -87,6 +89,8 @@ def test_infer_optimise_count_export_and_map_every_model(name):
         if task == "backbone":
             out = model(image[None])
             assert list(out) == ["p3", "p4", "p5", "p6", "p7"]
+        elif task == "classifier":
+            assert model(image[None]).shape == (1, 2)
         else:
             (out,) = model([image])
             assert {"boxes", "scores", "labels"} <= set(out)

@@ -3,6 +3,7 @@
 What is exported, for an ``(N, 3, S, S)`` float input:
 
 - a backbone: the input is used as given (already normalised); outputs ``p3``..``p7``.
+- a classifier: the same input; outputs ``logits`` (N, classes).
 - RetinaNet: the input is an RGB image in [0, 1] resized and padded to ``S x S``; the graph
   normalises it like the model's transform and returns ``cls_logits`` (N, A, classes) and
   ``bbox_regression`` (N, A, 4) over all A anchors of all levels, plus the constant ``anchors``
@@ -49,8 +50,8 @@ class DenseOutputs(nn.Module):
             task = describe(model).task
         except SpinedetError as e:
             raise ExportError(f"cannot export: {e}") from None
-        if task == "backbone":
-            self.kind, self.backbone = "backbone", model
+        if task in ("backbone", "classifier"):  # the input is used as given (normalised)
+            self.kind, self.backbone, self.model = task, getattr(model, "backbone", model), model
             return
         self.backbone = model.backbone
         if task == "retinanet":
@@ -66,6 +67,8 @@ class DenseOutputs(nn.Module):
         levels = [f"p{lvl}" for lvl in self.backbone.levels]
         if self.kind == "backbone":
             return levels
+        if self.kind == "classifier":
+            return ["logits"]
         if self.kind == "retinanet":
             return ["cls_logits", "bbox_regression", "anchors"]
         return [*levels, "objectness", "rpn_bbox_regression", "anchors"]
@@ -73,6 +76,8 @@ class DenseOutputs(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.kind == "backbone":
             return tuple(self.backbone(images).values())
+        if self.kind == "classifier":
+            return (self.model(images),)
         features = list(self.backbone((images - self.mean) / self.std).values())
         n = images.shape[0]
         if self.kind == "retinanet":

@@ -47,8 +47,12 @@ def count_macs(model: nn.Module, image_size: int = 640) -> int:
     counter = FlopCounterMode(display=False)
     try:
         with counter:
-            features = _backbone(model)(x)
             task = describe(model).task
+            if task == "classifier":  # the whole network: backbone, level sum, linear layer
+                model(x)
+                features = {}
+            else:
+                features = _backbone(model)(x)
             if task == "retinanet":
                 model.head(list(features.values()))
             elif task in ("fasterrcnn", "maskrcnn"):

@@ -179,7 +179,7 @@ def _compile_parts(model: nn.Module) -> None:
         return torch.compile(module, dynamic=False, options={"freezing": True})
 
     task = describe(model).task
-    if task == "backbone":
+    if task in ("backbone", "classifier"):
         model.forward = compiled(model.forward)
         return
     model.backbone = compiled(model.backbone)

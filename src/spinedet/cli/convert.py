@@ -1,4 +1,5 @@
-"""``spinedet convert-tf``: a Model Garden checkpoint to a spinedet safetensors file."""
+"""``spinedet convert-tf``: a Model Garden or tensorflow/tpu checkpoint to a spinedet
+safetensors file."""
 
 from __future__ import annotations
 
@@ -19,13 +20,19 @@ def add_convert_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``convert-tf`` on the ``spinedet`` command line."""
     p = subparsers.add_parser(
         "convert-tf",
-        help="convert a TensorFlow Model Garden SpineNet checkpoint to safetensors",
-        description="Read a Model Garden checkpoint (a ckpt-N prefix or its directory) of a "
-        "SpineNet or SpineNet-Mobile backbone, RetinaNet, Faster R-CNN or Mask R-CNN, without "
-        "TensorFlow.",
+        help="convert a TensorFlow SpineNet checkpoint (Model Garden, tensorflow/tpu) to "
+        "safetensors",
+        description="Read, without TensorFlow, a Model Garden (TF2) checkpoint of a SpineNet or "
+        "SpineNet-Mobile backbone, RetinaNet, Faster R-CNN or Mask R-CNN, or a tensorflow/tpu "
+        "(TF1) checkpoint of a SpineNet classifier, RetinaNet, or (backbone only) Mask R-CNN. "
+        "Give a checkpoint prefix (ckpt-N, model.ckpt-N), one of its files, or its directory.",
     )
     p.add_argument("checkpoint", help="ckpt-N prefix, one of its files, or its directory")
-    p.add_argument("--model", required=True, help="spinedet model name, e.g. spinenet49_retinanet")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="spinedet model name, e.g. spinenet49_retinanet or spinenet49_classifier",
+    )
     p.add_argument(
         "--num-classes",
         type=int,
@@ -35,8 +42,9 @@ def add_convert_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--activation",
         choices=["relu", "swish"],
-        default="relu",
-        help="activation the checkpoint was trained with (checkpoints do not record it)",
+        default=None,
+        help="activation the checkpoint was trained with (checkpoints do not record it); "
+        "read from the run's params.yaml when one lies beside the checkpoint, else required",
     )
     p.add_argument(
         "--categories",

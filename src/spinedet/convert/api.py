@@ -1,15 +1,20 @@
-"""A Model Garden checkpoint to a spinedet safetensors file (``spinedet convert-tf``)."""
+"""A Model Garden (TF2) or tensorflow/tpu (TF1) checkpoint to a spinedet safetensors file
+(``spinedet convert-tf``)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+import yaml
 
 from ..data.coco import read_json
 from ..data.errors import DataError
 from ..models.registry import create_model, model_task
 from ..models.weights import save_weights
-from .tf_checkpoint import TFCheckpoint
+from .tf_checkpoint import TensorBundle, TFCheckpoint, open_checkpoint
 from .tf_mapping import ConversionError, convert_checkpoint, find_backbone, model_node
+from .tpu_mapping import convert_tpu_checkpoint, tpu_model_kind
 
 __all__ = ["convert_tf"]
 
@@ -61,47 +66,160 @@ def _categories(path: str | Path, num_classes: int) -> list[dict]:
     return [{"id": k, "name": names.get(k, f"unused_{k}")} for k in range(1, num_classes)]
 
 
+def _run_params(ckpt: TensorBundle) -> dict:
+    """The ``params.yaml`` that Model Garden and tensorflow/tpu write into the model directory,
+    when one lies beside the checkpoint (else empty)."""
+    path = ckpt.prefix.parent / "params.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        params = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConversionError(f"{path}: not valid YAML ({e})".splitlines()[0]) from None
+    return params if isinstance(params, dict) else {}
+
+
+def _lookup(params: dict, *keys: str):
+    for key in keys:
+        params = params.get(key) if isinstance(params, dict) else None
+    return params
+
+
+def _activation(ckpt: TensorBundle, params: dict, given: str | None) -> str:
+    """The activation from the run's params.yaml (tensorflow/tpu: batch_norm_activation,
+    Model Garden: task.model.norm_activation), checked against ``given``; checkpoints do not
+    record it, and a wrong one converts into a silently wrong model."""
+    recorded = _lookup(params, "batch_norm_activation", "activation") or _lookup(
+        params, "task", "model", "norm_activation", "activation"
+    )
+    if given is None and recorded is None:
+        raise ConversionError(
+            f"{ckpt.prefix} does not record its activation: pass --activation relu or "
+            "--activation swish (the zoo lists which), or put the run's params.yaml beside it"
+        )
+    if given is not None and recorded is not None and given != recorded:
+        raise ConversionError(
+            f"--activation {given} contradicts {ckpt.prefix.parent / 'params.yaml'} "
+            f"(activation: {recorded})"
+        )
+    return given or recorded
+
+
+# BatchNorm epsilon of tensorflow/tpu's zoo configs where params.yaml does not say:
+# configs/classification_config.py, base_config.py, and spinenet*_mrcnn.yaml.
+_TPU_BN_EPS = {"classifier": 1e-5, "retinanet": 1e-4, "maskrcnn": 1e-3, "backbone": 1e-4}
+
+
+# Anchor sizes of tensorflow/tpu's zoo configs (configs/spinenet/*.yaml, else
+# detection_config.py's 4.0) where params.yaml does not say.
+_TPU_ANCHOR_SIZE = {"retinanet": {"143": 4.0, "190": 4.0}, "maskrcnn": {"190": 5.0}}
+
+
+def _tpu_options(
+    ckpt: TensorBundle, kind: str, task: str | None, variant: str, params: dict
+) -> dict:
+    """Builder options reproducing a tensorflow/tpu network: its padding, downsampling and BN
+    epsilon, plus head sizes read from the checkpoint's shapes (and anchors from params)."""
+    eps = _lookup(params, "batch_norm_activation", "batch_norm_epsilon")
+    try:
+        eps = _TPU_BN_EPS[kind] if eps is None else float(eps)  # PyYAML reads 1e-05 as text
+    except ValueError:
+        raise ConversionError(
+            f"{ckpt.prefix.parent / 'params.yaml'}: batch_norm_epsilon {eps!r} is not a number"
+        ) from None
+    options: dict = {"padding": "fixed", "downsample": "tpu", "bn_eps": eps}
+    if task is None:
+        return options
+    if task != kind:
+        heads = "none" if kind == "backbone" else kind
+        raise ConversionError(
+            f"{ckpt.prefix} is a tensorflow/tpu {kind} checkpoint (heads: {heads}), not a "
+            f"{task}: convert the backbone alone with --model spinenetXX"
+        )
+    if kind == "classifier":
+        options["num_classes"] = ckpt.shape("classification_head/dense/kernel")[-1]
+        return options
+    if kind == "maskrcnn":
+        rpn_conv = re.compile(r"rpn_head/rpn(-\d+)?/kernel")
+        options |= {
+            "num_classes": ckpt.shape("fast_rcnn_head/class-predict/kernel")[-1],
+            "head_channels": ckpt.shape("rpn_head/rpn/kernel")[-1],
+            "rpn_depth": sum(bool(rpn_conv.fullmatch(key)) for key in ckpt.entries),
+            "rpn_scales": ckpt.shape("rpn_head/rpn-class/kernel")[-1] // 3,
+            "fc_dim": ckpt.shape("fast_rcnn_head/fc6/kernel")[-1],
+        }
+    else:
+        tower_conv = re.compile(r"retinanet/class_net/class-\d+/kernel")
+        options["num_classes"] = ckpt.shape("retinanet/class_net/class-predict/kernel")[-1] // 9
+        options["head_depth"] = sum(bool(tower_conv.fullmatch(key)) for key in ckpt.entries)
+    anchor_size = _lookup(params, "anchor", "anchor_size")
+    options["anchor_size"] = float(anchor_size or _TPU_ANCHOR_SIZE[kind].get(variant, 3.0))
+    return options
+
+
 def convert_tf(
     checkpoint: str | Path,
     model_name: str,
     out: str | Path,
     num_classes: int | None = None,
-    activation: str = "relu",
+    activation: str | None = None,
     categories: str | Path | None = None,
     **model_kwargs,
 ) -> str:
-    """Convert a Model Garden checkpoint for ``model_name`` and save it to ``out``.
+    """Convert a Model Garden (TF2) or tensorflow/tpu (TF1) checkpoint for ``model_name`` and
+    save it to ``out``; which of the two it is, is read from the checkpoint.
 
     Detector head sizes (classes, R-CNN head widths, RPN convs and anchor scales) are read
     from the checkpoint and recorded in the file, so :func:`~spinedet.load_model` rebuilds the
-    same model. Model Garden's class ``k`` is category id ``k`` of its COCO json; given that
-    json as ``categories``, the file records their names (else the names are ``"1"``, ...).
-    ``model_kwargs`` are further builder options (e.g. ``filter_scale`` for a checkpoint of a
-    custom scaling). Returns a summary.
+    same model; so are the options reproducing a tensorflow/tpu network (``padding="fixed"``,
+    ``downsample="tpu"``, its BN epsilon). The ``activation`` is read from the ``params.yaml``
+    beside the checkpoint, else it must be given. Model Garden's class ``k`` is category id
+    ``k`` of its COCO json; given that json as ``categories``, the file records their names
+    (else the names are ``"1"``, ...). ``model_kwargs`` are further builder options (e.g.
+    ``filter_scale`` for a checkpoint of a custom scaling). Returns a summary.
     """
-    ckpt = TFCheckpoint(checkpoint)
-    find_backbone(ckpt)  # fail early, before building a model
-    task = model_task(model_name)
+    ckpt = open_checkpoint(checkpoint)
+    params = _run_params(ckpt)
     name = model_name.lower()
-    options: dict = {}
-    if task is None:
-        if num_classes is not None:
-            raise ConversionError(f"{model_name} is a backbone: --num-classes does not apply")
+    task = model_task(name)
+    if isinstance(ckpt, TFCheckpoint):
+        find_backbone(ckpt)  # fail early, before building a model
+        kind = None
     else:
+        kind = tpu_model_kind(ckpt)
+    activation = _activation(ckpt, params, activation)
+    options: dict = {}
+    if kind is not None:
+        variant = name.removeprefix("spinenet").split("_")[0]
+        options = _tpu_options(ckpt, kind, task, variant, params)
+    elif task == "classifier":
+        raise ConversionError(
+            f"{ckpt.prefix} is a Model Garden (TF2) checkpoint: classifiers convert from "
+            "tensorflow/tpu ones"
+        )
+    elif task is not None:
         options = _retinanet_options(ckpt) if task == "retinanet" else _rcnn_options(ckpt)
-        if num_classes is not None and num_classes != options["num_classes"]:
+    if num_classes is not None:
+        if task is None:
+            raise ConversionError(f"{model_name} is a backbone: --num-classes does not apply")
+        if num_classes != options["num_classes"]:
             raise ConversionError(
                 f"{ckpt.prefix} has {options['num_classes']} classes (with background), "
                 f"not {num_classes}: convert as is, then fine-tune with your classes"
             )
     metadata: dict = {"converted_from": str(ckpt.prefix)}
     if categories is not None:
-        if task is None:
-            raise ConversionError(f"{model_name} is a backbone: --categories does not apply")
+        if task in (None, "classifier"):
+            raise ConversionError(f"{model_name}: --categories applies to detectors only")
         options["categories"] = _categories(categories, options.pop("num_classes"))
     model = create_model(name, activation=activation, **(options | model_kwargs))
-    state = convert_checkpoint(ckpt, model)
+    if kind is None:
+        state = convert_checkpoint(ckpt, model)
+    else:
+        state = convert_tpu_checkpoint(ckpt, model)
     model.load_state_dict(state, strict=False)  # completeness was checked; BN counters stay
     save_weights(model, out, metadata)
-    shown = ", ".join(f"{k}={v}" for k, v in options.items() if k != "categories")
+    shown = ", ".join(
+        f"{k}={v}" for k, v in {"activation": activation, **options}.items() if k != "categories"
+    )
     return f"{ckpt.prefix} -> {out}: {name}{f' ({shown})' if shown else ''}, {len(state)} tensors"

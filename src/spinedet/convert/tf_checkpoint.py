@@ -1,4 +1,4 @@
-"""Read TensorFlow 2 object-based checkpoints without TensorFlow.
+"""Read TensorFlow checkpoints (TF2 object-based and TF1 name-based) without TensorFlow.
 
 A checkpoint ``ckpt-N`` is two files: ``ckpt-N.index``, an SSTable (LevelDB table format)
 mapping each tensor key to a ``BundleEntryProto`` (dtype, shape, offset, size), and
@@ -21,7 +21,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CheckpointError", "TFCheckpoint", "TrackableNode", "resolve_prefix"]
+from ..errors import SpinedetError
+
+__all__ = [
+    "CheckpointError",
+    "TFCheckpoint",
+    "TensorBundle",
+    "TrackableNode",
+    "open_checkpoint",
+    "resolve_prefix",
+]
 
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 VARIABLE_SUFFIX = ".ATTRIBUTES/VARIABLE_VALUE"
@@ -44,7 +53,7 @@ _DTYPES = {
 _DT_STRING = 7
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SpinedetError):
     """A file that is not a readable TensorFlow checkpoint."""
 
 
@@ -252,12 +261,10 @@ def resolve_prefix(path: str | Path) -> Path:
     return path
 
 
-class TFCheckpoint:
-    """A TensorFlow 2 checkpoint read with numpy only.
-
-    Example:
-        >>> ckpt = TFCheckpoint("model_dir")  # or "model_dir/ckpt-42"
-        >>> ckpt.tensor(ckpt.child(ckpt.root, "model", "backbone").tensor)
+class TensorBundle:
+    """The tensors of a TensorFlow checkpoint by key, read with numpy only. A TF1 name-based
+    checkpoint (``tf.compat.v1.train.Saver``, tensorflow/tpu) keys them by variable name,
+    e.g. ``spinenet/conv2d/kernel``.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -274,15 +281,11 @@ class TFCheckpoint:
             if bad:
                 raise CheckpointError(f"{bad[0]} lies in shard {self.entries[bad[0]].shard} of "
                                       f"{self.num_shards}")  # fmt: skip
-        if OBJECT_GRAPH_KEY not in self.entries:
-            raise CheckpointError(
-                f"{self.prefix}: no object graph; only TF2 object-based checkpoints "
-                "(tf.train.Checkpoint, Model Garden) are supported"
-            )
-        entry = self.entries[OBJECT_GRAPH_KEY]
-        with _reading(self._shard(entry), "object graph"):
-            self.nodes = _parse_object_graph(self._string(OBJECT_GRAPH_KEY))
-        self.root = self.nodes[0]
+
+    @property
+    def object_based(self) -> bool:
+        """Whether the checkpoint is a TF2 object-based one (it holds an object graph)."""
+        return OBJECT_GRAPH_KEY in self.entries
 
     def _shard(self, entry: _Entry) -> Path:
         return self.prefix.with_name(
@@ -334,6 +337,27 @@ class TFCheckpoint:
     def shape(self, key: str) -> tuple[int, ...]:
         return self._entry(key).shape
 
+
+class TFCheckpoint(TensorBundle):
+    """A TensorFlow 2 object-based checkpoint read with numpy only.
+
+    Example:
+        >>> ckpt = TFCheckpoint("model_dir")  # or "model_dir/ckpt-42"
+        >>> ckpt.tensor(ckpt.child(ckpt.root, "model", "backbone").tensor)
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(path)
+        if not self.object_based:
+            raise CheckpointError(
+                f"{self.prefix}: no object graph, so not a TF2 object-based checkpoint "
+                "(read TF1 name-based ones with open_checkpoint)"
+            )
+        entry = self.entries[OBJECT_GRAPH_KEY]
+        with _reading(self._shard(entry), "object graph"):
+            self.nodes = _parse_object_graph(self._string(OBJECT_GRAPH_KEY))
+        self.root = self.nodes[0]
+
     def node(self, node_id: int) -> TrackableNode:
         return self.nodes[node_id]
 
@@ -344,3 +368,10 @@ class TFCheckpoint:
                 return None
             node = self.nodes[node.children[name]]
         return node
+
+
+def open_checkpoint(path: str | Path) -> TFCheckpoint | TensorBundle:
+    """A TF2 object-based checkpoint (Model Garden) as a :class:`TFCheckpoint`, a TF1
+    name-based one (tensorflow/tpu) as a :class:`TensorBundle`."""
+    bundle = TensorBundle(path)
+    return TFCheckpoint(path) if bundle.object_based else bundle

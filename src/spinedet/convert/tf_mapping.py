@@ -135,7 +135,7 @@ class _Converter:
     def layer(self, node: TrackableNode, module: str, out_perm: np.ndarray | None = None) -> str:
         """A Conv2D, or a SeparableConv2D (-> ``module.depthwise`` and ``module.pointwise``);
         returns the key its bias went to."""
-        if self.ckpt.child(node, "pointwise_kernel") is None:
+        if self._var(node, "pointwise_kernel") is None:
             self.conv(node, module, out_perm)
             return f"{module}.bias"
         self.depthwise(node, f"{module}.depthwise")
@@ -214,16 +214,17 @@ def _convert_backbone(
             getattr(conv, layer.kind)(child, module)
 
 
-def _anchor_permutation(generator) -> np.ndarray:
-    """torchvision anchor index -> Model Garden anchor index, for a spinedet anchor generator.
+def _anchor_permutation(generator, tf_ratios: list[float] | None = None) -> np.ndarray:
+    """torchvision anchor index -> TensorFlow anchor index, for a spinedet anchor generator.
 
-    torchvision orders anchors ratio-major with ratio = h / w; Model Garden scale-major with
-    ratio = w / h.
+    torchvision orders anchors ratio-major with ratio = h / w; Model Garden and tensorflow/tpu
+    scale-major with ratio = w / h, in the order ``tf_ratios`` (default: the generator's).
     """
     num_scales, ratios = len(generator.sizes[0]), list(generator.aspect_ratios[0])
+    tf_ratios = ratios if tf_ratios is None else tf_ratios
     perm = []
     for ratio in ratios:
-        tf_ratio = next(j for j, r in enumerate(ratios) if np.isclose(r, 1.0 / ratio))
+        tf_ratio = next(j for j, r in enumerate(tf_ratios) if np.isclose(r, 1.0 / ratio))
         perm += [scale * len(ratios) + tf_ratio for scale in range(num_scales)]
     return np.asarray(perm)
 
@@ -254,10 +255,11 @@ def _level_tower(conv: _Converter, head: TrackableNode, attrs: tuple[str, str], 
         conv.conv_bn(tf_conv, f"{module}.{i}.0", per_level)
 
 
-def _anchor_outputs(generator, params: np.ndarray) -> np.ndarray:
+def _anchor_outputs(generator, params: np.ndarray, tf_ratios: list[float] | None = None):
     """Output-channel permutation of a dense head predicting ``len(params)`` values per
     anchor (``params`` also reorders the values, e.g. box parameters)."""
-    return (_anchor_permutation(generator)[:, None] * len(params) + params).reshape(-1)
+    perm = _anchor_permutation(generator, tf_ratios)
+    return (perm[:, None] * len(params) + params).reshape(-1)
 
 
 def _convert_retinanet_head(conv: _Converter, head: TrackableNode, model: nn.Module) -> None:
@@ -399,10 +401,13 @@ def _check(conv: _Converter, expected: dict[str, torch.Tensor]) -> None:
         )
 
 
-def _model_garden_layout(x: torch.Tensor, generator, box: bool) -> torch.Tensor:
+def _model_garden_layout(
+    x: torch.Tensor, generator, box: bool, tf_ratios: list[float] | None = None
+) -> torch.Tensor:
     """A torchvision dense output (N, A * K, H, W) in Model Garden's layout: NHWC, channels
-    ``anchor * K + k``, anchors scale-major, boxes ``ty, tx, th, tw``."""
-    perm = torch.as_tensor(_anchor_permutation(generator))
+    ``anchor * K + k``, anchors scale-major (ratios in the order ``tf_ratios``), boxes
+    ``ty, tx, th, tw``."""
+    perm = torch.as_tensor(_anchor_permutation(generator, tf_ratios))
     x = x.permute(0, 2, 3, 1)
     x = x.reshape(*x.shape[:3], len(perm), -1)
     if box:
@@ -413,11 +418,11 @@ def _model_garden_layout(x: torch.Tensor, generator, box: bool) -> torch.Tensor:
 
 
 def model_garden_head_outputs(
-    model: nn.Module, features: dict[str, torch.Tensor]
+    model: nn.Module, features: dict[str, torch.Tensor], tf_ratios: list[float] | None = None
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Raw per-level class and box outputs of a spinedet RetinaNet head, or objectness and box
-    outputs of an R-CNN's RPN, in Model Garden's layout (see :func:`_model_garden_layout`),
-    to compare with TensorFlow."""
+    outputs of an R-CNN's RPN, in Model Garden's layout (see :func:`_model_garden_layout`;
+    tensorflow/tpu's with its ``tf_ratios``), to compare with TensorFlow."""
     from ..models.heads import apply_tower
 
     levels = list(features.values())
@@ -430,8 +435,8 @@ def model_garden_head_outputs(
         scores = [cls.cls_logits(apply_tower(cls.conv, f, i)) for i, f in enumerate(levels)]
         boxes = [reg.bbox_reg(apply_tower(reg.conv, f, i)) for i, f in enumerate(levels)]
     return (
-        [_model_garden_layout(x, generator, box=False) for x in scores],
-        [_model_garden_layout(x, generator, box=True) for x in boxes],
+        [_model_garden_layout(x, generator, False, tf_ratios) for x in scores],
+        [_model_garden_layout(x, generator, True, tf_ratios) for x in boxes],
     )
 
 

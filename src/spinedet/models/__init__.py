@@ -1,5 +1,6 @@
 """SpineNet backbones and detectors."""
 
+from .classifier import SpineNetClassifier, spinenet_classifier
 from .description import Category, ModelDescription
 from .detectors import spinenet_fasterrcnn, spinenet_maskrcnn, spinenet_retinanet
 from .registry import FAMILIES, TASKS, create_model, describe, list_models, load_model, model_task
@@ -31,6 +32,7 @@ __all__ = [
     "SPINENET_MOBILE_BLOCK_SPECS",
     "Scaling",
     "SpineNet",
+    "SpineNetClassifier",
     "SpineNetMobile",
     "WeightsError",
     "create_model",
@@ -40,6 +42,7 @@ __all__ = [
     "model_task",
     "save_weights",
     "spinenet",
+    "spinenet_classifier",
     "spinenet_mobile",
     "spinenet_fasterrcnn",
     "spinenet_maskrcnn",

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import StochasticDepth
 
-from .layers import ConvNormAct, NormFactory, max_pool
+from .layers import ConvNormAct, NormFactory, max_pool, same_max_pool
 from .specs import BLOCK_EXPANSION
 
 
@@ -100,6 +100,7 @@ def upsample_to(x: torch.Tensor, scale: int, size: tuple[int, int]) -> torch.Ten
 
 
 BLOCKS = {"bottleneck": Bottleneck, "residual": Residual}
+DOWNSAMPLES = ("model_garden", "tpu")
 
 
 def block_group(
@@ -128,6 +129,10 @@ class Resample(nn.Module):
 
     1x1 conv to ``alpha`` times the parent's width, then a strided 3x3 conv plus max pools
     (downsampling) or nearest-neighbour upsampling, then a 1x1 conv + norm (no activation).
+
+    ``downsample="model_garden"`` repeats 3x3 stride-2 pools; ``"tpu"`` is tensorflow/tpu's
+    ``resample_with_alpha``: one pool (see :func:`tpu_downsample`) and nearest-neighbour
+    resizing to the target size where the strides do not land on it.
     """
 
     def __init__(
@@ -141,13 +146,18 @@ class Resample(nn.Module):
         norm: NormFactory,
         act: Callable[[], nn.Module],
         padding: str = "same",
+        downsample: str = "model_garden",
     ) -> None:
         super().__init__()
+        if downsample not in DOWNSAMPLES:
+            raise ValueError(f"unknown downsample {downsample!r}; expected one of {DOWNSAMPLES}")
+        self.tpu = downsample == "tpu"
         mid = int(in_width * alpha)
         self.reduce = ConvNormAct(in_channels, mid, 1, norm, act, padding=padding)
         self.down = None
         if out_level > in_level:
-            pools = [max_pool(padding) for _ in range(out_level - in_level - 1)]
+            extra = 0 if self.tpu else out_level - in_level - 1  # tpu pools in forward
+            pools = [max_pool(padding) for _ in range(extra)]
             self.down = nn.Sequential(
                 ConvNormAct(mid, mid, 3, norm, act, stride=2, padding=padding), *pools
             )
@@ -155,9 +165,32 @@ class Resample(nn.Module):
         self.expand = ConvNormAct(mid, out_channels, 1, norm, padding=padding)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        width = x.shape[-1]
         x = self.reduce(x)
         if self.down is not None:
             x = self.down(x)
+            if self.tpu:
+                x = tpu_downsample(x, width, size)
         elif self.up_scale > 1:
-            x = upsample_to(x, self.up_scale, size)
+            # tensorflow/tpu resizes where the ratio is not an integer (legacy TF nearest, as
+            # torch's "nearest"); where it is, both are the same repetition.
+            x = (
+                F.interpolate(x, size=size, mode="nearest")
+                if self.tpu
+                else upsample_to(x, self.up_scale, size)
+            )
         return self.expand(x)
+
+
+def tpu_downsample(x: torch.Tensor, width: int, size: tuple[int, int]) -> torch.Tensor:
+    """The rest of tensorflow/tpu's downsampling after its stride-2 conv, from the parent's
+    ``width`` to the target ``size``: for ratios above 2 one "same" max pool of size 3 (ratio
+    up to 4) or 5 and stride ``ratio / 2`` (2 if the widths do not divide), then
+    nearest-neighbour resizing if that misses the target size (e.g. 28 -> 4 at 224 pixels)."""
+    ratio = width // size[1]
+    if ratio > 2:
+        stride = 2 if width % size[1] else ratio // 2
+        x = same_max_pool(x, 3 if width / size[1] <= 4 else 5, stride)
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=size, mode="nearest")
+    return x

@@ -20,7 +20,10 @@ BN_EPS = 1e-3
 NORMS = ("bn", "syncbn", "frozenbn", "gn")
 ACTIVATIONS = {"relu": nn.ReLU, "swish": nn.SiLU, "silu": nn.SiLU}
 DEFAULT_ACTIVATION = "relu"  # the paper's and Model Garden's default
-PADDINGS = ("same", "symmetric")
+# "same": TensorFlow's asymmetric "same" padding everywhere (Model Garden). "symmetric": pad
+# like torchvision. "fixed": tensorflow/tpu's nn_ops.conv2d_fixed_padding, i.e. convolutions
+# padded symmetrically but max pools padded "same" (tf.layers.max_pooling2d).
+PADDINGS = ("same", "symmetric", "fixed")
 
 NormFactory = Callable[[int], nn.Module]
 
@@ -93,6 +96,14 @@ class SameMaxPool2d(nn.MaxPool2d):
         return F.max_pool2d(x, 3, 2, padding, ceil_mode=True)
 
 
+def same_max_pool(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+    """Max pooling of any kernel and stride padded like TF "same" (-inf never wins the max)."""
+    top, bottom = same_padding(x.shape[-2], kernel, stride)
+    left, right = same_padding(x.shape[-1], kernel, stride)
+    x = F.pad(x, (left, right, top, bottom), value=float("-inf"))
+    return F.max_pool2d(x, kernel, stride)
+
+
 def conv2d(
     in_channels: int,
     out_channels: int,
@@ -117,7 +128,7 @@ def conv2d(
 
 def max_pool(padding: str = "same") -> nn.MaxPool2d:
     """3x3 stride-2 max pooling with output ``ceil(input / 2)``."""
-    if padding == "same":
+    if padding in ("same", "fixed"):
         return SameMaxPool2d()
     return nn.MaxPool2d(3, 2, padding=1)
 

@@ -216,7 +216,12 @@ class SpineNet(ScalePermutedBackbone):
         norm: ``"bn"``, ``"syncbn"``, ``"frozenbn"`` or ``"gn"``.
         bn_momentum, bn_eps: defaults equal TensorFlow Model Garden's (decay 0.99, eps 1e-3).
         padding: ``"same"`` reproduces TensorFlow's asymmetric padding of strided layers
-            (needed for converted TF weights); ``"symmetric"`` pads like torchvision.
+            (needed for converted Model Garden weights); ``"symmetric"`` pads like
+            torchvision; ``"fixed"`` pads convolutions symmetrically and max pools "same", as
+            tensorflow/tpu does.
+        downsample: ``"model_garden"`` (a strided conv then 3x3 stride-2 max pools) or
+            ``"tpu"`` (tensorflow/tpu's single max pool of size 3 or 5, see
+            :func:`~spinedet.models.blocks.tpu_downsample`).
         in_channels: input image channels.
     """
 
@@ -236,6 +241,7 @@ class SpineNet(ScalePermutedBackbone):
         bn_momentum: float = BN_MOMENTUM,
         bn_eps: float = BN_EPS,
         padding: str = "same",
+        downsample: str = "model_garden",
         in_channels: int = 3,
     ) -> None:
         super().__init__()
@@ -308,6 +314,7 @@ class SpineNet(ScalePermutedBackbone):
                     norm_layer,
                     act,
                     padding,
+                    downsample,
                 )
                 for p in block.parents
             )

@@ -1,0 +1,204 @@
+"""Map a tensorflow/tpu (TF1, name-based) checkpoint onto a spinedet model's state dict.
+
+tensorflow/tpu builds its layers with ``tf.layers``, which name them ``conv2d``, ``conv2d_1``,
+... and ``batch_normalization``, ... in creation order within each variable scope:
+
+* ``spinenet/``: the stem conv, the stem block groups, then the endpoint convs P3..P7;
+* ``spinenet/sub_policy{i}/resample_with_alpha_resample_{i}_{j}/``: parent ``j`` of block ``i``;
+* ``spinenet/sub_policy{i}/scale_permuted_block_{i + 2}/``: the block group of block ``i``;
+* ``classification_head/dense/``; ``retinanet/{class,box}_net/{class,box}-{k}`` (shared convs),
+  ``...-{k}-{level}`` (their BatchNorm per level) and ``...-predict``;
+* ``rpn_head/rpn[-k]``, ``rpn-l{level}-bn[-k]``, ``rpn-class``, ``rpn-box``;
+  ``fast_rcnn_head/conv_{i}``, ``fc6``, ``class-predict``, ``box-predict`` and
+  ``mask_head/mask-conv-l{i}``, ``conv5-mask``, ``mask_fcn_logits``, each head's BatchNorms
+  auto-named in order.
+
+spinedet registers its convolutions in that same order, so a scope's ``k``-th conv/BN pair is
+the ``k``-th :class:`~spinedet.models.layers.ConvNormAct` of the matching module.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.ops.misc import Conv2dNormActivation
+
+from ..models.layers import ConvNormAct
+from ..models.specs import NUM_STEM_BLOCKS
+from ..models.spinenet import SpineNet
+from .tf_checkpoint import TensorBundle
+from .tf_mapping import _BOX_PARAMS, ConversionError, _anchor_outputs, _check, _Converter
+
+__all__ = ["TPU_ANCHOR_RATIOS", "convert_tpu_checkpoint", "tpu_model_kind"]
+
+# tensorflow/tpu's anchor aspect ratios (w / h) in its order (configs/detection_config.py).
+TPU_ANCHOR_RATIOS = [1.0, 2.0, 0.5]
+# Variables of the network; anything else (global_step, optimizer slots) is not converted.
+_VARIABLES = ("kernel", "bias", "gamma", "beta", "moving_mean", "moving_variance")
+
+
+class _NameConverter(_Converter):
+    """A :class:`_Converter` whose "nodes" are variable scopes of a name-based checkpoint."""
+
+    def _var(self, scope: str, name: str) -> tuple[str, np.ndarray] | None:
+        key = f"{scope}/{name}"
+        if key not in self.ckpt.entries:
+            return None
+        return key, self.ckpt.tensor(key)
+
+    def unused(self) -> list[str]:
+        return sorted(
+            key
+            for key in self.ckpt.entries
+            if key.startswith(tuple(self.searched))
+            and key.rsplit("/", 1)[-1] in _VARIABLES
+            and key not in self.used
+        )
+
+    def scope(self, scope: str, modules: list[tuple[str, nn.Module]]) -> None:
+        """The ``conv2d[_k]`` / ``batch_normalization[_k]`` pairs of ``scope`` -> the
+        ConvNormActs of ``modules`` (``(prefix, module)``), in order."""
+        layers = [
+            f"{prefix}.{name}" if name else prefix
+            for prefix, module in modules
+            for name, m in module.named_modules()
+            if isinstance(m, ConvNormAct)
+        ]
+        for k, layer in enumerate(layers):
+            suffix = f"_{k}" if k else ""
+            self.conv(f"{scope}/conv2d{suffix}", f"{layer}.conv")
+            self.bn(f"{scope}/batch_normalization{suffix}", f"{layer}.norm")
+
+
+def tpu_model_kind(ckpt: TensorBundle) -> str:
+    """``"classifier"``, ``"retinanet"``, ``"maskrcnn"`` or ``"backbone"``: what a
+    tensorflow/tpu checkpoint holds besides its SpineNet."""
+    if not any(key.startswith("spinenet/") for key in ckpt.entries):
+        raise ConversionError(
+            f"{ckpt.prefix}: no tensorflow/tpu SpineNet in this TF1 checkpoint (no spinenet/ "
+            "variables)"
+        )
+    for kind, scope in [
+        ("classifier", "classification_head/"),
+        ("retinanet", "retinanet/"),
+        ("maskrcnn", "rpn_head/"),
+    ]:
+        if any(key.startswith(scope) for key in ckpt.entries):
+            return kind
+    return "backbone"
+
+
+def _convert_backbone(conv: _NameConverter, backbone: SpineNet, prefix: str) -> None:
+    conv.searched.append("spinenet/")
+    conv.scope(
+        "spinenet",
+        [(f"{prefix}stem", backbone.stem), (f"{prefix}stem_blocks", backbone.stem_blocks)]
+        + [(f"{prefix}endpoints.{name}", m) for name, m in backbone.endpoints.items()],
+    )
+    for block in backbone.plan:
+        i, key = block.index - NUM_STEM_BLOCKS, str(block.index)
+        policy = f"spinenet/sub_policy{i}"
+        for j, resample in enumerate(backbone.resamplers[key]):
+            scope = f"{policy}/resample_with_alpha_resample_{i}_{j}"
+            conv.scope(scope, [(f"{prefix}resamplers.{key}.{j}", resample)])
+        block_scope = f"{policy}/scale_permuted_block_{block.index}"
+        conv.scope(block_scope, [(f"{prefix}blocks.{key}", backbone.blocks[key])])
+
+
+def _convert_retinanet_head(conv: _NameConverter, model: nn.Module) -> None:
+    conv.searched.append("retinanet/")
+    levels = model.backbone.levels
+    for net, short, torch_name, predictor in [
+        ("class_net", "class", "classification_head", "cls_logits"),
+        ("box_net", "box", "regression_head", "bbox_reg"),
+    ]:
+        module = f"head.{torch_name}"
+        scope = f"retinanet/{net}/{short}"
+        tower = getattr(model.head, torch_name).conv
+        found = sum(f"{scope}-{k}/kernel" in conv.ckpt.entries for k in range(len(tower) + 1))
+        if found != len(tower):
+            raise ConversionError(
+                f"the checkpoint head has {found} {net} convs, the model {len(tower)}"
+            )
+        for k in range(len(tower)):
+            norms = [
+                (f"{scope}-{k}-{lvl}", f"{module}.conv.{k}.1.{i}") for i, lvl in enumerate(levels)
+            ]
+            conv.conv_bn(f"{scope}-{k}", f"{module}.conv.{k}.0", norms)
+        num_classes = model.head.classification_head.num_classes
+        params = _BOX_PARAMS if predictor == "bbox_reg" else np.arange(num_classes)
+        perm = _anchor_outputs(model.anchor_generator, params, TPU_ANCHOR_RATIOS)
+        conv.conv(f"{scope}-predict", f"{module}.{predictor}", out_perm=perm)
+
+
+def _bn(k: int) -> str:
+    """The ``k``-th auto-named BatchNorm of a scope."""
+    return f"batch_normalization_{k}" if k else "batch_normalization"
+
+
+def _convert_rcnn_heads(conv: _NameConverter, model: nn.Module) -> None:
+    """tensorflow/tpu's RpnHead, FastrcnnHead and MaskrcnnHead (``modeling/architecture/
+    heads.py``, with BatchNorm as its SpineNet configs) -> torchvision's R-CNN modules."""
+    conv.searched += ["rpn_head/", "fast_rcnn_head/", "mask_head/"]
+    levels = model.backbone.levels
+    for k in range(len(model.rpn.head.conv)):
+        suffix = f"-{k}" if k else ""
+        norms = [
+            (f"rpn_head/rpn-l{lvl}-bn{suffix}", f"rpn.head.conv.{k}.1.{i}")
+            for i, lvl in enumerate(levels)
+        ]
+        conv.conv_bn(f"rpn_head/rpn{suffix}", f"rpn.head.conv.{k}.0", norms)
+    generator = model.rpn.anchor_generator
+    for tf_name, module, params in [
+        ("rpn-class", "cls_logits", np.arange(1)),
+        ("rpn-box", "bbox_pred", _BOX_PARAMS),
+    ]:
+        perm = _anchor_outputs(generator, params, TPU_ANCHOR_RATIOS)
+        conv.conv(f"rpn_head/{tf_name}", f"rpn.head.{module}", out_perm=perm)
+
+    roi = model.roi_heads
+    depth = sum(isinstance(m, Conv2dNormActivation) for m in roi.box_head)
+    for i in range(depth):
+        norm = [(f"fast_rcnn_head/{_bn(i)}", f"roi_heads.box_head.{i}.1")]
+        conv.conv_bn(f"fast_rcnn_head/conv_{i}", f"roi_heads.box_head.{i}.0", norm)
+    size, channels = roi.box_roi_pool.output_size[0], roi.box_head[0][0].out_channels
+    conv.conv("fast_rcnn_head/fc6", f"roi_heads.box_head.{depth + 1}", dense_input=(size, channels))
+    conv.bn(f"fast_rcnn_head/{_bn(depth)}", f"roi_heads.box_head.{depth + 2}")
+    conv.conv("fast_rcnn_head/class-predict", "roi_heads.box_predictor.cls_score")
+    num_classes = roi.box_predictor.cls_score.out_features
+    box_perm = (np.arange(num_classes)[:, None] * 4 + _BOX_PARAMS).reshape(-1)
+    conv.conv("fast_rcnn_head/box-predict", "roi_heads.box_predictor.bbox_pred", box_perm)
+    if not roi.has_mask():
+        return
+    depth = len(roi.mask_head)
+    for i in range(depth):
+        norm = [(f"mask_head/{_bn(i)}", f"roi_heads.mask_head.{i}.1")]
+        conv.conv_bn(f"mask_head/mask-conv-l{i}", f"roi_heads.mask_head.{i}.0", norm)
+    norm = [(f"mask_head/{_bn(depth)}", "roi_heads.mask_predictor.norm")]
+    conv.conv_bn("mask_head/conv5-mask", "roi_heads.mask_predictor.conv5_mask", norm)
+    conv.conv("mask_head/mask_fcn_logits", "roi_heads.mask_predictor.mask_fcn_logits")
+
+
+def convert_tpu_checkpoint(ckpt: TensorBundle, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Tensors for every parameter and BN statistic of ``model`` (a spinedet SpineNet,
+    SpineNet classifier, RetinaNet or Mask R-CNN), read from a tensorflow/tpu checkpoint.
+
+    Raises:
+        ConversionError: naming the variables when the checkpoint does not fit the model.
+    """
+    conv = _NameConverter(ckpt)
+    backbone = getattr(model, "backbone", model)
+    if not isinstance(backbone, SpineNet):
+        raise ConversionError(f"{type(backbone).__name__}: only SpineNet backbones convert")
+    _convert_backbone(conv, backbone, "backbone." if backbone is not model else "")
+    if hasattr(model, "fc"):
+        conv.searched.append("classification_head/")
+        conv.conv("classification_head/dense", "fc")
+    elif hasattr(model, "head"):
+        _convert_retinanet_head(conv, model)
+    elif hasattr(model, "rpn"):
+        _convert_rcnn_heads(conv, model)
+    expected = {k: v for k, v in model.state_dict().items() if "num_batches_tracked" not in k}
+    _check(conv, expected)
+    return conv.state

@@ -1,0 +1,102 @@
+"""Parity with the tensorflow/tpu model zoo's code: full-size models with random weights and BN
+statistics, saved as TF1 checkpoints by tensorflow/tpu's own graph and converted by
+``convert_tf``. Runs where TensorFlow is installed and ``SPINEDET_TPU_DIR`` points at a
+tensorflow/tpu checkout's ``models/official/detection`` (see tests/tpu_reference.py)."""
+
+import numpy as np
+import pytest
+import torch
+from test_convert_tpu import load_classifier
+
+import spinedet  # before TensorFlow: see spinedet.convert.tf_reference
+from spinedet.convert import convert_tf
+from spinedet.convert.tf_mapping import model_garden_head_outputs, model_garden_roi_outputs
+from spinedet.convert.tpu_mapping import TPU_ANCHOR_RATIOS
+
+pytest.importorskip("tensorflow")
+ref = pytest.importorskip("tpu_reference")
+if not ref.available():
+    pytest.skip("SPINEDET_TPU_DIR names no tensorflow/tpu checkout", allow_module_level=True)
+
+TOLERANCE = 1e-4  # max |diff| relative to the output's max |value|
+
+
+def rel_diff(ours: torch.Tensor, theirs: np.ndarray) -> float:
+    return float(np.abs(ours.numpy() - theirs).max() / np.abs(theirs).max())
+
+
+def run_tpu(tmp_path, size, activation, **kwargs) -> tuple[str, np.ndarray, dict]:
+    tf_model = ref.TpuModel(size, activation, **kwargs)
+    tf_model.randomize(seed=1)
+    prefix = tf_model.save(tmp_path)
+    images = np.random.default_rng(0).normal(size=(1, *size, 3)).astype(np.float32)
+    return prefix, images, tf_model.run(images)
+
+
+def check_pyramid(features, outputs) -> None:
+    for level, value in features.items():
+        diff = rel_diff(value.permute(0, 2, 3, 1), outputs[level])
+        assert diff < TOLERANCE, (level, diff)
+
+
+@pytest.mark.parametrize("variant,activation", [("49", "relu"), ("96", "swish")])
+def test_classifier_matches_tensorflow_tpu(variant, activation, tmp_path):
+    prefix, images, expected = run_tpu(
+        tmp_path, (224, 224), activation, model_id=variant, num_classes=1001
+    )
+    out = tmp_path / "classifier.safetensors"
+    convert_tf(prefix, f"spinenet{variant}_classifier", out, activation=activation)
+    model = load_classifier(out).eval()
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        check_pyramid(model.backbone(x), expected)
+        assert rel_diff(model(x), expected["logits"]) < TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "variant,activation,size", [("49S", "relu", (256, 384)), ("49", "relu", (320, 320))]
+)
+def test_retinanet_matches_tensorflow_tpu(variant, activation, size, tmp_path):
+    filters = 128 if variant == "49S" else 256
+    head = {"num_classes": 91, "num_convs": 4, "num_filters": filters}
+    prefix, images, expected = run_tpu(
+        tmp_path, size, activation, model_id=variant, retinanet=head, bn_eps=1e-4
+    )
+    out = tmp_path / "retinanet.safetensors"
+    convert_tf(prefix, f"spinenet{variant.lower()}_retinanet", out, activation=activation)
+    model = spinedet.load_model(out).eval()
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        features = model.backbone(x)
+        scores, boxes = model_garden_head_outputs(model, features, TPU_ANCHOR_RATIOS)
+    check_pyramid(features, expected)
+    for i, level in enumerate(range(3, 8)):
+        assert rel_diff(scores[i], expected[f"scores{level}"]) < TOLERANCE, level
+        assert rel_diff(boxes[i], expected[f"boxes{level}"]) < TOLERANCE, level
+
+
+def test_maskrcnn_matches_tensorflow_tpu(tmp_path):
+    size = (256, 384)
+    rois = [[5, 7, 8.5, 12], [10, 20, 60, 90], [0, 0, 256, 384], [64, 100, 250, 380]]
+    roi_classes = [1, 90, 0, 45]
+    heads = {"num_classes": 91, "num_filters": 256, "fc_dims": 1024}
+    heads |= {"rois": rois, "roi_classes": roi_classes}
+    prefix, images, expected = run_tpu(
+        tmp_path, size, "relu", model_id="49", maskrcnn=heads, bn_eps=1e-3
+    )
+    out = tmp_path / "maskrcnn.safetensors"
+    convert_tf(prefix, "spinenet49_maskrcnn", out, activation="relu")
+    model = spinedet.load_model(out).eval()
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        features = model.backbone(x)
+        scores, boxes = model_garden_head_outputs(model, features, TPU_ANCHOR_RATIOS)
+        second = model_garden_roi_outputs(
+            model, features, size, torch.tensor(rois), torch.tensor(roi_classes)
+        )
+    check_pyramid(features, expected)
+    for i, level in enumerate(range(3, 8)):
+        assert rel_diff(scores[i], expected[f"rpn_scores{level}"]) < TOLERANCE, level
+        assert rel_diff(boxes[i], expected[f"rpn_boxes{level}"]) < TOLERANCE, level
+    for key, value in second.items():
+        assert rel_diff(value, expected[key]) < TOLERANCE, key

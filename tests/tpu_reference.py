@@ -1,0 +1,156 @@
+"""The tensorflow/tpu detection code (``models/official/detection``) as a reference: builds its
+SpineNet, classification head and RetinaNet head under ``tf.compat.v1`` graph mode, randomises
+every variable, saves TF1 name-based checkpoints and runs forward passes.
+
+The repository is not part of spinedet: point ``SPINEDET_TPU_DIR`` at a checkout's
+``models/official/detection`` directory. Needs TensorFlow with ``tf_keras``
+(``TF_USE_LEGACY_KERAS=1`` is set here, before TensorFlow is imported).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # tf.layers needs Keras 2
+
+TPU_DIR = os.environ.get("SPINEDET_TPU_DIR", "")
+
+
+def available() -> bool:
+    return bool(TPU_DIR) and (Path(TPU_DIR) / "modeling" / "architecture" / "spinenet.py").is_file()
+
+
+def _modules():
+    if TPU_DIR not in sys.path:
+        sys.path.insert(0, TPU_DIR)
+    import tensorflow.compat.v1 as tf
+    from modeling.architecture import heads, nn_ops, spinenet
+
+    tf.disable_eager_execution()
+    return tf, spinenet, heads, nn_ops
+
+
+def _maskrcnn_outputs(tf, heads, feats, norm, activation, config) -> dict:
+    from ops import spatial_transform_ops
+
+    classes, filters = config["num_classes"], config["num_filters"]
+    rpn = heads.RpnHead(3, 7, 3, 1, filters, False, activation, True, norm)
+    scores, boxes = rpn(feats, is_training=False)
+    outputs = {f"rpn_scores{lvl}": scores[lvl] for lvl in scores}
+    outputs |= {f"rpn_boxes{lvl}": boxes[lvl] for lvl in boxes}
+    rois = tf.constant([config["rois"]], tf.float32)
+    roi_classes = tf.constant([config["roi_classes"]], tf.int32)
+    box_features = spatial_transform_ops.multilevel_crop_and_resize(feats, rois, output_size=7)
+    fast_rcnn = heads.FastrcnnHead(
+        classes, 4, filters, False, 1, config["fc_dims"], activation, True, norm
+    )
+    logits, deltas = fast_rcnn(box_features, is_training=False)
+    mask_features = spatial_transform_ops.multilevel_crop_and_resize(feats, rois, output_size=14)
+    mask_head = heads.MaskrcnnHead(classes, 28, 4, filters, False, activation, True, norm)
+    masks = mask_head(mask_features, roi_classes, is_training=False)
+    return outputs | {
+        "box_features": box_features[0],
+        "classes": logits[0],
+        "deltas": deltas[0],
+        "mask_features": mask_features[0],
+        "masks": masks[0],
+    }
+
+
+class TpuModel:
+    """One graph: an NHWC image placeholder of a fixed size and named output tensors."""
+
+    def __init__(
+        self,
+        size: tuple[int, int],
+        activation: str,
+        model_id: str = "49",
+        scaling: dict | None = None,
+        num_classes: int | None = None,
+        retinanet: dict | None = None,
+        maskrcnn: dict | None = None,
+        bn_eps: float = 1e-5,
+    ) -> None:
+        """``scaling`` overrides SpineNet's SCALING_MAP entry (``filter_size_scale``,
+        ``endpoints_num_filters``, ...); ``num_classes`` adds the classification head
+        (aggregation ``all``, as the zoo's configs); ``retinanet`` (``num_classes``,
+        ``num_convs``, ``num_filters``) adds a RetinaNet head with 9 anchors per place;
+        ``maskrcnn`` (``num_classes``, ``num_filters``, ``fc_dims``, ``rois`` as y1, x1, y2, x2,
+        ``roi_classes``) adds the Mask R-CNN heads of its SpineNet configs (BatchNorm, RPN of
+        one conv and 3 anchors, 4 convs + 1 FC, 4 mask convs) run on the given RoIs."""
+        tf, spinenet, heads, nn_ops = _modules()
+        self.tf = tf
+        self.graph = tf.Graph()
+        with self.graph.as_default():
+            norm = nn_ops.BatchNormActivation(momentum=0.9, epsilon=bn_eps, activation=activation)
+            params = {**spinenet.SCALING_MAP[model_id], **(scaling or {})}
+            backbone = spinenet.SpineNet(
+                min_level=3,
+                max_level=7,
+                block_specs=spinenet.build_block_specs(),
+                activation=activation,
+                batch_norm_activation=norm,
+                **params,
+            )
+            self.images = tf.placeholder(tf.float32, [1, *size, 3])
+            feats = backbone(self.images, is_training=False)
+            self.outputs = {f"p{level}": value for level, value in feats.items()}
+            if num_classes is not None:
+                head = heads.ClassificationHead(num_classes, 0, "all", 0.0, norm)
+                self.outputs["logits"] = head(feats, is_training=False)
+            if retinanet is not None:
+                head = heads.RetinanetHead(
+                    3,
+                    7,
+                    retinanet["num_classes"],
+                    9,
+                    retinanet["num_convs"],
+                    retinanet["num_filters"],
+                    activation=activation,
+                    batch_norm_activation=norm,
+                )
+                scores, boxes = head(feats, is_training=False)
+                for level in scores:
+                    self.outputs[f"scores{level}"] = scores[level]
+                    self.outputs[f"boxes{level}"] = boxes[level]
+            if maskrcnn is not None:
+                self.outputs |= _maskrcnn_outputs(tf, heads, feats, norm, activation, maskrcnn)
+            self.variables = tf.global_variables()
+            self.session = tf.Session(graph=self.graph)
+            self.session.run(tf.global_variables_initializer())
+
+    def num_parameters(self) -> int:
+        """Trainable parameters (BN moving statistics excluded), as the zoo counts them."""
+        with self.graph.as_default():
+            return sum(int(np.prod(v.shape)) for v in self.tf.trainable_variables())
+
+    def randomize(self, seed: int = 0) -> None:
+        """Fan-in scaled kernels, random BN parameters and statistics, random biases."""
+        rng = np.random.default_rng(seed)
+        values = {}
+        for var in self.variables:
+            name, shape = var.op.name, tuple(var.shape.as_list())
+            if name.endswith("kernel"):
+                value = rng.normal(0, np.sqrt(2.0 / np.prod(shape[:-1])), shape)
+            elif name.endswith(("gamma", "moving_variance")):
+                value = rng.uniform(0.5, 1.5, shape)
+            else:
+                value = rng.normal(0, 0.2, shape)
+            # Fed in place of the initial value: one run, no new ops per variable.
+            values[var.initializer.inputs[1]] = value.astype(np.float32)
+        self.session.run([v.initializer for v in self.variables], values)
+
+    def save(self, directory: str | Path) -> str:
+        """A TF1 name-based checkpoint ``directory/model.ckpt`` (``.index`` + ``.data``)."""
+        with self.graph.as_default():
+            saver = self.tf.train.Saver(self.variables)
+            return saver.save(
+                self.session, str(Path(directory) / "model.ckpt"), write_meta_graph=False
+            )
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        return self.session.run(self.outputs, {self.images: images})
