@@ -221,7 +221,7 @@ def main() -> None:
         " spinedet / torchvision (time: median over interleaved steps)."
     )
     for ours, reference in PAIRS[:2]:
-        print(f"\n## Most frequent ops in a step of {ours}\n")
+        print(f"\n### Most frequent ops in a step of {ours}\n")
         by = {label: run["models"][ours]["by_name"] for label, run in runs.items()}
         ref = runs["this tree"]["models"][reference]["by_name"]
         top = sorted(
