@@ -1,5 +1,5 @@
 """Training step time and peak memory on CPU: spinedet Mask R-CNN vs torchvision's
-ResNet-50-FPN Mask R-CNN, at the demo's settings (configs/quickstart.yaml) and at 640.
+ResNet-50-FPN Mask R-CNN, at the demo's settings (the quickstart config) and at 640.
 
 Times come from interleaved steps in one process. Memory comes from a fresh subprocess per
 model that builds it and runs two steps: the peak resident set size during the steps (Linux
@@ -15,12 +15,10 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    ROOT,
     compare,
     detection_batch,
     machine,
@@ -30,6 +28,7 @@ from _common import (  # noqa: E402
 )
 
 from spinedet import create_model  # noqa: E402
+from spinedet.config import load_config  # noqa: E402
 from spinedet.engine.distributed import flush_denormals  # noqa: E402
 
 NUM_CLASSES = 4  # the demo's three shapes + background
@@ -38,16 +37,13 @@ REFERENCE = "maskrcnn_resnet50_fpn"
 
 def settings() -> list[dict]:
     """(label, spinedet model, size, batch, detector options): the demo's, then 640."""
-    demo = {"name": "spinenet49s_maskrcnn", "size": 256, "batch": 4, "options": {}}
-    config = ROOT / "configs" / "quickstart.yaml"
-    if config.exists():
-        cfg = yaml.safe_load(config.read_text())
-        demo = {
-            "name": cfg["model"]["name"],
-            "size": cfg["model"]["image_size"],
-            "batch": cfg["train"]["batch_size"],
-            "options": cfg["model"].get("options", {}),
-        }
+    cfg = load_config("quickstart")
+    demo = {
+        "name": cfg["model"]["name"],
+        "size": cfg["model"]["image_size"],
+        "batch": cfg["train"]["batch_size"],
+        "options": cfg["model"].get("options", {}),
+    }
     large = {**demo, "size": 640, "batch": 2, "options": {}}
     return [{"label": "demo", **demo}, {"label": "640", **large}]
 

@@ -25,6 +25,7 @@ def test_cpu_budget_caps_affinity_by_cgroup_quota(tmp_path, monkeypatch, cpu_max
 def test_configure_cpu_threads_sets_torch_threads(monkeypatch):
     before = torch.get_num_threads()
     monkeypatch.setattr(runtime, "cpu_budget", lambda: 1)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     try:
         assert runtime.configure_cpu_threads() == 1
         assert torch.get_num_threads() == 1
@@ -32,3 +33,11 @@ def test_configure_cpu_threads_sets_torch_threads(monkeypatch):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_configure_cpu_threads_leaves_an_explicit_omp_num_threads(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setattr(runtime, "cpu_budget", lambda: before + 1)
+    monkeypatch.setenv("OMP_NUM_THREADS", str(before))
+    assert runtime.configure_cpu_threads() == before
+    assert torch.get_num_threads() == before

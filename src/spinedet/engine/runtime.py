@@ -38,8 +38,11 @@ def cpu_budget() -> int:
 
 
 def configure_cpu_threads(threads: int | None = None) -> int:
-    """Run torch's intra-op work on ``threads`` threads (default :func:`cpu_budget`, where
-    torch would count every core of the host). Returns the thread count."""
+    """Run torch's intra-op work on ``threads`` threads; by default on :func:`cpu_budget`
+    (torch counts every core of the host), unless ``OMP_NUM_THREADS`` is set (by the user, or
+    by torchrun for several processes per node). Returns the thread count."""
+    if threads is None and os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
     threads = threads or cpu_budget()
     torch.set_num_threads(threads)
     return threads
