@@ -18,11 +18,10 @@ SPINEDET := $(VENV)/bin/spinedet
 
 # The quickstart: synthetic shapes -> train a SpineNet-49S Mask R-CNN on the CPU -> COCO AP on
 # the held-out split -> predictions drawn over test images -> loss/AP curves, all in runs/demo.
-# PASSIVE: OpenMP threads sleep instead of spinning, so a busy second core costs ~1.5x, not ~20x.
 demo: $(STAMP)
 	rm -rf $(DEMO)
 	$(SPINEDET) data shapes --out $(DEMO)/data --num-images 400 --size 192 --splits 0.8 0.1 0.1
-	OMP_WAIT_POLICY=PASSIVE $(SPINEDET) train quickstart --out $(DEMO)
+	$(SPINEDET) train quickstart --out $(DEMO)
 	$(SPINEDET) eval $(DEMO) --annotations $(DEMO)/data/test.json --images $(DEMO)/data/images \
 		--out $(DEMO)
 	$(SPINEDET) predict $(DEMO) $$($(PY) -c "import json; print(' '.join('$(DEMO)/data/images/' \

@@ -111,6 +111,25 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f}"
 
 
+def detection_batch(
+    size: int, n: int, num_classes: int
+) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """``n`` random ``size``-square images, each with three boxes and their box-shaped masks."""
+    g = torch.Generator().manual_seed(0)
+    images, targets = [], []
+    for _ in range(n):
+        xy = torch.rand(3, 2, generator=g) * size * 0.6
+        wh = (torch.rand(3, 2, generator=g) * 0.3 + 0.1) * size
+        boxes = torch.cat([xy, xy + wh], dim=1).round()
+        masks = torch.zeros(3, size, size, dtype=torch.uint8)
+        for m, (x0, y0, x1, y1) in zip(masks, boxes.int().tolist(), strict=True):
+            m[y0:y1, x0:x1] = 1
+        labels = torch.randint(1, num_classes, (3,), generator=g)
+        images.append(torch.rand(3, size, size, generator=g))
+        targets.append({"boxes": boxes, "labels": labels, "masks": masks})
+    return images, targets
+
+
 def max_rel_diff(a: object, b: object) -> float:
     """Largest ``|a - b| / max(1, |a|)`` over matching tensors of (nested) outputs."""
     if isinstance(a, torch.Tensor):

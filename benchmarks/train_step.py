@@ -1,5 +1,5 @@
 """Training step time and peak memory on CPU: spinedet Mask R-CNN vs torchvision's
-ResNet-50-FPN Mask R-CNN, at the demo's settings (configs/quickstart.yaml) and at 640.
+ResNet-50-FPN Mask R-CNN, at the demo's settings (the quickstart config) and at 640.
 
 Times come from interleaved steps in one process. Memory comes from a fresh subprocess per
 model that builds it and runs two steps: the peak resident set size during the steps (Linux
@@ -15,13 +15,20 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, compare, machine, ms, parse_args, table  # noqa: E402
+from _common import (  # noqa: E402
+    compare,
+    detection_batch,
+    machine,
+    ms,
+    parse_args,
+    table,
+)
 
 from spinedet import create_model  # noqa: E402
+from spinedet.config import load_config  # noqa: E402
 from spinedet.engine.distributed import flush_denormals  # noqa: E402
 
 NUM_CLASSES = 4  # the demo's three shapes + background
@@ -30,16 +37,13 @@ REFERENCE = "maskrcnn_resnet50_fpn"
 
 def settings() -> list[dict]:
     """(label, spinedet model, size, batch, detector options): the demo's, then 640."""
-    demo = {"name": "spinenet49s_maskrcnn", "size": 256, "batch": 4, "options": {}}
-    config = ROOT / "configs" / "quickstart.yaml"
-    if config.exists():
-        cfg = yaml.safe_load(config.read_text())
-        demo = {
-            "name": cfg["model"]["name"],
-            "size": cfg["model"]["image_size"],
-            "batch": cfg["train"]["batch_size"],
-            "options": cfg["model"].get("options", {}),
-        }
+    cfg = load_config("quickstart")
+    demo = {
+        "name": cfg["model"]["name"],
+        "size": cfg["model"]["image_size"],
+        "batch": cfg["train"]["batch_size"],
+        "options": cfg["model"].get("options", {}),
+    }
     large = {**demo, "size": 640, "batch": 2, "options": {}}
     return [{"label": "demo", **demo}, {"label": "640", **large}]
 
@@ -62,23 +66,6 @@ def build(model: str, setting: dict) -> torch.nn.Module:
             **torchvision_options(options),
         )
     return create_model(model, num_classes=NUM_CLASSES, image_size=size, **options)
-
-
-def batch(size: int, n: int) -> tuple[list[torch.Tensor], list[dict]]:
-    """Random images, each with three boxes and their box-shaped masks."""
-    g = torch.Generator().manual_seed(0)
-    images, targets = [], []
-    for _ in range(n):
-        xy = torch.rand(3, 2, generator=g) * size * 0.6
-        wh = (torch.rand(3, 2, generator=g) * 0.3 + 0.1) * size
-        boxes = torch.cat([xy, xy + wh], dim=1).round()
-        masks = torch.zeros(3, size, size, dtype=torch.uint8)
-        for m, (x0, y0, x1, y1) in zip(masks, boxes.int().tolist(), strict=True):
-            m[y0:y1, x0:x1] = 1
-        labels = torch.randint(1, NUM_CLASSES, (3,), generator=g)
-        images.append(torch.rand(3, size, size, generator=g))
-        targets.append({"boxes": boxes, "labels": labels, "masks": masks})
-    return images, targets
 
 
 def train_step(model: torch.nn.Module, images: list, targets: list):
@@ -113,7 +100,7 @@ def worker(spec: str) -> None:
     torch.set_num_threads(threads)
     flush_denormals()
     model = build(model_name, setting)
-    step = train_step(model, *batch(setting["size"], setting["batch"]))
+    step = train_step(model, *detection_batch(setting["size"], setting["batch"], NUM_CLASSES))
     # getrusage's ru_maxrss would start at the forking parent's size (Linux keeps the pre-exec
     # high-water mark), so read VmHWM, reset after building so that only the steps count.
     Path("/proc/self/clear_refs").write_text("5")
@@ -132,7 +119,7 @@ def main() -> None:
     print(f"# Training step (forward, backward, SGD update) on CPU\n\n{machine()}\n")
     rows = []
     for s in settings():
-        images, targets = batch(s["size"], s["batch"])
+        images, targets = detection_batch(s["size"], s["batch"], NUM_CLASSES)
         names = [REFERENCE, s["name"]]
         steps = {n: train_step(build(n, s), images, targets) for n in names}
         times = compare(steps, REFERENCE, args.repeats, args.warmup)

@@ -1,5 +1,11 @@
 """spinedet: SpineNet scale-permuted backbones for detection and instance segmentation."""
 
+import os
+
+# libgomp reads this when torch loads it: idle OpenMP threads sleep instead of spinning, so a
+# busy neighbouring process slows spinedet ~1.5x rather than ~2x (see engine/runtime.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from .models import (
     SpineNet,
     create_model,

@@ -43,6 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # spinedet's own progress at INFO; other libraries (ONNX export, TensorBoard) stay quiet.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("spinedet").setLevel(logging.INFO)
+    from ..engine.runtime import configure_cpu_threads
+
+    configure_cpu_threads()
     try:
         return args.func(args)
     except (SpinedetError, OSError) as e:

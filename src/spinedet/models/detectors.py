@@ -52,7 +52,7 @@ def _check_num_classes(num_classes: int, class_names: Sequence[str] | None) -> i
 def _head_norm(norm: str, backbone: ScalePermutedBackbone) -> Callable[[int], nn.Module]:
     """Head norm layers; BN takes the backbone's momentum and epsilon."""
     if norm == "bn":
-        return partial(nn.BatchNorm2d, eps=backbone.bn_eps, momentum=backbone.bn_momentum)
+        return make_norm("bn", backbone.bn_momentum, backbone.bn_eps)
     if norm == "gn":
         return make_norm("gn")
     raise ModelError(f"unknown head_norm {norm!r}; expected 'bn' or 'gn'")

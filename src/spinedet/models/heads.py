@@ -8,6 +8,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -170,10 +171,37 @@ def apply_tower(tower: nn.Sequential, x: torch.Tensor, level: int) -> torch.Tens
     return x
 
 
-def _per_anchor(out: torch.Tensor, size: int) -> torch.Tensor:
-    """(N, A * size, H, W) -> (N, H * W * A, size), torchvision's anchor order."""
-    n, _, h, w = out.shape
-    return out.view(n, -1, size, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, size)
+def _per_anchor(outs: list[torch.Tensor], size: int) -> torch.Tensor:
+    """Per-level (N, A * size, H, W) maps -> (N, sum(H * W) * A, size), torchvision's anchor
+    order (level, then y, x, anchor). Concatenating the flattened maps first makes one copy
+    where permuting each level makes one per level."""
+    n = outs[0].shape[0]
+    flat = torch.cat([o.flatten(2) for o in outs], dim=2)  # (N, A * size, sum(H * W))
+    return flat.view(n, -1, size, flat.shape[-1]).permute(0, 3, 1, 2).reshape(n, -1, size)
+
+
+def _per_anchor_targets(
+    targets: list[dict[str, torch.Tensor]],
+    matched_idxs: list[torch.Tensor],
+    key: str,
+    filler: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(matched, values)``: the matched-target indices of every image's anchors stacked to
+    (N, A), and ``targets[i][key]`` of each anchor's matched target, stacked to (N, A, ...);
+    anchors without a target (index < 0) get ``filler``.
+
+    One gather over the batch's concatenated targets replaces a boolean selection per image,
+    which waits for the device to count the selected anchors.
+    """
+    matched = torch.stack(matched_idxs)
+    values = [t[key] for t in targets]
+    starts = [0]
+    for v in values:
+        starts.append(starts[-1] + len(v))
+    pool = torch.cat([*values, filler[None].to(values[0].dtype)])
+    offsets = torch.tensor(starts[:-1], device=matched.device)[:, None]
+    index = torch.where(matched >= 0, matched + offsets, starts[-1])
+    return matched, pool[index]
 
 
 def _separable_like(conv: nn.Conv2d) -> nn.Sequential:
@@ -212,13 +240,8 @@ class FocalClassificationHead(RetinaNetClassificationHead):
         self.alpha, self.gamma = alpha, gamma
 
     def forward(self, x: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat(
-            [
-                _per_anchor(self.cls_logits(apply_tower(self.conv, f, i)), self.num_classes)
-                for i, f in enumerate(x)
-            ],
-            dim=1,
-        )
+        outs = [self.cls_logits(apply_tower(self.conv, f, i)) for i, f in enumerate(x)]
+        return _per_anchor(outs, self.num_classes)
 
     def compute_loss(
         self,
@@ -226,19 +249,20 @@ class FocalClassificationHead(RetinaNetClassificationHead):
         head_outputs: dict[str, torch.Tensor],
         matched_idxs: list[torch.Tensor],
     ) -> torch.Tensor:
-        losses = []
-        for target, logits, matched in zip(
-            targets, head_outputs["cls_logits"], matched_idxs, strict=True
-        ):
-            foreground = matched >= 0
-            gt = torch.zeros_like(logits)
-            gt[foreground, target["labels"][matched[foreground]]] = 1.0
-            valid = matched != Matcher.BETWEEN_THRESHOLDS
-            loss = sigmoid_focal_loss(
-                logits[valid], gt[valid], self.alpha, self.gamma, reduction="sum"
-            )
-            losses.append(loss / foreground.sum().clamp(min=1))
-        return torch.stack(losses).mean()
+        """Focal loss summed over each image's anchors that are not between the matching
+        thresholds, over its number of foreground anchors (at least 1); mean over images.
+        Computed for the whole batch at once."""
+        logits = head_outputs["cls_logits"]
+        filler = torch.zeros((), dtype=torch.int64, device=logits.device)
+        matched, labels = _per_anchor_targets(targets, matched_idxs, "labels", filler)
+        foreground = matched >= 0
+        gt = torch.zeros_like(logits).scatter_(
+            2, labels[..., None], foreground[..., None].to(logits.dtype)
+        )
+        loss = sigmoid_focal_loss(logits, gt, self.alpha, self.gamma, reduction="none")
+        valid = (matched != Matcher.BETWEEN_THRESHOLDS)[..., None]
+        per_image = torch.where(valid, loss, 0).sum(dim=(1, 2))
+        return (per_image / foreground.sum(1).clamp(min=1)).mean()
 
 
 class TowerRegressionHead(RetinaNetRegressionHead):
@@ -263,10 +287,33 @@ class TowerRegressionHead(RetinaNetRegressionHead):
         self._loss_type = "smooth_l1"
 
     def forward(self, x: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat(
-            [_per_anchor(self.bbox_reg(apply_tower(self.conv, f, i)), 4) for i, f in enumerate(x)],
-            dim=1,
+        return _per_anchor(
+            [self.bbox_reg(apply_tower(self.conv, f, i)) for i, f in enumerate(x)], 4
         )
+
+    def compute_loss(
+        self,
+        targets: list[dict[str, torch.Tensor]],
+        head_outputs: dict[str, torch.Tensor],
+        anchors: list[torch.Tensor],
+        matched_idxs: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """torchvision's smooth-L1 box loss (summed over each image's foreground anchors, over
+        their number, mean over images), computed for the whole batch at once."""
+        if self._loss_type != "smooth_l1":
+            return super().compute_loss(targets, head_outputs, anchors, matched_idxs)
+        regression = head_outputs["bbox_regression"]
+        # Anchors without a target are encoded against a unit box (finite, then masked out).
+        unit = torch.tensor([0.0, 0.0, 1.0, 1.0], device=regression.device)
+        matched, boxes = _per_anchor_targets(targets, matched_idxs, "boxes", unit)
+        n, a = matched.shape
+        target_regression = self.box_coder.encode_single(
+            boxes.view(-1, 4), torch.stack(anchors).view(-1, 4)
+        ).view(n, a, 4)
+        loss = F.smooth_l1_loss(regression, target_regression, reduction="none", beta=1.0)
+        foreground = matched >= 0
+        per_image = torch.where(foreground[..., None], loss, 0).sum(dim=(1, 2))
+        return (per_image / foreground.sum(1).clamp(min=1)).mean()
 
 
 def retinanet_head(
@@ -337,17 +384,26 @@ class PyramidRoIAlign(MultiScaleRoIAlign):
         )
         sides = ((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2])).sqrt()
         target = (torch.log2(sides / 224).floor() + 4).clamp(self.levels[0], self.levels[-1])
+        # Shift each box half a cell of its level (in image pixels), then read the boxes of
+        # each level as one run of the level-sorted boxes: one host read of the run lengths
+        # instead of a nonzero (a wait for the device) and an indexed copy per level.
+        shift = torch.exp2(target - 1)[:, None]
+        rois = torch.cat([rois[:, :1], rois[:, 1:] + shift], dim=1)
+        target, order = target.sort(stable=True)
+        levels = torch.arange(self.levels[0], self.levels[-1] + 1, device=target.device)
+        counts = (target[:, None] == levels).sum(0).tolist()
         first = x[self.featmap_names[0]]
-        result = first.new_zeros((len(rois), first.shape[1], *self.output_size))
-        for level, name in zip(self.levels, self.featmap_names, strict=True):
-            idx = torch.where(target == level)[0]
-            level_rois = rois[idx].clone()
-            level_rois[:, 1:] += 2 ** (level - 1)  # half a cell, in image pixels
-            crops = roi_align(
-                x[name], level_rois, self.output_size, 2.0**-level, self.sampling_ratio, True
+        crops = [
+            roi_align(x[name], part, self.output_size, 2.0**-level, self.sampling_ratio, True)
+            for level, name, part, count in zip(
+                self.levels, self.featmap_names, rois[order].split(counts), counts, strict=True
             )
-            result[idx] = crops.to(result.dtype)
-        return result
+            if count
+        ]
+        if not crops:
+            return first.new_zeros((0, first.shape[1], *self.output_size))
+        crops = torch.cat(crops).to(first.dtype)
+        return torch.empty_like(crops).index_copy_(0, order, crops)
 
 
 class LevelRPNHead(RPNHead):

@@ -1,0 +1,164 @@
+"""Fast paths compute what the plain ones do: host-counted BatchNorm, batched head outputs and
+losses, level-sorted RoIAlign. Each is compared with the plain computation (torchvision's where
+it has one, else the per-level / per-image loop written out here)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models.detection.retinanet import (
+    RetinaNetClassificationHead,
+    RetinaNetRegressionHead,
+)
+from torchvision.ops import roi_align
+
+import spinedet
+from spinedet.models.heads import PyramidRoIAlign, _per_anchor
+from spinedet.models.layers import BatchNorm2d
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> bool:
+    return torch.allclose(a, b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batchnorm_counts_batches_on_host_and_computes_like_torch(momentum):
+    torch.manual_seed(0)
+    plain = nn.BatchNorm2d(6, eps=1e-3, momentum=momentum)
+    nn.init.normal_(plain.weight)
+    fast = BatchNorm2d(6, eps=1e-3, momentum=momentum)
+    fast.load_state_dict(plain.state_dict())
+    for _ in range(3):
+        x = torch.randn(4, 6, 5, 7, requires_grad=True)
+        x2 = x.detach().clone().requires_grad_()
+        y, y2 = plain(x), fast(x2)
+        (y * torch.arange(7.0)).sum().backward()
+        (y2 * torch.arange(7.0)).sum().backward()
+        assert torch.equal(y, y2)
+        assert torch.equal(x.grad, x2.grad)
+        assert torch.equal(plain.weight.grad, fast.weight.grad)
+    if momentum is not None:  # the count has not reached the buffer yet...
+        assert fast.num_batches_tracked.item() == 0
+    state = fast.state_dict()  # ...and reaches it with the state
+    assert set(state) == set(plain.state_dict())
+    for key, value in plain.state_dict().items():
+        assert torch.equal(state[key], value), key
+    assert state["num_batches_tracked"].item() == 3
+    fast.eval(), plain.eval()
+    x = torch.randn(2, 6, 3, 3)
+    assert torch.equal(fast(x), plain(x))
+
+
+def test_batchnorm_count_survives_copies_and_loading():
+    fast = BatchNorm2d(3)
+    fast(torch.randn(2, 3, 4, 4))
+    assert copy.deepcopy(fast).state_dict()["num_batches_tracked"].item() == 1
+    fast(torch.randn(2, 3, 4, 4))
+    other = BatchNorm2d(3)
+    other(torch.randn(2, 3, 4, 4))
+    other.load_state_dict(fast.state_dict())  # the loaded count replaces other's own
+    assert other.state_dict()["num_batches_tracked"].item() == 2
+
+
+def test_backbone_uses_host_counted_batchnorm():
+    model = spinedet.create_model("spinenet49s", filter_scale=0.25, endpoint_filters=16)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(isinstance(m, BatchNorm2d) for m in norms)
+
+
+def test_per_anchor_layout_matches_per_level_permutes():
+    torch.manual_seed(0)
+    outs = [torch.randn(2, 9 * 5, s, s + 1) for s in (8, 4, 2, 1)]
+
+    def plain(out, size):
+        n, _, h, w = out.shape
+        return out.view(n, -1, size, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, size)
+
+    assert torch.equal(_per_anchor(outs, 5), torch.cat([plain(o, 5) for o in outs], dim=1))
+
+
+def _retinanet_loss_inputs():
+    """Head outputs, anchors, targets (one image without boxes) and matches with every kind
+    of anchor: foreground, background (-1) and between thresholds (-2)."""
+    g = torch.Generator().manual_seed(0)
+    n_anchors, num_classes = 60, 7
+    anchors = torch.rand(n_anchors, 2, generator=g) * 50
+    anchors = torch.cat([anchors, anchors + 5 + torch.rand(n_anchors, 2, generator=g) * 20], 1)
+    targets, matched = [], []
+    for n_boxes in (3, 0, 5):
+        xy = torch.rand(n_boxes, 2, generator=g) * 40
+        boxes = torch.cat([xy, xy + 4 + torch.rand(n_boxes, 2, generator=g) * 20], 1)
+        labels = torch.randint(1, num_classes, (n_boxes,), generator=g)
+        targets.append({"boxes": boxes, "labels": labels})
+        m = torch.randint(-2, max(n_boxes, 1), (n_anchors,), generator=g)
+        matched.append(m if n_boxes else m.clamp(max=-1))
+    outputs = {
+        "cls_logits": torch.randn(3, n_anchors, num_classes, generator=g, requires_grad=True),
+        "bbox_regression": torch.randn(3, n_anchors, 4, generator=g, requires_grad=True),
+    }
+    return outputs, [anchors] * 3, targets, matched
+
+
+def _loss_and_grads(loss_fn, outputs):
+    loss = loss_fn()
+    return loss.detach(), torch.autograd.grad(loss, list(outputs.values()), allow_unused=True)
+
+
+def test_batched_retinanet_losses_equal_torchvision_per_image_losses():
+    model = spinedet.create_model("spinenet49s_retinanet", num_classes=7, filter_scale=0.25)
+    cls_head = model.head.classification_head
+    reg_head = model.head.regression_head
+    outputs, anchors, targets, matched = _retinanet_loss_inputs()
+    assert (torch.cat(matched) == -2).any() and (torch.cat(matched) >= 0).any()
+
+    # torchvision's classification loss is the focal loss with alpha 0.25 and gamma 2.
+    cls_head.alpha, cls_head.gamma = 0.25, 2.0
+    fast = _loss_and_grads(lambda: cls_head.compute_loss(targets, outputs, matched), outputs)
+    plain = _loss_and_grads(
+        lambda: RetinaNetClassificationHead.compute_loss(cls_head, targets, outputs, matched),
+        outputs,
+    )
+    assert close(fast[0], plain[0]) and close(fast[1][0], plain[1][0])
+
+    fast = _loss_and_grads(
+        lambda: reg_head.compute_loss(targets, outputs, anchors, matched), outputs
+    )
+    plain = _loss_and_grads(
+        lambda: RetinaNetRegressionHead.compute_loss(reg_head, targets, outputs, anchors, matched),
+        outputs,
+    )
+    assert close(fast[0], plain[0]) and close(fast[1][1], plain[1][1])
+
+
+def _roi_align_per_level(pool, x, boxes):
+    """PyramidRoIAlign as a loop over levels selecting each level's boxes."""
+    rois = torch.cat([torch.cat([b.new_full((len(b), 1), i), b], 1) for i, b in enumerate(boxes)])
+    sides = ((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2])).sqrt()
+    target = (torch.log2(sides / 224).floor() + 4).clamp(pool.levels[0], pool.levels[-1])
+    first = x[pool.featmap_names[0]]
+    result = first.new_zeros((len(rois), first.shape[1], *pool.output_size))
+    for level, name in zip(pool.levels, pool.featmap_names, strict=True):
+        idx = torch.where(target == level)[0]
+        level_rois = rois[idx].clone()
+        level_rois[:, 1:] += 2 ** (level - 1)
+        result[idx] = roi_align(x[name], level_rois, pool.output_size, 2.0**-level, 1, True)
+    return result
+
+
+def test_level_sorted_roi_align_equals_per_level_selection():
+    torch.manual_seed(0)
+    pool = PyramidRoIAlign([3, 4, 5, 6, 7], output_size=7)
+    x = {f"p{lvl}": torch.randn(2, 4, 512 // 2**lvl, 512 // 2**lvl) for lvl in range(3, 8)}
+    sides = torch.tensor([8.0, 60, 230, 470, 1000, 2000, 500, 20, 90, 250])  # levels 3..7
+    xy = torch.rand(10, 2) * 10
+    boxes = [torch.cat([xy, xy + sides[:, None]], 1)[:6], torch.cat([xy, xy + sides[:, None]], 1)]
+    features = {k: v.requires_grad_() for k, v in x.items()}
+    fast = pool(features, boxes, [(512, 512)] * 2)
+    grads = torch.autograd.grad((fast * fast).sum(), list(features.values()))
+    plain = _roi_align_per_level(pool, features, boxes)
+    plain_grads = torch.autograd.grad((plain * plain).sum(), list(features.values()))
+    assert torch.equal(fast, plain)
+    assert all(close(a, b) for a, b in zip(grads, plain_grads, strict=True))
+    empty = pool(x, [torch.zeros(0, 4)] * 2, [(512, 512)] * 2)
+    assert empty.shape == (0, 4, 7, 7)
