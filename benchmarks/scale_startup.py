@@ -14,9 +14,11 @@ Each measurement runs in a fresh subprocess, so peaks do not mix.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -45,7 +47,16 @@ def generate(out: Path, images: int, classes: int, per_image: float, seed: int) 
     Image.fromarray(pixels).save(source, quality=90)
     for i in range(images):
         name = folder / f"{i:07d}.jpg"
-        if not name.exists():
+        if name.exists():
+            continue
+        try:
+            os.link(source, name)
+        except OSError as e:
+            if e.errno != errno.EMLINK:
+                raise
+            # File systems cap links per file (ext4: 65,000): go on from a fresh copy.
+            source = source.with_name(f"source{i}.jpg")
+            shutil.copyfile(out / "source.jpg", source)
             os.link(source, name)
     counts = rng.poisson(per_image - 1, images) + 1
     owners = np.repeat(np.arange(images), counts)
@@ -59,7 +70,8 @@ def generate(out: Path, images: int, classes: int, per_image: float, seed: int) 
     polygons = np.stack([xs, ys], axis=2).reshape(n, -1)
     boxes = np.round(np.stack([xs.min(1), ys.min(1), np.ptp(xs, 1), np.ptp(ys, 1)], axis=1), 2)
     labels = rng.integers(1, classes + 1, n)
-    with open(ann_path, "w") as f:
+    partial = ann_path.with_suffix(".partial")  # renamed when complete: never reused half-written
+    with open(partial, "w") as f:
         head = {
             "categories": [{"id": c, "name": f"class_{c}"} for c in range(1, classes + 1)],
             "images": [
@@ -79,6 +91,7 @@ def generate(out: Path, images: int, classes: int, per_image: float, seed: int) 
             ]  # fmt: skip
             f.write(("," if start else "") + json.dumps(anns)[1:-1])
         f.write("]}")
+    partial.replace(ann_path)
     (out / "polygons.json").write_text(str(n))
     return ann_path
 
