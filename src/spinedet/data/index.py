@@ -9,14 +9,29 @@ so workers keep sharing them; each sample is rebuilt from its slices in ``__geti
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from itertools import chain
 from typing import Any
 
 import numpy as np
 
 NUMBERS = frozenset({int, float})  # exact types of polygon coordinates; JSON booleans are not
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No garbage collection while indexing: the parsed json is millions of objects, and every
+    full collection triggered by the containers made here would walk all of them."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _ids(values: list[Any]) -> np.ndarray:
@@ -55,6 +70,12 @@ class AnnotationIndex:
     """
 
     def __init__(
+        self, dataset: dict[str, Any], cat_id_to_label: dict[Any, int], segmentations: bool
+    ) -> None:
+        with _collector_paused():
+            self._build(dataset, cat_id_to_label, segmentations)
+
+    def _build(
         self, dataset: dict[str, Any], cat_id_to_label: dict[Any, int], segmentations: bool
     ) -> None:
         entries = {image["id"]: image for image in dataset["images"]}  # last one wins
