@@ -1,4 +1,5 @@
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spinedet.data import Problem, check_dataset, format_report
+from spinedet.data import Problem, check, check_dataset, format_report
 
 W, H = 64, 48
 
@@ -271,3 +272,79 @@ def test_check_command_prints_instances_and_images_per_class(tmp_path, capsys):
         ["total", "4", "3"],
     ]
     assert lines[-1] == "1 problem: 1 unknown image"
+
+
+@pytest.fixture
+def clean(tmp_path):
+    images = tmp_path / "images"
+    _write_images(images, ["a.png", "b.png"])
+    data = {
+        "categories": [{"id": 1, "name": "a"}],
+        "images": [
+            {"id": 1, "file_name": "a.png", "width": W, "height": H},
+            {"id": 2, "file_name": "b.png", "width": W, "height": H},
+        ],
+        "annotations": [_ann(1), _ann(2, image_id=2)],
+    }
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    return tmp_path / "ann.json", images, data
+
+
+def _forbid_reading(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the data set was read")
+
+    monkeypatch.setattr(check, "read_json", fail)
+    monkeypatch.setattr(check._Checker, "image_file", fail)
+
+
+def test_cached_check_reads_nothing_the_second_time(clean, tmp_path, monkeypatch):
+    ann, images, _ = clean
+    run = tmp_path / "run"
+    assert check.check_dataset_cached(ann, images, run) == []
+    (entry,) = json.loads((run / check.CHECK_CACHE).read_text())["passed"]
+    assert entry["sha256"] == hashlib.sha256(ann.read_bytes()).hexdigest()
+    assert entry["images"] == str(images.resolve()) and entry["full"] is False
+    _forbid_reading(monkeypatch)
+    assert check.check_dataset_cached(ann, images, run) == []
+    with pytest.raises(AssertionError, match="was read"):  # another folder, another check
+        check.check_dataset_cached(ann, images.parent, run)
+    with pytest.raises(AssertionError, match="was read"):  # a full check is more than a quick one
+        check.check_dataset_cached(ann, images, run, full=True)
+
+
+def test_full_check_stands_for_a_quick_one(clean, tmp_path, monkeypatch):
+    ann, images, _ = clean
+    assert check.check_dataset_cached(ann, images, tmp_path / "run", full=True) == []
+    _forbid_reading(monkeypatch)
+    assert check.check_dataset_cached(ann, images, tmp_path / "run") == []
+
+
+def test_edited_annotation_file_is_checked_again(clean, tmp_path):
+    ann, images, data = clean
+    run = tmp_path / "run"
+    assert check.check_dataset_cached(ann, images, run) == []
+    data["annotations"][1]["bbox"] = [50, 40, 20, 20]  # same size on disk is no excuse
+    ann.write_text(json.dumps(data))
+    (problem,) = check.check_dataset_cached(ann, images, run)
+    assert problem.ann_id == 2 and "lies outside the 64x48 image" in problem.message
+
+
+def test_failed_check_is_not_cached_so_a_fixed_image_folder_passes(clean, tmp_path):
+    ann, images, _ = clean
+    run = tmp_path / "run"
+    (images / "b.png").unlink()
+    (problem,) = check.check_dataset_cached(ann, images, run)
+    assert problem.kind == "missing file" and not (run / check.CHECK_CACHE).exists()
+    _write_images(images, ["b.png"])
+    assert check.check_dataset_cached(ann, images, run) == []
+
+
+def test_unreadable_cache_is_checked_again_and_replaced(clean, tmp_path, caplog):
+    ann, images, _ = clean
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / check.CHECK_CACHE).write_text("{not json")
+    assert check.check_dataset_cached(ann, images, run) == []
+    assert "ignoring the data check cache" in caplog.text
+    assert len(json.loads((run / check.CHECK_CACHE).read_text())["passed"]) == 1

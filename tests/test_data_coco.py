@@ -10,7 +10,13 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 
-from spinedet.data import CocoDataset, DataError, collate, load_image, train_transforms
+from spinedet.data import (
+    CocoDataset,
+    DataError,
+    collate,
+    load_image,
+    train_transforms,
+)
 from spinedet.data.coco import _rle_string_counts, decode_segmentation, rle_problem
 
 
@@ -379,3 +385,107 @@ def test_loader_workers_run_past_an_undecodable_image_with_augmentation(shapes, 
     assert [t["image_id"] for t in targets] == ds.ids
     assert targets[0]["image_id"] == first["id"] and targets[0]["boxes"].shape == (0, 4)
     assert all(t["boxes"].shape[0] > 0 for t in targets[1:])
+
+
+def _reference_target(ds, index):
+    """What the dataset gave before its compact index: targets read from pycocotools' index."""
+    image_id = ds.ids[index]
+    info = ds.coco.imgs[image_id]
+    height, width = info["height"], info["width"]
+    anns = [a for a in ds.coco.imgToAnns[image_id] if not a.get("iscrowd", 0)]
+    boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+    boxes[:, 2:] += boxes[:, :2]
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    keep = ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).tolist()
+    anns = [a for a, k in zip(anns, keep, strict=True) if k]
+    masks = [decode_segmentation(a["segmentation"], height, width) for a in anns]
+    return {
+        "image_id": image_id,
+        "boxes": boxes[torch.tensor(keep, dtype=torch.bool)],
+        "labels": torch.tensor([ds.cat_id_to_label[a["category_id"]] for a in anns]),
+        "area": torch.tensor([float(a.get("area", 0.0)) for a in anns], dtype=torch.float32),
+        "masks": torch.from_numpy(np.array(masks, np.uint8).reshape(-1, height, width)),
+    }
+
+
+def _assert_same_targets(ds):
+    for index in range(len(ds)):
+        _, target = ds[index]
+        expected = _reference_target(ds, index)
+        assert target["image_id"] == expected["image_id"]
+        assert type(target["image_id"]) is int
+        for key in ("boxes", "labels", "area", "masks"):
+            assert target[key].dtype == expected[key].dtype, key
+            assert torch.equal(target[key].as_subclass(torch.Tensor), expected[key]), key
+        assert target["iscrowd"].tolist() == [0] * len(target["labels"])
+
+
+@pytest.mark.filterwarnings("ignore:__array__:DeprecationWarning")  # pycocotools
+def test_samples_match_pycocotools_index_on_shapes(shapes):
+    ds = CocoDataset(shapes["annotations"], shapes["images"])
+    assert len(ds) == 12
+    _assert_same_targets(ds)
+
+
+@pytest.mark.filterwarnings("ignore:__array__:DeprecationWarning")  # pycocotools
+def test_samples_match_pycocotools_index_with_rle_crowd_and_odd_polygons(dataset_files):
+    ann, img, _ = dataset_files
+    data = json.loads(ann.read_text())
+    odd = [
+        [[1, 1, 5, 1, 5, 5, 1, 5], [0, 0, 1, 1, 2, 2]],  # second polygon has no area: skipped
+        [[1.25, 0.5, 7.75, 0.5, 7.75, 5.5], [True, 0, 3, 0, 3, 3]],  # a boolean: not a number
+        [],  # no polygon at all
+    ]
+    for k, segmentation in enumerate(odd):
+        data["annotations"].append(
+            {"id": 10 + k, "image_id": 9, "category_id": 90, "bbox": [1, 0.5, 6.5, 5],
+             "area": 7.5 + k, "segmentation": segmentation, "iscrowd": 0}
+        )  # fmt: skip
+    ann.write_text(json.dumps(data))
+    ds = CocoDataset(ann, img)
+    _assert_same_targets(ds)
+    assert [len(ds[i][1]["labels"]) for i in range(2)] == [3, 3]
+
+
+def test_index_holds_no_per_annotation_python_objects(tmp_path):
+    """Python containers per sample would be copied into every worker as it reads them."""
+    counts = {}
+    for n in (10, 300):
+        data = {
+            "images": [{"id": i, "file_name": "x.png", "width": 9, "height": 9} for i in range(n)],
+            "categories": [{"id": 1, "name": "a"}],
+            "annotations": [
+                {"id": k, "image_id": k // 3, "category_id": 1, "bbox": [1, 1, 4, 4], "area": 8,
+                 "segmentation": [[1, 1, 5, 1, 5, 5]], "iscrowd": 0}
+                for k in range(3 * n)
+            ],
+        }  # fmt: skip
+        (tmp_path / f"{n}.json").write_text(json.dumps(data))
+        ds = CocoDataset(tmp_path / f"{n}.json", tmp_path)
+        arrays = vars(ds.index).values()
+        assert all(isinstance(v, np.ndarray) and v.dtype != object for v in arrays)
+        containers = [v for v in vars(ds).values() if isinstance(v, list | dict | set | tuple)]
+        counts[n] = sum(len(v) for v in containers)
+        assert ds._coco is None  # built only for evaluation
+    assert counts[300] == counts[10]  # categories only, whatever the number of samples
+
+
+def test_coco_index_is_built_lazily_and_never_pickled(dataset_files):
+    ann, img, _ = dataset_files
+    ds = CocoDataset(ann, img)
+    ds[0]
+    assert ds._coco is None
+    assert len(ds.coco.getAnnIds(iscrowd=None)) == 4 and ds._coco is not None
+    copy = pickle.loads(pickle.dumps(ds))
+    assert copy._coco is None and torch.equal(copy[0][1]["labels"], ds[0][1]["labels"])
+    assert copy.coco.getImgIds() == ds.coco.getImgIds()
+
+
+def test_malformed_box_fails_fast_naming_the_file(dataset_files):
+    ann, img, _ = dataset_files
+    data = json.loads(ann.read_text())
+    data["annotations"][0]["bbox"] = [1, 2, 3]
+    ann.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"ann\.json: malformed images or annotations \(run"):
+        CocoDataset(ann, img)

@@ -1,6 +1,12 @@
 """Datasets: COCO loading, transforms, checking, splitting and the synthetic shapes set."""
 
-from spinedet.data.check import Problem, check_dataset, format_report, inspect_dataset
+from spinedet.data.check import (
+    Problem,
+    check_dataset,
+    check_dataset_cached,
+    format_report,
+    inspect_dataset,
+)
 from spinedet.data.coco import CocoDataset, collate, load_image
 from spinedet.data.errors import DataError, UnreadableImage
 from spinedet.data.shapes import make_shapes
@@ -13,6 +19,7 @@ __all__ = [
     "Problem",
     "UnreadableImage",
     "check_dataset",
+    "check_dataset_cached",
     "collate",
     "eval_transforms",
     "format_report",

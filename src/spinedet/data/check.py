@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -25,10 +28,15 @@ from spinedet.data.coco import (
 )
 from spinedet.data.errors import DataError
 from spinedet.data.stats import format_class_counts
+from spinedet.models.weights import atomic_write
+
+log = logging.getLogger(__name__)
 
 BOX_TOLERANCE = 0.5  # pixels a box may overshoot the image: sub-pixel float noise is harmless
 IMAGE_CHUNK = 64  # image files checked per thread-pool task
 JPEG_TAIL = 1024  # bytes searched for a JPEG's end-of-image marker (padding may follow it)
+CHECK_CACHE = "data_check.json"  # in a run directory: the checks that passed
+CACHE_ENTRIES = 16  # kept in it (train and val, a few edits of each)
 
 
 @dataclass(frozen=True)
@@ -285,6 +293,63 @@ def check_dataset(
     (slow on large sets). ``progress=None`` shows a bar only on a terminal.
     """
     return inspect_dataset(annotations, images, full, progress, workers)[0]
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (about a second for a 432 MiB annotation file)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _passed_checks(cache: Path) -> list[dict[str, Any]]:
+    """The entries of a check cache; an unreadable or foreign file counts as empty."""
+    try:
+        entries = json.loads(cache.read_text(encoding="utf-8"))["passed"]
+        return [e for e in entries if isinstance(e, dict)]
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("%s: ignoring the data check cache (%s)", cache, e)
+        return []
+
+
+def check_dataset_cached(
+    annotations: str | Path,
+    images: str | Path,
+    cache_dir: str | Path,
+    full: bool = False,
+    progress: bool | None = None,
+    workers: int = 8,
+) -> list[Problem]:
+    """:func:`check_dataset`, skipped when ``cache_dir`` records that the same check passed.
+
+    The record is keyed by the SHA-256 of the annotation file's bytes, the resolved image
+    directory and the mode (a passed full check also stands for a quick one), so an edited file
+    is checked again. Only clean results are recorded: a problem may be fixed in the image
+    directory, which the key does not see. The record is written atomically.
+    """
+    try:
+        key = {"sha256": file_sha256(annotations), "images": str(Path(images).resolve())}
+    except OSError:
+        return check_dataset(annotations, images, full, progress, workers)  # it reports why
+    cache = Path(cache_dir) / CHECK_CACHE
+    passed = _passed_checks(cache)
+    for entry in passed:
+        if {k: entry.get(k) for k in key} == key and entry.get("full", False) >= full:
+            return []
+    problems = check_dataset(annotations, images, full, progress, workers)
+    if not problems:
+        passed = [*passed, {**key, "full": full, "annotations": str(annotations)}]
+
+        def dump(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"passed": passed[-CACHE_ENTRIES:]}, f, indent=1)
+
+        atomic_write(cache, dump)
+    return problems
 
 
 def inspect_dataset(

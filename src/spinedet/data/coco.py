@@ -22,6 +22,7 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from spinedet.data.errors import DataError, UnreadableImage
+from spinedet.data.index import AnnotationIndex
 from spinedet.errors import shorten
 from spinedet.models.weights import atomic_write
 
@@ -249,7 +250,8 @@ class CocoDataset(Dataset):
     """Instances from a COCO json file, as ``(tv_tensors.Image, target)`` pairs for torchvision.
 
     Category ids may be arbitrary; they map to contiguous labels ``1..K`` (0 is background).
-    Crowd annotations stay in ``coco`` for evaluation but are never training targets.
+    Crowd annotations stay in ``coco`` for evaluation but are never training targets. Samples
+    come from a compact :class:`AnnotationIndex`, so memory stays flat in loader workers.
     """
 
     def __init__(
@@ -265,8 +267,6 @@ class CocoDataset(Dataset):
         self.masks = masks
         dataset = read_json(self.annotations)
         self._validate(dataset)
-        dataset.setdefault("annotations", [])  # pycocotools expects the key
-        self.coco = _quiet_coco(dataset)
         self.categories = sorted(
             ({"id": c["id"], "name": c["name"]} for c in dataset["categories"]),
             key=lambda c: c["id"],
@@ -275,8 +275,35 @@ class CocoDataset(Dataset):
         self.label_to_cat_id = {label: cat_id for cat_id, label in self.cat_id_to_label.items()}
         self.class_names = [c["name"] for c in self.categories]
         self.num_classes = len(self.categories) + 1
-        self.ids = [image["id"] for image in dataset["images"]]
-        self._unreadable: set[int] = set()  # image ids skipped, so each is logged once
+        try:
+            self.index = AnnotationIndex(dataset, self.cat_id_to_label, masks)
+        except (KeyError, TypeError, ValueError) as e:
+            hint = "(run `spinedet data check` for details)"
+            raise DataError(f"malformed images or annotations {hint}", self.annotations) from e
+        self._coco: COCO | None = None
+        self._unreadable: set[Any] = set()  # image ids skipped, so each is logged once
+
+    @property
+    def coco(self) -> COCO:
+        """The pycocotools index of the whole file (crowd annotations included), for evaluation.
+
+        Built on first use from the file: training never needs it, and its millions of Python
+        objects would be copied into every DataLoader worker that touched them.
+        """
+        if self._coco is None:
+            dataset = read_json(self.annotations)
+            dataset.setdefault("annotations", [])  # pycocotools expects the key
+            self._coco = _quiet_coco(dataset)
+        return self._coco
+
+    @property
+    def ids(self) -> list[Any]:
+        """The image ids in file order (a new list; ``index.image_id(i)`` reads one)."""
+        return self.index.ids.tolist()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Workers started by spawn receive a pickled copy: without the evaluation index.
+        return {**self.__dict__, "_coco": None}
 
     def _validate(self, dataset: Any) -> None:
         """Fail fast on what would otherwise break mid-training; ``data check`` says more."""
@@ -319,59 +346,59 @@ class CocoDataset(Dataset):
             )
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.index)
 
     def __getitem__(self, index: int) -> tuple[tv_tensors.Image, Target]:
         """The image and its targets. An image that is missing or cannot be decoded does not
         stop a run: it is logged (once per image and process) and stands as a black image with
         no objects, under its own id. (Substituting another image instead would, in evaluation,
         score that image's detections twice.)"""
-        image_id = self.ids[index]
-        info = self.coco.imgs[image_id]
-        width, height = int(info["width"]), int(info["height"])
-        image, anns = tv_tensors.Image(torch.zeros((3, height, width), dtype=torch.uint8)), []
+        image_id = self.index.image_id(index)
+        file_name, width, height = self.index.image(index)
+        image = tv_tensors.Image(torch.zeros((3, height, width), dtype=torch.uint8))
+        rows = slice(0, 0)
         if image_id not in self._unreadable:
             try:
-                pil = load_image(image_path(self.images, info["file_name"]), (width, height))
+                pil = load_image(image_path(self.images, file_name), (width, height))
                 image = tv_tensors.Image(F.pil_to_tensor(pil))
-                anns = [a for a in self.coco.imgToAnns[image_id] if not a.get("iscrowd", 0)]
+                rows = self.index.rows(index)
             except UnreadableImage as e:
                 log.warning(
                     "skipping image %s (trained as blank, scored as missed): %s", image_id, e
                 )
                 self._unreadable.add(image_id)
-        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        # Copies: the index's arrays are shared with the other workers and must stay unwritten.
+        boxes = torch.tensor(self.index.boxes[rows])
         boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
         # Degenerate boxes would crash torchvision's detectors; `data check` reports them.
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        anns = [a for a, k in zip(anns, keep.tolist(), strict=True) if k]
 
         target: Target = {
             "boxes": tv_tensors.BoundingBoxes(
                 boxes[keep], format=tv_tensors.BoundingBoxFormat.XYXY, canvas_size=(height, width)
             ),
-            "labels": torch.tensor(
-                [self.cat_id_to_label[a["category_id"]] for a in anns], dtype=torch.int64
-            ),
+            "labels": torch.tensor(self.index.labels[rows])[keep],
             "image_id": image_id,
-            "area": torch.tensor([float(a.get("area", 0.0)) for a in anns], dtype=torch.float32),
-            "iscrowd": torch.zeros(len(anns), dtype=torch.int64),
+            "area": torch.tensor(self.index.areas[rows])[keep],
+            "iscrowd": torch.zeros(int(keep.sum()), dtype=torch.int64),
         }
         if self.masks:
-            target["masks"] = tv_tensors.Mask(self._decode_masks(anns, height, width))
+            kept = np.arange(rows.start, rows.stop)[keep.numpy()]
+            target["masks"] = tv_tensors.Mask(self._decode_masks(kept, height, width))
         if self.transforms is not None:
             return self.transforms(image, target)
         return image, target
 
-    def _decode_masks(self, anns: list[dict[str, Any]], height: int, width: int) -> torch.Tensor:
-        masks = np.zeros((len(anns), height, width), np.uint8)  # numpy: cheaper fills than torch
-        for i, ann in enumerate(anns):
+    def _decode_masks(self, rows: np.ndarray, height: int, width: int) -> torch.Tensor:
+        masks = np.zeros((len(rows), height, width), np.uint8)  # numpy: cheaper fills than torch
+        for i, row in enumerate(rows):
             try:
-                masks[i] = decode_segmentation(ann["segmentation"], height, width)
+                masks[i] = decode_segmentation(self.index.segmentation(row), height, width)
             except ValueError as e:
-                raise DataError(f"annotation {ann['id']}: {e}", self.annotations) from e
+                ann_id = self.index.ann_ids[row]
+                raise DataError(f"annotation {ann_id}: {e}", self.annotations) from e
         return torch.from_numpy(masks)
 
 
