@@ -30,8 +30,8 @@ class _Regressor(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
-                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 1))  # fmt: skip
+        layers = [nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1)]
+        self.body = nn.Sequential(*layers, nn.Flatten(), nn.Linear(4, 1))
 
     def forward(self, images, targets):
         out = self.body(torch.stack(list(images))).squeeze(1)
@@ -67,18 +67,18 @@ def test_non_finite_loss_clears_gradients_and_reports_none():
     assert all(p.grad is None for p in net.parameters())
 
 
-def test_accumulation_scales_steps_and_lr(shapes, tmp_path):
-    train(tiny_config(shapes, epochs=1, accumulate=3, batch_size=1), tmp_path, device="cpu")
+def test_accumulation_scales_steps_and_lr_and_the_logs_say_so(shapes, tmp_path):
+    train(tiny_config(shapes, epochs=2, accumulate=2), tmp_path, device="cpu")
     rows = read_metrics(tmp_path / "metrics.jsonl")
-    assert len(rows) == 2  # 6 images, 3 per optimizer step
-    assert rows[0]["lr"] == pytest.approx(0.02 * 3 / 2 * (0.1 + 0.9 * 0.5))  # warm-up step 1
+    assert len(rows) == 2  # 6 images make one step of 2 x 2 per epoch
+    assert rows[0]["lr"] == pytest.approx(0.02 * 2 * 2 / 2 * (0.1 + 0.9 * 0.5))  # warm-up, step 1
     for key in ("images_per_s", "data_time", "step_time", "loss"):
         assert rows[0][key] > 0
     log = (tmp_path / "log.txt").read_text()
     assert "\r" not in log
-    assert "global batch 1 x accumulate 3 = 3 images per step" in log
+    assert "global batch 2 x accumulate 2 = 4 images per step, effective LR 0.04" in log
     assert "6 training / 0 validation images, 4 classes" in log
-    assert "step 2/2 epoch 0 loss" in log
+    assert "step 2/2 epoch 1 loss" in log
 
 
 def test_empty_data_set_and_zero_steps_are_refused(shapes, tmp_path):
@@ -87,6 +87,9 @@ def test_empty_data_set_and_zero_steps_are_refused(shapes, tmp_path):
     empty.write_text(json.dumps({**data, "images": [], "annotations": []}))
     cfg = tiny_config(shapes)
     cfg["data"]["train"]["annotations"] = str(empty)
+    with pytest.raises(SpinedetError, match=r"empty.json: the data set has categories but no"):
+        train(cfg, tmp_path / "a", device="cpu")
+    cfg["data"]["check"] = False  # the trainer refuses it by itself too
     with pytest.raises(SpinedetError, match=r"empty.json: the data set has no images"):
         train(cfg, tmp_path / "a", device="cpu")
     with pytest.raises(SpinedetError, match=r"6 training images make no step of 8 images"):
@@ -140,6 +143,7 @@ def test_resume_from_the_run_alone_and_refused_changes_write_nothing(shapes, tmp
     train(tiny_config(shapes, max_steps=2), run, device="cpu")
     config = (run / "config.yaml").read_text()
     metrics = (run / "metrics.jsonl").read_text()
+    capsys.readouterr()
     code = cli(["train", "--resume", "--out", str(run), "--device", "cpu",
                 "--set", "train.batch_size=1", "--set", "train.base_lr=0.5"])  # fmt: skip
     err = capsys.readouterr().err.strip()
@@ -171,11 +175,12 @@ def test_resume_with_other_classes_names_the_checkpoint_and_tensors(shapes, tmp_
     kept = {c["id"] for c in data["categories"]}
     data["annotations"] = [a for a in data["annotations"] if a["category_id"] in kept]
     annotations.write_text(json.dumps(data))
+    capsys.readouterr()
     code = cli(["train", "--resume", "--out", str(run), "--device", "cpu"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err, err
-    assert "checkpoints/last.pt does not fit this run's model" in err
-    assert "roi_heads.box_predictor.cls_score.weight (checkpoint (5, 64), model (4, 64))" in err
+    assert "checkpoints/last.pt does not fit this run's model (6 tensors differ: " in err
+    assert "roi_heads.box_predictor.cls_score.bias (checkpoint (5,), model (4,))" in err
     assert (run / "config.yaml").read_text() == config
     ckpt = Checkpointer(run, create_model("spinenet49s_maskrcnn", num_classes=4, **TINY_MODEL),
                         {}, {})  # fmt: skip
@@ -186,10 +191,12 @@ def test_resume_with_other_classes_names_the_checkpoint_and_tensors(shapes, tmp_
 def test_backbone_weights_load_only_the_backbone(shapes, tmp_path, caplog, source):
     torch.manual_seed(3)
     if source == "backbone":
-        donor = create_model("spinenet49s", filter_scale=0.25)
+        donor = create_model("spinenet49s", filter_scale=0.25, endpoint_filters=32)
         expected = donor.state_dict()
     else:
-        donor = create_model("spinenet49s_retinanet", num_classes=7, filter_scale=0.25)
+        donor = create_model(
+            "spinenet49s_retinanet", num_classes=7, filter_scale=0.25, endpoint_filters=32
+        )
         expected = donor.backbone.state_dict()
     path = tmp_path / "donor.safetensors"
     save_weights(donor, path)
