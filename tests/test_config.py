@@ -64,6 +64,9 @@ def test_scientific_notation_reads_as_numbers_in_overrides_and_files(tmp_path):
         ("train.batch_size=0", "train.batch_size=0: expected an integer >= 1"),
         ("train.batch_size=abc", "train.batch_size='abc': expected an integer >= 1"),
         ("train.log_every=0", "train.log_every=0: expected an integer >= 1"),
+        ("train.accumulate=0", "train.accumulate=0: expected an integer >= 1"),
+        ("train.dist_timeout_min=0", "train.dist_timeout_min=0: expected an integer >= 1"),
+        ("model.backbone_weights=3", "model.backbone_weights=3: expected a string or null"),
         ("data.workers=-1", "data.workers=-1: expected an integer >= 0"),
         ("train.warmup_steps=-1", "train.warmup_steps=-1: expected an integer >= 0"),
         ("train.max_steps=0", "train.max_steps=0: expected an integer >= 1 or null"),
@@ -113,13 +116,13 @@ def test_validate_config_checks_a_dict_built_in_python():
 
 
 def test_a_new_key_needs_only_its_default_and_optionally_a_rule(monkeypatch):
-    monkeypatch.setitem(config.DEFAULTS["train"], "accumulate", 1)
-    assert load_config(None, ["train.accumulate=3"])["train"]["accumulate"] == 3
-    with pytest.raises(ConfigError, match="train.accumulate='x': expected an integer$"):
-        load_config(None, ["train.accumulate=x"])
-    monkeypatch.setitem(config.RULES, "train.accumulate", config.Rule(low=1))
-    with pytest.raises(ConfigError, match="train.accumulate=0: expected an integer >= 1$"):
-        load_config(None, ["train.accumulate=0"])
+    monkeypatch.setitem(config.DEFAULTS["train"], "ema_every", 1)
+    assert load_config(None, ["train.ema_every=3"])["train"]["ema_every"] == 3
+    with pytest.raises(ConfigError, match="train.ema_every='x': expected an integer$"):
+        load_config(None, ["train.ema_every=x"])
+    monkeypatch.setitem(config.RULES, "train.ema_every", config.Rule(low=1))
+    with pytest.raises(ConfigError, match="train.ema_every=0: expected an integer >= 1$"):
+        load_config(None, ["train.ema_every=0"])
 
 
 def test_shipped_recipes_are_valid():

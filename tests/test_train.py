@@ -17,8 +17,9 @@ from torchvision.models.detection import roi_heads
 
 import spinedet
 from spinedet.convert import convert_tf
-from spinedet.data import DataError
-from spinedet.engine import TrainingError, train
+from spinedet.data import CocoDataset, DataError, eval_transforms
+from spinedet.engine import TrainingError, evaluate, train
+from spinedet.engine.evaluate import flat_metrics, sharded_val_loss
 
 
 def _losses(run):
@@ -108,7 +109,10 @@ def _free_port() -> int:
 
 
 def test_two_process_ddp_on_gloo(shapes, tmp_path):
-    cfg = tiny_config(shapes, epochs=2, batch_size=4)
+    """Two processes train, then share the validation loss and COCO evaluation: the logged
+    numbers are exactly those of a single-process evaluation of the saved weights."""
+    cfg = tiny_config(shapes, epochs=2, batch_size=4, eval_every=2, dist_timeout_min=5)
+    cfg["data"]["val"] = {"annotations": str(shapes["val"]), "images": str(shapes["images"])}
     cfg_file = tmp_path / "cfg.yaml"
     spinedet.config.save_config(cfg, cfg_file)
     cmd = [
@@ -132,6 +136,18 @@ def test_two_process_ddp_on_gloo(shapes, tmp_path):
     # 6 training images, 3 per process, batch 2 per process: one step per epoch
     assert len(_losses(tmp_path / "run")) == 2
     assert (tmp_path / "run" / "last.safetensors").is_file()
+    assert "world size 2" in (tmp_path / "run" / "log.txt").read_text()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    (val,) = [r for r in rows if r["kind"] == "val"]
+    weights = tmp_path / "run" / "last.safetensors"
+    single = evaluate(weights, shapes["val"], shapes["images"], batch_size=2, device="cpu",
+                      workers=0)  # fmt: skip
+    flat = flat_metrics(single)
+    assert flat and all(val[k] == v for k, v in flat.items()), (val, flat)
+    model = spinedet.load_model(weights)
+    dataset = CocoDataset(shapes["val"], shapes["images"], eval_transforms(), masks=True)
+    loss = sharded_val_loss(model, dataset, 2, torch.device("cpu"), seed=0)
+    assert val["val_loss"] == pytest.approx(loss, rel=1e-9)
 
 
 def test_sigint_checkpoints_and_resume_finishes_the_run(shapes, tmp_path):

@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
         "image_size": 640,
         "weights": None,  # a .safetensors file (spinedet or converted from TF) to start from
         "options": {},  # any create_model option: activation, stochastic_depth_rate, ...
+        "backbone_weights": None,  # a backbone, classifier or detector file: its backbone only
     },
     "data": {
         "train": {"annotations": None, "images": None},
@@ -46,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "train": {
         "epochs": 350,
         "batch_size": 64,  # global: split across processes under torchrun
+        "accumulate": 1,  # batches per optimizer step: the effective batch is batch_size x this
         "base_lr": 0.28,  # learning rate at base_batch; scaled linearly to batch_size
         "base_batch": 256,
         "momentum": 0.9,
@@ -63,6 +65,7 @@ DEFAULTS: dict[str, Any] = {
         "log_every": 10,  # steps between metric log lines
         "max_nonfinite": 5,  # stop after this many non-finite losses in a row
         "max_steps": None,  # stop early (tests, smoke runs)
+        "dist_timeout_min": 30,  # torch.distributed collectives give up after this long
     },
 }
 
@@ -111,6 +114,7 @@ RULES: dict[str, Rule] = {
     "data.workers": Rule(low=0),
     "train.epochs": Rule(low=1),
     "train.batch_size": Rule(low=1),
+    "train.accumulate": Rule(low=1),
     "train.base_lr": Rule(low=0, low_open=True),
     "train.base_batch": Rule(low=1),
     "train.momentum": Rule(low=0, high=1, high_open=True),
@@ -128,6 +132,7 @@ RULES: dict[str, Rule] = {
     "train.log_every": Rule(low=1),
     "train.max_nonfinite": Rule(low=1),
     "train.max_steps": Rule(low=1, type=int),
+    "train.dist_timeout_min": Rule(low=1),
 }
 
 

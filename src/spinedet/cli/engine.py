@@ -8,10 +8,17 @@ from pathlib import Path
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ..config import load_config
+    from ..config import ConfigError, load_config
     from ..engine.trainer import train
 
-    config = load_config(args.config, args.set)
+    config_file = args.config
+    if config_file is None:
+        if not args.resume:
+            raise ConfigError("train: give a config file or recipe (or --resume --out RUN)")
+        config_file = Path(args.out) / "config.yaml"
+        if not config_file.is_file():
+            raise ConfigError(f"{config_file}: no run to resume in {args.out}")
+    config = load_config(config_file, args.set)
     result = train(config, args.out, resume=args.resume, device=args.device)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"trained {result['step']} steps; run directory {result['out']}")
@@ -41,11 +48,14 @@ def _predict(args: argparse.Namespace) -> int:
 
 def add_engine_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a detector from a YAML config")
-    p.add_argument("config", help="config file or shipped recipe name (e.g. quickstart)")
+    p.add_argument("config", nargs="?", default=None,
+                   help="config file or shipped recipe name (e.g. quickstart); with --resume "
+                   "and no config, the run's own config.yaml")  # fmt: skip
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=12")  # fmt: skip
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out (--set train.epochs=N extends it)")  # fmt: skip
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.set_defaults(func=_train)
 

@@ -1,20 +1,36 @@
-"""Training state on disk: atomic writes, so an interrupted run can always continue."""
+"""Training state on disk: atomic writes, so an interrupted run can always continue; a lock so
+only one run writes a directory; only finite weights are ever saved."""
 
 from __future__ import annotations
 
+import fcntl
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from ..errors import SpinedetError
-from ..models.weights import atomic_write
+from ..errors import SpinedetError, shorten
+from ..models.weights import atomic_write, save_weights
 
-__all__ = ["save_state", "load_state", "CheckpointError", "TrainingStateError"]
+__all__ = [
+    "CheckpointError",
+    "Checkpointer",
+    "RunLock",
+    "TrainingStateError",
+    "all_finite",
+    "load_state",
+    "remove_stale_temps",
+    "save_state",
+]
+
+log = logging.getLogger(__name__)
 
 
 class TrainingStateError(SpinedetError):
-    """A training checkpoint that is missing or unreadable."""
+    """A training checkpoint that is missing, unreadable or does not fit the run."""
 
 
 CheckpointError = TrainingStateError  # its earlier name
@@ -41,3 +57,104 @@ def load_state(path: str | Path) -> dict[str, Any]:
             f"{path}: not a spinedet training checkpoint (no {sorted(missing)})"
         )
     return state
+
+
+def all_finite(model: nn.Module) -> bool:
+    """Whether every floating-point parameter and buffer of ``model`` is finite."""
+    return all(
+        bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point()
+    )
+
+
+def remove_stale_temps(out: Path) -> list[Path]:
+    """Delete the temp files ``atomic_write`` (prefix ``.<name>.``) left behind by a killed run."""
+    stale = [*out.glob(".*.safetensors.*"), *out.glob(".config.yaml.*"),
+             *(out / "checkpoints").glob(".last.pt.*")]  # fmt: skip
+    for path in stale:
+        path.unlink(missing_ok=True)
+        log.info("removed %s, left by an interrupted write", path)
+    return stale
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``RUN/.lock`` for the whole run: a second writer is refused with
+    the holder's pid. The kernel drops the lock when the process dies, however it dies."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / ".lock"
+        self._file: Any = None
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")  # noqa: SIM115 - held open for the run
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise SpinedetError(
+                f"{self.path.parent} is in use by another training run (pid {holder}); "
+                "wait for it to end or pick another --out"
+            ) from None
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._file = handle
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        fcntl.flock(self._file, fcntl.LOCK_UN)
+        self._file.close()
+
+
+class Checkpointer:
+    """``RUN/checkpoints/last.pt`` (everything needed to resume) beside ``RUN/last.safetensors``
+    and ``RUN/best.safetensors`` (weights for eval/predict/export). Saves only finite weights."""
+
+    def __init__(self, out: Path, model: nn.Module, parts: dict[str, Any], meta: dict) -> None:
+        self.out, self.model, self.parts, self.meta = out, model, parts, meta
+        self.path = out / "checkpoints" / "last.pt"
+
+    def save(self, counters: dict[str, Any]) -> bool:
+        """Write the state and the weights; False (nothing written) when any tensor of the
+        model is not finite, so a good checkpoint is never replaced by a broken one."""
+        if not all_finite(self.model):
+            log.warning("weights at step %s are not finite: %s not updated", counters["step"],
+                        self.path)  # fmt: skip
+            return False
+        state = {"model": self.model.state_dict(),
+                 **{k: v.state_dict() for k, v in self.parts.items()}, **counters}  # fmt: skip
+        save_state(state, self.path)
+        save_weights(self.model, self.out / "last.safetensors", self._meta(counters["step"]))
+        return True
+
+    def save_best(self, step: int) -> None:
+        if all_finite(self.model):
+            save_weights(self.model, self.out / "best.safetensors", self._meta(step))
+
+    def _meta(self, step: int) -> dict:
+        return {"step": step, **self.meta}
+
+    def load(self) -> dict[str, Any]:
+        """Restore model and parts from ``last.pt``; returns its counters. A checkpoint of
+        another model or other classes is one line naming the file and the tensors."""
+        state = load_state(self.path)
+        own = self.model.state_dict()
+        theirs = state["model"]
+        differ = sorted(
+            [f"{k} (checkpoint {tuple(theirs[k].shape)}, model {tuple(own[k].shape)})"
+             for k in set(own) & set(theirs) if theirs[k].shape != own[k].shape]
+            + [f"{k} (not in the checkpoint)" for k in set(own) - set(theirs)]
+            + [f"{k} (not in the model)" for k in set(theirs) - set(own)]
+        )  # fmt: skip
+        if differ:
+            raise TrainingStateError(
+                f"{self.path} does not fit this run's model ({len(differ)} tensors differ: "
+                f"{shorten(differ, 3)}); resume with the run's own config or pick another --out"
+            )
+        self.model.load_state_dict(theirs)
+        for key, part in self.parts.items():
+            if key in state:
+                part.load_state_dict(state[key])
+        return {k: v for k, v in state.items() if k != "model" and k not in self.parts}

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "flush_denormals", "setup", "teardown", "gather_objects", "is_main"]
+__all__ = ["DistInfo", "flush_denormals", "from_main", "gather_objects", "is_main", "setup",
+           "teardown"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -24,11 +26,12 @@ class DistInfo:
         return self.world_size > 1
 
 
-def setup(device: str | None = None) -> DistInfo:
+def setup(device: str | None = None, timeout_min: float = 30) -> DistInfo:
     """Join the process group torchrun describes in the environment, or run single-process.
 
     NCCL on GPUs, gloo on CPU. ``device`` forces ``cpu``/``cuda``; by default CUDA is used
-    when present.
+    when present. A collective that waits longer than ``timeout_min`` minutes fails the run
+    (instead of hanging when one rank died).
     """
     flush_denormals()
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
@@ -41,7 +44,8 @@ def setup(device: str | None = None) -> DistInfo:
     else:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("nccl" if use_cuda else "gloo",
+                                timeout=timedelta(minutes=timeout_min))  # fmt: skip
     return DistInfo(rank, local_rank, world_size, dev)
 
 
@@ -64,6 +68,15 @@ def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     out: list[Any] = [None] * info.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def from_main(obj: Any, info: DistInfo) -> Any:
+    """Rank 0's ``obj`` on every rank (e.g. the verdict of a check only rank 0 made)."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def is_main(info: DistInfo) -> bool:

@@ -4,6 +4,7 @@ confusion matrices of an evaluation (see ``analysis.py``)."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +14,32 @@ import numpy as np
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..errors import SpinedetError  # noqa: E402
 from ..models.weights import atomic_write  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a run's ``metrics.jsonl``. A torn last line (a crash mid-write) is dropped
+    with a warning; any other line that is not JSON is an error naming the file and line."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number == len(lines):
+                log.warning("%s:%d: dropped a cut-off last line (%s)", path, number, e.msg)
+                continue
+            raise SpinedetError(f"{path}:{number}: not a JSON line ({e.msg}); "
+                                "delete the line to go on") from None  # fmt: skip
+    return rows
 
 
 def plot_curves(metrics_file: str | Path, out: str | Path) -> Path:

@@ -1,0 +1,176 @@
+"""The parts a training run is built from, each from its section of the config: data sets
+(chosen by the model's task), the model (fresh, fine-tuned, or on a pretrained backbone) and
+the optimizer with its schedule."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..data import CocoDataset
+from ..data.transforms import eval_transforms, train_transforms
+from ..errors import SpinedetError, shorten
+from ..models import create_model
+from ..models.registry import BACKBONE, TASKS, Task, model_task
+from ..models.weights import architecture_options, load_weights, read_weights, restore
+
+__all__ = [
+    "DATASET_BUILDERS",
+    "Datasets",
+    "build_datasets",
+    "build_model",
+    "build_optimizer",
+    "effective_lr",
+    "load_backbone_weights",
+    "lr_lambda",
+    "register_dataset_builder",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Datasets:
+    """The training set, the validation set (None without ``data.val``) and the categories
+    (``[{id, name}, ...]``) the model is built for."""
+
+    train: Dataset
+    val: Dataset | None
+    categories: list[dict[str, Any]]
+
+
+# task name -> builder(config, task) -> Datasets. A classification task registers an
+# ImageFolder builder here; the trainer needs nothing else to train it.
+DATASET_BUILDERS: dict[str, Callable[[dict, Task], Datasets]] = {}
+
+
+def register_dataset_builder(*tasks: str) -> Callable:
+    def register(builder: Callable[[dict, Task], Datasets]) -> Callable[[dict, Task], Datasets]:
+        for task in tasks:
+            DATASET_BUILDERS[task] = builder
+        return builder
+
+    return register
+
+
+@register_dataset_builder("retinanet", "fasterrcnn", "maskrcnn")
+def build_coco(cfg: dict, task: Task) -> Datasets:
+    """COCO json + image folder for detectors (masks for Mask R-CNN)."""
+    dcfg, size = cfg["data"], cfg["model"]["image_size"]
+    train_tf = train_transforms(size, tuple(dcfg["scale_range"]), dcfg["hflip"])
+    train_set = CocoDataset(dcfg["train"]["annotations"], dcfg["train"]["images"], train_tf,
+                            task.masks)  # fmt: skip
+    val_set = None
+    if dcfg["val"]["annotations"]:
+        val_set = CocoDataset(dcfg["val"]["annotations"], dcfg["val"]["images"],
+                              eval_transforms(), task.masks)  # fmt: skip
+    return Datasets(train_set, val_set, train_set.categories)
+
+
+def build_datasets(cfg: dict) -> tuple[Task, Datasets]:
+    """The model's task and its data sets; an empty set is refused before any training."""
+    name = cfg["model"]["name"]
+    task_name = model_task(name)
+    if task_name is None:
+        raise SpinedetError(f"model.name={name} is a backbone; train a detector (e.g. _maskrcnn)")
+    if cfg["data"]["train"]["annotations"] is None:
+        raise SpinedetError("data.train.annotations is not set (use --set data.train=...)")
+    builder = DATASET_BUILDERS.get(task_name)
+    if builder is None:
+        raise SpinedetError(f"model.name={name}: no data set builder for task {task_name!r}")
+    data = builder(cfg, TASKS[task_name])
+    for split, dataset in (("train", data.train), ("val", data.val)):
+        if dataset is not None and len(dataset) == 0:
+            raise SpinedetError(
+                f"{cfg['data'][split]['annotations']}: the data set has no images; "
+                f"point data.{split} at a set with images"
+            )
+    return TASKS[task_name], data
+
+
+def build_model(cfg: dict, categories: list[dict[str, Any]]) -> nn.Module:
+    """The detector of ``model``: fresh, from ``model.weights`` (fine-tuning keeps the file's
+    architecture unless the config sets an option itself) or on ``model.backbone_weights``."""
+    mcfg = cfg["model"]
+    options = dict(mcfg["options"])
+    if mcfg["weights"]:
+        inherited = architecture_options(mcfg["weights"], mcfg["name"].lower())
+        options = {**inherited, **options}
+        if inherited:
+            shown = ", ".join(f"{k}={v!r}" for k, v in sorted(inherited.items()))
+            log.info("model options from %s: %s", mcfg["weights"], shown)
+    model = create_model(mcfg["name"], categories=categories, image_size=mcfg["image_size"],
+                         **options)  # fmt: skip
+    if mcfg["weights"]:
+        load_weights(model, mcfg["weights"], allow_shape_mismatch=True)
+    if mcfg["backbone_weights"]:
+        load_backbone_weights(model, mcfg["backbone_weights"])
+    return model
+
+
+def load_backbone_weights(model: nn.Module, path: str) -> None:
+    """Load the backbone of ``path`` (a backbone file, or a classifier/detector whose tensors
+    under ``backbone.`` are its backbone) into ``model.backbone``, strictly; every other tensor
+    of ``model`` keeps its fresh initialisation and is named in the log."""
+    description, state, _ = read_weights(path)
+    if description.task != BACKBONE:
+        state = {k.removeprefix("backbone."): v for k, v in state.items()
+                 if k.startswith("backbone.")}  # fmt: skip
+        if not state:
+            raise SpinedetError(f"model.backbone_weights={path}: no tensors under 'backbone.'; "
+                                "give a backbone, classifier or detector file")  # fmt: skip
+    restore(model.backbone, state, description, f"model.backbone_weights={path}")
+    fresh = sorted(k for k in model.state_dict() if not k.startswith("backbone."))
+    log.info("backbone from %s (%d tensors); %d tensors start fresh: %s", path, len(state),
+             len(fresh), shorten(fresh))  # fmt: skip
+
+
+def effective_lr(tcfg: dict) -> float:
+    """``base_lr`` scaled linearly from ``base_batch`` to the effective batch (global batch x
+    accumulation)."""
+    return tcfg["base_lr"] * tcfg["batch_size"] * tcfg["accumulate"] / tcfg["base_batch"]
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on kernels only (conv/linear weights), not on biases or norm parameters."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def lr_lambda(tcfg: dict, total_steps: int) -> Callable[[int], float]:
+    """Warm-up, then step or cosine decay, as a factor of the LR per optimizer step."""
+    warmup, factor = tcfg["warmup_steps"], tcfg["warmup_factor"]
+    milestones = [int(m * total_steps) for m in tcfg["milestones"]]
+
+    def scale(step: int) -> float:
+        ramp = factor + (1 - factor) * step / warmup if step < warmup else 1.0
+        if tcfg["schedule"] == "cosine":
+            decay = 0.5 * (1 + math.cos(math.pi * min(step / max(total_steps, 1), 1.0)))
+        else:
+            decay = tcfg["gamma"] ** sum(step >= m for m in milestones)
+        return ramp * decay
+
+    return scale
+
+
+def build_optimizer(
+    tcfg: dict, model: nn.Module, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """SGD with momentum at :func:`effective_lr`, and its schedule over ``total_steps``."""
+    optimizer = torch.optim.SGD(_param_groups(model, tcfg["weight_decay"]),
+                                lr=effective_lr(tcfg), momentum=tcfg["momentum"])  # fmt: skip
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, total_steps))
+    return optimizer, scheduler

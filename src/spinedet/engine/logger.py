@@ -1,0 +1,78 @@
+"""A run's logs, written by rank 0: ``metrics.jsonl`` (strict JSON, one row per line),
+TensorBoard scalars, ``log.txt`` (plain text) and the console (where the progress bar lives)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from ..models.weights import atomic_write
+from .plots import read_metrics
+
+__all__ = ["RunLogger", "strict_json"]
+
+
+def strict_json(row: dict[str, Any]) -> str:
+    """``row`` as one line of standard JSON: NaN and infinities become null."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+             for k, v in row.items()}  # fmt: skip
+    return json.dumps(clean, allow_nan=False)
+
+
+class RunLogger:
+    """Writes nothing on ranks other than 0, so every rank can call it."""
+
+    def __init__(self, out: Path, main: bool) -> None:
+        self.out, self.main = out, main
+        self.metrics = out / "metrics.jsonl"
+        self.writer: SummaryWriter | None = None
+        self._handler: logging.Handler | None = None
+
+    def open(self, resume_step: int | None) -> None:
+        """Start (or, at ``resume_step``, continue) the logs: rows after the checkpoint's step
+        (written before a crash) are dropped, so the log reads as one uninterrupted run."""
+        if not self.main:
+            return
+        if resume_step is None:
+            self.metrics.unlink(missing_ok=True)
+        else:
+            kept = [r for r in read_metrics(self.metrics) if r["step"] <= resume_step]
+            text = "".join(strict_json(r) + "\n" for r in kept)
+            atomic_write(self.metrics, lambda tmp: Path(tmp).write_text(text))
+        self.writer = SummaryWriter(self.out / "tb")
+        # Every spinedet log record (fresh tensors, skipped images, ...) also goes to log.txt.
+        self._handler = logging.FileHandler(self.out / "log.txt")
+        self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logging.getLogger("spinedet").addHandler(self._handler)
+
+    def text(self, message: str) -> None:
+        """A message for a person: the console (above the progress bar) and log.txt."""
+        if not self.main:
+            return
+        tqdm.write(message)
+        with open(self.out / "log.txt", "a") as f:
+            f.write(message + "\n")
+
+    def row(self, row: dict[str, Any]) -> None:
+        """One metrics row (``kind``, ``step`` and numbers); None values skip TensorBoard."""
+        if not self.main:
+            return
+        with open(self.metrics, "a") as f:
+            f.write(strict_json(row) + "\n")
+        for key, value in row.items():
+            if isinstance(value, int | float) and key not in ("step", "epoch"):
+                if math.isfinite(value):
+                    self.writer.add_scalar(f"{row['kind']}/{key}", value, row["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self._handler is not None:
+            logging.getLogger("spinedet").removeHandler(self._handler)
+            self._handler.close()

@@ -1,0 +1,233 @@
+"""The trainer's parts one at a time: accumulation, guards on the run directory, resume rules,
+logs, and a backbone started from a weights file."""
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import TINY_MODEL, tiny_config
+from safetensors.torch import load_file
+from torch import nn
+
+import spinedet
+from spinedet.cli import main as cli
+from spinedet.engine import train
+from spinedet.engine.builders import build_model
+from spinedet.engine.checkpoint import Checkpointer, RunLock
+from spinedet.engine.distributed import DistInfo
+from spinedet.engine.loop import Stepper
+from spinedet.engine.plots import read_metrics
+from spinedet.errors import SpinedetError
+from spinedet.models import create_model
+from spinedet.models.weights import save_weights
+
+
+class _Regressor(nn.Module):
+    """Conv + BN + linear with the detector's interface and a per-image mean loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers = [nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1)]
+        self.body = nn.Sequential(*layers, nn.Flatten(), nn.Linear(4, 1))
+
+    def forward(self, images, targets):
+        out = self.body(torch.stack(list(images))).squeeze(1)
+        goal = torch.stack([t["y"] for t in targets])
+        return {"mse": ((out - goal) ** 2).mean(), "l1": (out - goal).abs().mean()}
+
+
+def test_accumulating_two_batches_of_four_gives_the_gradients_of_one_batch_of_eight():
+    torch.manual_seed(0)
+    images = list(torch.randn(8, 3, 9, 9))
+    targets = [{"y": y} for y in torch.randn(8)]
+    grads = []
+    for groups in ([(images, targets)], [(images[:4], targets[:4]), (images[4:], targets[4:])]):
+        torch.manual_seed(1)
+        net = _Regressor().eval()  # BN on its running statistics
+        stepper = Stepper(net, torch.optim.SGD(net.parameters(), lr=0.1), torch.device("cpu"),
+                          DistInfo())  # fmt: skip
+        losses = stepper.backward(groups, step=0)
+        grads.append(([p.grad.clone() for p in net.parameters()], losses))
+    (one, loss_one), (two, loss_two) = grads
+    for a, b in zip(one, two, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert loss_one == pytest.approx(loss_two, rel=1e-6)
+    assert set(loss_one) == {"loss", "mse", "l1"}
+
+
+def test_non_finite_loss_clears_gradients_and_reports_none():
+    net = _Regressor()
+    stepper = Stepper(net, torch.optim.SGD(net.parameters(), lr=0.1), torch.device("cpu"),
+                      DistInfo())  # fmt: skip
+    batch = ([torch.randn(3, 9, 9)], [{"y": torch.tensor(float("nan"))}])
+    assert stepper.backward([batch], step=0) is None
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_accumulation_scales_steps_and_lr_and_the_logs_say_so(shapes, tmp_path):
+    train(tiny_config(shapes, epochs=2, accumulate=2), tmp_path, device="cpu")
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert len(rows) == 2  # 6 images make one step of 2 x 2 per epoch
+    assert rows[0]["lr"] == pytest.approx(0.02 * 2 * 2 / 2 * (0.1 + 0.9 * 0.5))  # warm-up, step 1
+    for key in ("images_per_s", "data_time", "step_time", "loss"):
+        assert rows[0][key] > 0
+    log = (tmp_path / "log.txt").read_text()
+    assert "\r" not in log
+    assert "global batch 2 x accumulate 2 = 4 images per step, effective LR 0.04" in log
+    assert "6 training / 0 validation images, 4 classes" in log
+    assert "step 2/2 epoch 1 loss" in log
+
+
+def test_empty_data_set_and_zero_steps_are_refused(shapes, tmp_path):
+    data = json.loads(shapes["train"].read_text())
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({**data, "images": [], "annotations": []}))
+    cfg = tiny_config(shapes)
+    cfg["data"]["train"]["annotations"] = str(empty)
+    with pytest.raises(SpinedetError, match=r"empty.json: the data set has categories but no"):
+        train(cfg, tmp_path / "a", device="cpu")
+    cfg["data"]["check"] = False  # the trainer refuses it by itself too
+    with pytest.raises(SpinedetError, match=r"empty.json: the data set has no images"):
+        train(cfg, tmp_path / "a", device="cpu")
+    with pytest.raises(SpinedetError, match=r"6 training images make no step of 8 images"):
+        train(tiny_config(shapes, batch_size=4, accumulate=2), tmp_path / "b", device="cpu")
+    assert not (tmp_path / "a" / "checkpoints").exists()
+
+
+def test_second_writer_is_refused_with_the_holders_pid_and_stale_temps_go(shapes, tmp_path):
+    import os
+
+    with RunLock(tmp_path):
+        with pytest.raises(
+            SpinedetError, match=rf"in use by another training run \(pid {os.getpid()}\)"
+        ):
+            train(tiny_config(shapes, max_steps=1), tmp_path, device="cpu")
+    (tmp_path / "checkpoints").mkdir()
+    stale = [tmp_path / "checkpoints" / ".last.pt.x1y2", tmp_path / ".last.safetensors.abc"]
+    for path in stale:
+        path.write_bytes(b"half")
+    train(tiny_config(shapes, max_steps=1), tmp_path, device="cpu")
+    assert not any(p.exists() for p in stale)
+
+
+def test_checkpointer_never_saves_non_finite_weights(tmp_path):
+    model = create_model("spinenet49s_retinanet", num_classes=2, **{"filter_scale": 0.25})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ckpt = Checkpointer(tmp_path, model, {"optimizer": opt}, {})
+    assert ckpt.save({"step": 1, "epoch": 0, "best": -1.0})
+    good = load_file(tmp_path / "last.safetensors")
+    with torch.no_grad():
+        next(model.parameters())[0] = float("inf")
+    assert not ckpt.save({"step": 2, "epoch": 0, "best": -1.0})
+    after = load_file(tmp_path / "last.safetensors")
+    assert all(torch.equal(good[k], after[k]) for k in good)
+    assert torch.load(ckpt.path, weights_only=True)["step"] == 1
+
+
+def test_torn_metrics_line_is_dropped_and_a_bad_line_is_named(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"kind": "train", "step": 1}\n{"kind": "train", "st')
+    with caplog.at_level(logging.WARNING):
+        assert read_metrics(path) == [{"kind": "train", "step": 1}]
+    assert "metrics.jsonl:2: dropped a cut-off last line" in caplog.text
+    path.write_text('{"kind": "train", "step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(SpinedetError, match=r"metrics.jsonl:2: not a JSON line"):
+        read_metrics(path)
+
+
+def test_resume_from_the_run_alone_and_refused_changes_write_nothing(shapes, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(tiny_config(shapes, max_steps=2), run, device="cpu")
+    config = (run / "config.yaml").read_text()
+    metrics = (run / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    code = cli(["train", "--resume", "--out", str(run), "--device", "cpu",
+                "--set", "train.batch_size=1", "--set", "train.base_lr=0.5"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert "resuming would change the run" in err
+    assert "train.base_lr: 0.02 -> 0.5" in err and "train.batch_size: 2 -> 1" in err
+    assert (run / "config.yaml").read_text() == config
+    assert (run / "metrics.jsonl").read_text() == metrics
+    # extending the run by its length alone continues from config.yaml
+    code = cli(["train", "--resume", "--out", str(run), "--device", "cpu",
+                "--set", "train.max_steps=3"])  # fmt: skip
+    assert code == 0
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3]
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["train"]["max_steps"] == 3
+
+
+def test_resume_with_other_classes_names_the_checkpoint_and_tensors(shapes, tmp_path, capsys):
+    """The annotation file changed under the run (3 classes instead of 4)."""
+    data = json.loads(shapes["train"].read_text())
+    annotations = tmp_path / "train.json"
+    annotations.write_text(json.dumps(data))
+    cfg = tiny_config(shapes, max_steps=1)
+    cfg["data"]["train"]["annotations"] = str(annotations)
+    run = tmp_path / "run"
+    train(cfg, run, device="cpu")
+    config = (run / "config.yaml").read_text()
+    data["categories"] = data["categories"][:3]
+    kept = {c["id"] for c in data["categories"]}
+    data["annotations"] = [a for a in data["annotations"] if a["category_id"] in kept]
+    annotations.write_text(json.dumps(data))
+    capsys.readouterr()
+    code = cli(["train", "--resume", "--out", str(run), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err, err
+    assert "checkpoints/last.pt does not fit this run's model (6 tensors differ: " in err
+    assert "roi_heads.box_predictor.cls_score.bias (checkpoint (5,), model (4,))" in err
+    assert (run / "config.yaml").read_text() == config
+    ckpt = Checkpointer(run, create_model("spinenet49s_maskrcnn", num_classes=4, **TINY_MODEL),
+                        {}, {})  # fmt: skip
+    assert ckpt.load()["step"] == 1
+
+
+@pytest.mark.parametrize("source", ["backbone", "detector"])
+def test_backbone_weights_load_only_the_backbone(shapes, tmp_path, caplog, source):
+    torch.manual_seed(3)
+    if source == "backbone":
+        donor = create_model("spinenet49s", filter_scale=0.25, endpoint_filters=32)
+        expected = donor.state_dict()
+    else:
+        donor = create_model(
+            "spinenet49s_retinanet", num_classes=7, filter_scale=0.25, endpoint_filters=32
+        )
+        expected = donor.backbone.state_dict()
+    path = tmp_path / "donor.safetensors"
+    save_weights(donor, path)
+    cfg = tiny_config(shapes)
+    cfg["model"]["backbone_weights"] = str(path)
+    with caplog.at_level(logging.INFO):
+        model = build_model(cfg, [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}])
+    got = model.backbone.state_dict()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    fresh = caplog.text.split("tensors start fresh: ")[1].splitlines()[0]
+    assert fresh.startswith("roi_heads.") or fresh.startswith("rpn.")
+    assert "backbone." not in fresh.split(" (")[0]
+    # a backbone of another size is one line naming the file
+    other = tmp_path / "other.safetensors"
+    save_weights(create_model("spinenet49s", filter_scale=0.5), other)
+    cfg["model"]["backbone_weights"] = str(other)
+    with pytest.raises(SpinedetError) as err:
+        build_model(cfg, [{"id": 1, "name": "a"}])
+    assert "\n" not in str(err.value) and "other.safetensors" in str(err.value)
+
+
+def test_strict_json_rows(shapes, tmp_path):
+    cfg = tiny_config(shapes, epochs=1)
+    cfg["data"]["val"] = {"annotations": str(shapes["val"]), "images": str(shapes["images"])}
+    train(cfg, tmp_path, device="cpu")
+    text = (tmp_path / "metrics.jsonl").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    val = [r for r in map(json.loads, text.splitlines()) if r["kind"] == "val"][0]
+    for name in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs",
+                 "ARm", "ARl"):  # fmt: skip
+        assert f"bbox/{name}" in val and f"segm/{name}" in val
+    assert {f"segm_AP_per_class/{n}" for n in ("circle", "square", "triangle", "star")} <= set(val)
+    model = spinedet.load_model(Path(tmp_path) / "best.safetensors")
+    assert model.class_names == ["circle", "square", "triangle", "star"]
