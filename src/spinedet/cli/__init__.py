@@ -27,6 +27,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import add_config_commands
     from .convert import add_convert_commands
     from .data import add_data_commands
     from .engine import add_engine_commands
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_info_commands(sub)
     add_data_commands(sub)
     add_engine_commands(sub)
+    add_config_commands(sub)
     add_convert_commands(sub)
     add_export_commands(sub)
     return parser
