@@ -1,6 +1,7 @@
 """eval / predict from the command line, with the user's category ids and names."""
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import TINY_MODEL
@@ -75,3 +76,87 @@ def test_export_from_run_directory_checks_with_onnxruntime(checkpoint, tmp_path,
     assert main(["export", str(checkpoint.parent), "--format", "onnx", "--out", str(out)]) == 0
     assert out.stat().st_size > 0 and out.stat().st_mode & 0o044  # readable like any file
     assert "diff" in capsys.readouterr().out
+
+
+def _tree(shapes, root):
+    """root/a/img.png and root/b/img.png (two different images), plus a corrupt one."""
+    images = sorted(shapes["images"].iterdir())
+    for sub, source in (("a", images[0]), ("b", images[1])):
+        (root / sub).mkdir(parents=True)
+        (root / sub / "img.png").write_bytes(source.read_bytes())
+    (root / "b" / "broken.png").write_bytes(b"not an image")
+    return images
+
+
+def test_predict_skips_unreadable_and_keeps_relative_paths(checkpoint, shapes, tmp_path, capsys):
+    _tree(shapes, tmp_path / "in")
+    out = tmp_path / "out"
+    code = main(["predict", str(checkpoint), str(tmp_path / "in"), str(tmp_path / "nope*.png"),
+                 "--out", str(out), "--score-threshold", "0", "--batch-size", "2",
+                 "--save-masks", "image"])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    assert err.startswith("spinedet: error: 2 input(s) skipped")
+    assert "broken.png (cannot decode image" in err and "nope*.png" in err
+    assert (out / "a" / "img.png").is_file() and (out / "b" / "img.png").is_file()
+    assert Image.open(out / "masks" / "a" / "img.png").size == (64, 64)
+    lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in lines] == ["a/img", "b/img"]
+    assert [r["image_id"] for r in lines] == [0, 1]
+    results = json.loads((out / "predictions.json").read_text())
+    assert results == [d for r in lines for d in r["detections"]]
+
+
+def test_predict_never_overwrites_inputs(checkpoint, shapes, tmp_path, capsys):
+    images = _tree(shapes, tmp_path)
+    before = (tmp_path / "a" / "img.png").read_bytes()
+    code = main(["predict", str(checkpoint), str(tmp_path / "a"), "--out", str(tmp_path / "a")])
+    assert code == 2 and "img.png: exists; pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "a" / "img.png").read_bytes() == before == images[0].read_bytes()
+    # An output folder inside the input directory is never read back as input.
+    out = tmp_path / "a" / "pred"
+    for extra in ([], ["--overwrite"]):
+        argv = ["predict", str(checkpoint), str(tmp_path / "a"), "--out", str(out), *extra]
+        assert main(argv) == 0
+        assert len((out / "predictions.jsonl").read_text().splitlines()) == 1
+    assert main(argv[:-1]) == 2  # the second run's files exist
+
+
+def test_predict_video_annotation_ids_and_no_draw(checkpoint, shapes, tmp_path):
+    av = pytest.importorskip("av")
+    import numpy as np
+
+    video = tmp_path / "clip.mp4"
+    with av.open(str(video), "w") as container:
+        stream = container.add_stream("mpeg4", rate=5)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(5):
+            array = np.full((48, 64, 3), 40 * i, dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
+        container.mux(stream.encode())
+    image = sorted(shapes["images"].iterdir())[0]
+    out = tmp_path / "out"
+    code = main(["predict", str(checkpoint), str(video), str(image), "--out", str(out),
+                 "--every", "2", "--annotations", str(shapes["annotations"]),
+                 "--score-threshold", "0"])  # fmt: skip
+    assert code == 0
+    lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    names = [r["name"] for r in lines]
+    assert names == ["clip/frame_000000", "clip/frame_000002", "clip/frame_000004", image.stem]
+    assert lines[0]["height"] == 48 and (out / "clip" / "frame_000002.png").is_file()
+    coco = json.loads(shapes["annotations"].read_text())
+    expected = next(im["id"] for im in coco["images"] if Path(im["file_name"]).name == image.name)
+    assert lines[-1]["image_id"] == expected
+    code = main(["predict", str(checkpoint), str(image), "--out", str(tmp_path / "o2"),
+                 "--no-draw", "--device", "cpu", "--no-optimize"])  # fmt: skip
+    assert code == 0 and sorted(p.name for p in (tmp_path / "o2").iterdir()) == [
+        "predictions.json",
+        "predictions.jsonl",
+    ]
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 0.5)" in text and "(default: 4)" in text

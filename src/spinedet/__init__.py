@@ -31,11 +31,17 @@ def __getattr__(name: str):
         from . import engine
 
         return getattr(engine, name)
+    if name in ("Predictor", "Detections"):
+        from . import predictor
+
+        return getattr(predictor, name)
     raise AttributeError(f"module 'spinedet' has no attribute {name!r}")
 
 
 __all__ = [
     *_ENGINE,
+    "Detections",
+    "Predictor",
     "SpineNet",
     "create_model",
     "list_models",

@@ -18,14 +18,23 @@ from .. import __version__
 from ..errors import SpinedetError
 
 
+class _Parser(argparse.ArgumentParser):
+    """Every (sub-)command's ``--help`` shows the options' defaults."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .config import add_config_commands
     from .convert import add_convert_commands
     from .data import add_data_commands
     from .engine import add_engine_commands
     from .export import add_export_commands
     from .info import add_info_commands
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="spinedet", description="SpineNet detectors: train, evaluate, predict, export."
     )
     parser.add_argument("--version", action="version", version=f"spinedet {__version__}")
@@ -33,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_info_commands(sub)
     add_data_commands(sub)
     add_engine_commands(sub)
+    add_config_commands(sub)
     add_convert_commands(sub)
     add_export_commands(sub)
     return parser

@@ -30,7 +30,8 @@ def _eval(args: argparse.Namespace) -> int:
     from ..engine.evaluate import format_metrics
 
     metrics = evaluate(args.checkpoint, args.annotations, args.images, args.out,
-                       args.batch_size, args.device, args.workers)  # fmt: skip
+                       args.batch_size, args.device, args.workers,
+                       optimize=not args.no_optimize)  # fmt: skip
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_metrics(metrics))
         if args.out:
@@ -41,8 +42,12 @@ def _eval(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from ..engine.api import predict
 
-    path = predict(args.checkpoint, args.inputs, args.out, args.score_threshold, args.device)
-    print(f"wrote drawings and {path}")
+    report = predict(args.checkpoint, args.inputs, args.out, args.score_threshold, args.device,
+                     batch_size=args.batch_size, every=args.every, draw=not args.no_draw,
+                     save_masks=args.save_masks, annotations=args.annotations,
+                     overwrite=args.overwrite, optimize=not args.no_optimize)  # fmt: skip
+    drawn = "drawings and " if not args.no_draw else ""
+    print(f"{report.images} image(s), {report.detections} detection(s): wrote {drawn}{report.path}")
     return 0
 
 
@@ -70,13 +75,37 @@ def add_engine_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-size", type=int, default=2, help="images per forward pass")
     p.add_argument("--workers", type=int, default=2, help="data loading processes")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    _inference_options(p)
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("predict", help="draw detections over images, write COCO-style JSON")
+    p = sub.add_parser(
+        "predict",
+        help="draw detections over images and videos, write COCO-style JSON",
+        description="Predict on images, directories (recursive), globs and videos. Writes "
+        "predictions.jsonl as it goes and predictions.json at the end; unreadable inputs are "
+        "skipped and listed at the end (exit 2). Existing files are never replaced without "
+        "--overwrite, and a folder inside an input directory is never read back.",
+    )
     p.add_argument("checkpoint", help=".safetensors file or run directory")
-    p.add_argument("inputs", nargs="+", help="image files or directories")
+    p.add_argument("inputs", nargs="+", help="image or video files, directories or globs")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--score-threshold", type=float, default=0.5)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--score-threshold", type=float, default=0.5, help="keep detections above")
+    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
+    p.add_argument("--every", type=int, default=1, help="every N-th frame of a video")
+    p.add_argument("--no-draw", action="store_true", help="write JSON only, no drawings")
+    p.add_argument("--save-masks", choices=["instance", "image"], default=None,
+                   help="write masks as PNGs under OUT/masks: one per instance (0/255), "
+                   "or one per image (pixel i = instance i, 0 = none)")  # fmt: skip
+    p.add_argument("--annotations", default=None,
+                   help="COCO json whose image ids (matched by file name) go into the JSON; "
+                   "otherwise images are numbered in order")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    _inference_options(p)
     p.set_defaults(func=_predict)
+
+
+def _inference_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    p.add_argument("--no-optimize", action="store_true",
+                   help="run the plain model instead of the optimised one "
+                   "(BatchNorm folded, channels-last, oneDNN on CPU)")  # fmt: skip

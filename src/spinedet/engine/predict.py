@@ -1,83 +1,271 @@
-"""Prediction on image files: detections drawn over each image plus COCO-style JSON."""
+"""Prediction on image files, directories, globs and videos: drawings, masks and JSON.
+
+Every readable input ends up in ``predictions.jsonl`` (one line per image, flushed as it is
+written, so a killed run leaves a valid file) and, at the end, in ``predictions.json`` (COCO
+results, written atomically). Unreadable inputs are skipped and reported at the end.
+"""
 
 from __future__ import annotations
 
+import glob
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
+import numpy as np
 import torch
-from torch import nn
-from torchvision.transforms.v2 import functional as F
+from PIL import Image
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 from tqdm import tqdm
 
-from ..data import load_image
-from ..models import describe
+from ..errors import SpinedetError
 from ..models.weights import atomic_write
-from .evaluate import to_coco_results
+from ..predictor import Detections, Predictor, to_image_tensor
 
-__all__ = ["IMAGE_SUFFIXES", "collect_images", "predict_images", "draw_detections"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "VIDEO_SUFFIXES",
+    "InputItem",
+    "PredictionReport",
+    "collect_images",
+    "collect_inputs",
+    "draw_detections",
+    "predict_images",
+]
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """An image or video file and the path its outputs take under the output directory."""
+
+    path: Path
+    name: Path  # relative output path, without suffix
+
+    @property
+    def is_video(self) -> bool:
+        return self.path.suffix.lower() in VIDEO_SUFFIXES
+
+
+@dataclass
+class PredictionReport:
+    """What a prediction run wrote and what it skipped (``(input, reason)`` pairs)."""
+
+    path: Path
+    images: int = 0
+    detections: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _inside(path: Path, folder: Path | None) -> bool:
+    return folder is not None and path.resolve().is_relative_to(folder)
+
+
+def collect_inputs(
+    inputs: Sequence[str | Path], exclude: str | Path | None = None
+) -> tuple[list[InputItem], list[tuple[str, str]]]:
+    """Image and video files named directly, matched by a glob or found (recursively) in a
+    directory, never from inside ``exclude`` (the output directory); and the inputs that
+    name nothing, with why. Output names keep the path relative to the directory given and
+    never collide (a second ``img`` becomes ``img_1``)."""
+    skip = Path(exclude).resolve() if exclude is not None else None
+    suffixes = IMAGE_SUFFIXES | VIDEO_SUFFIXES
+    items: list[InputItem] = []
+    missing: list[tuple[str, str]] = []
+    used: set[Path] = set()
+
+    def add(path: Path, name: Path, root: Path | None = None) -> None:
+        # The output directory may be the input directory itself (then its existing files are
+        # never replaced), but a folder inside an input is never read back.
+        if _inside(path, skip) and (root is None or skip != root.resolve()):
+            return
+        unique, n = name, 1
+        while unique in used:
+            unique, n = name.with_name(f"{name.name}_{n}"), n + 1
+        used.add(unique)
+        items.append(InputItem(path, unique))
+
+    for item in map(str, inputs):
+        path = Path(item)
+        if path.is_dir():
+            for p in sorted(path.rglob("*")):
+                if p.is_file() and p.suffix.lower() in suffixes:
+                    add(p, p.relative_to(path).with_suffix(""), path)
+        elif path.is_file():
+            add(path, Path(path.stem))
+        elif glob.has_magic(item) and (matches := sorted(glob.glob(item, recursive=True))):
+            for p in map(Path, matches):
+                if p.is_file() and p.suffix.lower() in suffixes:
+                    add(p, Path(p.stem))
+        else:
+            missing.append((item, "no such file, directory or glob match"))
+    return items, missing
 
 
 def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
-    """Image files named directly or found (recursively) in the given directories."""
-    paths: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            paths += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif item.is_file():
-            paths.append(item)
-        else:
-            raise FileNotFoundError(f"{item}: no such image or directory")
-    if not paths:
+    """Image and video files named directly, matched by a glob or found in directories."""
+    items, missing = collect_inputs(inputs)
+    if missing:
+        raise FileNotFoundError(f"{missing[0][0]}: {missing[0][1]}")
+    if not items:
         raise FileNotFoundError(f"no images found in {', '.join(map(str, inputs))}")
-    return paths
+    return [i.path for i in items]
 
 
-def draw_detections(
-    image: torch.Tensor, output: dict[str, torch.Tensor], class_names: Sequence[str]
-) -> torch.Tensor:
-    """uint8 image with masks, boxes and ``name score`` labels drawn by torchvision."""
-    if "masks" in output and len(output["masks"]):
-        image = draw_segmentation_masks(image, output["masks"][:, 0] > 0.5, alpha=0.45)
+@cache
+def _font() -> str | None:
+    """A TrueType font shipped with matplotlib, for labels larger than the bitmap default."""
+    try:
+        from matplotlib import font_manager
+
+        return font_manager.findfont("DejaVu Sans", fallback_to_default=False)
+    except (ImportError, ValueError):
+        return None
+
+
+@cache
+def _palette(num_classes: int) -> list[tuple[int, int, int]]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab20"]
+    return [tuple(int(255 * c) for c in cmap(i % 20)[:3]) for i in range(num_classes + 1)]
+
+
+def draw_detections(image: torch.Tensor, detections: Detections, num_classes: int) -> torch.Tensor:
+    """uint8 image with masks, boxes and ``name score`` labels, one colour per class."""
+    if not len(detections):
+        return image
+    palette = _palette(num_classes)
+    colors = [palette[int(label)] for label in detections.labels]
+    if isinstance(detections.masks, torch.Tensor):
+        image = draw_segmentation_masks(image, detections.masks, alpha=0.45, colors=colors)
     labels = [
-        f"{class_names[int(label) - 1]} {score:.2f}"
-        for label, score in zip(output["labels"], output["scores"].tolist(), strict=True)
+        f"{n} {s:.2f}" for n, s in zip(detections.names, detections.scores.tolist(), strict=True)
     ]
-    return draw_bounding_boxes(image, output["boxes"], labels, width=2)
+    font = _font()
+    size = max(12, min(image.shape[-2:]) // 40)
+    return draw_bounding_boxes(image, detections.boxes, labels, colors=colors, width=2,
+                               font=font, font_size=size if font else None)  # fmt: skip
 
 
-@torch.no_grad()
+def _frames(item: InputItem, every: int) -> Iterator[tuple[InputItem, torch.Tensor]]:
+    """The image, or every ``every``-th frame of a video (decoded with PyAV)."""
+    if not item.is_video:
+        yield item, to_image_tensor(item.path)
+        return
+    import av
+
+    try:
+        with av.open(str(item.path)) as container:
+            for index, frame in enumerate(container.decode(video=0)):
+                if index % every == 0:
+                    array = frame.to_ndarray(format="rgb24")
+                    name = item.name / f"frame_{index:06d}"
+                    yield InputItem(item.path, name), to_image_tensor(array)
+    except (av.error.FFmpegError, IndexError) as e:
+        raise SpinedetError(f"{item.path}: cannot decode video ({e})") from None
+
+
+def _save_masks(detections: Detections, target: Path, mode: str) -> None:
+    masks = detections.masks
+    if not isinstance(masks, torch.Tensor):
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "instance":
+        for i, mask in enumerate(masks):
+            path = target.with_name(f"{target.name}_{i:03d}.png")
+            Image.fromarray(mask.numpy().astype(np.uint8) * 255).save(path)
+        return
+    # One image per input: pixel value i + 1 is instance i (later instances on top), 0 none.
+    index = np.zeros(detections.image_size, dtype=np.uint16 if len(masks) > 255 else np.uint8)
+    for i, mask in enumerate(masks):
+        index[mask.numpy()] = i + 1
+    Image.fromarray(index).save(target.with_suffix(".png"))
+
+
 def predict_images(
-    model: nn.Module,
-    paths: Sequence[Path],
+    predictor: Predictor,
+    items: Sequence[InputItem],
     out_dir: str | Path,
-    score_threshold: float = 0.5,
-    device: torch.device | str = "cpu",
-) -> Path:
-    """Run ``model`` on each image, draw the detections above ``score_threshold`` into
-    ``out_dir/<name>.png`` and write all of them to ``out_dir/predictions.json``."""
+    *,
+    image_ids: dict[str, int] | None = None,
+    every: int = 1,
+    draw: bool = True,
+    save_masks: str | None = None,
+    overwrite: bool = False,
+) -> PredictionReport:
+    """Run ``predictor`` on the inputs in batches; draw into ``out_dir/<name>.png``, save masks
+    under ``out_dir/masks/`` and write ``predictions.jsonl`` and ``predictions.json``.
+
+    ``image_ids`` maps file names (as in a COCO file: relative path or base name) to image ids;
+    other images are numbered in order. Existing files are never replaced unless ``overwrite``.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.eval().to(device)
-    description = describe(model)
-    label_to_cat = description.label_to_category_id()
-    names = description.class_names
-    name_of = {c.id: c.name for c in description.categories}
-    results = []
-    for index, path in enumerate(tqdm(paths, desc="predict", unit="img")):
-        image = F.pil_to_tensor(load_image(path))
-        output = model([F.to_dtype(image, torch.float32, scale=True).to(device)])[0]
-        keep = output["scores"] >= score_threshold
-        output = {k: v[keep].cpu() for k, v in output.items()}
-        F.to_pil_image(draw_detections(image, output, names)).save(out / f"{path.stem}.png")
-        for entry in to_coco_results(output, index, label_to_cat):
-            entry["file_name"] = str(path)
-            entry["category_name"] = name_of[entry["category_id"]]
-            results.append(entry)
-    target = out / "predictions.json"
-    atomic_write(target, lambda tmp: Path(tmp).write_text(json.dumps(results)))
-    return target
+    report = PredictionReport(out / "predictions.json")
+    lines = out / "predictions.jsonl"
+
+    def target(path: Path) -> Path:
+        if path.exists() and not overwrite:
+            raise SpinedetError(f"{path}: exists; pass --overwrite or choose another --out")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    target(report.path)
+    for item in items:
+        if draw and not item.is_video:
+            target(out / item.name.with_suffix(".png"))
+    results: list[dict] = []
+    counter = 0
+    num_classes = len(predictor.description.categories)
+
+    def finish(batch: list[tuple[InputItem, torch.Tensor]], sink) -> None:
+        nonlocal counter
+        for (item, image), det in zip(
+            batch, predictor.predict_batch([b[1] for b in batch]), strict=True
+        ):
+            ids = image_ids or {}
+            relative = str(item.name.with_suffix(item.path.suffix))
+            image_id = ids.get(relative, ids.get(item.path.name, counter))
+            counter += 1
+            if draw:
+                drawn = draw_detections(image, det, num_classes)
+                Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(
+                    target(out / item.name.with_suffix(".png"))
+                )
+            if save_masks:
+                _save_masks(det, out / "masks" / item.name, save_masks)
+            entries = det.to_coco(image_id)
+            for entry in entries:
+                entry["file_name"] = str(item.path)
+            height, width = det.image_size
+            record = {"file_name": str(item.path), "name": str(item.name), "image_id": image_id,
+                      "height": height, "width": width, "detections": entries}  # fmt: skip
+            sink.write(json.dumps(record) + "\n")
+            sink.flush()
+            results.extend(entries)
+            report.images += 1
+            report.detections += len(entries)
+
+    def readable() -> Iterator[tuple[InputItem, torch.Tensor]]:
+        for item in tqdm(items, desc="predict", unit="input"):
+            try:
+                yield from _frames(item, every)
+            except SpinedetError as e:
+                report.skipped.append((str(item.path), str(e).removeprefix(f"{item.path}: ")))
+
+    with open(target(lines), "w") as sink:
+        batch: list[tuple[InputItem, torch.Tensor]] = []
+        for frame in readable():
+            batch.append(frame)
+            if len(batch) == predictor.batch_size:
+                finish(batch, sink)
+                batch = []
+        if batch:
+            finish(batch, sink)
+    atomic_write(report.path, lambda tmp: Path(tmp).write_text(json.dumps(results)))
+    return report

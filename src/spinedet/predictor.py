@@ -1,0 +1,234 @@
+"""Python inference: ``Predictor(weights)(image)`` on paths, PIL images, arrays and tensors.
+
+The detections come back in the input image's pixels, with the data set's category ids and
+names (the model's description), and masks as binary images or COCO RLE.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+from torch import nn
+from torch.nn import functional as nnf
+from torchvision.transforms.v2 import functional as F
+
+from .data import load_image
+from .errors import SpinedetError
+from .models import describe, load_model
+from .models.registry import task_of
+from .models.weights import resolve_checkpoint
+from .optimize import optimize_for_inference
+
+__all__ = ["Detections", "ImageInput", "Predictor", "default_device", "to_image_tensor"]
+
+ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class Detections:
+    """One image's detections, in the pixels of the image as given.
+
+    ``boxes`` (N, 4) xyxy float, ``scores`` (N,), ``labels`` (N,) the model's labels,
+    ``category_ids`` and ``names`` the data set's, ``masks`` (Mask R-CNN only) a (N, H, W) bool
+    tensor or a list of COCO RLE dicts, ``image_size`` (H, W).
+    """
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    labels: torch.Tensor
+    category_ids: list[int]
+    names: list[str]
+    image_size: tuple[int, int]
+    masks: torch.Tensor | list[dict[str, Any]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def to_coco(self, image_id: int) -> list[dict[str, Any]]:
+        """COCO result entries (xywh boxes rounded to 0.01 px, RLE masks, category names)."""
+        rles = self.masks
+        if isinstance(rles, torch.Tensor):
+            rles = [_encode(m) for m in rles]
+        entries = []
+        for i, (box, score) in enumerate(
+            zip(self.boxes.tolist(), self.scores.tolist(), strict=True)
+        ):
+            x0, y0, x1, y1 = box
+            entry = {
+                "image_id": image_id,
+                "category_id": self.category_ids[i],
+                "category_name": self.names[i],
+                "bbox": [round(v, 2) for v in (x0, y0, x1 - x0, y1 - y0)],
+                "score": round(score, 5),
+            }
+            if rles is not None:
+                entry["segmentation"] = rles[i]
+            entries.append(entry)
+        return entries
+
+
+def _encode(mask: torch.Tensor) -> dict[str, Any]:
+    rle = mask_utils.encode(np.asfortranarray(mask.numpy().astype(np.uint8)))
+    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def to_image_tensor(image: ImageInput, bgr: bool = False) -> torch.Tensor:
+    """A (3, H, W) uint8 or float tensor of an image path, PIL image, HWC uint8 array or CHW
+    tensor (uint8, or float in [0, 1]). ``bgr``: the array or tensor's channels are in
+    OpenCV's BGR order."""
+    if isinstance(image, str | Path):
+        image = load_image(image)
+    if isinstance(image, Image.Image):
+        return F.pil_to_tensor(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            image = np.repeat(image[:, :, None], 3, axis=2)
+        if image.ndim != 3 or image.shape[2] not in (3, 4):
+            raise SpinedetError(f"numpy image of shape {image.shape}: expected H x W x 3 (uint8)")
+        tensor = torch.from_numpy(np.ascontiguousarray(image[:, :, :3])).permute(2, 0, 1)
+    elif isinstance(image, torch.Tensor):
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise SpinedetError(f"tensor image of shape {tuple(image.shape)}: expected 3 x H x W")
+        tensor = image
+    else:
+        raise SpinedetError(f"cannot read an image from a {type(image).__name__}")
+    return tensor.flip(0) if bgr else tensor
+
+
+class Predictor:
+    """A detector ready for inference on images of any kind.
+
+    ``Predictor(weights)`` loads a spinedet ``.safetensors`` file or run directory (or takes a
+    model); calling it on an image path, a PIL image, a numpy array (H x W x 3 uint8, RGB unless
+    ``bgr=True`` as OpenCV reads them), a (3, H, W) tensor (uint8, or float in [0, 1]) returns a
+    :class:`Detections`; on a list of them, a list, run ``batch_size`` images at a time.
+
+    ``device`` defaults to CUDA when present. ``optimize`` (default) runs the model with
+    BatchNorm folded, channels-last and oneDNN on CPU (:func:`optimize_for_inference`), equal to
+    the plain model up to float rounding. Images larger than the model's size are resized to it
+    before the model sees them (so memory stays bounded) and thin ones padded to the largest
+    stride; the detections are mapped back to the image as given. ``masks``: ``"binary"`` (bool
+    tensors at image size) or ``"rle"`` (COCO RLE dicts).
+    """
+
+    def __init__(
+        self,
+        weights: str | Path | nn.Module,
+        device: str | torch.device | None = None,
+        score_threshold: float = 0.5,
+        optimize: bool = True,
+        batch_size: int = 4,
+        masks: Literal["binary", "rle"] = "binary",
+    ) -> None:
+        model = (
+            weights if isinstance(weights, nn.Module) else load_model(resolve_checkpoint(weights))
+        )
+        if task_of(model) is None:
+            raise SpinedetError(f"{weights}: holds a backbone; Predictor needs a detector")
+        if masks not in ("binary", "rle"):
+            raise SpinedetError(f"masks={masks!r}: use 'binary' or 'rle'")
+        self.device = torch.device(device) if device is not None else default_device()
+        model = model.eval().to(self.device)
+        self.model = optimize_for_inference(model) if optimize else model
+        self.description = describe(model)
+        self.score_threshold = score_threshold
+        self.batch_size = batch_size
+        self.masks = masks
+        self.image_size = int(model.transform.max_size)
+        self.min_stride = 2 ** min(model.backbone.levels)
+        self._label_to_cat = self.description.label_to_category_id()
+        self._name_of = {c.id: c.name for c in self.description.categories}
+
+    def __call__(
+        self, images: ImageInput | Sequence[ImageInput], bgr: bool = False
+    ) -> Detections | list[Detections]:
+        if isinstance(images, list | tuple):
+            out: list[Detections] = []
+            for start in range(0, len(images), self.batch_size):
+                batch = images[start : start + self.batch_size]
+                out += self.predict_batch([to_image_tensor(x, bgr) for x in batch])
+            return out
+        return self.predict_batch([to_image_tensor(images, bgr)])[0]
+
+    def prepare(self, image: torch.Tensor) -> torch.Tensor:
+        """The float [0, 1] image given to the model: at most the model's size (antialiased
+        downscale), and a thin image padded at the bottom/right so that its short side is at
+        least the smallest stride once the model has resized it (else it rounds to 0 px)."""
+        height, width = image.shape[-2:]
+        scale = self.image_size / max(height, width)
+        if scale < 1:
+            image = F.resize(image, self._seen((height, width)), antialias=True)
+        if not image.is_floating_point():
+            image = F.to_dtype(image, torch.float32, scale=True)
+        long_side = max(image.shape[-2:])
+        # Padding the short side up to at most the long one leaves the model's scale unchanged.
+        least = min(long_side, math.ceil(self.min_stride * long_side / self.image_size))
+        pad_h, pad_w = max(0, least - image.shape[-2]), max(0, least - image.shape[-1])
+        if pad_h or pad_w:
+            image = nnf.pad(image, (0, pad_w, 0, pad_h))
+        return image
+
+    def _seen(self, shape: tuple[int, int]) -> tuple[int, int]:
+        """The size an image of ``shape`` is given to the model at (never above its size)."""
+        scale = min(1.0, self.image_size / max(shape))
+        return max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))
+
+    @torch.no_grad()
+    def predict_batch(self, images: Sequence[torch.Tensor]) -> list[Detections]:
+        """Detections for (3, H, W) image tensors, run as one batch."""
+        inputs, shapes = [], []
+        for image in images:
+            shapes.append(tuple(image.shape[-2:]))
+            inputs.append(self.prepare(image.to(self.device)))
+        outputs = self.model(inputs)
+        return [self._finish(o, x, s) for o, x, s in zip(outputs, inputs, shapes, strict=True)]
+
+    def _finish(self, output: dict, given: torch.Tensor, shape: tuple[int, int]) -> Detections:
+        """Keep detections above the threshold and map them back to the original image."""
+        keep = output["scores"] >= self.score_threshold
+        output = {k: v[keep] for k, v in output.items()}
+        height, width = shape
+        # The model saw the image scaled to (seen_h, seen_w) and padded: undo both.
+        seen_h, seen_w = self._seen(shape)
+        factor = torch.tensor([width / seen_w, height / seen_h] * 2, device=output["boxes"].device)
+        boxes = output["boxes"] * factor
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+        labels = output["labels"].cpu()
+        cats = [self._label_to_cat[int(label)] for label in labels]
+        detections = Detections(
+            boxes=boxes.cpu(),
+            scores=output["scores"].cpu(),
+            labels=labels,
+            category_ids=cats,
+            names=[self._name_of[c] for c in cats],
+            image_size=(height, width),
+        )
+        if "masks" in output:
+            detections.masks = self._masks(output["masks"][:, :, :seen_h, :seen_w], shape)
+        return detections
+
+    def _masks(self, probs: torch.Tensor, shape: tuple[int, int]) -> Any:
+        # One instance at a time, so a huge image never holds N full-size float masks.
+        masks = []
+        for prob in probs:
+            if tuple(prob.shape[-2:]) != shape:
+                prob = nnf.interpolate(prob[None], size=shape, mode="bilinear")[0]
+            binary = (prob[0] > 0.5).cpu()
+            masks.append(_encode(binary) if self.masks == "rle" else binary)
+        if self.masks == "rle":
+            return masks
+        return torch.stack(masks) if masks else torch.zeros((0, *shape), dtype=torch.bool)

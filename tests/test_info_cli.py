@@ -1,0 +1,45 @@
+"""``spinedet info`` on every kind of source, the per-module table, ``config show``."""
+
+import json
+
+import yaml
+from conftest import TINY_MODEL
+
+import spinedet
+from spinedet.cli import main
+from spinedet.info import count_macs, module_table
+
+
+def test_info_on_weights_run_directory_and_recipe(tmp_path, capsys):
+    model = spinedet.create_model("spinenet49s_retinanet", num_classes=3, filter_scale=0.25)
+    spinedet.save_weights(model, tmp_path / "best.safetensors")
+    for source in (tmp_path / "best.safetensors", tmp_path):
+        assert main(["info", str(source), "--size", "64", "96", "--json"]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert info["model"] == "spinenet49s_retinanet" and info["image_size"] == [64, 96]
+        assert info["params"] == sum(p.numel() for p in model.parameters())
+        assert info["gflops"] == round(count_macs(model, (64, 96)) / 1e9, 2)
+    assert main(["info", "quickstart", "--size", "64", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["model"] == "spinenet49s_maskrcnn" and info["image_size"] == [64, 64]
+
+
+def test_module_table_adds_up():
+    model = spinedet.create_model("spinenet49s_maskrcnn", num_classes=3, **TINY_MODEL)
+    rows = module_table(model, (64, 96), depth=1)
+    assert [r["name"] for r in rows] == ["MaskRCNN", "transform", "backbone", "rpn", "roi_heads"]
+    assert rows[0]["macs"] == count_macs(model, (64, 96)) == sum(r["macs"] for r in rows[1:])
+    assert rows[2]["macs"] == count_macs(model.backbone, (64, 96))
+    assert rows[0]["params"] == sum(r["params"] for r in rows[1:])
+
+
+def test_info_depth_table_and_config_show(capsys):
+    assert main(["info", "spinenet49s", "--size", "64", "--depth", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "mult-adds" in out and "  stem " in out
+    assert main(["config", "show", "quickstart", "--set", "train.epochs=3"]) == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["train"]["epochs"] == 3 and config["model"]["image_size"] == 192
+    assert {"model", "data", "train"} <= set(config)
+    assert main(["config", "show", "nope"]) == 2
+    assert "nope: no such config file" in capsys.readouterr().err

@@ -1,0 +1,128 @@
+"""spinedet.Predictor: every input type, the data set's ids, the optimised model, huge and
+thin images."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_MODEL
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+import spinedet
+from spinedet.errors import SpinedetError
+
+CATEGORIES = [{"id": 3, "name": "circle"}, {"id": 7, "name": "square"}]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    torch.manual_seed(0)
+    model = spinedet.create_model("spinenet49s_maskrcnn", categories=CATEGORIES, image_size=64,
+                                  box_score_thresh=0.0, **TINY_MODEL)  # fmt: skip
+    path = tmp_path_factory.mktemp("weights") / "best.safetensors"
+    spinedet.save_weights(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def predictor(weights):
+    return spinedet.Predictor(weights.parent, device="cpu", score_threshold=0.0)
+
+
+@pytest.fixture(scope="module")
+def image():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+
+
+def test_every_input_type_gives_the_same_detections(predictor, image, tmp_path):
+    path = tmp_path / "img.png"
+    Image.fromarray(image).save(path)
+    chw = torch.from_numpy(image).permute(2, 0, 1)
+    inputs = {
+        "path": path,
+        "str": str(path),
+        "pil": Image.fromarray(image),
+        "numpy": image,
+        "uint8 tensor": chw,
+        "float tensor": chw.float() / 255,
+    }
+    ref = predictor(image)
+    assert len(ref) > 0 and ref.image_size == (48, 64)
+    for name, x in inputs.items():
+        got = predictor(x)
+        assert torch.allclose(got.boxes, ref.boxes, atol=1e-4), name
+        assert torch.allclose(got.scores, ref.scores, atol=1e-5), name
+    bgr = predictor(np.ascontiguousarray(image[:, :, ::-1]), bgr=True)
+    assert torch.equal(bgr.boxes, ref.boxes)
+    batch = predictor([path, image, chw])
+    assert len(batch) == 3
+    assert all(torch.allclose(d.boxes, ref.boxes, atol=1e-4) for d in batch)
+
+
+def test_category_ids_names_and_masks(predictor, image, weights):
+    det = predictor(image)
+    assert set(det.category_ids) <= {3, 7}
+    assert det.names == [{3: "circle", 7: "square"}[c] for c in det.category_ids]
+    assert det.masks.dtype == torch.bool and det.masks.shape == (len(det), 48, 64)
+    rle = spinedet.Predictor(weights, device="cpu", score_threshold=0.0, masks="rle")(image)
+    assert len(rle.masks) == len(det)
+    decoded = mask_utils.decode(rle.masks[0])
+    assert np.array_equal(decoded.astype(bool), det.masks[0].numpy())
+    entries = det.to_coco(5)
+    assert entries[0]["image_id"] == 5 and entries[0]["category_name"] in ("circle", "square")
+    json.dumps(entries)
+
+
+def test_optimised_model_equals_plain_model(weights, image):
+    fast = spinedet.Predictor(weights, device="cpu", score_threshold=0.0)(image)
+    plain = spinedet.Predictor(weights, device="cpu", score_threshold=0.0, optimize=False)(image)
+    assert len(fast) == len(plain) > 0
+    assert torch.allclose(fast.boxes, plain.boxes, atol=1e-4)
+    assert torch.allclose(fast.scores, plain.scores, atol=1e-4)
+    assert fast.labels.tolist() == plain.labels.tolist()
+
+
+def test_plain_model_matches_torchvision_output(weights, image):
+    predictor = spinedet.Predictor(weights, device="cpu", score_threshold=0.0, optimize=False)
+    det = predictor(image)
+    tensor = torch.from_numpy(image).permute(2, 0, 1).float() / 255
+    with torch.no_grad():
+        raw = spinedet.load_model(weights).eval()([tensor])[0]
+    assert torch.allclose(det.boxes, raw["boxes"], atol=1e-4)
+
+
+def test_huge_image_is_resized_before_the_model(predictor, monkeypatch):
+    seen = []
+    model = predictor.model
+    monkeypatch.setattr(predictor, "model", lambda xs: seen.extend(xs) or model(xs))
+    image = np.zeros((4000, 4000, 3), dtype=np.uint8)
+    image[1000:3000, 1000:3000] = 255
+    det = predictor(image)
+    assert max(seen[0].shape[-2:]) <= 64
+    assert det.image_size == (4000, 4000) and det.masks.shape[-2:] == (4000, 4000)
+    assert float(det.boxes.max()) <= 4000 and float(det.boxes.max()) > 64
+
+
+@pytest.mark.parametrize("shape", [(1, 1000), (1000, 1), (3, 5)])
+def test_thin_and_tiny_images(predictor, shape):
+    det = predictor(np.full((*shape, 3), 128, dtype=np.uint8))
+    assert det.image_size == shape and det.masks.shape[-2:] == shape
+    assert bool((det.boxes[:, 2] <= shape[1]).all() and (det.boxes[:, 3] <= shape[0]).all())
+
+
+def test_bad_inputs_are_one_line_errors(predictor, tmp_path, weights):
+    with pytest.raises(SpinedetError, match="expected 3 x H x W"):
+        predictor(torch.zeros(4, 8, 8))
+    with pytest.raises(SpinedetError, match="cannot read an image from a int"):
+        predictor(3)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(SpinedetError, match="bad.png"):
+        predictor(bad)
+    backbone = tmp_path / "backbone.safetensors"
+    spinedet.save_weights(spinedet.create_model("spinenet49s", filter_scale=0.25), backbone)
+    with pytest.raises(SpinedetError, match="backbone"):
+        spinedet.Predictor(backbone)
