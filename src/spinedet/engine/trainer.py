@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..config import ConfigError, load_config, save_config
-from ..data import DataError, check_dataset, collate, format_report
+from ..data import DataError, check_dataset_cached, collate, format_report
 from ..errors import SpinedetError, shorten
 from ..models import describe
 from . import distributed
@@ -70,12 +70,13 @@ def config_changes(old: dict, new: dict) -> list[str]:
             if before.get(k) != after.get(k) and k not in RESUME_MAY_CHANGE]  # fmt: skip
 
 
-def _check_data(cfg: dict) -> str | None:
-    """``data check`` of the training and validation sets: the report, or None when clean."""
+def _check_data(cfg: dict, out: Path) -> str | None:
+    """``data check`` of the training and validation sets: the report, or None when clean. A
+    clean result is cached in the run directory, so a resume does not read every image again."""
     for split in ("train", "val"):
         spec = cfg["data"][split]
         if spec["annotations"]:
-            problems = check_dataset(spec["annotations"], spec["images"])
+            problems = check_dataset_cached(spec["annotations"], spec["images"], out)
             if problems:
                 return f"{spec['annotations']}: the data set has problems\n" + format_report(
                     problems
@@ -130,7 +131,7 @@ class Trainer:
         _raise_together(problem, info)
         torch.manual_seed(self.seed)
         if config["data"]["check"]:
-            _raise_together(_check_data(config) if self.main else None, info, DataError)
+            _raise_together(_check_data(config, self.out) if self.main else None, info, DataError)
 
         self.task, data = build_datasets(config)
         self.train_set, self.val_set = data.train, data.val
