@@ -64,7 +64,12 @@ def test_head_structure_follows_paper():
 
 
 @pytest.mark.parametrize(
-    "name", [n for n in spinedet.list_models() if spinedet.models.model_task(n)]
+    "name",
+    [
+        n
+        for n in spinedet.list_models()
+        if spinedet.models.model_task(n) not in (None, "classifier")
+    ],
 )
 def test_every_detector_trains_and_predicts_at_small_size(name):
     torch.manual_seed(0)
