@@ -71,7 +71,8 @@ def test_accumulation_scales_steps_and_lr_and_the_logs_say_so(shapes, tmp_path):
     train(tiny_config(shapes, epochs=2, accumulate=2), tmp_path, device="cpu")
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert len(rows) == 2  # 6 images make one step of 2 x 2 per epoch
-    assert rows[0]["lr"] == pytest.approx(0.02 * 2 * 2 / 2 * (0.1 + 0.9 * 0.5))  # warm-up, step 1
+    # effective LR 0.04, warm-up at step 1 of 2, both step milestones (at 0.9 and 0.967) passed
+    assert rows[0]["lr"] == pytest.approx(0.02 * 2 * 2 / 2 * (0.1 + 0.9 * 0.5) * 0.1**2)
     for key in ("images_per_s", "data_time", "step_time", "loss"):
         assert rows[0][key] > 0
     log = (tmp_path / "log.txt").read_text()
@@ -182,7 +183,8 @@ def test_resume_with_other_classes_names_the_checkpoint_and_tensors(shapes, tmp_
     assert "checkpoints/last.pt does not fit this run's model (6 tensors differ: " in err
     assert "roi_heads.box_predictor.cls_score.bias (checkpoint (5,), model (4,))" in err
     assert (run / "config.yaml").read_text() == config
-    ckpt = Checkpointer(run, create_model("spinenet49s_maskrcnn", num_classes=4, **TINY_MODEL),
+    four = json.loads(shapes["train"].read_text())["categories"]
+    ckpt = Checkpointer(run, create_model("spinenet49s_maskrcnn", categories=four, **TINY_MODEL),
                         {}, {})  # fmt: skip
     assert ckpt.load()["step"] == 1
 

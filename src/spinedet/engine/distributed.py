@@ -10,8 +10,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "flush_denormals", "from_main", "gather_objects", "is_main", "setup",
-           "teardown"]  # fmt: skip
+__all__ = ["DistInfo", "broadcast_buffers", "flush_denormals", "from_main", "gather_objects",
+           "is_main", "setup", "teardown"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,15 @@ def from_main(obj: Any, info: DistInfo) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def broadcast_buffers(model: torch.nn.Module, info: DistInfo) -> None:
+    """Rank 0's buffers (BN running statistics) on every rank. DDP broadcasts them at the start
+    of each forward only, so after the last training step every rank holds its own updates;
+    an evaluation shared by the ranks must use the statistics rank 0 saves."""
+    if info.enabled:
+        for buffer in model.buffers():
+            dist.broadcast(buffer.data, src=0)
 
 
 def is_main(info: DistInfo) -> bool:

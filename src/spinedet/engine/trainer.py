@@ -211,6 +211,7 @@ class Trainer:
         """Validation loss and COCO metrics, each shared by all ranks (identical results on
         every rank); rank 0 logs them and keeps the best weights."""
         workers = self.cfg["data"]["workers"]
+        distributed.broadcast_buffers(self.model, self.info)
         val_loss = sharded_val_loss(self.model, self.val_set, self.batch, self.device, self.info,
                                     workers=workers, seed=self.seed)  # fmt: skip
         iou_types = ("bbox", "segm") if self.task.masks else ("bbox",)
