@@ -56,3 +56,49 @@ def test_errors_exit_2_with_one_line(tmp_path, capsys):
 def test_bad_size_is_a_usage_error(tmp_path):
     with pytest.raises(SystemExit):
         _run("shapes", "--out", str(tmp_path), "--size", "big")
+
+
+def test_show_draws_ground_truth_and_augmentations(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    data = tmp_path / "shapes"
+    assert _run("shapes", "--out", str(data), "--num-images", "3", "--size", "96") == 0
+    ann = str(data / "annotations.json")
+    out = tmp_path / "show"
+    argv = ["show", ann, "--images", str(data / "images"), "--out", str(out), "--num", "2",
+            "--augmented", "2", "--set", "model.image_size=64"]  # fmt: skip
+    assert _run(*argv) == 0
+    assert "drew 6 image(s)" in capsys.readouterr().out
+    drawn = sorted(p.name for p in out.rglob("*.png"))
+    assert len(drawn) == 6 and sum("_aug" in name for name in drawn) == 4
+    gt = next(p for p in out.rglob("*.png") if "_aug" not in p.name)
+    original = np.asarray(Image.open(data / "images" / gt.name))
+    shown = np.asarray(Image.open(gt))
+    assert shown.shape == original.shape and (shown != original).any()  # something drawn
+    aug = next(p for p in out.rglob("*.png") if "_aug" in p.name)
+    assert Image.open(aug).size == (64, 64)  # the training crop of model.image_size
+    again = tmp_path / "again"
+    assert _run(*argv[:5], str(again), *argv[6:]) == 0  # the same drawings every run
+    assert (np.asarray(Image.open(aug)) == np.asarray(Image.open(again / aug.name))).all()
+    assert main(["data", *argv]) == 2  # never replaces drawings without --overwrite
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert main(["data", "show", ann, "--images", str(data), "--out", str(out),
+                 "--ids", "999"]) == 2  # fmt: skip
+    assert "no image with id 999" in capsys.readouterr().err
+
+
+def test_every_option_has_help():
+    from spinedet.cli import build_parser
+
+    def options(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from options(sub, [*path, name])
+            else:
+                yield " ".join(path), action
+
+    found = list(options(build_parser(), ["spinedet"]))
+    assert len(found) > 80  # every command was walked
+    assert [(cmd, a.dest) for cmd, a in found if not a.help] == []

@@ -40,6 +40,18 @@ def _split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show(args: argparse.Namespace) -> int:
+    from spinedet.config import load_config
+    from spinedet.data.show import show_dataset
+
+    config = load_config(args.config, args.set) if args.augmented else None
+    written = show_dataset(args.annotations, args.images, args.out, num=args.num,
+                           image_ids=args.ids, augmented=args.augmented, config=config,
+                           seed=args.seed, overwrite=args.overwrite)  # fmt: skip
+    print(f"drew {len(written)} image(s) into {args.out}")
+    return 0
+
+
 def _shapes(args: argparse.Namespace) -> int:
     paths = make_shapes(
         args.out, num_images=args.num_images, size=args.size, seed=args.seed, splits=args.splits
@@ -50,8 +62,8 @@ def _shapes(args: argparse.Namespace) -> int:
 
 
 def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``data {check,split,shapes}``; each sets ``func(args) -> exit code``."""
-    data = subparsers.add_parser("data", help="check, split or generate COCO datasets")
+    """Add ``data {check,split,show,shapes}``; each sets ``func(args) -> exit code``."""
+    data = subparsers.add_parser("data", help="check, split, draw or generate COCO datasets")
     commands = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
 
     check = commands.add_parser("check", help="report every problem in a COCO dataset")
@@ -63,18 +75,37 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
     split = commands.add_parser("split", help="split into image-disjoint, class-balanced parts")
     split.add_argument("annotations", type=Path, help="COCO json file")
-    split.add_argument("--ratios", type=float, nargs="+", default=[0.8, 0.1, 0.1])
-    split.add_argument("--names", nargs="+", help="split names (default: train val [test])")
-    split.add_argument("--seed", type=int, default=0)
+    split.add_argument("--ratios", type=float, nargs="+", default=[0.8, 0.1, 0.1],
+                       help="fractions of the images per part (they must sum to 1)")  # fmt: skip
+    split.add_argument("--names", nargs="+", help="part names (default: train val [test])")
+    split.add_argument("--seed", type=int, default=0, help="seed of the random assignment")
     split.add_argument("--out", type=Path, required=True, help="directory for <name>.json")
     split.add_argument("--overwrite", action="store_true", help="replace existing split files")
     split.set_defaults(func=_split)
 
+    show = commands.add_parser(
+        "show", help="draw the ground truth (and its training augmentation) over the images"
+    )
+    show.add_argument("annotations", type=Path, help="COCO json file")
+    show.add_argument("--images", type=Path, required=True, help="image directory")
+    show.add_argument("--out", type=Path, required=True, help="directory for the drawings")
+    show.add_argument("--num", type=int, default=16, help="images drawn, picked at random")
+    show.add_argument("--ids", nargs="+", help="draw these image ids instead")
+    show.add_argument("--augmented", type=int, default=0, metavar="K",
+                      help="also draw K training augmentations of each image")  # fmt: skip
+    show.add_argument("--config", default="quickstart",
+                      help="config or recipe whose augmentation --augmented draws")  # fmt: skip
+    show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config value, e.g. data.hflip=0")  # fmt: skip
+    show.add_argument("--seed", type=int, default=0, help="seed of the picks and augmentations")
+    show.add_argument("--overwrite", action="store_true", help="replace existing drawings")
+    show.set_defaults(func=_show)
+
     shapes = commands.add_parser("shapes", help="generate the synthetic shapes dataset")
-    shapes.add_argument("--out", type=Path, required=True)
-    shapes.add_argument("--num-images", type=int, default=500)
+    shapes.add_argument("--out", type=Path, required=True, help="directory for images and json")
+    shapes.add_argument("--num-images", type=int, default=500, help="number of images")
     shapes.add_argument("--size", type=_size, default=160, help="SIZE or WIDTHxHEIGHT")
-    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--seed", type=int, default=0, help="seed of the generator")
     shapes.add_argument("--splits", type=float, nargs="+", help="also split, e.g. 0.8 0.1 0.1")
     shapes.set_defaults(func=_shapes)
     return data

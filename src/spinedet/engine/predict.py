@@ -11,15 +11,14 @@ import glob
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 from tqdm import tqdm
 
+from ..draw import draw_instances
 from ..errors import SpinedetError
 from ..models.weights import atomic_write
 from ..predictor import Detections, Predictor, to_image_tensor
@@ -116,40 +115,13 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
     return [i.path for i in items]
 
 
-@cache
-def _font() -> str | None:
-    """A TrueType font shipped with matplotlib, for labels larger than the bitmap default."""
-    try:
-        from matplotlib import font_manager
-
-        return font_manager.findfont("DejaVu Sans", fallback_to_default=False)
-    except (ImportError, ValueError):
-        return None
-
-
-@cache
-def _palette(num_classes: int) -> list[tuple[int, int, int]]:
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab20"]
-    return [tuple(int(255 * c) for c in cmap(i % 20)[:3]) for i in range(num_classes + 1)]
-
-
 def draw_detections(image: torch.Tensor, detections: Detections, num_classes: int) -> torch.Tensor:
     """uint8 image with masks, boxes and ``name score`` labels, one colour per class."""
-    if not len(detections):
-        return image
-    palette = _palette(num_classes)
-    colors = [palette[int(label)] for label in detections.labels]
-    if isinstance(detections.masks, torch.Tensor):
-        image = draw_segmentation_masks(image, detections.masks, alpha=0.45, colors=colors)
-    labels = [
-        f"{n} {s:.2f}" for n, s in zip(detections.names, detections.scores.tolist(), strict=True)
-    ]
-    font = _font()
-    size = max(12, min(image.shape[-2:]) // 40)
-    return draw_bounding_boxes(image, detections.boxes, labels, colors=colors, width=2,
-                               font=font, font_size=size if font else None)  # fmt: skip
+    masks = detections.masks if isinstance(detections.masks, torch.Tensor) else None
+    texts = [f"{n} {s:.2f}" for n, s in zip(detections.names, detections.scores.tolist(),
+                                             strict=True)]  # fmt: skip
+    return draw_instances(image, detections.boxes, detections.labels.tolist(), texts,
+                          num_classes, masks)  # fmt: skip
 
 
 def _frames(item: InputItem, every: int) -> Iterator[tuple[InputItem, torch.Tensor]]:
