@@ -65,6 +65,10 @@ def test_non_finite_loss_clears_gradients_and_reports_none():
     batch = ([torch.randn(3, 9, 9)], [{"y": torch.tensor(float("nan"))}])
     assert stepper.backward([batch], step=0) is None
     assert all(p.grad is None for p in net.parameters())
+    good = ([torch.randn(3, 9, 9)], [{"y": torch.tensor(1.0)}])
+    assert set(stepper.backward([good], step=0)) == {"loss", "mse", "l1"}
+    assert stepper.backward([good, batch], step=1) is None  # one bad micro-batch spoils the step
+    assert all(p.grad is None for p in net.parameters())
 
 
 def test_accumulation_scales_steps_and_lr_and_the_logs_say_so(shapes, tmp_path):

@@ -100,17 +100,15 @@ class Stepper:
                    for t in targets]  # fmt: skip
         return images, targets
 
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        finite = torch.isfinite(loss.detach()).float()
-        if self.info.enabled:  # every rank skips together, or DDP would hang
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        return finite.item() == 1
-
     def backward(self, batches: Sequence[Batch], step: int) -> dict[str, float] | None:
         """Accumulate the gradients of ``batches``; None (gradients cleared) when a loss on any
-        rank was not finite. The mean losses otherwise."""
+        rank was not finite. The mean losses otherwise.
+
+        The losses reach the host once per step, after every backward pass is queued: a check
+        after each forward would stall a GPU's queue (a non-finite loss only makes the
+        gradients non-finite, and they are thrown away)."""
         self.optimizer.zero_grad(set_to_none=True)
-        totals: dict[str, float] = {}
+        totals: dict[str, torch.Tensor] = {}
         autocast = (torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype
                     else nullcontext())  # fmt: skip
         for micro, batch in enumerate(batches):
@@ -123,13 +121,18 @@ class Stepper:
                 with autocast:
                     losses = self.net(*self._to_device(batch))
                 loss = sum(losses.values())
-                if not self._all_finite(loss):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    return None
                 self.scaler.scale(loss / len(batches)).backward()
             for key, value in {"loss": loss, **losses}.items():
-                totals[key] = totals.get(key, 0.0) + value.item() / len(batches)
-        return totals
+                totals[key] = totals.get(key, 0.0) + value.detach().float() / len(batches)
+        values = torch.stack(list(totals.values()))
+        finite = torch.isfinite(values).all().float().view(1)
+        if self.info.enabled:  # every rank skips together, or DDP would hang
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        host = torch.cat([finite, values]).tolist()
+        if host[0] != 1:
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        return dict(zip(totals, host[1:], strict=True))
 
     def step(self) -> None:
         """Clip (when set) and apply the accumulated gradients."""
