@@ -1,28 +1,136 @@
-"""ONNX export: onnxruntime agrees with PyTorch on the raw outputs; the CLI command works."""
+"""Export: the whole detector to ONNX and TorchScript matches PyTorch detection for detection
+at two sizes and batch sizes other than the traced one; the dense part still exports."""
 
 import argparse
+import json
+import zipfile
 
+import numpy as np
 import pytest
 import torch
+from conftest import TINY_MODEL
+from torch import nn
 from torchvision.models.detection.image_list import ImageList
 
 import spinedet.export as export
+import spinedet.export.graph as graph_module
 from spinedet import create_model, save_weights
 from spinedet.cli.export import add_export_commands
-from spinedet.export import ExportError, export_onnx
+from spinedet.export import ExportError, export_onnx, export_torchscript
 
-# The optional export dependencies (onnx, onnxscript, onnxruntime).
 onnx = pytest.importorskip("onnx")
-pytest.importorskip("onnxscript")
-pytest.importorskip("onnxruntime")
+ort = pytest.importorskip("onnxruntime")
 
 SMALL = {"filter_scale": 0.25, "endpoint_filters": 32}
+CATEGORIES = [{"id": 3, "name": "circle"}, {"id": 7, "name": "square"}]
 
 
-def test_retinanet_export_matches_pytorch(tmp_path):
+def spread_scores(model: nn.Module) -> nn.Module:
+    """Random weights give every box the same score; a wider class head spreads the scores
+    over (0, 1) like a trained model's, so a wrong ranking or NMS changes the detections."""
+    with torch.no_grad():
+        if hasattr(model, "roi_heads"):
+            model.roi_heads.box_predictor.cls_score.weight *= 20
+            return model.eval()
+        head = model.head.classification_head
+        for m in head.conv.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+        head.cls_logits.weight *= 3
+        head.cls_logits.bias.view(-1, head.num_classes)[:, 0] = -20  # no background label
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def retinanet():
+    torch.manual_seed(0)
+    model = create_model("spinenet49s_retinanet", categories=CATEGORIES, image_size=64,
+                         detections_per_img=20, topk_candidates=100, **SMALL)  # fmt: skip
+    return spread_scores(model)
+
+
+@pytest.fixture(scope="module")
+def maskrcnn():
+    torch.manual_seed(0)
+    model = create_model("spinenet49s_maskrcnn", categories=CATEGORIES, image_size=64,
+                         box_detections_per_img=20, **TINY_MODEL)  # fmt: skip
+    return spread_scores(model)
+
+
+def test_retinanet_command_exports_onnx_with_metadata(retinanet, tmp_path, capsys):
+    weights = tmp_path / "retina.safetensors"
+    save_weights(retinanet, weights)
+    parser = argparse.ArgumentParser()
+    add_export_commands(parser.add_subparsers(dest="command"))
+    out = tmp_path / "retina.onnx"
+    args = parser.parse_args(["export", str(weights), "--out", str(out)])
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    # Traced on one 64 x 64 image, checked on batches of 2 at 64 x 48 and 41 x 64.
+    assert "onnxruntime matches PyTorch on 4 images (batches of 2, 64x48 and 41x64)" in printed
+    detections = int(printed.split(" detections")[0].rsplit(" ", 1)[-1])
+    assert detections >= 60  # 20 per image, less those near a score cut-off
+    model = onnx.load(str(out))
+    meta = {p.key: json.loads(p.value) for p in model.metadata_props}
+    assert meta["class_names"] == ["circle", "square"] and meta["category_ids"] == [3, 7]
+    assert meta["spinedet_description"]["task"] == "retinanet"
+    assert meta["input"]["dtype"] == "uint8" and meta["input"]["image_size"] == 64
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["N", 3, "H", "W"]
+    # A batch of 3 at yet another size: category ids, padding after num_detections.
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(0).integers(0, 256, (3, 3, 50, 64), dtype=np.uint8)
+    boxes, scores, labels, count = session.run(None, {"images": images})
+    assert boxes.shape == (3, 20, 4) and scores.shape == labels.shape == (3, 20)
+    for i, n in enumerate(count):
+        assert set(labels[i, :n]) <= {3, 7} and (labels[i, n:] == -1).all()
+        assert (scores[i, n:] == 0).all() and (np.diff(scores[i, :n]) <= 0).all()
+        assert (boxes[i, :n, 2:] <= [64, 50]).all() and (boxes[i, :n] >= 0).all()
+
+
+def test_maskrcnn_exports_to_onnx_and_torchscript(maskrcnn, tmp_path):
+    out = tmp_path / "mask.onnx"
+    result = export_onnx(maskrcnn, out)
+    check = result["check"]
+    assert check["images"] == 4 and check["detections"] == 80
+    assert check["box"] < 1e-3 and check["score"] < 1e-4 and check["mask_iou"] > 0.99
+    names = [o.name for o in onnx.load(str(out)).graph.output]
+    assert names == ["boxes", "scores", "labels", "num_detections", "masks"]
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    masks = session.run(["masks"], {"images": np.zeros((1, 3, 40, 56), np.uint8)})[0]
+    assert masks.shape == (1, 20, 40, 56) and masks.dtype == np.uint8
+
+    pt = tmp_path / "mask.pt"
+    check = export_torchscript(maskrcnn, pt)["check"]
+    assert check["detections"] == 80 and check["mask_iou"] > 0.99
+    files = {"spinedet.json": ""}
+    loaded = torch.jit.load(str(pt), _extra_files=files)
+    assert json.loads(json.loads(files["spinedet.json"])["category_ids"]) == [3, 7]
+    assert loaded(torch.zeros(3, 3, 64, 32, dtype=torch.uint8))[4].shape == (3, 20, 64, 32)
+    with zipfile.ZipFile(pt) as archive:  # an ordinary TorchScript archive
+        assert any(n.endswith("extra/spinedet.json") for n in archive.namelist())
+
+
+def test_broken_postprocessing_fails_the_check_and_writes_nothing(retinanet, tmp_path, monkeypatch):
+    # Without NMS the graph returns overlapping boxes PyTorch removes.
+    monkeypatch.setattr(graph_module, "batched_nms", lambda b, s, i, t: s.argsort(descending=True))
+    out = tmp_path / "retina.pt"
+    with pytest.raises(ExportError, match=r"disagrees with PyTorch on image 0 at 64x48: "):
+        export_torchscript(retinanet, out)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_float_input_and_size_mismatch(retinanet, tmp_path):
+    result = export_torchscript(retinanet, tmp_path / "f.pt", input_dtype="float32")
+    assert result["check"]["detections"] >= 60
+    with pytest.raises(ExportError, match="image_size 128 differs from the model's 64"):
+        export_onnx(retinanet, tmp_path / "r.onnx", image_size=128)
+
+
+def test_dense_export_matches_pytorch(tmp_path):
     model = create_model("spinenet49s_retinanet", num_classes=3, image_size=128, **SMALL)
     out = tmp_path / "retina.onnx"
-    result = export_onnx(model, out, image_size=128)
+    result = export_onnx(model, out, image_size=128, dense=True)
     num_anchors = 9 * sum((128 // 2**lvl) ** 2 for lvl in range(3, 8))
     assert result["kind"] == "retinanet"
     assert result["outputs"] == {
@@ -40,7 +148,7 @@ def test_retinanet_export_matches_pytorch(tmp_path):
     assert torch.equal(graph.anchors, model.anchor_generator(images, features)[0])
 
 
-def test_failed_check_writes_nothing(tmp_path, monkeypatch):
+def test_failed_dense_check_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(export, "TOLERANCE", -1.0)  # any difference, even 0, fails
     out = tmp_path / "backbone.onnx"
     with pytest.raises(ExportError, match="disagrees"):
@@ -49,16 +157,20 @@ def test_failed_check_writes_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_export_command_on_checkpoint(tmp_path, capsys):
-    weights = tmp_path / "mask.safetensors"
-    model = create_model("spinenet49s_maskrcnn", num_classes=3, image_size=64, **SMALL)
-    save_weights(model, weights)
+def test_paste_masks_equals_torchvision():
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    probs = torch.rand(5, 28, 28, generator=torch.Generator().manual_seed(0))
+    boxes = torch.tensor([[3.2, 4.9, 30.1, 20.0], [-5.0, 10.0, 12.3, 70.0], [0, 0, 63.9, 47.2],
+                          [40.0, 30.0, 40.5, 30.2], [20.0, 1.0, 90.0, 5.0]])  # fmt: skip
+    ours = graph_module.paste_masks(probs, boxes, 48, 64)
+    theirs = paste_masks_in_image(probs[:, None], boxes, (48, 64))[:, 0]
+    assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_help_names_run_directories():
     parser = argparse.ArgumentParser()
-    add_export_commands(parser.add_subparsers(dest="command"))
-    out = tmp_path / "mask.onnx"
-    args = parser.parse_args(["export", str(weights), "--format", "onnx", "--out", str(out)])
-    assert args.func(args) == 0
-    printed = capsys.readouterr().out
-    assert "exported rcnn at 64 px" in printed and "max |diff|" in printed
-    names = [o.name for o in onnx.load(str(out)).graph.output]
-    assert names == ["p3", "p4", "p5", "p6", "p7", "objectness", "rpn_bbox_regression", "anchors"]
+    sub = parser.add_subparsers(dest="command")
+    add_export_commands(sub)
+    text = sub.choices["export"].format_help()
+    assert "run directory" in text and "torchscript" in text and "--dense" in text

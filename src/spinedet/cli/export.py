@@ -1,4 +1,5 @@
-"""``spinedet export``: write a model's dense part as ONNX, checked with onnxruntime."""
+"""``spinedet export``: write a detector (or a model's dense part) as ONNX or TorchScript,
+checked against PyTorch first."""
 
 from __future__ import annotations
 
@@ -7,19 +8,50 @@ from pathlib import Path
 
 __all__ = ["add_export_commands"]
 
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
+# Formats to nothing; a help text holding it states its own default, and --help then adds no
+# "(default: None)" (ArgumentDefaultsHelpFormatter skips texts that mention %(default)).
+OWN_DEFAULT = "%(default).0s"
+
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from ..export import export_onnx
+    from ..errors import SpinedetError
+    from ..export import export_onnx, export_torchscript
 
-    out = args.out or str(Path(args.checkpoint).with_suffix(".onnx").name)
-    result = export_onnx(args.checkpoint, out, image_size=args.size, check=not args.no_check)
-    print(f"exported {result['kind']} at {result['image_size']} px to {result['path']}")
-    for name, shape in result["outputs"].items():
-        diff = result["max_abs_diff"].get(name)
-        checked = f"  max |diff| vs PyTorch {diff:.2e}" if diff is not None else ""
-        print(f"  {name}: {tuple(shape)}{checked}")
-    if result["max_abs_diff"]:
-        print("onnxruntime matches PyTorch")
+    out = args.out or Path(args.checkpoint).with_suffix(SUFFIXES[args.format]).name
+    options = {
+        "image_size": args.size, "check": not args.no_check,
+        "check_images": args.check_images, "input_dtype": args.input_dtype,
+    }  # fmt: skip
+    if args.format == "torchscript":
+        if args.dense:
+            raise SpinedetError("--dense exports to ONNX only: use --format onnx")
+        result = export_torchscript(args.checkpoint, out, **options)
+    else:
+        result = export_onnx(args.checkpoint, out, dense=args.dense, **options)
+    if "max_abs_diff" in result:  # the dense part
+        print(f"exported {result['kind']} at {result['image_size']} px to {result['path']}")
+        for name, shape in result["outputs"].items():
+            diff = result["max_abs_diff"].get(name)
+            checked = f"  max |diff| vs PyTorch {diff:.2e}" if diff is not None else ""
+            print(f"  {name}: {tuple(shape)}{checked}")
+        if result["max_abs_diff"]:
+            print("onnxruntime matches PyTorch")
+        return 0
+    print(f"exported the whole {result['kind']} detector to {result['path']} ({args.format})")
+    kind = "uint8 0..255" if args.input_dtype == "uint8" else "float32 0..1"
+    print(f"  images: (N, 3, H, W) RGB {kind}; resize so the longer side is "
+          f"{result['image_size']}")  # fmt: skip
+    for name, what in result["outputs"].items():
+        print(f"  {name}: {what}")
+    stats = result["check"]
+    if stats:
+        runtime = "onnxruntime" if args.format == "onnx" else "TorchScript"
+        sizes = " and ".join(f"{h}x{w}" for h, w in stats["sizes"])
+        masks = f", min mask IoU {stats['mask_iou']:.3f}" if "masks" in result["outputs"] else ""
+        print(f"{runtime} matches PyTorch on {stats['images']} images (batches of 2, {sizes}): "
+              f"{stats['detections']} detections, max box diff {stats['box']:.1e} px, "
+              f"max score diff {stats['score']:.1e}{masks}")  # fmt: skip
     return 0
 
 
@@ -27,19 +59,51 @@ def add_export_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``export`` on the ``spinedet`` command line's sub-parsers."""
     p = subparsers.add_parser(
         "export",
-        help="export a model to ONNX (backbone and dense heads; decoding and NMS left out)",
+        help="export a detector, post-processing included, to ONNX or TorchScript",
+        description="Export the whole detector (images in; boxes, scores, category ids, "
+        "detection counts and Mask R-CNN masks out; any batch and image size) to ONNX or "
+        "TorchScript, with the class names and categories as metadata. The export is checked "
+        "against PyTorch on real images (two sizes, batches of 2) and written only if they "
+        "agree. --dense exports only the fixed-size part to ONNX (backbones and classifiers "
+        "always export that way).",
     )
     p.add_argument(
         "checkpoint",
         metavar="CHECKPOINT",
-        help="a spinedet .safetensors file, or a model name (random weights)",
+        help="a spinedet .safetensors file, a run directory (its best.safetensors, else "
+        "last.safetensors), or a model name (random weights)",
     )
-    p.add_argument("--format", choices=["onnx"], default="onnx", help="export format")
-    p.add_argument("--out", help="output file (default: CHECKPOINT's name with .onnx)")
+    p.add_argument("--format", choices=sorted(SUFFIXES), default="onnx", help="export format")
     p.add_argument(
-        "--size", type=int, default=None, help="square input size (default: the model's)"
+        "--out",
+        help=f"output file (default{OWN_DEFAULT}: CHECKPOINT's name with .onnx, or .pt for "
+        "TorchScript)",
     )
     p.add_argument(
-        "--no-check", action="store_true", help="skip the onnxruntime comparison with PyTorch"
+        "--size",
+        type=int,
+        default=None,
+        help="the model's input size: the longer side of the check images, the square size "
+        f"of --dense (default{OWN_DEFAULT}: the size the model was built for)",
     )
+    p.add_argument(
+        "--input-dtype",
+        choices=["uint8", "float32"],
+        default="uint8",
+        help="input images: uint8 0..255 or float32 0..1",
+    )
+    p.add_argument(
+        "--check-images",
+        nargs="+",
+        metavar="IMAGE",
+        help=f"images for the check against PyTorch (default{OWN_DEFAULT}: two synthetic "
+        "shapes images)",
+    )
+    p.add_argument(
+        "--dense",
+        action="store_true",
+        help="export only the fixed-size part (backbone and dense heads, square input, no "
+        "decoding or NMS), as before",
+    )
+    p.add_argument("--no-check", action="store_true", help="skip the comparison with PyTorch")
     p.set_defaults(func=_cmd_export)

@@ -77,12 +77,19 @@ class PyramidAnchorGenerator(AnchorGenerator):
         key = (tuple(grid_sizes), dtype, device)
         anchors = self._cache.get(key)
         if anchors is None:
-            strides = [[torch.tensor(s, device=device)] * 2 for s in self.strides]
-            self.set_cell_anchors(dtype, device)
-            per_level = self.grid_anchors([list(g) for g in grid_sizes], strides)
-            anchors = torch.cat([a + s / 2 for a, s in zip(per_level, self.strides, strict=True)])
+            anchors = self.pyramid_anchors(grid_sizes, dtype, device)
             self._cache = {key: anchors}  # one shape at a time: fixed-size inputs hit every call
         return [anchors] * len(image_list.image_sizes)
+
+    def pyramid_anchors(
+        self, grid_sizes: Sequence[Sequence[int]], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """The (A, 4) xyxy anchors of feature maps of ``grid_sizes`` (level, then y, x, anchor),
+        uncached: traced sizes stay symbolic (export)."""
+        strides = [[torch.tensor(s, device=device)] * 2 for s in self.strides]
+        self.set_cell_anchors(dtype, device)
+        per_level = self.grid_anchors([list(g) for g in grid_sizes], strides)
+        return torch.cat([a + s / 2 for a, s in zip(per_level, self.strides, strict=True)])
 
 
 def separable_conv(in_channels: int, out_channels: int, bias: bool = True) -> nn.Sequential:
@@ -382,13 +389,9 @@ class PyramidRoIAlign(MultiScaleRoIAlign):
         rois = torch.cat(
             [torch.cat([b.new_full((len(b), 1), i), b], 1) for i, b in enumerate(boxes)]
         )
-        sides = ((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2])).sqrt()
-        target = (torch.log2(sides / 224).floor() + 4).clamp(self.levels[0], self.levels[-1])
-        # Shift each box half a cell of its level (in image pixels), then read the boxes of
-        # each level as one run of the level-sorted boxes: one host read of the run lengths
-        # instead of a nonzero (a wait for the device) and an indexed copy per level.
-        shift = torch.exp2(target - 1)[:, None]
-        rois = torch.cat([rois[:, :1], rois[:, 1:] + shift], dim=1)
+        target, rois = self.assign_levels(rois)
+        # Read the boxes of each level as one run of the level-sorted boxes: one host read of
+        # the run lengths instead of a nonzero (a wait for the device) and a copy per level.
         target, order = target.sort(stable=True)
         levels = torch.arange(self.levels[0], self.levels[-1] + 1, device=target.device)
         counts = (target[:, None] == levels).sum(0).tolist()
@@ -404,6 +407,31 @@ class PyramidRoIAlign(MultiScaleRoIAlign):
             return first.new_zeros((0, first.shape[1], *self.output_size))
         crops = torch.cat(crops).to(first.dtype)
         return torch.empty_like(crops).index_copy_(0, order, crops)
+
+    def assign_levels(self, rois: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each ``(batch_index, x0, y0, x1, y1)`` roi's pyramid level, and the roi shifted half
+        a cell of that level (in image pixels) for ``aligned=True`` RoIAlign."""
+        sides = ((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2])).sqrt()
+        target = (torch.log2(sides / 224).floor() + 4).clamp(self.levels[0], self.levels[-1])
+        shift = (2.0 ** (target - 1))[:, None]  # exact: the exponents are integers
+        return target, torch.cat([rois[:, :1], rois[:, 1:] + shift], dim=1)
+
+    def pool_every_level(self, x: dict[str, torch.Tensor], rois: torch.Tensor) -> torch.Tensor:
+        """The same crops as :meth:`forward` for ``(batch_index, x0, y0, x1, y1)`` rois, with
+        shapes that do not depend on the data (for tracing and export): every roi is read from
+        every level and keeps its own level's crop."""
+        target, rois = self.assign_levels(rois)
+        out = None
+        for level, name in zip(self.levels, self.featmap_names, strict=True):
+            crops = roi_align(
+                x[name], rois, self.output_size, 2.0**-level, self.sampling_ratio, True
+            )
+            out = (
+                crops
+                if out is None
+                else torch.where((target == level)[:, None, None, None], crops, out)
+            )
+        return out
 
 
 class LevelRPNHead(RPNHead):

@@ -100,9 +100,15 @@ def make_activation(name: str) -> Callable[[], nn.Module]:
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
-    """Keras/TF "same" padding of one dimension: the odd extra pixel goes after (bottom/right)."""
-    out = -(-size // stride)
-    total = max((out - 1) * stride + kernel - size, 0)
+    """Keras/TF "same" padding of one dimension: the odd extra pixel goes after (bottom/right).
+
+    ``(ceil(size / stride) - 1) * stride + kernel - size`` written without a comparison when
+    ``kernel >= stride`` (never negative then), so a traced size (a 0-dim tensor under
+    ``torch.jit.trace``) stays symbolic instead of being frozen at the example's value.
+    """
+    total = kernel - stride + (-size) % stride
+    if kernel < stride:
+        total = max(total, 0)
     return total // 2, total - total // 2
 
 
@@ -110,11 +116,12 @@ def pad_same(x: torch.Tensor, kernel: int, stride: int) -> tuple[torch.Tensor, t
     """``(x, padding)`` such that a convolution of ``x`` with ``padding`` pads like TF "same".
 
     Symmetric cases (e.g. odd sizes) leave ``x`` as it is and let the convolution pad, with no
-    padded copy; asymmetric ones return a padded copy and zero padding.
+    padded copy; asymmetric ones return a padded copy and zero padding. Traced (for export),
+    the padding depends on the input size, so it is always an explicit pad.
     """
     top, bottom = same_padding(x.shape[-2], kernel, stride)
     left, right = same_padding(x.shape[-1], kernel, stride)
-    if top == bottom and left == right:
+    if not torch.jit.is_tracing() and top == bottom and left == right:
         return x, (top, left)
     return F.pad(x, (left, right, top, bottom)), (0, 0)
 
@@ -132,12 +139,16 @@ class SameMaxPool2d(nn.MaxPool2d):
 
     "Same" pads (1, 1) on an odd side and (0, 1) on an even one; pooling's implicit -inf
     padding of 1 and ``ceil_mode``'s partial last window express both without a padded copy.
+    Traced (for export), where the padding must not depend on the example's size, it pads with
+    -inf explicitly: the same maxima.
     """
 
     def __init__(self) -> None:
         super().__init__(3, 2, ceil_mode=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing():
+            return same_max_pool(x, 3, 2)
         padding = (x.shape[-2] % 2, x.shape[-1] % 2)
         return F.max_pool2d(x, 3, 2, padding, ceil_mode=True)
 

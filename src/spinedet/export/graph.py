@@ -1,0 +1,307 @@
+"""The whole detector as one traceable module: images in, fixed-size detections out.
+
+torchvision's detectors take lists of images and return lists of dicts whose lengths depend
+on the data; :class:`DetectorGraph` runs the same layers and the same post-processing on a
+batch tensor and pads every image's detections to the model's ``K`` detections per image, so
+``torch.jit.trace`` records it once for any batch and image size (the TorchScript-based ONNX
+exporter reads the same trace). Each step mirrors torchvision's eval path; where that path
+loops over images or levels with data-dependent lengths, the whole batch is processed at once
+(images are NMS groups of their own), which selects the same detections.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.detection._utils import _topk_min
+from torchvision.models.detection.rpn import concat_box_prediction_layers
+from torchvision.ops import batched_nms
+
+from ..models import describe
+from ..models.registry import TASKS
+
+__all__ = ["DetectorGraph", "paste_masks", "select_detections"]
+
+
+class DetectorGraph(nn.Module):
+    """A RetinaNet, Faster or Mask R-CNN with its pre- and post-processing, tensors only.
+
+    Input ``images``: (N, 3, H, W) RGB, ``uint8`` (0..255) or, with ``dtype=torch.float32``,
+    float in [0, 1]; any N, H and W. The images are used at the size given (the model's own
+    transform would resize the longer side to ``image_size``: resize before, as
+    ``spinedet.Predictor`` does), normalised, and zero-padded to a multiple of 32 as
+    torchvision batches them.
+
+    Outputs, ``K`` = the model's detections per image, best first, padding after the
+    ``num_detections`` real ones: ``boxes`` (N, K, 4) float xyxy in input pixels (0 in
+    padding), ``scores`` (N, K) (0), ``labels`` (N, K) int64 category ids of the data set
+    (-1), ``num_detections`` (N,) int64, and for Mask R-CNN ``masks`` (N, K, H, W) uint8,
+    1 where the pasted mask probability is above 0.5.
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.uint8) -> None:
+        super().__init__()
+        description = describe(model)
+        self.task = description.task
+        self.with_masks = TASKS[self.task].masks
+        self.model = model
+        self.dtype = dtype
+        transform = model.transform
+        self.register_buffer("mean", torch.tensor(transform.image_mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(transform.image_std).view(1, 3, 1, 1))
+        self.size_divisible = transform.size_divisible
+        table = [-1] * description.num_classes
+        for label, category in description.label_to_category_id().items():
+            table[label] = category
+        self.register_buffer("category_ids", torch.tensor(table))
+        heads = getattr(model, "roi_heads", model)
+        self.max_detections = int(heads.detections_per_img)
+
+    @property
+    def output_names(self) -> list[str]:
+        names = ["boxes", "scores", "labels", "num_detections"]
+        return [*names, "masks"] if self.with_masks else names
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = images.float()
+        if images.dtype == torch.uint8:
+            x = x / 255
+        x = (x - self.mean) / self.std
+        height, width = images.shape[-2:]
+        d = self.size_divisible
+        x = F.pad(x, (0, (-width) % d, 0, (-height) % d))
+        features = list(self.model.backbone(x).values())
+        # (w, h, w, h) of the unpadded images, a tensor even while tracing: boxes clip to it.
+        limits = torch._shape_as_tensor(images)[2:].flip(0).repeat(2).to(x.dtype)
+        if self.task == "retinanet":
+            boxes, scores, labels, found = self._retinanet(features, limits)
+        else:
+            boxes, scores, labels, found = self._rcnn(features, limits)
+        outputs = (
+            torch.where(found[..., None], boxes, 0),
+            torch.where(found, scores, 0),
+            torch.where(found, self.category_ids[labels], -1),
+            found.sum(1),
+        )
+        if not self.with_masks:
+            return outputs
+        masks = self._masks(features, boxes, labels, height, width)
+        return *outputs, (masks & found[..., None, None]).to(torch.uint8)
+
+    def _retinanet(self, features: list[torch.Tensor], limits: torch.Tensor) -> tuple:
+        """torchvision's ``RetinaNet.postprocess_detections``: per level the top candidates
+        above the score threshold, decoded and clipped, then class-wise NMS."""
+        model = self.model
+        logits = model.head.classification_head(features)  # (N, A, C)
+        deltas = model.head.regression_head(features)  # (N, A, 4)
+        anchors = model.anchor_generator.pyramid_anchors(
+            [f.shape[-2:] for f in features], logits.dtype, logits.device
+        )
+        per_location = model.anchor_generator.num_anchors_per_location()[0]
+        classes = logits.shape[-1]
+        boxes, scores, labels = [], [], []
+        start = 0
+        for feature in features:
+            end = start + feature.shape[-2] * feature.shape[-1] * per_location
+            level = logits[:, start:end].sigmoid().flatten(1)
+            top, index = level.topk(_topk_min(level, model.topk_candidates, 1), dim=1)
+            anchor = torch.div(index, classes, rounding_mode="floor") + start
+            delta = deltas.gather(1, anchor[..., None].expand(-1, -1, 4))
+            decoded = model.box_coder.decode_single(delta.reshape(-1, 4), anchors[anchor.flatten()])
+            boxes.append(decoded.reshape(delta.shape))
+            scores.append(top)
+            labels.append(index % classes)
+            start = end
+        boxes = _clip(torch.cat(boxes, 1), limits)
+        scores, labels = torch.cat(scores, 1), torch.cat(labels, 1)
+        index, found = select_detections(
+            boxes, scores, labels, scores > model.score_thresh, classes, model.nms_thresh,
+            self.max_detections,
+        )  # fmt: skip
+        return *_gather(index, boxes, scores, labels), found
+
+    def _proposals(
+        self, features: list[torch.Tensor], limits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """torchvision's ``RegionProposalNetwork`` at inference: (N, R, 4) proposals, R its
+        post-NMS count, and which of them exist."""
+        rpn = self.model.rpn
+        objectness, deltas = concat_box_prediction_layers(*rpn.head(features))
+        n = features[0].shape[0]
+        anchors = rpn.anchor_generator.pyramid_anchors(
+            [f.shape[-2:] for f in features], deltas.dtype, deltas.device
+        )
+        proposals = rpn.box_coder.decode_single(deltas, anchors.repeat(n, 1)).reshape(n, -1, 4)
+        objectness = objectness.reshape(n, -1)
+        per_location = rpn.anchor_generator.num_anchors_per_location()[0]
+        boxes, scores, levels = [], [], []
+        start = 0
+        for i, feature in enumerate(features):
+            end = start + feature.shape[-2] * feature.shape[-1] * per_location
+            level = objectness[:, start:end]
+            top, index = level.topk(_topk_min(level, rpn.pre_nms_top_n(), 1), dim=1)
+            boxes.append(proposals[:, start:end].gather(1, index[..., None].expand(-1, -1, 4)))
+            scores.append(top.sigmoid())
+            levels.append(torch.full_like(index, i))
+            start = end
+        boxes = _clip(torch.cat(boxes, 1), limits)
+        scores, levels = torch.cat(scores, 1), torch.cat(levels, 1)
+        keep = _large_enough(boxes, rpn.min_size) & (scores >= rpn.score_thresh)
+        index, found = select_detections(
+            boxes, scores, levels, keep, len(features), rpn.nms_thresh, rpn.post_nms_top_n()
+        )
+        (boxes,) = _gather(index, boxes)
+        return boxes, found
+
+    def _rcnn(self, features: list[torch.Tensor], limits: torch.Tensor) -> tuple:
+        """torchvision's ``RoIHeads.postprocess_detections`` on the proposals: per-class boxes
+        and softmax scores, background dropped, thresholds, class-wise NMS."""
+        heads = self.model.roi_heads
+        proposals, proposed = self._proposals(features, limits)
+        n, r = proposals.shape[0], proposals.shape[1]
+        crops = heads.box_roi_pool.pool_every_level(self._feature_map(features), _rois(proposals))
+        logits, regression = heads.box_predictor(heads.box_head(crops))
+        classes = logits.shape[-1]
+        boxes = heads.box_coder.decode_single(regression, proposals.reshape(-1, 4))
+        boxes = _clip(boxes.reshape(n, r, classes, 4), limits)[:, :, 1:].reshape(n, -1, 4)
+        scores = F.softmax(logits, -1).reshape(n, r, classes)[:, :, 1:].reshape(n, -1)
+        labels = torch.arange(1, classes, device=logits.device).repeat(r).expand(n, -1)
+        proposed = proposed[..., None].expand(-1, -1, classes - 1).reshape(n, -1)
+        keep = (scores > heads.score_thresh) & _large_enough(boxes, 1e-2) & proposed
+        index, found = select_detections(
+            boxes, scores, labels, keep, classes, heads.nms_thresh, self.max_detections
+        )
+        return *_gather(index, boxes, scores, labels), found
+
+    def _masks(
+        self,
+        features: list[torch.Tensor],
+        boxes: torch.Tensor,
+        labels: torch.Tensor,
+        height: int,
+        width: int,
+    ) -> torch.Tensor:
+        """torchvision's mask branch on the detections and ``paste_masks_in_image``,
+        thresholded at 0.5: (N, K, H, W) bool."""
+        heads = self.model.roi_heads
+        n, k = boxes.shape[0], boxes.shape[1]
+        crops = heads.mask_roi_pool.pool_every_level(self._feature_map(features), _rois(boxes))
+        logits = heads.mask_predictor(heads.mask_head(crops))  # (N * K, classes, M, M)
+        size = logits.shape[-1]
+        index = labels.reshape(-1, 1, 1, 1).expand(-1, 1, size, size)
+        probs = logits.gather(1, index)[:, 0].sigmoid()
+        masks = paste_masks(probs, boxes.reshape(-1, 4), height, width)
+        return (masks > 0.5).reshape(n, k, masks.shape[-2], masks.shape[-1])
+
+    def _feature_map(self, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {f"p{lvl}": f for lvl, f in zip(self.model.backbone.levels, features, strict=True)}
+
+
+def _clip(boxes: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
+    """``clip_boxes_to_image`` against a (w, h, w, h) tensor (traced sizes stay symbolic)."""
+    return boxes.clamp(min=0).minimum(limits)
+
+
+def _large_enough(boxes: torch.Tensor, min_size: float) -> torch.Tensor:
+    """``remove_small_boxes`` as a mask."""
+    sides = boxes[..., 2:] - boxes[..., :2]
+    return (sides[..., 0] >= min_size) & (sides[..., 1] >= min_size)
+
+
+def _rois(boxes: torch.Tensor) -> torch.Tensor:
+    """(N, R, 4) boxes as (N * R, 5) RoIAlign rois led by their image index."""
+    n, r = boxes.shape[0], boxes.shape[1]
+    image = torch.arange(n, device=boxes.device, dtype=boxes.dtype)[:, None, None]
+    return torch.cat([image.expand(n, r, 1), boxes], 2).reshape(-1, 5)
+
+
+def _gather(index: torch.Tensor, *values: torch.Tensor) -> list[torch.Tensor]:
+    """``values[i][n, index[n, k]]`` for (N, P) or (N, P, 4) tensors."""
+    out = []
+    for v in values:
+        i = index[..., None].expand(-1, -1, v.shape[-1]) if v.dim() == 3 else index
+        out.append(v.gather(1, i))
+    return out
+
+
+def select_detections(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    groups: torch.Tensor,
+    keep: torch.Tensor,
+    num_groups: int,
+    iou_threshold: float,
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NMS within each image and group (class or level) of the candidates where ``keep``, and
+    each image's best ``k`` survivors, as torchvision selects them image by image.
+
+    ``boxes`` (N, P, 4), ``scores``, ``groups`` (in ``0..num_groups - 1``) and ``keep`` (N, P).
+    Returns ``(index, found)``, both (N, k): the candidates' indices along P, best first, and
+    whether the slot holds one (an image may have fewer than ``k``).
+    """
+    n, p = scores.shape[0], scores.shape[1]
+    flat = keep.flatten().nonzero()[:, 0]
+    image = torch.div(flat, p, rounding_mode="floor")
+    group = groups.flatten()[flat] + image * num_groups
+    # One zero-area candidate of its own group, scored below every probability, keeps NMS
+    # from an empty input (traced graphs cannot branch on it); it never suppresses anything.
+    sentinel = flat.shape[0]
+    kept = batched_nms(
+        torch.cat([boxes.reshape(-1, 4)[flat], boxes.new_zeros(1, 4)]),
+        torch.cat([scores.flatten()[flat], scores.new_full((1,), -1.0)]),
+        torch.cat([group, group.new_full((1,), -1)]),
+        iou_threshold,
+    )
+    chosen = flat[kept[kept != sentinel]]  # best first over the whole batch
+    image = torch.div(chosen, p, rounding_mode="floor")
+    same = image[:, None] == torch.arange(n, device=image.device)[None]
+    rank = same.long().cumsum(0).gather(1, image[:, None])[:, 0] - 1  # place in its image
+    inside = (rank < k).nonzero()[:, 0]
+    slots = (image * k + rank)[inside]
+    table = torch.full_like(scores[:, :1], -1, dtype=torch.long).repeat(1, k).flatten()
+    table = table.scatter(0, slots, chosen[inside]).reshape(-1, k)
+    found = table >= 0
+    offsets = torch.arange(n, device=table.device)[:, None] * p
+    return torch.where(found, table - offsets, 0), found
+
+
+def paste_masks(probs: torch.Tensor, boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """torchvision's ``paste_masks_in_image`` for (R, M, M) mask probabilities and (R, 4)
+    boxes, as one batched product: (R, height, width).
+
+    torchvision pads each mask by one pixel, widens its box by (M + 2) / M, truncates the box
+    to whole pixels and resizes the mask bilinearly (``align_corners=False``) onto it. Bilinear
+    resizing is separable, so each pasted mask is ``rows @ mask @ cols.T`` with the (H, M + 2)
+    and (W, M + 2) interpolation weights of its box (zero outside it): the same values up to
+    float rounding, with shapes that do not depend on the boxes.
+    """
+    size = probs.shape[-1]
+    padded = F.pad(probs, (1, 1, 1, 1))
+    scale = (size + 2) / size
+    half = (boxes[:, 2:] - boxes[:, :2]) * 0.5 * scale
+    centre = (boxes[:, 2:] + boxes[:, :2]) * 0.5
+    low, high = (centre - half).long(), (centre + half).long()
+    rows = _resize_weights(low[:, 1], high[:, 1], height, size + 2)
+    cols = _resize_weights(low[:, 0], high[:, 0], width, size + 2)
+    return rows @ padded @ cols.transpose(1, 2)
+
+
+def _resize_weights(start: torch.Tensor, end: torch.Tensor, length: int, size: int) -> torch.Tensor:
+    """(R, length, size) weights of bilinear resizing (``align_corners=False``) of ``size``
+    samples onto pixels ``start..end`` (inclusive) of a ``length``-pixel axis."""
+    extent = (end - start + 1).clamp(min=1)
+    pixel = torch.arange(length, device=start.device)[None] - start[:, None]  # (R, length)
+    inside = (pixel >= 0) & (pixel <= (end - start)[:, None])
+    scale = size / extent.float()
+    source = ((pixel.float() + 0.5) * scale[:, None] - 0.5).clamp(min=0)
+    first = source.floor()
+    weight = (source - first).clamp(0, 1)
+    first = first.long()
+    second = (first + 1).clamp(max=size - 1)
+    grid = torch.arange(size, device=start.device)
+    weights = (grid == first[..., None]) * (1 - weight)[..., None] + (
+        grid == second[..., None]
+    ) * weight[..., None]
+    return weights * inside[..., None]
