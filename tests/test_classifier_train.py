@@ -78,7 +78,7 @@ def test_val_classes_map_by_name(shapes):
     assert by_folder == {"star": 0, "circle": 1, "square": 2, "triangle": 3}
 
 
-def test_train_a_classifier_and_evaluate_it_the_same(shapes, tmp_path):
+def test_train_a_classifier_and_evaluate_it_the_same(shapes, tmp_path, capsys):
     cfg = load_config(None, [
         "model.name=spinenet49s_classifier", "model.image_size=32",
         f"model.options={json.dumps({**SMALL, 'label_smoothing': 0.1})}",
@@ -102,3 +102,19 @@ def test_train_a_classifier_and_evaluate_it_the_same(shapes, tmp_path):
     assert metrics["top1"] == pytest.approx(val[-1]["accuracy/top1"])
     assert metrics["loss"] == pytest.approx(val[-1]["val_loss"], rel=1e-5)
     assert sum(r["images"] for r in metrics["per_class"].values()) == len(data) == 4
+    # The command line gives the same numbers, worst class first.
+    out = tmp_path / "eval"
+    argv = ["eval", str(tmp_path / "run" / "last.safetensors"), "--images", str(shapes["val"]),
+            "--out", str(out), "--workers", "0", "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["top1"] == pytest.approx(metrics["top1"])
+    assert written["per_class"] == metrics["per_class"]  # counts and 0/1 fractions: exact
+    (tmp_path / "odd" / "hexagon").mkdir(parents=True)
+    star = next((shapes["val"] / "star").iterdir())
+    (tmp_path / "odd" / "hexagon" / "a.png").write_bytes(star.read_bytes())
+    argv[3] = str(tmp_path / "odd")
+    capsys.readouterr()
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "class folder(s) hexagon not among the model's 4" in error

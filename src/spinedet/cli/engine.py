@@ -27,15 +27,18 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from ..engine.api import evaluate
+    from ..engine.classification import format_classification
     from ..engine.evaluate import format_metrics
 
     metrics = evaluate(args.checkpoint, args.annotations, args.images, args.out,
                        args.batch_size, args.device, args.workers,
                        optimize=not args.no_optimize)  # fmt: skip
     if int(os.environ.get("RANK", "0")) == 0:
-        print(format_metrics(metrics))
+        classifier = "top1" in metrics
+        print(format_classification(metrics) if classifier else format_metrics(metrics))
         if args.out:
-            print(f"wrote {Path(args.out) / 'metrics.json'}, results.json and the analysis")
+            rest = "" if classifier else ", results.json and the analysis"
+            print(f"wrote {Path(args.out) / 'metrics.json'}{rest}")
     return 0
 
 
@@ -64,10 +67,11 @@ def add_engine_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("eval", help="COCO AP of a checkpoint, overall and per class")
+    p = sub.add_parser("eval", help="COCO AP (or a classifier's accuracy), overall and per class")
     p.add_argument("checkpoint", help=".safetensors file or run directory")
-    p.add_argument("--annotations", required=True, help="COCO json")
-    p.add_argument("--images", required=True, help="image directory")
+    p.add_argument("--annotations", default=None, help="COCO json (detectors)")
+    p.add_argument("--images", required=True,
+                   help="image directory; for a classifier an ImageFolder root")  # fmt: skip
     p.add_argument(
         "--out",
         default=None,

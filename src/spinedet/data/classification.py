@@ -34,6 +34,10 @@ def _image_folder(root: str | Path) -> ImageFolder:
         raise DataError(f"not an ImageFolder tree: {reason}", path) from None
 
 
+def _some(names: Sequence[str], count: int = 5) -> str:
+    return ", ".join(names[:count]) + (", ..." if len(names) > count else "")
+
+
 class ImageFolderDataset(Dataset):
     """``(image, {"labels": class index})`` samples of an ImageFolder tree.
 
@@ -51,9 +55,8 @@ class ImageFolderDataset(Dataset):
         index = {name: i for i, name in enumerate(self.classes)}
         unknown = [name for name in self.folder.classes if name not in index]
         if unknown:
-            shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
-            raise DataError(f"class folder(s) {shown} not among the model's {len(index)} "
-                            f"classes ({', '.join(self.classes[:5])}, ...)", root)  # fmt: skip
+            raise DataError(f"class folder(s) {_some(unknown)} not among the model's "
+                            f"{len(index)} classes ({_some(self.classes)})", root)  # fmt: skip
         # The folder's label -> the label of the same name in ``classes``.
         self._label = [index[name] for name in self.folder.classes]
 
