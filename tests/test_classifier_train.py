@@ -19,6 +19,7 @@ from spinedet.engine.trainer import train
 from spinedet.errors import SpinedetError
 from spinedet.models import load_model
 from spinedet.models.classifier import spinenet_classifier
+from spinedet.predictor import Predictor
 
 SMALL = {"filter_scale": 0.25, "endpoint_filters": 32}
 
@@ -118,3 +119,16 @@ def test_train_a_classifier_and_evaluate_it_the_same(shapes, tmp_path, capsys):
     assert main(argv) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "class folder(s) hexagon not among the model's 4" in error
+    # predict prints each image's top-k names (all 4 classes at --top-k 9) and writes them.
+    capsys.readouterr()
+    images = str(shapes["test"] / "star")
+    run = str(tmp_path / "run")
+    assert main(["predict", run, images, "--out", str(tmp_path / "p"), "--device", "cpu",
+                 "--top-k", "9"]) == 0  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("000039: ") and len(lines[0].split(", ")) == 4
+    entries = json.loads((tmp_path / "p" / "predictions.json").read_text())
+    assert {e["category_name"] for e in entries} == {"circle", "square", "star", "triangle"}
+    assert sum(e["score"] for e in entries) == pytest.approx(1.0, abs=1e-4)
+    top = Predictor(run, "cpu", top_k=2)(next(Path(images).iterdir()))
+    assert top.names == [e["category_name"] for e in entries[:2]] and len(top) == 2

@@ -134,15 +134,19 @@ def predict(
     annotations: str | Path | None = None,
     overwrite: bool = False,
     optimize: bool = True,
+    top_k: int = 5,
 ) -> PredictionReport:
     """Predict on images, directories, globs and videos (every ``every``-th frame) into
     ``out_dir`` (see :func:`~spinedet.engine.predict.predict_images`); returns the report.
 
-    Raises :class:`PredictError` after writing everything else when inputs were unreadable,
+    A classifier's records hold its ``top_k`` classes and probabilities instead of detections
+    (no drawings). Raises :class:`PredictError` after writing everything else when inputs were
+    unreadable,
     naming them; with ``annotations`` (a COCO file), image ids are that file's.
     """
     flush_denormals()
-    predictor = Predictor(checkpoint, device, score_threshold, optimize, batch_size, "binary")
+    predictor = Predictor(checkpoint, device, score_threshold, optimize, batch_size, "binary",
+                          top_k)  # fmt: skip
     items, skipped = collect_inputs(inputs, exclude=out_dir)
     if not items and not skipped:
         raise SpinedetError(f"no images or videos found in {', '.join(map(str, inputs))}")
