@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from ..data import collate
 from ..models import describe
 from .distributed import DistInfo, gather_objects
+from .evaluate import shard_loader
 
 __all__ = [
     "classification_metrics",
@@ -41,11 +41,7 @@ def top_k(
     order that depends on the number of ranks (metrics do not). The loss is the model's own
     (cross-entropy with its label smoothing)."""
     info = info or DistInfo()
-    shard = Subset(dataset, range(info.rank, len(dataset), info.world_size))
-    # A generator of its own: the workers' seeds are not drawn from the training RNG.
-    loader = DataLoader(shard, batch_size=batch_size, num_workers=workers, collate_fn=collate,
-                        pin_memory=torch.device(device).type == "cuda",
-                        generator=torch.Generator())  # fmt: skip
+    loader = shard_loader(dataset, info, batch_size, workers, device)
     was_training = model.training
     model.eval()
     parts: list[tuple[torch.Tensor, ...]] = []
