@@ -39,7 +39,8 @@ DEFAULTS: dict[str, Any] = {
     "data": {
         "train": {"annotations": None, "images": None},
         "val": {"annotations": None, "images": None},
-        "scale_range": [0.5, 2.0],
+        "scale_range": [0.5, 2.0],  # detectors: scale jitter
+        "crop_area": [0.08, 1.0],  # classifiers: random crops of this fraction of the image
         "hflip": 0.5,
         "workers": 2,
         "check": True,  # run `data check` before training
@@ -110,6 +111,7 @@ class Rule:
 RULES: dict[str, Rule] = {
     "model.image_size": Rule(low=32),
     "data.scale_range": Rule(low=0, low_open=True, length=2, ascending=True),
+    "data.crop_area": Rule(low=0, high=1, low_open=True, length=2, ascending=True),
     "data.hflip": Rule(low=0, high=1),
     "data.workers": Rule(low=0),
     "train.epochs": Rule(low=1),

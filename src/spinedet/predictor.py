@@ -21,13 +21,14 @@ from torch.nn import functional as nnf
 from torchvision.transforms.v2 import functional as F
 
 from .data import load_image
+from .data.transforms import classification_eval_transforms
 from .errors import SpinedetError
 from .models import describe, load_model
 from .models.registry import task_of
 from .models.weights import resolve_checkpoint
 from .optimize import optimize_for_inference
 
-__all__ = ["Detections", "ImageInput", "Predictor", "default_device", "to_image_tensor"]
+__all__ = ["Classes", "Detections", "ImageInput", "Predictor", "default_device", "to_image_tensor"]
 
 ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
 
@@ -80,6 +81,29 @@ class Detections:
         return entries
 
 
+@dataclass
+class Classes:
+    """A classifier's ``top_k`` classes for one image, most probable first: ``labels`` (k,),
+    ``scores`` (k,) softmax probabilities, ``category_ids`` and ``names``; ``image_size``."""
+
+    labels: torch.Tensor
+    scores: torch.Tensor
+    category_ids: list[int]
+    names: list[str]
+    image_size: tuple[int, int]
+    masks: None = None  # no masks, like a box detector's Detections
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def to_coco(self, image_id: int) -> list[dict[str, Any]]:
+        """One entry per class: image id, category id and name, probability."""
+        return [{"image_id": image_id, "category_id": c, "category_name": n,
+                 "score": round(s, 5)}
+                for c, n, s in zip(self.category_ids, self.names, self.scores.tolist(),
+                                   strict=True)]  # fmt: skip
+
+
 def _encode(mask: torch.Tensor) -> dict[str, Any]:
     rle = mask_utils.encode(np.asfortranarray(mask.numpy().astype(np.uint8)))
     return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
@@ -109,7 +133,7 @@ def to_image_tensor(image: ImageInput, bgr: bool = False) -> torch.Tensor:
 
 
 class Predictor:
-    """A detector ready for inference on images of any kind.
+    """A detector (or classifier) ready for inference on images of any kind.
 
     ``Predictor(weights)`` loads a spinedet ``.safetensors`` file or run directory (or takes a
     model); calling it on an image path, a PIL image, a numpy array (H x W x 3 uint8, RGB unless
@@ -132,6 +156,7 @@ class Predictor:
         optimize: bool = True,
         batch_size: int = 4,
         masks: Literal["binary", "rle"] = "binary",
+        top_k: int = 5,
     ) -> None:
         model = (
             weights if isinstance(weights, nn.Module) else load_model(resolve_checkpoint(weights))
@@ -147,10 +172,15 @@ class Predictor:
         self.score_threshold = score_threshold
         self.batch_size = batch_size
         self.masks = masks
-        self.image_size = int(model.transform.max_size)
-        self.min_stride = 2 ** min(model.backbone.levels)
         self._label_to_cat = self.description.label_to_category_id()
         self._name_of = {c.id: c.name for c in self.description.categories}
+        self.classifier = self.description.task == "classifier"
+        if self.classifier:  # resized, centre-cropped and normalised as in evaluation
+            self.top_k = min(top_k, len(self.description.categories))
+            self.transform = classification_eval_transforms(model.image_size)
+            return
+        self.image_size = int(model.transform.max_size)
+        self.min_stride = 2 ** min(model.backbone.levels)
 
     def __call__(
         self, images: ImageInput | Sequence[ImageInput], bgr: bool = False
@@ -187,14 +217,26 @@ class Predictor:
         return max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))
 
     @torch.no_grad()
-    def predict_batch(self, images: Sequence[torch.Tensor]) -> list[Detections]:
-        """Detections for (3, H, W) image tensors, run as one batch."""
+    def predict_batch(self, images: Sequence[torch.Tensor]) -> list[Detections] | list[Classes]:
+        """Detections (a classifier's top-k :class:`Classes`) for (3, H, W) image tensors, run
+        as one batch."""
+        if self.classifier:
+            batch = torch.stack([self.transform(image) for image in images]).to(self.device)
+            probs = self.model(batch).float().softmax(dim=1).cpu()
+            scores, labels = probs.topk(self.top_k, dim=1)
+            return [self._classes(s, lab, tuple(image.shape[-2:]))
+                    for s, lab, image in zip(scores, labels, images, strict=True)]  # fmt: skip
         inputs, shapes = [], []
         for image in images:
             shapes.append(tuple(image.shape[-2:]))
             inputs.append(self.prepare(image.to(self.device)))
         outputs = self.model(inputs)
         return [self._finish(o, x, s) for o, x, s in zip(outputs, inputs, shapes, strict=True)]
+
+    def _classes(self, scores: torch.Tensor, labels: torch.Tensor,
+                 shape: tuple[int, int]) -> Classes:  # fmt: skip
+        cats = [self._label_to_cat[int(label)] for label in labels]
+        return Classes(labels, scores, cats, [self._name_of[c] for c in cats], shape)
 
     def _finish(self, output: dict, given: torch.Tensor, shape: tuple[int, int]) -> Detections:
         """Keep detections above the threshold and map them back to the original image."""

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from spinedet.data.check import format_report, inspect_dataset
-from spinedet.data.shapes import make_shapes
+from spinedet.data.shapes import make_shape_classes, make_shapes
 from spinedet.data.split import split_parts, split_table, write_split
 
 
@@ -53,9 +53,12 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _shapes(args: argparse.Namespace) -> int:
-    paths = make_shapes(
-        args.out, num_images=args.num_images, size=args.size, seed=args.seed, splits=args.splits
-    )
+    if args.classification:  # an ImageFolder tree, one shape per image
+        paths = make_shape_classes(args.out, args.num_images, args.size, args.seed,
+                                   args.splits or (0.8, 0.1, 0.1))  # fmt: skip
+    else:
+        paths = make_shapes(args.out, num_images=args.num_images, size=args.size,
+                            seed=args.seed, splits=args.splits)  # fmt: skip
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
@@ -107,5 +110,8 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     shapes.add_argument("--size", type=_size, default=160, help="SIZE or WIDTHxHEIGHT")
     shapes.add_argument("--seed", type=int, default=0, help="seed of the generator")
     shapes.add_argument("--splits", type=float, nargs="+", help="also split, e.g. 0.8 0.1 0.1")
+    shapes.add_argument("--classification", action="store_true",
+                        help="one shape per image, as an ImageFolder tree OUT/{train,val,test}/"
+                        "<class>/ (splits 0.8 0.1 0.1 unless --splits)")  # fmt: skip
     shapes.set_defaults(func=_shapes)
     return data

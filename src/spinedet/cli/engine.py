@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -27,15 +28,18 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from ..engine.api import evaluate
+    from ..engine.classification import format_classification
     from ..engine.evaluate import format_metrics
 
     metrics = evaluate(args.checkpoint, args.annotations, args.images, args.out,
                        args.batch_size, args.device, args.workers,
                        optimize=not args.no_optimize)  # fmt: skip
     if int(os.environ.get("RANK", "0")) == 0:
-        print(format_metrics(metrics))
+        classifier = "top1" in metrics
+        print(format_classification(metrics) if classifier else format_metrics(metrics))
         if args.out:
-            print(f"wrote {Path(args.out) / 'metrics.json'}, results.json and the analysis")
+            rest = "" if classifier else ", results.json and the analysis"
+            print(f"wrote {Path(args.out) / 'metrics.json'}{rest}")
     return 0
 
 
@@ -45,7 +49,15 @@ def _predict(args: argparse.Namespace) -> int:
     report = predict(args.checkpoint, args.inputs, args.out, args.score_threshold, args.device,
                      batch_size=args.batch_size, every=args.every, draw=not args.no_draw,
                      save_masks=args.save_masks, annotations=args.annotations,
-                     overwrite=args.overwrite, optimize=not args.no_optimize)  # fmt: skip
+                     overwrite=args.overwrite, optimize=not args.no_optimize,
+                     top_k=args.top_k)  # fmt: skip
+    records = [json.loads(line) for line in open(report.path.with_suffix(".jsonl"))]
+    if records and records[0]["detections"] and "bbox" not in records[0]["detections"][0]:
+        for record in records:  # a classifier: its top-k classes per image
+            top = ", ".join(f"{e['category_name']} {e['score']:.3f}" for e in record["detections"])
+            print(f"{record['name']}: {top}")
+        print(f"{report.images} image(s): wrote {report.path}")
+        return 0
     drawn = "drawings and " if not args.no_draw else ""
     print(f"{report.images} image(s), {report.detections} detection(s): wrote {drawn}{report.path}")
     return 0
@@ -64,10 +76,11 @@ def add_engine_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("eval", help="COCO AP of a checkpoint, overall and per class")
+    p = sub.add_parser("eval", help="COCO AP (or a classifier's accuracy), overall and per class")
     p.add_argument("checkpoint", help=".safetensors file or run directory")
-    p.add_argument("--annotations", required=True, help="COCO json")
-    p.add_argument("--images", required=True, help="image directory")
+    p.add_argument("--annotations", default=None, help="COCO json (detectors)")
+    p.add_argument("--images", required=True,
+                   help="image directory; for a classifier an ImageFolder root")  # fmt: skip
     p.add_argument(
         "--out",
         default=None,
@@ -100,6 +113,9 @@ def add_engine_commands(sub: argparse._SubParsersAction) -> None:
                    help="COCO json whose image ids (matched by file name) go into the JSON; "
                    "otherwise images are numbered in order")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--top-k", type=int, default=5,
+                   help="classifiers: how many of the most probable classes are printed and "
+                   "written per image")  # fmt: skip
     _inference_options(p)
     p.set_defaults(func=_predict)
 

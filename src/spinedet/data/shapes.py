@@ -3,7 +3,8 @@
 Shapes are rasterised with pycocotools from the very polygons stored in the json, and the pixels
 are painted from those rasters, so the ground truth matches the image exactly. Later shapes
 occlude earlier ones only a little; an occluded instance is stored as the RLE of its visible
-pixels (still ``iscrowd=0``), an unoccluded one as its polygon.
+pixels (still ``iscrowd=0``), an unoccluded one as its polygon. With one shape per image, the
+same drawings make an ImageFolder tree for classifiers (:func:`make_shape_classes`).
 """
 
 from __future__ import annotations
@@ -72,21 +73,26 @@ Shape = tuple[int, list[float], np.ndarray]  # category index, polygon, full mas
 
 
 def _place_shapes(
-    rng: np.random.Generator, height: int, width: int, scale: tuple[float, float]
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    category: int | None = None,
 ) -> tuple[list[Shape], np.ndarray]:
-    """Shapes back to front with occlusion limited, and the index of the topmost per pixel."""
-    wanted = int(rng.integers(1, MAX_INSTANCES + 1))
+    """Shapes back to front with occlusion limited, and the index of the topmost per pixel;
+    with ``category`` (an index of CATEGORIES), one shape of that class."""
+    wanted = int(rng.integers(1, MAX_INSTANCES + 1)) if category is None else 1
     side = min(height, width)
     shapes: list[Shape] = []
     owner = np.full((height, width), -1, dtype=np.int16)
     for _ in range(wanted * 10):
         if len(shapes) == wanted:
             break
-        category = int(rng.integers(len(CATEGORIES)))
+        kind = int(rng.integers(len(CATEGORIES))) if category is None else category
         radius = side * math.exp(rng.uniform(math.log(scale[0]), math.log(scale[1]))) / 2
         cx, cy = rng.uniform(radius, width - radius), rng.uniform(radius, height - radius)
         angle = rng.uniform(0, 2 * math.pi)
-        polygon = _polygon(CATEGORIES[category]["name"], cx, cy, radius, angle)
+        polygon = _polygon(CATEGORIES[kind]["name"], cx, cy, radius, angle)
         mask = decode_segmentation([polygon], height, width).astype(bool)
         if mask.sum() < MIN_PIXELS:
             continue
@@ -96,16 +102,20 @@ def _place_shapes(
         if np.any(visible - covered < MIN_VISIBLE * full):
             continue
         owner[mask] = len(shapes)
-        shapes.append((category, polygon, mask))
+        shapes.append((kind, polygon, mask))
     return shapes, owner
 
 
 def _draw(
-    rng: np.random.Generator, height: int, width: int, scale: tuple[float, float]
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    category: int | None = None,
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """One image (uint8 HxWx3) and its annotations (without ids)."""
+    """One image (uint8 HxWx3) and its annotations (without ids); see :func:`_place_shapes`."""
     pixels = _background(rng, height, width)
-    shapes, owner = _place_shapes(rng, height, width, scale)
+    shapes, owner = _place_shapes(rng, height, width, scale, category)
     for (_, _, mask), colour in zip(shapes, _colours(rng, len(shapes)), strict=True):
         pixels[mask] = colour
     pixels += rng.normal(0, 5, size=pixels.shape)  # sensor-like noise on everything
@@ -173,4 +183,44 @@ def make_shapes(
     write_json(paths["annotations"], dataset)
     if splits is not None:  # a new data set: its old splits are stale
         paths.update(split_dataset(paths["annotations"], out, splits, seed, overwrite=True))
+    return paths
+
+
+def make_shape_classes(
+    out_dir: str | Path,
+    num_images: int = 400,
+    size: int | tuple[int, int] = 64,
+    seed: int = 0,
+    splits: Sequence[float] = (0.8, 0.1, 0.1),
+    scale: tuple[float, float] = (0.35, 0.9),
+) -> dict[str, Path]:
+    """Write an ImageFolder tree of one shape per image: ``OUT/<split>/<class>/<index>.png``.
+
+    Classes take turns (image ``i`` shows class ``i mod 4``), so every split is balanced;
+    the splits (``train``, ``val``, ``test`` by default ratios) take consecutive images. Image
+    ``i`` depends only on ``seed`` and ``i``. A split folder that already holds files is
+    refused (ImageFolder would mix them in). Returns ``{split name: folder}``.
+    """
+    width, height = (size, size) if isinstance(size, int) else size
+    names = ("train", "val", "test")
+    if num_images < 1 or min(width, height) < 16:
+        raise DataError("need at least one image of at least 16x16 pixels")
+    if not 1 <= len(splits) <= len(names) or min(splits) <= 0:
+        raise DataError(f"splits {list(splits)}: give 1 to 3 positive ratios (train, val, test)")
+    out = Path(out_dir)
+    paths = {name: out / name for name in names[: len(splits)]}
+    for path in paths.values():
+        if path.is_dir() and any(path.iterdir()):
+            raise DataError("exists and is not empty; choose another --out or remove it", path)
+    ends = np.rint(np.cumsum(splits) / sum(splits) * num_images).astype(int)
+    for index in range(num_images):
+        category = index % len(CATEGORIES)
+        rng = np.random.default_rng([seed, index])
+        anns: list[dict[str, Any]] = []
+        while not anns:  # a shape below MIN_PIXELS is redrawn
+            pixels, anns = _draw(rng, height, width, scale, category)
+        split = names[int(np.searchsorted(ends, index, side="right"))]
+        folder = paths[split] / CATEGORIES[category]["name"]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(folder / f"{index:06d}.png", compress_level=1)
     return paths

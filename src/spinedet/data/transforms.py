@@ -41,3 +41,40 @@ def train_transforms(
 def eval_transforms() -> v2.Compose:
     """Only convert to float in [0, 1]: the detector resizes by itself at inference."""
     return v2.Compose([v2.ToDtype(torch.float32, scale=True)])
+
+
+# What tensorflow/tpu's classification parser feeds its networks: RGB in [0, 1] normalised with
+# ImageNet's mean and std; at evaluation the centre 224/256 of the short side, resized.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CENTER_CROP_FRACTION = 0.875
+
+
+def classification_train_transforms(
+    size: int, area: tuple[float, float] = (0.08, 1.0), hflip: float = 0.5
+) -> v2.Compose:
+    """A random crop of ``area`` (fraction of the image, aspect 3/4..4/3) resized to ``size`` x
+    ``size``, a horizontal flip, then the classifiers' normalisation."""
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RandomResizedCrop(size, scale=area, antialias=True),
+            v2.RandomHorizontalFlip(hflip),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+def classification_eval_transforms(size: int) -> v2.Compose:
+    """The short side resized to ``size / 0.875``, the centre ``size`` x ``size`` crop, and the
+    classifiers' normalisation: what a classifier is evaluated and predicts on."""
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(round(size / CENTER_CROP_FRACTION), antialias=True),
+            v2.CenterCrop(size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )

@@ -9,8 +9,8 @@ from typing import Any
 
 from torch import nn
 
-from ..data import CocoDataset
-from ..data.transforms import eval_transforms
+from ..data import CocoDataset, ImageFolderDataset
+from ..data.transforms import classification_eval_transforms, eval_transforms
 from ..errors import SpinedetError
 from ..models import describe, load_model
 from ..models.registry import task_of
@@ -19,6 +19,7 @@ from ..optimize import optimize_for_inference
 from ..predictor import Predictor
 from . import distributed
 from .analysis import write_analysis
+from .classification import evaluate_classifier
 from .distributed import flush_denormals
 from .evaluate import evaluate_distributed
 from .predict import PredictionReport, collect_inputs, predict_images
@@ -38,7 +39,7 @@ def load_checkpoint(path: str | Path, **overrides) -> tuple[nn.Module, list[dict
 
 def evaluate(
     checkpoint: str | Path,
-    annotations: str | Path,
+    annotations: str | Path | None,
     images: str | Path,
     out_dir: str | Path | None = None,
     batch_size: int = 2,
@@ -46,7 +47,9 @@ def evaluate(
     workers: int = 2,
     optimize: bool = True,
 ) -> dict[str, dict[str, Any]]:
-    """COCO AP (box, and mask for Mask R-CNN) of a checkpoint on a COCO json data set.
+    """COCO AP (box, and mask for Mask R-CNN) of a checkpoint on a COCO json data set; for a
+    classifier (``annotations`` None), top-1/top-5 and per-class accuracy on the ImageFolder
+    tree ``images`` (see :func:`~spinedet.engine.classification.classification_metrics`).
 
     With ``out_dir``, writes ``metrics.json``, the COCO results file ``results.json`` and the
     analysis (precision-recall curves, confusion matrix, ``per_class.csv``). Under ``torchrun``
@@ -61,6 +64,11 @@ def evaluate(
         task = task_of(model)
         if task is None:
             raise SpinedetError(f"{checkpoint} holds a backbone: evaluate a detector")
+        if task.name == "classifier":
+            return _evaluate_classifier(model, images, out_dir, batch_size, info, workers,
+                                        optimize)  # fmt: skip
+        if annotations is None:
+            raise SpinedetError(f"{checkpoint} holds a detector: give --annotations (COCO json)")
         iou_types = ("bbox", "segm") if task.masks else ("bbox",)
         dataset = CocoDataset(annotations, images, eval_transforms(), masks=task.masks)
         unknown = sorted({c["id"] for c in dataset.categories} - {c["id"] for c in categories})
@@ -88,6 +96,26 @@ def evaluate(
         distributed.teardown()
 
 
+def _evaluate_classifier(model: nn.Module, images: str | Path, out_dir: str | Path | None,
+                         batch_size: int, info: distributed.DistInfo, workers: int,
+                         optimize: bool) -> dict[str, Any]:  # fmt: skip
+    """Top-1/top-5 and per-class accuracy on an ImageFolder tree whose class folders are named
+    as the model's classes (``metrics.json`` in ``out_dir``)."""
+    names = describe(model).class_names
+    dataset = ImageFolderDataset(images, classification_eval_transforms(model.image_size), names)
+    model = model.eval().to(info.device)
+    if optimize:
+        model = optimize_for_inference(model)
+    metrics = evaluate_classifier(model, dataset, info.device, info, batch_size, workers,
+                                  progress=distributed.is_main(info))  # fmt: skip
+    if out_dir is not None and distributed.is_main(info):
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(metrics, indent=1, allow_nan=False)
+        atomic_write(out / "metrics.json", lambda t: Path(t).write_text(text))
+    return metrics
+
+
 class PredictError(SpinedetError):
     """Some inputs could not be read (the others were predicted)."""
 
@@ -106,15 +134,19 @@ def predict(
     annotations: str | Path | None = None,
     overwrite: bool = False,
     optimize: bool = True,
+    top_k: int = 5,
 ) -> PredictionReport:
     """Predict on images, directories, globs and videos (every ``every``-th frame) into
     ``out_dir`` (see :func:`~spinedet.engine.predict.predict_images`); returns the report.
 
-    Raises :class:`PredictError` after writing everything else when inputs were unreadable,
+    A classifier's records hold its ``top_k`` classes and probabilities instead of detections
+    (no drawings). Raises :class:`PredictError` after writing everything else when inputs were
+    unreadable,
     naming them; with ``annotations`` (a COCO file), image ids are that file's.
     """
     flush_denormals()
-    predictor = Predictor(checkpoint, device, score_threshold, optimize, batch_size, "binary")
+    predictor = Predictor(checkpoint, device, score_threshold, optimize, batch_size, "binary",
+                          top_k)  # fmt: skip
     items, skipped = collect_inputs(inputs, exclude=out_dir)
     if not items and not skipped:
         raise SpinedetError(f"no images or videos found in {', '.join(map(str, inputs))}")

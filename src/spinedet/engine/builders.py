@@ -14,8 +14,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..data import CocoDataset
-from ..data.transforms import eval_transforms, train_transforms
+from ..data import CocoDataset, ImageFolderDataset
+from ..data.transforms import (
+    classification_eval_transforms,
+    classification_train_transforms,
+    eval_transforms,
+    train_transforms,
+)
 from ..errors import SpinedetError, shorten
 from ..models import create_model
 from ..models.registry import BACKBONE, TASKS, Task, model_task
@@ -23,10 +28,12 @@ from ..models.weights import architecture_options, load_weights, read_weights, r
 
 __all__ = [
     "DATASET_BUILDERS",
+    "DATASET_SOURCES",
     "Datasets",
     "build_datasets",
     "build_model",
     "build_optimizer",
+    "data_source",
     "effective_lr",
     "load_backbone_weights",
     "lr_lambda",
@@ -46,18 +53,41 @@ class Datasets:
     categories: list[dict[str, Any]]
 
 
-# task name -> builder(config, task) -> Datasets. A classification task registers an
-# ImageFolder builder here; the trainer needs nothing else to train it.
+# task name -> builder(config, task) -> Datasets, and the ``data.<split>`` key that names each
+# split's source (its presence says whether a validation set is given).
 DATASET_BUILDERS: dict[str, Callable[[dict, Task], Datasets]] = {}
+DATASET_SOURCES: dict[str, str] = {}
 
 
-def register_dataset_builder(*tasks: str) -> Callable:
+def register_dataset_builder(*tasks: str, source: str = "annotations") -> Callable:
     def register(builder: Callable[[dict, Task], Datasets]) -> Callable[[dict, Task], Datasets]:
         for task in tasks:
             DATASET_BUILDERS[task] = builder
+            DATASET_SOURCES[task] = source
         return builder
 
     return register
+
+
+def data_source(cfg: dict, split: str) -> str | None:
+    """What ``data.<split>`` reads for the configured model: its COCO json (detectors) or its
+    ImageFolder root (classifiers); None when not set."""
+    task = model_task(cfg["model"]["name"])
+    return cfg["data"][split][DATASET_SOURCES.get(task, "annotations")]
+
+
+@register_dataset_builder("classifier", source="images")
+def build_image_folder(cfg: dict, task: Task) -> Datasets:
+    """ImageFolder trees (``data.<split>.images``, one folder per class) for classifiers: the
+    training set's folders are the classes; the validation set's map onto them by name."""
+    dcfg, size = cfg["data"], cfg["model"]["image_size"]
+    train_tf = classification_train_transforms(size, tuple(dcfg["crop_area"]), dcfg["hflip"])
+    train_set = ImageFolderDataset(dcfg["train"]["images"], train_tf)
+    val_set = None
+    if dcfg["val"]["images"]:
+        val_set = ImageFolderDataset(dcfg["val"]["images"], classification_eval_transforms(size),
+                                     train_set.classes)  # fmt: skip
+    return Datasets(train_set, val_set, train_set.categories)
 
 
 @register_dataset_builder("retinanet", "fasterrcnn", "maskrcnn")
@@ -80,16 +110,17 @@ def build_datasets(cfg: dict) -> tuple[Task, Datasets]:
     task_name = model_task(name)
     if task_name is None:
         raise SpinedetError(f"model.name={name} is a backbone; train a detector (e.g. _maskrcnn)")
-    if cfg["data"]["train"]["annotations"] is None:
-        raise SpinedetError("data.train.annotations is not set (use --set data.train=...)")
     builder = DATASET_BUILDERS.get(task_name)
     if builder is None:
         raise SpinedetError(f"model.name={name}: no data set builder for task {task_name!r}")
+    if data_source(cfg, "train") is None:
+        key = f"data.train.{DATASET_SOURCES[task_name]}"
+        raise SpinedetError(f"{key} is not set (use --set {key}=...)")
     data = builder(cfg, TASKS[task_name])
     for split, dataset in (("train", data.train), ("val", data.val)):
         if dataset is not None and len(dataset) == 0:
             raise SpinedetError(
-                f"{cfg['data'][split]['annotations']}: the data set has no images; "
+                f"{data_source(cfg, split)}: the data set has no images; "
                 f"point data.{split} at a set with images"
             )
     return TASKS[task_name], data

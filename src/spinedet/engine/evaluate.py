@@ -39,6 +39,7 @@ __all__ = [
     "instance_counts",
     "merge",
     "run_inference",
+    "shard_loader",
     "sharded_val_loss",
     "summarize",
     "to_coco_results",
@@ -85,6 +86,17 @@ def to_coco_results(
     return results
 
 
+def shard_loader(
+    dataset: Dataset, info: DistInfo, batch_size: int, workers: int, device: torch.device
+) -> DataLoader:
+    """Batches of this rank's images of ``dataset``: every ``world_size``-th one, in order."""
+    shard = Subset(dataset, range(info.rank, len(dataset), info.world_size))
+    # A generator of its own: the workers' seeds are not drawn from the training RNG.
+    return DataLoader(shard, batch_size=batch_size, num_workers=workers, collate_fn=collate,
+                      pin_memory=torch.device(device).type == "cuda",
+                      generator=torch.Generator())  # fmt: skip
+
+
 @torch.no_grad()
 def run_inference(
     model: nn.Module,
@@ -99,11 +111,7 @@ def run_inference(
     """COCO results of ``model`` on every image of ``dataset``: each rank infers every
     ``world_size``-th image (loaded by ``workers`` DataLoader processes); every rank gets all."""
     info = info or DistInfo()
-    shard = Subset(dataset, range(info.rank, len(dataset), info.world_size))
-    # A generator of its own: the workers' seeds are not drawn from the training RNG.
-    loader = DataLoader(shard, batch_size=batch_size, num_workers=workers, collate_fn=collate,
-                        pin_memory=torch.device(device).type == "cuda",
-                        generator=torch.Generator())  # fmt: skip
+    loader = shard_loader(dataset, info, batch_size, workers, device)
     was_training = model.training
     model.eval()
     results: list[dict[str, Any]] = []

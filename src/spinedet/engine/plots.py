@@ -43,7 +43,8 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def plot_curves(metrics_file: str | Path, out: str | Path) -> Path:
-    """Training loss per step, validation loss and AP per epoch, side by side."""
+    """Training loss per step, validation loss and AP (or a classifier's accuracy) per epoch,
+    side by side."""
     rows = read_metrics(metrics_file)
     steps = [r for r in rows if r.get("kind") == "train"]
     epochs = [r for r in rows if r.get("kind") == "val"]
@@ -56,10 +57,16 @@ def plot_curves(metrics_file: str | Path, out: str | Path) -> Path:
                      label="validation")  # fmt: skip
     ax_loss.set(xlabel="step", ylabel="loss", title="loss")
     ax_loss.legend()
-    for key in sorted({k for r in epochs for k in r if k.endswith(("/AP", "/AP50"))}):
-        points = [(r["epoch"], r[key]) for r in epochs if key in r]
-        ax_ap.plot(*zip(*points, strict=True), "o-", label=key)
-    ax_ap.set(xlabel="epoch", ylabel="AP", title="COCO AP (validation)", ylim=(0, 1))
+    keys = sorted({k for r in epochs for k in r if k.endswith(("/AP", "/AP50"))})
+    accuracy = not keys  # a classifier's run
+    if accuracy:
+        keys = sorted({k for r in epochs for k in r if k.startswith("accuracy/")})
+    for key in keys:
+        points = [(r["epoch"], r[key]) for r in epochs if r.get(key) is not None]
+        if points:
+            ax_ap.plot(*zip(*points, strict=True), "o-", label=key)
+    ax_ap.set(xlabel="epoch", ylabel="accuracy" if accuracy else "AP", ylim=(0, 1),
+              title="accuracy (validation)" if accuracy else "COCO AP (validation)")  # fmt: skip
     if ax_ap.lines:
         ax_ap.legend()
     fig.tight_layout()

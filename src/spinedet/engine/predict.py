@@ -189,7 +189,7 @@ def predict_images(
 
     target(report.path)
     for item in items:
-        if draw and not item.is_video:
+        if draw and not item.is_video and not predictor.classifier:
             target(out / item.name.with_suffix(".png"))
     results: list[dict] = []
     counter = 0
@@ -204,7 +204,7 @@ def predict_images(
             relative = str(item.name.with_suffix(item.path.suffix))
             image_id = ids.get(relative, ids.get(item.path.name, counter))
             counter += 1
-            if draw:
+            if draw and not predictor.classifier:  # a classifier has no boxes to draw
                 drawn = draw_detections(image, det, num_classes)
                 Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(
                     target(out / item.name.with_suffix(".png"))

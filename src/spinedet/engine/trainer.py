@@ -18,12 +18,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..config import ConfigError, load_config, save_config
-from ..data import DataError, check_dataset_cached, collate, format_report
+from ..data import DataError, check_dataset_cached, check_image_folder, collate, format_report
 from ..errors import SpinedetError, shorten
-from ..models import describe
+from ..models import describe, model_task
 from . import distributed
-from .builders import build_datasets, build_model, build_optimizer, effective_lr
+from .builders import build_datasets, build_model, build_optimizer, data_source, effective_lr
 from .checkpoint import Checkpointer, RunLock, remove_stale_temps
+from .classification import evaluate_classifier, flat_classification, format_classification
 from .evaluate import evaluate_distributed, flat_metrics, format_metrics, sharded_val_loss
 from .logger import RunLogger
 from .loop import SeededSamples, Stepper, StopSignal, epoch_order
@@ -72,15 +73,23 @@ def config_changes(old: dict, new: dict) -> list[str]:
 
 def _check_data(cfg: dict, out: Path) -> str | None:
     """``data check`` of the training and validation sets: the report, or None when clean. A
-    clean result is cached in the run directory, so a resume does not read every image again."""
+    clean COCO result is cached in the run directory, so a resume does not read every image
+    again; a classifier's ImageFolder trees get a header check of every image."""
+    classifier = model_task(cfg["model"]["name"]) == "classifier"
     for split in ("train", "val"):
         spec = cfg["data"][split]
-        if spec["annotations"]:
-            problems = check_dataset_cached(spec["annotations"], spec["images"], out)
-            if problems:
-                return f"{spec['annotations']}: the data set has problems\n" + format_report(
-                    problems
-                )
+        source = data_source(cfg, split)
+        if source is None:
+            continue
+        try:
+            if classifier:
+                problems = check_image_folder(source)
+            else:
+                problems = check_dataset_cached(spec["annotations"], spec["images"], out)
+        except DataError as e:  # not an ImageFolder tree: said on every rank, not raised on one
+            return str(e)
+        if problems:
+            return f"{source}: the data set has problems\n" + format_report(problems)
     return None
 
 
@@ -153,7 +162,7 @@ class Trainer:
         self.steps_per_epoch = n_local // per_step
         if self.steps_per_epoch == 0:
             raise SpinedetError(
-                f"{config['data']['train']['annotations']}: {len(self.train_set)} training images "
+                f"{data_source(config, 'train')}: {len(self.train_set)} training images "
                 f"make no step of {per_step} images per process (train.batch_size "
                 f"{tcfg['batch_size']} x train.accumulate {self.accumulate} over "
                 f"{info.world_size} processes); lower train.batch_size or train.accumulate"
@@ -208,10 +217,27 @@ class Trainer:
 
     # ----- evaluation --------------------------------------------------------------------
     def _evaluate(self, epoch: int) -> dict:
-        """Validation loss and COCO metrics, each shared by all ranks (identical results on
-        every rank); rank 0 logs them and keeps the best weights."""
-        workers = self.cfg["data"]["workers"]
+        """Validation loss and metrics (COCO AP, or a classifier's accuracy), each shared by all
+        ranks (identical results on every rank); rank 0 logs them and keeps the best weights
+        (by mask AP, else box AP, or top-1 accuracy)."""
         distributed.broadcast_buffers(self.model, self.info)
+        if self.task.name == "classifier":
+            val_loss, primary, flat, text, metrics = self._classifier_metrics()
+        else:
+            val_loss, primary, flat, text, metrics = self._coco_metrics()
+        self.net.train()
+        row = {"kind": "val", "epoch": epoch, "step": self.step, "val_loss": val_loss}
+        self.logger.row(row | flat)
+        if primary is not None and primary > self.best:
+            self.best = primary
+            if self.main:
+                self.checkpointer.save_best(self.step)
+        self.logger.text(f"epoch {epoch}: val loss {val_loss:.4f}\n{text}")
+        return metrics
+
+    def _coco_metrics(self) -> tuple[float, float | None, dict, str, dict]:
+        """(val loss, primary AP, flat metrics, text, metrics) of a detector."""
+        workers = self.cfg["data"]["workers"]
         val_loss = sharded_val_loss(self.model, self.val_set, self.batch, self.device, self.info,
                                     workers=workers, seed=self.seed)  # fmt: skip
         iou_types = ("bbox", "segm") if self.task.masks else ("bbox",)
@@ -219,17 +245,17 @@ class Trainer:
         metrics, _ = evaluate_distributed(self.model, self.val_set, label_to_cat, self.device,
                                           self.info, iou_types, self.batch, workers=workers,
                                           progress=self.main)  # fmt: skip
-        self.net.train()
-        row = {"kind": "val", "epoch": epoch, "step": self.step, "val_loss": val_loss}
-        self.logger.row(row | flat_metrics(metrics))
         primary = metrics["segm" if "segm" in metrics else "bbox"]["AP"]
-        if primary is not None and primary > self.best:
-            self.best = primary
-            if self.main:
-                self.checkpointer.save_best(self.step)
-        self.logger.text(f"epoch {epoch}: val loss {val_loss:.4f}\n"
-                         + format_metrics(metrics, worst=10))  # fmt: skip
-        return metrics
+        return val_loss, primary, flat_metrics(metrics), format_metrics(metrics, worst=10), metrics
+
+    def _classifier_metrics(self) -> tuple[float, float | None, dict, str, dict]:
+        """(val loss, top-1, flat metrics, text, metrics) of a classifier: one pass in eval
+        mode gives the loss and the accuracies."""
+        metrics = evaluate_classifier(self.model, self.val_set, self.device, self.info,
+                                      self.batch, self.cfg["data"]["workers"],
+                                      progress=self.main)  # fmt: skip
+        flat, text = flat_classification(metrics), format_classification(metrics, worst=10)
+        return metrics["loss"], metrics["top1"], flat, text, metrics
 
     # ----- the loop ----------------------------------------------------------------------
     def _loader(self, epoch: int, skip: int) -> DataLoader:

@@ -1,10 +1,19 @@
 """SpineNet ImageNet classifiers, built as tensorflow/tpu's ``ClassificationModel`` builds them
 (``models/official/detection/modeling/classification_model.py`` with the ``all`` aggregation of
-``heads.ClassificationHead``, as the zoo's ``spinenet*_classification.yaml`` configure it)."""
+``heads.ClassificationHead``, as the zoo's ``spinenet*_classification.yaml`` configure it).
+
+Input: the network reads images already normalised, ``(x - mean) / std`` of RGB in [0, 1]
+with ImageNet's mean and std (what tensorflow/tpu's classification parser feeds it, so
+converted zoo weights see what they were trained on). Unlike torchvision's detectors the model
+does not normalise by itself: ``spinedet.data.transforms.classification_eval_transforms`` (used
+by eval, predict and the Predictor) and ``classification_train_transforms`` do, and an ONNX
+export takes the normalised input as is.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,14 +50,19 @@ class SpineNetClassifier(nn.Module):
         num_classes: outputs of the linear layer (the zoo's checkpoints have 1001: class 0 is
             an unused background class).
         dropout: dropout rate before the linear layer (training only).
+        label_smoothing: of the training loss (cross-entropy), as in ``F.cross_entropy``.
     """
 
-    def __init__(self, backbone: SpineNet, num_classes: int = 1000, dropout: float = 0.0) -> None:
+    def __init__(self, backbone: SpineNet, num_classes: int = 1000, dropout: float = 0.0,
+                 label_smoothing: float = 0.0) -> None:  # fmt: skip
         super().__init__()
         if num_classes < 1:
             raise ModelError(f"num_classes must be positive, got {num_classes}")
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ModelError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
         self.backbone = backbone
         self.num_classes = num_classes
+        self.label_smoothing = label_smoothing
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(backbone.out_channels, num_classes)
         nn.init.normal_(self.fc.weight, std=0.01)  # tensorflow/tpu's dense initializer
@@ -62,15 +76,37 @@ class SpineNetClassifier(nn.Module):
             out = F.interpolate(out, size=level.shape[-2:], mode="nearest") + level
         return (out / len(levels)).mean(dim=(-2, -1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``[N, num_classes]`` of NCHW images."""
-        return self.fc(self.dropout(self.features(x)))
+    def loss(
+        self, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
+    ) -> torch.Tensor:
+        """Cross-entropy with the model's label smoothing (``reduction`` as in torch)."""
+        return F.cross_entropy(logits, labels, reduction=reduction,
+                               label_smoothing=self.label_smoothing)  # fmt: skip
+
+    def forward(
+        self,
+        x: torch.Tensor | Sequence[torch.Tensor],
+        targets: Sequence[dict[str, Any]] | None = None,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Logits ``[N, num_classes]`` of NCHW images (or a list of equally sized CHW images).
+
+        In training mode with ``targets`` (``{"labels": class index}`` per image), the losses
+        as torchvision's detectors return them: ``{"loss_classifier": ...}``, so the engine
+        trains classifiers and detectors alike.
+        """
+        if not isinstance(x, torch.Tensor):
+            x = torch.stack(list(x))
+        logits = self.fc(self.dropout(self.features(x)))
+        if targets is None or not self.training:
+            return logits
+        labels = torch.stack([torch.as_tensor(t["labels"]) for t in targets]).to(logits.device)
+        return {"loss_classifier": self.loss(logits, labels.view(-1))}
 
 
 @register_task(
     "classifier",
     families={"spinenet": None},
-    runtime={"dropout", "image_size"},
+    runtime={"dropout", "image_size", "label_smoothing"},
     background=False,
     default_classes=1000,
 )
@@ -92,9 +128,10 @@ def spinenet_classifier(
         num_classes: number of output classes; inferred from ``class_names`` when given.
         class_names: names of classes 0..num_classes-1, kept on the model.
         image_size: the square input size it is trained and evaluated at (kept on the model).
-        **kwargs: ``dropout``, or any :class:`~spinedet.models.spinenet.SpineNet` option
-            (``activation="swish"``, ``stochastic_depth_rate=0.2``, ...), which override the
-            tensorflow/tpu defaults in :data:`TPU_CLASSIFIER_OPTIONS`.
+        **kwargs: ``dropout``, ``label_smoothing``, or any
+            :class:`~spinedet.models.spinenet.SpineNet` option (``activation="swish"``,
+            ``stochastic_depth_rate=0.2``, ...), which override the tensorflow/tpu defaults in
+            :data:`TPU_CLASSIFIER_OPTIONS`.
 
     Example:
         >>> model = spinenet_classifier("49", num_classes=10, activation="swish")
@@ -106,8 +143,9 @@ def spinenet_classifier(
             raise ModelError(f"num_classes={num_classes} but {len(class_names)} class names")
         num_classes = len(class_names)
     dropout = kwargs.pop("dropout", 0.0)
+    label_smoothing = kwargs.pop("label_smoothing", 0.0)
     backbone = spinenet(variant, **{**TPU_CLASSIFIER_OPTIONS, **kwargs})
-    model = SpineNetClassifier(backbone, num_classes, dropout)
+    model = SpineNetClassifier(backbone, num_classes, dropout, label_smoothing)
     model.class_names = (
         list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
     )

@@ -1,0 +1,127 @@
+"""Classifier evaluation: loss, top-1 and top-5 accuracy, overall and per class, split over the
+ranks of a distributed run by image."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from ..models import describe
+from .distributed import DistInfo, gather_objects
+from .evaluate import shard_loader
+
+__all__ = [
+    "classification_metrics",
+    "evaluate_classifier",
+    "flat_classification",
+    "format_classification",
+    "top_k",
+]
+
+TOP_K = 5
+
+
+@torch.no_grad()
+def top_k(
+    model: nn.Module,
+    dataset: Dataset,
+    device: torch.device,
+    info: DistInfo | None = None,
+    batch_size: int = 32,
+    workers: int = 0,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(top5 labels [N, 5], labels [N], losses [N])`` of ``model`` (in eval mode) on
+    ``dataset``: each rank runs every ``world_size``-th image; every rank gets all, in an
+    order that depends on the number of ranks (metrics do not). The loss is the model's own
+    (cross-entropy with its label smoothing)."""
+    info = info or DistInfo()
+    loader = shard_loader(dataset, info, batch_size, workers, device)
+    was_training = model.training
+    model.eval()
+    parts: list[tuple[torch.Tensor, ...]] = []
+    bar = tqdm(loader, desc="evaluate", unit="batch", disable=not progress or info.rank != 0)
+    for images, targets in bar:
+        logits = model(torch.stack(images).to(device, non_blocking=True)).float()
+        labels = torch.stack([t["labels"] for t in targets]).to(device)
+        k = min(TOP_K, logits.shape[1])
+        losses = model.loss(logits, labels, reduction="none")
+        parts.append((logits.topk(k).indices.cpu(), labels.cpu(), losses.cpu()))
+    model.train(was_training)
+    gathered = [p for rank_parts in gather_objects(parts, info) for p in rank_parts]
+    if not gathered:
+        return torch.zeros(0, TOP_K, dtype=torch.long), torch.zeros(0, dtype=torch.long), \
+            torch.zeros(0)  # fmt: skip
+    return tuple(torch.cat(column) for column in zip(*gathered, strict=True))  # type: ignore[return-value]
+
+
+def _rate(hits: torch.Tensor) -> float | None:
+    return float(hits.float().mean()) if len(hits) else None
+
+
+def classification_metrics(
+    top5: torch.Tensor, labels: torch.Tensor, losses: torch.Tensor, class_names: Sequence[str]
+) -> dict[str, Any]:
+    """``loss`` (mean), ``top1``, ``top5`` (fractions of images), ``images``, and ``per_class``:
+    ``{name: {images, top1, top5}}`` over the images of that class (null when it has none)."""
+    hit1 = top5[:, 0] == labels
+    hit5 = (top5 == labels[:, None]).any(dim=1)
+    per_class = {}
+    for label, name in enumerate(class_names):
+        mine = labels == label
+        per_class[name] = {"images": int(mine.sum()), "top1": _rate(hit1[mine]),
+                           "top5": _rate(hit5[mine])}  # fmt: skip
+    return {"loss": float(losses.mean()) if len(losses) else None, "top1": _rate(hit1),
+            "top5": _rate(hit5), "images": len(labels), "per_class": per_class}  # fmt: skip
+
+
+def evaluate_classifier(
+    model: nn.Module,
+    dataset: Dataset,
+    device: torch.device,
+    info: DistInfo | None = None,
+    batch_size: int = 32,
+    workers: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """:func:`classification_metrics` of ``model`` on a dataset of ``(image, {"labels"})``
+    samples labelled as the model's classes; the same on every rank."""
+    top5, labels, losses = top_k(model, dataset, device, info, batch_size, workers, progress)
+    names = describe(model).class_names
+    return classification_metrics(top5, labels, losses, names)
+
+
+def flat_classification(metrics: dict[str, Any]) -> dict[str, float | None]:
+    """One level for metrics.jsonl and TensorBoard: ``accuracy/top1``, ``accuracy/top5`` and
+    ``top1_per_class/<class>``."""
+    flat = {"accuracy/top1": metrics["top1"], "accuracy/top5": metrics["top5"]}
+    return flat | {f"top1_per_class/{name}": row["top1"]
+                   for name, row in metrics["per_class"].items()}  # fmt: skip
+
+
+def _cell(value: float | None) -> str:
+    return "     -" if value is None else f"{value:6.3f}"
+
+
+def format_classification(metrics: dict[str, Any], worst: int | None = None) -> str:
+    """Top-1 and top-5 accuracy, then per-class accuracy worst first (classes without images
+    last); ``worst`` keeps only that many rows."""
+    lines = [f"top-1 {_cell(metrics['top1'])}  top-5 {_cell(metrics['top5'])}  "
+             f"({metrics['images']} images)"]  # fmt: skip
+    rows = metrics["per_class"]
+    names = sorted(rows, key=lambda n: (rows[n]["top1"] is None, rows[n]["top1"] or 0.0))
+    shown = names if worst is None else names[:worst]
+    title = "per-class accuracy, worst first"
+    if len(shown) < len(names):
+        title += f" ({len(shown)} of {len(names)})"
+    lines += ["", title, f"{'class':<20} {'images':>6} {'top-1':>6} {'top-5':>6}"]
+    for name in shown:
+        row = rows[name]
+        lines.append(f"{name[:20]:<20} {row['images']:>6} {_cell(row['top1'])} "
+                     f"{_cell(row['top5'])}")  # fmt: skip
+    return "\n".join(lines)
