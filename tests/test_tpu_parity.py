@@ -67,7 +67,7 @@ def test_classifier_matches_tensorflow_tpu(variant, activation, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "variant,activation,size", [("49S", "relu", (256, 384)), ("49", "relu", (320, 320))]
+    "variant,activation,size", [("49S", "relu", (256, 384)), ("49", "relu", (384, 384))]
 )
 def test_retinanet_matches_tensorflow_tpu(variant, activation, size, tmp_path):
     filters = 128 if variant == "49S" else 256
