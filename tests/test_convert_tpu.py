@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torchvision.ops import box_iou
 
 import spinedet
 from spinedet.cli import main
@@ -15,8 +16,10 @@ from spinedet.convert import ConversionError, TFCheckpoint, convert_tf
 from spinedet.convert.tf_checkpoint import CheckpointError, TensorBundle, open_checkpoint
 from spinedet.convert.tf_mapping import model_garden_head_outputs, model_garden_roi_outputs
 from spinedet.convert.tpu_mapping import TPU_ANCHOR_RATIOS, convert_tpu_checkpoint
+from spinedet.errors import ModelError
 from spinedet.models import describe, read_description
 from spinedet.models.classifier import spinenet_classifier
+from spinedet.models.pixel_boxes import PixelBoxCoder
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CLASSIFIER = FIXTURES / "tpu_classifier"
@@ -44,6 +47,53 @@ def check_pyramid(features: dict[str, torch.Tensor], outputs: dict[str, np.ndarr
 def load_classifier(path: Path) -> torch.nn.Module:
     """A converted classifier rebuilt from its file."""
     return spinedet.load_model(path)
+
+
+def run_detector(model: torch.nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """spinedet's whole inference (transform, proposals, NMS, ...) on the fixture's normalised
+    image, given as the raw image the transform normalises back. For an R-CNN, the box head's
+    results before the transform pastes the masks (28 x 28 per box, as tensorflow/tpu's) and
+    the RPN's ``proposals``."""
+    t = model.transform
+    mean, std = torch.tensor(t.image_mean)[:, None, None], torch.tensor(t.image_std)[:, None, None]
+    seen: dict[str, torch.Tensor] = {}
+    hooks = []
+    if hasattr(model, "roi_heads"):  # copies: the transform pastes masks into the same dict
+        hooks.append(model.roi_heads.register_forward_hook(lambda m, i, o: seen.update(o[0][0])))
+        hooks.append(
+            model.rpn.register_forward_hook(lambda m, i, o: seen.update(proposals=o[0][0]))
+        )
+    with torch.no_grad():
+        out = model([images[0] * std + mean])[0]
+    for hook in hooks:
+        hook.remove()
+    return seen or out
+
+
+def match_detections(
+    ours: dict[str, torch.Tensor], outputs: dict[str, np.ndarray]
+) -> tuple[list[tuple[int, int]], list[int]]:
+    """Pairs (tensorflow/tpu's index, ours) of equal detections: same class, score within
+    TOLERANCE, box corners within TOLERANCE of the image's larger side; and the indices of
+    tensorflow/tpu's that have none."""
+    size = max(outputs["images"].shape[1:3])
+    boxes = torch.from_numpy(outputs["detection_boxes"][:, [1, 0, 3, 2]])
+    pairs, missing = [], []
+    for i, (box, score, label) in enumerate(
+        zip(boxes, outputs["detection_scores"], outputs["detection_classes"], strict=True)
+    ):
+        same = (ours["labels"] == int(label)) & ((ours["scores"] - float(score)).abs() < TOLERANCE)
+        same &= (ours["boxes"] - box).abs().amax(1) < TOLERANCE * size
+        if same.any():
+            pairs.append((i, int(same.nonzero()[0, 0])))
+        else:
+            missing.append(i)
+    return pairs, missing
+
+
+def degenerate(boxes: np.ndarray) -> np.ndarray:
+    """``y1, x1, y2, x2`` boxes without area: wholly outside the image, clipped to its border."""
+    return (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
 
 
 def without_params(fixture: Path, tmp_path: Path) -> Path:
@@ -110,6 +160,51 @@ def test_retinanet_matches_tensorflow_tpu(tmp_path):
         assert rel_diff(boxes[i], outputs[f"boxes{level}"]) < TOLERANCE
 
 
+def test_retinanet_detections_match_tensorflow_tpu(tmp_path):
+    """End to end: tensorflow/tpu's MultilevelDetectionGenerator (as its RetinaNet configs set
+    it) against spinedet's inference on the converted file, which records the options."""
+    out = tmp_path / "retinanet.safetensors"
+    convert_tf(RETINANET, "spinenet49s_retinanet", out, **SCALING)
+    kwargs = read_description(out).options_dict()
+    assert kwargs["box_convention"] == "tpu" and kwargs["detections_per_img"] == 100
+    images, outputs = expected(RETINANET)
+    model = spinedet.load_model(out, image_size=max(images.shape[-2:])).eval()
+    ours = run_detector(model, images)
+    pairs, missing = match_detections(ours, outputs)
+    assert len(ours["scores"]) == 100 and not missing, missing
+    assert [j for _, j in pairs] == list(range(100))  # same order
+    assert (ours["labels"] > 0).all()  # the background output is never a detection
+    # Many boxes reach the image's last pixel (clipped to size - 1, not size).
+    assert (ours["boxes"][:, 2] == images.shape[-1] - 1).sum() >= 10
+
+
+def test_torchvision_box_convention_would_differ(tmp_path):
+    """Decoded and clipped the torchvision way, the same detections move by up to a pixel: none
+    is tensorflow/tpu's any more."""
+    out = tmp_path / "retinanet.safetensors"
+    convert_tf(RETINANET, "spinenet49s_retinanet", out, **SCALING)
+    images, outputs = expected(RETINANET)
+    model = spinedet.load_model(
+        out, image_size=max(images.shape[-2:]), box_convention="torchvision"
+    ).eval()
+    ours = run_detector(model, images)
+    iou = box_iou(torch.from_numpy(outputs["detection_boxes"][:, [1, 0, 3, 2]]), ours["boxes"])
+    assert len(match_detections(ours, outputs)[1]) == 100 and iou.amax(1).median() > 0.95
+    with pytest.raises(ModelError, match="unknown box_convention 'tf'"):
+        spinedet.create_model("spinenet49s_retinanet", box_convention="tf")
+
+
+def test_pixel_box_coder_is_tensorflow_tpus():
+    """tensorflow/tpu's decode_boxes: a box from 0 to 9 is 10 pixels wide; doubled about its
+    centre 5 it spans -5..14 (torchvision's coder: 9 wide, -4.5..13.5)."""
+    coder = PixelBoxCoder((1.0, 1.0, 1.0, 1.0))
+    anchors = torch.tensor([[0.0, 0.0, 9.0, 9.0], [10.0, 20.0, 29.0, 59.0]])
+    deltas = torch.tensor([[0.0, 0.0, 0.6931472, 0.6931472], [0.1, -0.2, 0.0, 0.3]])
+    decoded = coder.decode_single(deltas, anchors)
+    assert torch.allclose(decoded[0], torch.tensor([-5.0, -5.0, 14.0, 14.0]), atol=1e-5)
+    assert torch.allclose(coder.encode_single(decoded, anchors), deltas, atol=1e-5)
+
+
 def test_maskrcnn_matches_tensorflow_tpu(tmp_path):
     out = tmp_path / "maskrcnn.safetensors"
     convert_tf(MASKRCNN, "spinenet49s_maskrcnn", out, **SCALING)
@@ -135,6 +230,33 @@ def test_maskrcnn_matches_tensorflow_tpu(tmp_path):
         assert rel_diff(boxes[i], outputs[f"rpn_boxes{level}"]) < TOLERANCE
     for key, value in rois.items():
         assert rel_diff(value, outputs[key]) < TOLERANCE, key
+
+
+def test_maskrcnn_detections_match_tensorflow_tpu(tmp_path):
+    """End to end: tensorflow/tpu's ROIGenerator, GenericDetectionGenerator and mask head on
+    its detections, as its Mask R-CNN configs set them, against spinedet's inference."""
+    out = tmp_path / "maskrcnn.safetensors"
+    convert_tf(MASKRCNN, "spinenet49s_maskrcnn", out, **SCALING)
+    assert read_description(out).option("box_convention") == "tpu"
+    images, outputs = expected(MASKRCNN)
+    model = spinedet.load_model(out, image_size=max(images.shape[-2:])).eval()
+    ours = run_detector(model, images)
+    # Proposals: tensorflow/tpu keeps boxes wholly outside the image, clipped to zero width
+    # (torchvision's RPN drops them), so all of its others must be among ours.
+    proposals = outputs["proposals"][~degenerate(outputs["proposals"])]
+    assert len(proposals) == 992
+    theirs = torch.from_numpy(proposals[:, [1, 0, 3, 2]])
+    assert (theirs[:, None] - ours["proposals"][None]).abs().amax(-1).amin(1).max() < 1e-2
+    # Detections: likewise, tensorflow/tpu's detections from such proposals have no area and
+    # take 3 of its 100 places; every other one is ours.
+    pairs, missing = match_detections(ours, outputs)
+    assert len(ours["scores"]) == 100 and len(pairs) == 97
+    assert degenerate(outputs["detection_boxes"][missing]).all()
+    # Masks of the detections (28 x 28 probabilities): the boxes agree to ~1e-4 pixels, and
+    # RoIAlign turns that into up to ~2e-4 (measured) on the probabilities.
+    theirs = outputs["detection_masks"][[i for i, _ in pairs]]
+    mine = ours["masks"][[j for _, j in pairs], 0].numpy()
+    assert np.abs(mine - theirs).max() < 1e-3
 
 
 def test_backbone_alone_from_a_classifier_or_retinanet(tmp_path):

@@ -14,7 +14,7 @@ from ..models.registry import create_model, model_task
 from ..models.weights import save_weights
 from .tf_checkpoint import TensorBundle, TFCheckpoint, open_checkpoint
 from .tf_mapping import ConversionError, convert_checkpoint, find_backbone, model_node
-from .tpu_mapping import convert_tpu_checkpoint, tpu_model_kind
+from .tpu_mapping import convert_tpu_checkpoint, tpu_inference_options, tpu_model_kind
 
 __all__ = ["convert_tf"]
 
@@ -154,7 +154,7 @@ def _tpu_options(
         options["head_depth"] = sum(bool(tower_conv.fullmatch(key)) for key in ckpt.entries)
     anchor_size = _lookup(params, "anchor", "anchor_size")
     options["anchor_size"] = float(anchor_size or _TPU_ANCHOR_SIZE[kind].get(variant, 3.0))
-    return options
+    return options | tpu_inference_options(kind, options["num_classes"])
 
 
 def convert_tf(

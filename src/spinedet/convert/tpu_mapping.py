@@ -30,7 +30,12 @@ from ..models.spinenet import SpineNet
 from .tf_checkpoint import TensorBundle
 from .tf_mapping import _BOX_PARAMS, ConversionError, _anchor_outputs, _check, _Converter
 
-__all__ = ["TPU_ANCHOR_RATIOS", "convert_tpu_checkpoint", "tpu_model_kind"]
+__all__ = [
+    "TPU_ANCHOR_RATIOS",
+    "convert_tpu_checkpoint",
+    "tpu_inference_options",
+    "tpu_model_kind",
+]
 
 # tensorflow/tpu's anchor aspect ratios (w / h) in its order (configs/detection_config.py).
 TPU_ANCHOR_RATIOS = [1.0, 2.0, 0.5]
@@ -87,6 +92,26 @@ def tpu_model_kind(ckpt: TensorBundle) -> str:
         if any(key.startswith(scope) for key in ckpt.entries):
             return kind
     return "backbone"
+
+
+def tpu_inference_options(kind: str, num_classes: int) -> dict:
+    """Detector options reproducing tensorflow/tpu's inference (``ops/postprocess_ops.py``,
+    ``ops/roi_ops.py`` as ``configs/retinanet_config.py`` and ``maskrcnn_config.py`` set them;
+    the zoo's SpineNet configs keep them): its pixel-index boxes, and for RetinaNet its 100
+    detections and no per-level cut (it takes the top 5000 per class over all levels, NMS 0.5
+    per class, scores over 0.05: torchvision's cut per level is set to 5000 per class, which
+    binds only where one level alone holds more candidates than that). Its Mask R-CNN
+    settings equal torchvision's defaults (1000 proposals per level and in all, RPN NMS 0.7,
+    NMS 0.5 per class, scores over 0.05, 100 detections)."""
+    if kind == "retinanet":
+        return {
+            "box_convention": "tpu",
+            "detections_per_img": 100,
+            "topk_candidates": 5000 * (num_classes - 1),
+        }
+    if kind == "maskrcnn":
+        return {"box_convention": "tpu"}
+    return {}
 
 
 def _convert_backbone(conv: _NameConverter, backbone: SpineNet, prefix: str) -> None:

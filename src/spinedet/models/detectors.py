@@ -10,7 +10,8 @@ import inspect
 from collections.abc import Callable, Sequence
 from functools import partial
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 
@@ -25,6 +26,7 @@ from .heads import (
     retinanet_head,
 )
 from .layers import ACTIVATIONS, make_norm
+from .pixel_boxes import BOX_CONVENTIONS, use_pixel_boxes
 from .registry import register_task, resolve_variant
 from .spinenet import ScalePermutedBackbone, build_variant
 from .spinenet_mobile import SPINENET_MOBILE  # noqa: F401 - registers the Mobile family
@@ -79,7 +81,15 @@ def _backbone(variant: str, backbone_kwargs: dict) -> tuple[nn.Module, dict]:
     return build_variant(family, key, backbone_kwargs), family.head_defaults[key]
 
 
-def _finish(model: nn.Module, num_classes: int, class_names: Sequence[str] | None) -> nn.Module:
+def _finish(
+    model: nn.Module, num_classes: int, class_names: Sequence[str] | None, box_convention: str
+) -> nn.Module:
+    if box_convention not in BOX_CONVENTIONS:
+        raise ModelError(
+            f"unknown box_convention {box_convention!r}; expected one of {BOX_CONVENTIONS}"
+        )
+    if box_convention == "tpu":
+        use_pixel_boxes(model)
     model.num_classes = num_classes
     model.class_names = (
         list(class_names) if class_names is not None else [str(i) for i in range(1, num_classes)]
@@ -90,7 +100,24 @@ def _finish(model: nn.Module, num_classes: int, class_names: Sequence[str] | Non
 # Options of torchvision's detector classes (thresholds, proposal counts, sizes) leave the
 # weights alone: they are the tasks' runtime options, with the input size.
 def _runtime(detector: type) -> set[str]:
-    return {*inspect.signature(detector.__init__).parameters, "image_size"}
+    return {*inspect.signature(detector.__init__).parameters, "image_size", "box_convention"}
+
+
+class BackgroundFreeRetinaNet(RetinaNet):
+    """torchvision's RetinaNet that never reports label 0, the background: the class head has
+    an output for it (``num_classes`` counts it) that no training target makes positive, and
+    tensorflow/tpu's detection generator drops it too."""
+
+    def postprocess_detections(
+        self,
+        head_outputs: dict[str, list[Tensor]],
+        anchors: list[list[Tensor]],
+        image_shapes: list[tuple[int, int]],
+    ) -> list[dict[str, Tensor]]:
+        background = torch.zeros(1, dtype=torch.long, device=anchors[0][0].device)
+        logits = [x.index_fill(-1, background, float("-inf")) for x in head_outputs["cls_logits"]]
+        outputs = {"cls_logits": logits, "bbox_regression": head_outputs["bbox_regression"]}
+        return super().postprocess_detections(outputs, anchors, image_shapes)
 
 
 _ALL = {"spinenet": None, "spinenet_mobile": None}
@@ -108,6 +135,7 @@ def spinenet_retinanet(
     anchor_size: float | None = None,
     focal_alpha: float = 0.25,
     focal_gamma: float = 1.5,
+    box_convention: str = "torchvision",
     **kwargs,
 ) -> RetinaNet:
     """RetinaNet with a SpineNet-``variant`` backbone, the paper's head and anchors.
@@ -123,6 +151,9 @@ def spinenet_retinanet(
         head_norm: ``"bn"`` or ``"gn"`` in the head towers.
         anchor_size: anchor side in units of the level stride (paper: 3, or 4 for 143/190).
         focal_alpha, focal_gamma: focal loss parameters (paper: 0.25, 1.5).
+        box_convention: ``"torchvision"``, or ``"tpu"`` for tensorflow/tpu's pixel-index boxes
+            (its box coding and clipping, see :mod:`spinedet.models.pixel_boxes`), which
+            ``convert-tf`` sets for its checkpoints.
         **kwargs: options of torchvision's ``RetinaNet`` (``score_thresh``, ``nms_thresh``,
             ``detections_per_img``, ...) or of :class:`~spinedet.models.spinenet.SpineNet`.
     """
@@ -143,7 +174,7 @@ def spinenet_retinanet(
         focal_gamma,
         separable=cfg.get("separable", False),
     )
-    model = RetinaNet(
+    model = BackgroundFreeRetinaNet(
         backbone,
         num_classes,
         min_size=image_size,
@@ -152,7 +183,7 @@ def spinenet_retinanet(
         head=head,
         **detector_kwargs,
     )
-    return _finish(model, num_classes, class_names)
+    return _finish(model, num_classes, class_names, box_convention)
 
 
 def _two_stage(
@@ -208,7 +239,7 @@ def _two_stage(
         box_predictor=FastRCNNPredictor(fc_dim, num_classes),
         **detector_kwargs,
     )
-    return _finish(model, num_classes, class_names)
+    return _finish(model, num_classes, class_names, heads["box_convention"])
 
 
 @register_task("fasterrcnn", families={"spinenet": None}, runtime=_runtime(FasterRCNN))
@@ -224,6 +255,7 @@ def spinenet_fasterrcnn(
     head_channels: int | None = None,
     rpn_depth: int = 1,
     rpn_scales: int | None = None,
+    box_convention: str = "torchvision",
     **kwargs,
 ) -> FasterRCNN:
     """Faster R-CNN on SpineNet-``variant`` with no neck, heads laid out as Model Garden's: an
@@ -237,12 +269,14 @@ def spinenet_fasterrcnn(
         rpn_depth: 3x3 convs in the RPN head (Model Garden: 1, or 2 in its cascade configs).
         rpn_scales: RPN anchor scales per location, each with 3 aspect ratios (default 3 for
             143 and 190, else 1).
+        box_convention: as for :func:`spinenet_retinanet` (the RPN's and box head's coding).
         **kwargs: options of torchvision's ``FasterRCNN`` (``box_score_thresh``,
             ``box_batch_size_per_image``, ``rpn_post_nms_top_n_train``, ...) or of the backbone.
     """
     heads = {
         "head_norm": head_norm, "anchor_size": anchor_size, "fc_dim": fc_dim,
         "head_channels": head_channels, "rpn_depth": rpn_depth, "rpn_scales": rpn_scales,
+        "box_convention": box_convention,
     }  # fmt: skip
     return _two_stage(FasterRCNN, variant, num_classes, class_names, image_size, heads, kwargs)
 
@@ -260,6 +294,7 @@ def spinenet_maskrcnn(
     head_channels: int | None = None,
     rpn_depth: int = 1,
     rpn_scales: int | None = None,
+    box_convention: str = "torchvision",
     **kwargs,
 ) -> MaskRCNN:
     """Mask R-CNN on SpineNet-``variant``: the Faster R-CNN of :func:`spinenet_fasterrcnn` plus
@@ -268,5 +303,6 @@ def spinenet_maskrcnn(
     heads = {
         "head_norm": head_norm, "anchor_size": anchor_size, "fc_dim": fc_dim,
         "head_channels": head_channels, "rpn_depth": rpn_depth, "rpn_scales": rpn_scales,
+        "box_convention": box_convention,
     }  # fmt: skip
     return _two_stage(MaskRCNN, variant, num_classes, class_names, image_size, heads, kwargs)
