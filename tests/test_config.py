@@ -78,7 +78,7 @@ def test_scientific_notation_reads_as_numbers_in_overrides_and_files(tmp_path):
         ("train.momentum=1", "train.momentum=1: expected a finite number in [0, 1)"),
         ("train.weight_decay=-1e-4", "train.weight_decay=-0.0001: expected a finite number >= 0"),
         ("train.gamma=0", "train.gamma=0: expected a finite number in (0, 1]"),
-        ("train.warmup_factor=2", "train.warmup_factor=2: expected a finite number in (0, 1]"),
+        ("train.warmup_factor=2", "train.warmup_factor=2: expected a finite number in [0, 1]"),
         ("train.clip_grad=-1", "train.clip_grad=-1: expected a finite number >= 0"),
         ("data.hflip=abc", "data.hflip='abc': expected a finite number in [0, 1]"),
         ("data.scale_range=5", "data.scale_range=5: expected a list of 2 numbers > 0 in ascending"),

@@ -12,7 +12,7 @@ from torchvision.ops import box_iou
 
 import spinedet
 from spinedet.cli import main
-from spinedet.convert import ConversionError, TFCheckpoint, convert_tf
+from spinedet.convert import ConversionError, TFCheckpoint, api, convert_tf
 from spinedet.convert.tf_checkpoint import CheckpointError, TensorBundle, open_checkpoint
 from spinedet.convert.tf_mapping import model_garden_head_outputs, model_garden_roi_outputs
 from spinedet.convert.tpu_mapping import TPU_ANCHOR_RATIOS, convert_tpu_checkpoint
@@ -127,6 +127,19 @@ def test_classifier_matches_tensorflow_tpu(tmp_path):
     with torch.no_grad():
         check_pyramid(model.eval().backbone(images), outputs)
         assert rel_diff(model(images), outputs["logits"]) < TOLERANCE
+
+
+def test_zoo_classifiers_are_named_with_imagenet_classes(tmp_path, monkeypatch):
+    names = api._imagenet_names(1001)  # the zoo's: class 0 is background
+    assert len(names) == 1001 and names[:3] == ["background", "tench", "goldfish"]
+    assert names[-1] == "toilet tissue" and api._imagenet_names(1000) == names[1:]
+    assert api._imagenet_names(5089) is None  # iNaturalist: numbered
+    # The fixture has 5 classes: name them as if they were ImageNet's, to follow the names.
+    monkeypatch.setattr(api, "_imagenet_names", lambda n: [f"synset{i}" for i in range(n)])
+    out = tmp_path / "classifier.safetensors"
+    convert_tf(CLASSIFIER, "spinenet49_classifier", out, **SCALING)
+    assert read_description(out).class_names == [f"synset{i}" for i in range(5)]
+    assert load_classifier(out).class_names[4] == "synset4"
 
 
 def test_model_garden_downsampling_or_padding_would_differ():

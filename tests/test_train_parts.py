@@ -2,6 +2,7 @@
 logs, and a backbone started from a weights file."""
 
 import json
+import math
 import logging
 from pathlib import Path
 
@@ -14,8 +15,9 @@ from torch import nn
 
 import spinedet
 from spinedet.cli import main as cli
+from spinedet.config import load_config
 from spinedet.engine import train
-from spinedet.engine.builders import build_model
+from spinedet.engine.builders import build_model, lr_lambda
 from spinedet.engine.checkpoint import Checkpointer, RunLock
 from spinedet.engine.distributed import DistInfo
 from spinedet.engine.loop import Stepper
@@ -237,3 +239,12 @@ def test_strict_json_rows(shapes, tmp_path):
     assert {f"segm_AP_per_class/{n}" for n in ("circle", "square", "triangle", "star")} <= set(val)
     model = spinedet.load_model(Path(tmp_path) / "best.safetensors")
     assert model.class_names == ["circle", "square", "triangle", "star"]
+
+
+def test_classifier_recipe_warms_up_from_zero_then_follows_the_cosine():
+    train_cfg = load_config("spinenet49_classifier")["train"]
+    scale, total = lr_lambda(train_cfg, 62557), 62557
+    cosine = [0.5 * (1 + math.cos(math.pi * s / total)) for s in (782, 1564, 40000)]
+    assert scale(0) == 0.0  # tensorflow/tpu's warmup_learning_rate
+    assert scale(782) == pytest.approx(0.5 * cosine[0])  # half-way up the linear ramp
+    assert [scale(1564), scale(40000)] == pytest.approx(cosine[1:])

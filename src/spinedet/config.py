@@ -125,7 +125,7 @@ RULES: dict[str, Rule] = {
     "train.milestones": Rule(low=0, high=1, low_open=True),
     "train.gamma": Rule(low=0, high=1, low_open=True),
     "train.warmup_steps": Rule(low=0),
-    "train.warmup_factor": Rule(low=0, high=1, low_open=True),
+    "train.warmup_factor": Rule(low=0, high=1),  # 0: from LR 0, as tensorflow/tpu
     "train.clip_grad": Rule(low=0),
     "train.amp": Rule(choices=("auto", "bf16", "fp16", "none")),
     "train.seed": Rule(low=0),

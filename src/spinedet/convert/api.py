@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import yaml
+from torchvision.models import ResNet50_Weights
 
 from ..data.coco import read_json
 from ..data.errors import DataError
@@ -24,6 +25,16 @@ def _shape(ckpt: TFCheckpoint, *path: str) -> tuple[int, ...]:
     if node is None or node.tensor is None:
         raise ConversionError(f"{ckpt.prefix} holds no {'/'.join(path)}")
     return ckpt.shape(node.tensor)
+
+
+def _imagenet_names(num_classes: int) -> list[str] | None:
+    """ImageNet class names for a zoo classifier's outputs: 1001 are class 0 (background, never
+    a label) and the 1,000 ImageNet classes in synset order, torchvision's order; other counts
+    (e.g. iNaturalist's) keep numbered names."""
+    if num_classes not in (1000, 1001):
+        return None
+    names = ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
+    return ["background", *names] if num_classes == 1001 else list(names)
 
 
 def _retinanet_options(ckpt: TFCheckpoint) -> dict:
@@ -212,6 +223,9 @@ def convert_tf(
         if task in (None, "classifier"):
             raise ConversionError(f"{model_name}: --categories applies to detectors only")
         options["categories"] = _categories(categories, options.pop("num_classes"))
+    elif task == "classifier" and (names := _imagenet_names(options["num_classes"])):
+        options["class_names"] = names
+        del options["num_classes"]
     model = create_model(name, activation=activation, **(options | model_kwargs))
     if kind is None:
         state = convert_checkpoint(ckpt, model)
@@ -220,6 +234,8 @@ def convert_tf(
     model.load_state_dict(state, strict=False)  # completeness was checked; BN counters stay
     save_weights(model, out, metadata)
     shown = ", ".join(
-        f"{k}={v}" for k, v in {"activation": activation, **options}.items() if k != "categories"
+        f"{k}={v}"
+        for k, v in {"activation": activation, **options}.items()
+        if k not in ("categories", "class_names")
     )
     return f"{ckpt.prefix} -> {out}: {name}{f' ({shown})' if shown else ''}, {len(state)} tensors"
