@@ -2,8 +2,8 @@
 logs, and a backbone started from a weights file."""
 
 import json
-import math
 import logging
+import math
 from pathlib import Path
 
 import pytest
