@@ -3,6 +3,7 @@ tree, one-line errors) and a run through ``train()`` whose accuracy evaluation a
 separate one."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,20 @@ def test_bad_image_folders_are_one_line_errors(shapes, tmp_path):
             assert "\n" not in str(e)
 
 
+def test_folders_map_by_order_after_a_background_class(shapes):
+    classes = ["background", "a", "b", "c", "d"]
+    data = ImageFolderDataset(shapes["val"], classes=classes, by_order=True)
+    samples = zip(data.folder.samples, data.labels, strict=True)
+    by_folder = {Path(path).parent.name: label for (path, _), label in samples}
+    assert by_folder == {"circle": 1, "square": 2, "star": 3, "triangle": 4}
+    assert ImageFolderDataset(shapes["val"], classes=classes[1:], by_order=True).labels == [
+        y - 1 for y in data.labels
+    ]
+    for wrong in (["x", *classes[1:]], [*classes, "e"]):
+        with pytest.raises(DataError, match="4 class folders for the model's . classes: by order"):
+            ImageFolderDataset(shapes["val"], classes=wrong, by_order=True)
+
+
 def test_val_classes_map_by_name(shapes):
     names = ["star", "circle", "square", "triangle", "hexagon"]
     data = ImageFolderDataset(shapes["val"], classes=names)
@@ -119,6 +134,13 @@ def test_train_a_classifier_and_evaluate_it_the_same(shapes, tmp_path, capsys):
     assert main(argv) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "class folder(s) hexagon not among the model's 4" in error
+    # --by-order: folders named otherwise (ImageNet's synsets) are the classes in sorted order.
+    for i, name in enumerate(["circle", "square", "star", "triangle"]):
+        shutil.copytree(shapes["val"] / name, tmp_path / "synsets" / f"n0{i}")
+    argv[3], argv[5] = str(tmp_path / "synsets"), str(tmp_path / "by_order")
+    assert main([*argv, "--by-order"]) == 0
+    by_order = json.loads((tmp_path / "by_order" / "metrics.json").read_text())
+    assert by_order["per_class"] == written["per_class"]
     # predict prints each image's top-k names (all 4 classes at --top-k 9) and writes them.
     capsys.readouterr()
     images = str(shapes["test"] / "star")

@@ -33,7 +33,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     metrics = evaluate(args.checkpoint, args.annotations, args.images, args.out,
                        args.batch_size, args.device, args.workers,
-                       optimize=not args.no_optimize)  # fmt: skip
+                       optimize=not args.no_optimize, by_order=args.by_order)  # fmt: skip
     if int(os.environ.get("RANK", "0")) == 0:
         classifier = "top1" in metrics
         print(format_classification(metrics) if classifier else format_metrics(metrics))
@@ -88,6 +88,10 @@ def add_engine_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-size", type=int, default=2, help="images per forward pass")
     p.add_argument("--workers", type=int, default=2, help="data loading processes")
+    p.add_argument("--by-order", action="store_true",
+                   help="classifiers: the sorted class folders are the model's classes in order, "
+                   "whatever their names (ImageNet's synset folders for a converted zoo "
+                   "classifier)")  # fmt: skip
     _inference_options(p)
     p.set_defaults(func=_eval)
 

@@ -43,15 +43,25 @@ class ImageFolderDataset(Dataset):
 
     ``classes``: the class names the labels index (a model's); a folder class not among them
     is refused in one line. By default the folder's own classes (sorted, as ImageFolder does).
+    ``by_order``: the sorted class folders are ``classes`` in order, whatever their names (after
+    a leading ``"background"`` class the folders lack: ImageNet's synset folders, n01440764
+    ..., are classes 1..1000 of a tensorflow/tpu zoo classifier).
     """
 
     def __init__(
-        self, root: str | Path, transform: Any = None, classes: Sequence[str] | None = None
+        self,
+        root: str | Path,
+        transform: Any = None,
+        classes: Sequence[str] | None = None,
+        by_order: bool = False,
     ) -> None:
         self.root = Path(root)
         self.folder = _image_folder(root)
         self.transform = transform
         self.classes = list(self.folder.classes if classes is None else classes)
+        if by_order:
+            self._label = self._labels_by_order()
+            return
         index = {name: i for i, name in enumerate(self.classes)}
         unknown = [name for name in self.folder.classes if name not in index]
         if unknown:
@@ -59,6 +69,14 @@ class ImageFolderDataset(Dataset):
                             f"{len(index)} classes ({_some(self.classes)})", root)  # fmt: skip
         # The folder's label -> the label of the same name in ``classes``.
         self._label = [index[name] for name in self.folder.classes]
+
+    def _labels_by_order(self) -> list[int]:
+        folders = len(self.folder.classes)
+        skip = len(self.classes) - folders
+        if skip not in (0, 1) or (skip == 1 and self.classes[0] != "background"):
+            raise DataError(f"{folders} class folders for the model's {len(self.classes)} "
+                            "classes: by order, give one folder per class", self.root)  # fmt: skip
+        return list(range(skip, skip + folders))
 
     @property
     def categories(self) -> list[dict[str, Any]]:

@@ -46,6 +46,7 @@ def evaluate(
     device: str | None = None,
     workers: int = 2,
     optimize: bool = True,
+    by_order: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """COCO AP (box, and mask for Mask R-CNN) of a checkpoint on a COCO json data set; for a
     classifier (``annotations`` None), top-1/top-5 and per-class accuracy on the ImageFolder
@@ -56,7 +57,8 @@ def evaluate(
     every process takes a share of the images and of the classes; rank 0 writes the files.
     ``device`` defaults to CUDA when present; ``optimize`` runs the model optimised for
     inference (BatchNorm folded, channels-last, oneDNN on CPU), equal to the plain model up to
-    float rounding.
+    float rounding. ``by_order``: a classifier's class folders are its classes in sorted order,
+    whatever their names (see :class:`~spinedet.data.ImageFolderDataset`).
     """
     info = distributed.setup(device)
     try:
@@ -66,7 +68,9 @@ def evaluate(
             raise SpinedetError(f"{checkpoint} holds a backbone: evaluate a detector")
         if task.name == "classifier":
             return _evaluate_classifier(model, images, out_dir, batch_size, info, workers,
-                                        optimize)  # fmt: skip
+                                        optimize, by_order)  # fmt: skip
+        if by_order:
+            raise SpinedetError("by_order (--by-order) applies to classifiers only")
         if annotations is None:
             raise SpinedetError(f"{checkpoint} holds a detector: give --annotations (COCO json)")
         iou_types = ("bbox", "segm") if task.masks else ("bbox",)
@@ -98,11 +102,12 @@ def evaluate(
 
 def _evaluate_classifier(model: nn.Module, images: str | Path, out_dir: str | Path | None,
                          batch_size: int, info: distributed.DistInfo, workers: int,
-                         optimize: bool) -> dict[str, Any]:  # fmt: skip
+                         optimize: bool, by_order: bool) -> dict[str, Any]:  # fmt: skip
     """Top-1/top-5 and per-class accuracy on an ImageFolder tree whose class folders are named
-    as the model's classes (``metrics.json`` in ``out_dir``)."""
+    as the model's classes, or are them in order (``metrics.json`` in ``out_dir``)."""
     names = describe(model).class_names
-    dataset = ImageFolderDataset(images, classification_eval_transforms(model.image_size), names)
+    transform = classification_eval_transforms(model.image_size)
+    dataset = ImageFolderDataset(images, transform, names, by_order)
     model = model.eval().to(info.device)
     if optimize:
         model = optimize_for_inference(model)
