@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from spinedet.data.check import format_report, inspect_dataset
+from spinedet.data.errors import DataError
 from spinedet.data.shapes import make_shape_classes, make_shapes
 from spinedet.data.split import split_parts, split_table, write_split
 
@@ -55,7 +56,10 @@ def _show(args: argparse.Namespace) -> int:
 def _shapes(args: argparse.Namespace) -> int:
     if args.classification:  # an ImageFolder tree, one shape per image
         paths = make_shape_classes(args.out, args.num_images, args.size, args.seed,
-                                   args.splits or (0.8, 0.1, 0.1))  # fmt: skip
+                                   args.splits or (0.8, 0.1, 0.1),
+                                   class_colours=args.class_colours)  # fmt: skip
+    elif args.class_colours:
+        raise DataError("--class-colours applies with --classification")
     else:
         paths = make_shapes(args.out, num_images=args.num_images, size=args.size,
                             seed=args.seed, splits=args.splits)  # fmt: skip
@@ -113,5 +117,9 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     shapes.add_argument("--classification", action="store_true",
                         help="one shape per image, as an ImageFolder tree OUT/{train,val,test}/"
                         "<class>/ (splits 0.8 0.1 0.1 unless --splits)")  # fmt: skip
+    shapes.add_argument("--class-colours", action="store_true",
+                        help="with --classification: each class in its own hue, an easy "
+                        "set (the colour tells the class) for a quick check that training "
+                        "works")  # fmt: skip
     shapes.set_defaults(func=_shapes)
     return data

@@ -112,11 +112,17 @@ def _draw(
     width: int,
     scale: tuple[float, float],
     category: int | None = None,
+    class_colour: bool = False,
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """One image (uint8 HxWx3) and its annotations (without ids); see :func:`_place_shapes`."""
+    """One image (uint8 HxWx3) and its annotations (without ids); see :func:`_place_shapes`.
+    ``class_colour``: each shape in its class's own hue instead of a random colour."""
     pixels = _background(rng, height, width)
     shapes, owner = _place_shapes(rng, height, width, scale, category)
-    for (_, _, mask), colour in zip(shapes, _colours(rng, len(shapes)), strict=True):
+    colours = _colours(rng, len(shapes))
+    if class_colour:
+        hues = [kind / len(CATEGORIES) for kind, _, _ in shapes]
+        colours = [np.array(colorsys.hsv_to_rgb(h, 0.8, 0.95), np.float32) * 255 for h in hues]
+    for (_, _, mask), colour in zip(shapes, colours, strict=True):
         pixels[mask] = colour
     pixels += rng.normal(0, 5, size=pixels.shape)  # sensor-like noise on everything
     image = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
@@ -193,8 +199,12 @@ def make_shape_classes(
     seed: int = 0,
     splits: Sequence[float] = (0.8, 0.1, 0.1),
     scale: tuple[float, float] = (0.35, 0.9),
+    class_colours: bool = False,
 ) -> dict[str, Path]:
     """Write an ImageFolder tree of one shape per image: ``OUT/<split>/<class>/<index>.png``.
+
+    With ``class_colours`` every class is drawn in its own hue: an easy set, where the colour
+    alone tells the class, for checking in seconds that a classifier learns.
 
     Classes take turns (image ``i`` shows class ``i mod 4``), so every split is balanced;
     the splits (``train``, ``val``, ``test`` by default ratios) take consecutive images. Image
@@ -218,7 +228,7 @@ def make_shape_classes(
         rng = np.random.default_rng([seed, index])
         anns: list[dict[str, Any]] = []
         while not anns:  # a shape below MIN_PIXELS is redrawn
-            pixels, anns = _draw(rng, height, width, scale, category)
+            pixels, anns = _draw(rng, height, width, scale, category, class_colours)
         split = names[int(np.searchsorted(ends, index, side="right"))]
         folder = paths[split] / CATEGORIES[category]["name"]
         folder.mkdir(parents=True, exist_ok=True)
