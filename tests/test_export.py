@@ -111,6 +111,26 @@ def test_maskrcnn_exports_to_onnx_and_torchscript(maskrcnn, tmp_path):
         assert any(n.endswith("extra/spinedet.json") for n in archive.namelist())
 
 
+TPU = {"downsample": "tpu", "padding": "fixed", "box_convention": "tpu"}
+
+
+@pytest.mark.parametrize("task", ["retinanet", "maskrcnn"])
+def test_tensorflow_tpu_models_export(task, tmp_path):
+    """Converted tensorflow/tpu models: pools sized by level ratios (exact, so the same at every
+    size, on inputs padded to 128) and boxes clipped to the last pixel."""
+    torch.manual_seed(0)
+    heads = {"detections_per_img": 20} if task == "retinanet" else {"box_detections_per_img": 20}
+    model = create_model(f"spinenet49s_{task}", categories=CATEGORIES, image_size=384,
+                         **heads, **TPU, **SMALL)  # fmt: skip
+    assert model.transform.size_divisible == 128
+    exporter = export_onnx if task == "retinanet" else export_torchscript
+    check = exporter(spread_scores(model), tmp_path / "model")["check"]
+    # Traced at 384 x 384; 241 x 384 runs padded to 256 x 384, where a pool sized for the
+    # traced widths would be wrong (as it was at a padding to 32).
+    assert check["sizes"] == [(384, 288), (241, 384)]
+    assert check["detections"] == 80 and check["box"] < 1e-3
+
+
 def test_broken_postprocessing_fails_the_check_and_writes_nothing(retinanet, tmp_path, monkeypatch):
     # Without NMS the graph returns overlapping boxes PyTorch removes.
     monkeypatch.setattr(graph_module, "batched_nms", lambda b, s, i, t: s.argsort(descending=True))

@@ -19,6 +19,7 @@ from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops import batched_nms
 
 from ..models import describe
+from ..models.pixel_boxes import PixelBoxTransform
 from ..models.registry import TASKS
 
 __all__ = ["DetectorGraph", "paste_masks", "select_detections"]
@@ -51,6 +52,8 @@ class DetectorGraph(nn.Module):
         self.register_buffer("mean", torch.tensor(transform.image_mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(transform.image_std).view(1, 3, 1, 1))
         self.size_divisible = transform.size_divisible
+        # tensorflow/tpu's convention (models.pixel_boxes) clips to the last pixel.
+        self.clip_margin = 1.0 if isinstance(transform, PixelBoxTransform) else 0.0
         table = [-1] * description.num_classes
         for label, category in description.label_to_category_id().items():
             table[label] = category
@@ -74,6 +77,7 @@ class DetectorGraph(nn.Module):
         features = list(self.model.backbone(x).values())
         # (w, h, w, h) of the unpadded images, a tensor even while tracing: boxes clip to it.
         limits = torch._shape_as_tensor(images)[2:].flip(0).repeat(2).to(x.dtype)
+        limits = limits - self.clip_margin
         if self.task == "retinanet":
             boxes, scores, labels, found = self._retinanet(features, limits)
         else:

@@ -90,6 +90,11 @@ def _finish(
         )
     if box_convention == "tpu":
         use_pixel_boxes(model)
+    if getattr(model.backbone, "downsample", None) == "tpu":
+        # tensorflow/tpu sizes its pools by the ratio of two levels' widths, which is the same
+        # at every input size (as a traced export needs) only on inputs padded to the coarsest
+        # stride; its own pipeline pads to the square image size, a multiple of it.
+        model.transform.size_divisible = max(model.backbone.strides)
     model.num_classes = num_classes
     model.class_names = (
         list(class_names) if class_names is not None else [str(i) for i in range(1, num_classes)]

@@ -245,6 +245,7 @@ class SpineNet(ScalePermutedBackbone):
         in_channels: int = 3,
     ) -> None:
         super().__init__()
+        self.downsample = downsample
         _check_positive(endpoint_filters=endpoint_filters, filter_scale=filter_scale)
         _check_positive(resample_alpha=resample_alpha, block_repeats=block_repeats)
         self._set_pyramid(
