@@ -10,8 +10,12 @@ import torch
 
 import spinedet
 from spinedet.convert import ConversionError, TFCheckpoint, convert_checkpoint, convert_tf
-from spinedet.convert.tf_checkpoint import CheckpointError
-from spinedet.convert.tf_mapping import model_garden_head_outputs, model_garden_roi_outputs
+from spinedet.convert.tf_checkpoint import CheckpointError, TrackableNode
+from spinedet.convert.tf_mapping import (
+    find_backbone,
+    model_garden_head_outputs,
+    model_garden_roi_outputs,
+)
 from spinedet.data import DataError
 from spinedet.engine.api import load_checkpoint
 
@@ -181,3 +185,11 @@ def test_categories_name_converted_classes(tmp_path):
     coco.write_text(json.dumps({"categories": [{"id": 7, "name": "train"}]}))
     with pytest.raises(DataError, match=r"instances.json: category ids \[7\]"):
         convert_tf(MASK_FIXTURE, "spinenet49s_maskrcnn", out, categories=coco, **mask_kwargs())
+
+
+def test_a_cyclic_object_graph_without_a_backbone_is_refused():
+    ckpt = TFCheckpoint(FIXTURE)
+    ckpt.nodes = [TrackableNode(0, {"model": 1}), TrackableNode(1, {"backbone": 0})]
+    ckpt.root = ckpt.nodes[0]
+    with pytest.raises(ConversionError, match="no SpineNet backbone found"):
+        find_backbone(ckpt)

@@ -179,16 +179,16 @@ class _Converter:
 
 def find_backbone(ckpt: TFCheckpoint) -> TrackableNode:
     """The Keras SpineNet in a checkpoint of a backbone, a RetinaNet or a Mask R-CNN."""
-    frontier = [ckpt.root]
+    frontier, seen = [0], {0}  # node ids: the object graph may hold cycles
     while frontier:
-        node = frontier.pop(0)
+        node = ckpt.node(frontier.pop(0))
         if "layer_with_weights-0" in node.children:
             return node
-        frontier += [
-            ckpt.node(node.children[name])
-            for name in ("model", "_backbone", "backbone")
-            if name in node.children
-        ]
+        for name in ("model", "_backbone", "backbone"):
+            child = node.children.get(name)
+            if child is not None and child not in seen:
+                seen.add(child)
+                frontier.append(child)
     raise ConversionError(
         f"{ckpt.prefix}: no SpineNet backbone found (looked for model/_backbone, model/backbone "
         "and model)"
