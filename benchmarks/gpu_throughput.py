@@ -1,5 +1,6 @@
-"""GPU throughput at 640 x 640: training images/s with AMP, and inference images/s at batch 1
-and 8, spinedet vs torchvision's ResNet-50-FPN detectors. Prints a skip line without CUDA."""
+"""GPU throughput at 640 x 640: training images/s with AMP (bfloat16 by default) at each
+training batch size, with the step's peak GPU memory, and inference images/s at batch 1 and
+8, spinedet vs torchvision's ResNet-50-FPN detectors. Prints a skip line without CUDA."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ import torch
 from torchvision.models.detection import maskrcnn_resnet50_fpn, retinanet_resnet50_fpn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import compare, machine, parse_args, table  # noqa: E402
-from train_step import NUM_CLASSES, batch  # noqa: E402
+from _common import compare, detection_batch, machine, parse_args, table  # noqa: E402
 
 from spinedet import create_model  # noqa: E402
 from spinedet.optimize import optimize_for_inference  # noqa: E402
 
 SIZE = 640
+NUM_CLASSES = 91  # COCO's, as op_count.py
 TV = {"weights": None, "weights_backbone": None, "min_size": SIZE, "max_size": SIZE}
 PAIRS = {
     "spinenet49s_maskrcnn": ("maskrcnn_resnet50_fpn", maskrcnn_resnet50_fpn),
@@ -33,13 +34,13 @@ def synced(fn):
     return run
 
 
-def amp_train_step(model: torch.nn.Module, images: list, targets: list):
+def amp_train_step(model: torch.nn.Module, images: list, targets: list, dtype: torch.dtype):
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    scaler = torch.amp.GradScaler("cuda")
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
     def step() -> None:
-        with torch.autocast("cuda", dtype=torch.float16):
+        with torch.autocast("cuda", dtype=dtype):
             loss = sum(model(images, targets).values())
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -49,21 +50,30 @@ def amp_train_step(model: torch.nn.Module, images: list, targets: list):
     return synced(step)
 
 
-def amp_inference(model: torch.nn.Module, images: list):
+def amp_inference(model: torch.nn.Module, images: list, dtype: torch.dtype):
     def run() -> None:
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
+        with torch.inference_mode(), torch.autocast("cuda", dtype=dtype):
             model(images)
 
     return synced(run)
+
+
+def peak_mib(run) -> float:
+    """Peak GPU memory of one call, MiB."""
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    return torch.cuda.max_memory_allocated() / 2**20
 
 
 def main() -> int:
     args = parse_args(
         __doc__.splitlines()[0],
         repeats=20,
-        train_batch={"type": int, "default": 8, "help": "training batch size"},
+        train_batch={"type": int, "nargs": "+", "default": [8, 16], "help": "training batches"},
+        dtype={"choices": ["bf16", "fp16"], "default": "bf16", "help": "autocast type"},
     )
-    print("# GPU throughput (AMP float16), 640 x 640\n")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    print(f"# GPU throughput (AMP {args.dtype}), 640 x 640\n")
     if not torch.cuda.is_available():
         print("skipped: no CUDA device (torch.cuda.is_available() is False).")
         return 0
@@ -74,27 +84,33 @@ def main() -> int:
         thresh = next(v for k, v in kinds.items() if k in name)
         ours = create_model(name, num_classes=NUM_CLASSES, **thresh).cuda()
         ref = ref_builder(**TV, num_classes=NUM_CLASSES, **thresh).cuda()
-        images, targets = batch(SIZE, args.train_batch)
-        images = [i.cuda() for i in images]
-        targets = [{k: v.cuda() for k, v in t.items()} for t in targets]
-        steps = {ref_name: amp_train_step(ref, images, targets)}
-        steps[name] = amp_train_step(ours, images, targets)
-        times = compare(steps, ref_name, args.repeats, args.warmup)
-        rows.append(_row(name, ref_name, f"train, batch {args.train_batch}", times, len(images)))
+        for size in args.train_batch:
+            images, targets = detection_batch(SIZE, size, NUM_CLASSES)
+            images = [i.cuda() for i in images]
+            targets = [{k: v.cuda() for k, v in t.items()} for t in targets]
+            steps = {ref_name: amp_train_step(ref, images, targets, dtype)}
+            steps[name] = amp_train_step(ours, images, targets, dtype)
+            memory = {k: peak_mib(step) for k, step in steps.items()}
+            times = compare(steps, ref_name, args.repeats, args.warmup)
+            rows.append(_row(name, ref_name, f"train, batch {size}", times, size, memory))
         fast = optimize_for_inference(ours.eval())
         ref_fast = ref.eval().to(memory_format=torch.channels_last)
         for n in (1, 8):
             inputs = (images * n)[:n]  # n images, whatever the training batch
-            runs = {ref_name: amp_inference(ref_fast, inputs), name: amp_inference(fast, inputs)}
+            runs = {ref_name: amp_inference(ref_fast, inputs, dtype),
+                    name: amp_inference(fast, inputs, dtype)}  # fmt: skip
+            memory = {k: peak_mib(run) for k, run in runs.items()}
             times = compare(runs, ref_name, args.repeats, args.warmup)
-            rows.append(_row(name, ref_name, f"inference, batch {n}", times, n))
-    headers = ["model", "reference", "task", "images/s", "reference images/s", "speed-up"]
+            rows.append(_row(name, ref_name, f"inference, batch {n}", times, n, memory))
+    headers = ["model", "reference", "task", "images/s", "reference images/s", "speed-up",
+               "peak MiB", "reference peak MiB"]  # fmt: skip
     print(table(headers, rows))
-    print("\nspeed-up: median over interleaved rounds of reference time / model time.")
+    print("\nspeed-up: median over interleaved rounds of reference time / model time; peak "
+          "MiB: torch.cuda.max_memory_allocated over one call.")  # fmt: skip
     return 0
 
 
-def _row(name: str, ref_name: str, task: str, times: dict, n: int) -> list:
+def _row(name: str, ref_name: str, task: str, times: dict, n: int, memory: dict) -> list:
     ours, ref = times[name], times[ref_name]
     return [
         name,
@@ -103,6 +119,8 @@ def _row(name: str, ref_name: str, task: str, times: dict, n: int) -> list:
         f"{n / ours.median_s:.1f}",
         f"{n / ref.median_s:.1f}",
         f"{1 / ours.ratio:.2f}",
+        f"{memory[name]:,.0f}",
+        f"{memory[ref_name]:,.0f}",
     ]
 
 

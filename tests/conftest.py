@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from spinedet.config import load_config
 from spinedet.data import make_shapes
@@ -18,6 +19,18 @@ TINY_MODEL = {
     "rpn_pre_nms_top_n_test": 100,
     "rpn_post_nms_top_n_test": 50,
 }
+
+
+@pytest.fixture(
+    params=[
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                      reason="no CUDA device")),
+    ]
+)  # fmt: skip
+def device(request) -> torch.device:
+    """Each device a fast path runs on: the CPU, and CUDA where present."""
+    return torch.device(request.param)
 
 
 @pytest.fixture(scope="session")

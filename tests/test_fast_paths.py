@@ -23,18 +23,20 @@ def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> bool:
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_batchnorm_counts_batches_on_host_and_computes_like_torch(momentum):
+def test_batchnorm_counts_batches_on_host_and_computes_like_torch(momentum, device):
     torch.manual_seed(0)
     plain = nn.BatchNorm2d(6, eps=1e-3, momentum=momentum)
     nn.init.normal_(plain.weight)
     fast = BatchNorm2d(6, eps=1e-3, momentum=momentum)
     fast.load_state_dict(plain.state_dict())
+    plain, fast = plain.to(device), fast.to(device)
+    weights = torch.arange(7.0, device=device)
     for _ in range(3):
-        x = torch.randn(4, 6, 5, 7, requires_grad=True)
+        x = torch.randn(4, 6, 5, 7).to(device).requires_grad_()
         x2 = x.detach().clone().requires_grad_()
         y, y2 = plain(x), fast(x2)
-        (y * torch.arange(7.0)).sum().backward()
-        (y2 * torch.arange(7.0)).sum().backward()
+        (y * weights).sum().backward()
+        (y2 * weights).sum().backward()
         assert torch.equal(y, y2)
         assert torch.equal(x.grad, x2.grad)
         assert torch.equal(plain.weight.grad, fast.weight.grad)
@@ -46,7 +48,7 @@ def test_batchnorm_counts_batches_on_host_and_computes_like_torch(momentum):
         assert torch.equal(state[key], value), key
     assert state["num_batches_tracked"].item() == 3
     fast.eval(), plain.eval()
-    x = torch.randn(2, 6, 3, 3)
+    x = torch.randn(2, 6, 3, 3, device=device)
     assert torch.equal(fast(x), plain(x))
 
 
@@ -78,9 +80,9 @@ def test_per_anchor_layout_matches_per_level_permutes():
     assert torch.equal(_per_anchor(outs, 5), torch.cat([plain(o, 5) for o in outs], dim=1))
 
 
-def _retinanet_loss_inputs():
+def _retinanet_loss_inputs(device: torch.device):
     """Head outputs, anchors, targets (one image without boxes) and matches with every kind
-    of anchor: foreground, background (-1) and between thresholds (-2)."""
+    of anchor: foreground, background (-1) and between thresholds (-2), on ``device``."""
     g = torch.Generator().manual_seed(0)
     n_anchors, num_classes = 60, 7
     anchors = torch.rand(n_anchors, 2, generator=g) * 50
@@ -90,14 +92,15 @@ def _retinanet_loss_inputs():
         xy = torch.rand(n_boxes, 2, generator=g) * 40
         boxes = torch.cat([xy, xy + 4 + torch.rand(n_boxes, 2, generator=g) * 20], 1)
         labels = torch.randint(1, num_classes, (n_boxes,), generator=g)
-        targets.append({"boxes": boxes, "labels": labels})
+        targets.append({"boxes": boxes.to(device), "labels": labels.to(device)})
         m = torch.randint(-2, max(n_boxes, 1), (n_anchors,), generator=g)
-        matched.append(m if n_boxes else m.clamp(max=-1))
+        matched.append((m if n_boxes else m.clamp(max=-1)).to(device))
     outputs = {
-        "cls_logits": torch.randn(3, n_anchors, num_classes, generator=g, requires_grad=True),
-        "bbox_regression": torch.randn(3, n_anchors, 4, generator=g, requires_grad=True),
+        "cls_logits": torch.randn(3, n_anchors, num_classes, generator=g),
+        "bbox_regression": torch.randn(3, n_anchors, 4, generator=g),
     }
-    return outputs, [anchors] * 3, targets, matched
+    outputs = {k: v.to(device).requires_grad_() for k, v in outputs.items()}
+    return outputs, [anchors.to(device)] * 3, targets, matched
 
 
 def _loss_and_grads(loss_fn, outputs):
@@ -105,11 +108,12 @@ def _loss_and_grads(loss_fn, outputs):
     return loss.detach(), torch.autograd.grad(loss, list(outputs.values()), allow_unused=True)
 
 
-def test_batched_retinanet_losses_equal_torchvision_per_image_losses():
+def test_batched_retinanet_losses_equal_torchvision_per_image_losses(device):
     model = spinedet.create_model("spinenet49s_retinanet", num_classes=7, filter_scale=0.25)
+    model = model.to(device)
     cls_head = model.head.classification_head
     reg_head = model.head.regression_head
-    outputs, anchors, targets, matched = _retinanet_loss_inputs()
+    outputs, anchors, targets, matched = _retinanet_loss_inputs(device)
     assert (torch.cat(matched) == -2).any() and (torch.cat(matched) >= 0).any()
 
     # torchvision's classification loss is the focal loss with alpha 0.25 and gamma 2.
@@ -146,13 +150,15 @@ def _roi_align_per_level(pool, x, boxes):
     return result
 
 
-def test_level_sorted_roi_align_equals_per_level_selection():
+def test_level_sorted_roi_align_equals_per_level_selection(device):
     torch.manual_seed(0)
     pool = PyramidRoIAlign([3, 4, 5, 6, 7], output_size=7)
     x = {f"p{lvl}": torch.randn(2, 4, 512 // 2**lvl, 512 // 2**lvl) for lvl in range(3, 8)}
+    x = {k: v.to(device) for k, v in x.items()}
     sides = torch.tensor([8.0, 60, 230, 470, 1000, 2000, 500, 20, 90, 250])  # levels 3..7
     xy = torch.rand(10, 2) * 10
-    boxes = [torch.cat([xy, xy + sides[:, None]], 1)[:6], torch.cat([xy, xy + sides[:, None]], 1)]
+    full = torch.cat([xy, xy + sides[:, None]], 1).to(device)
+    boxes = [full[:6], full]
     features = {k: v.requires_grad_() for k, v in x.items()}
     fast = pool(features, boxes, [(512, 512)] * 2)
     grads = torch.autograd.grad((fast * fast).sum(), list(features.values()))
@@ -160,5 +166,5 @@ def test_level_sorted_roi_align_equals_per_level_selection():
     plain_grads = torch.autograd.grad((plain * plain).sum(), list(features.values()))
     assert torch.equal(fast, plain)
     assert all(close(a, b) for a, b in zip(grads, plain_grads, strict=True))
-    empty = pool(x, [torch.zeros(0, 4)] * 2, [(512, 512)] * 2)
+    empty = pool(x, [torch.zeros(0, 4, device=device)] * 2, [(512, 512)] * 2)
     assert empty.shape == (0, 4, 7, 7)
