@@ -1,12 +1,13 @@
 """Regenerate the tensorflow/tpu fixtures of tests/test_convert_tpu.py (which then runs without
 TensorFlow): TF1 checkpoints of a small SpineNet-49 classifier (tests/fixtures/tpu_classifier),
-RetinaNet-SpineNet-49S (tests/fixtures/tpu_retinanet) and Mask R-CNN-SpineNet-49S
-(tests/fixtures/tpu_maskrcnn), with their outputs.
+RetinaNet-SpineNet-49S (tests/fixtures/tpu_retinanet), Mask R-CNN-SpineNet-49S
+(tests/fixtures/tpu_maskrcnn) and RetinaNet-SpineNet-Mobile-49 (tests/fixtures/tpu_mobile),
+with their outputs.
 
 Run in the TensorFlow environment with a tensorflow/tpu checkout:
 ``SPINEDET_TPU_DIR=.../tpu/models/official/detection .venv-tf/bin/python
 scripts/make_tpu_fixture.py [NAME ...]`` (NAME: ``tpu_classifier``, ``tpu_retinanet``,
-``tpu_maskrcnn``; default all).
+``tpu_maskrcnn``, ``tpu_mobile``; default all).
 """
 
 from __future__ import annotations
@@ -60,6 +61,23 @@ CONFIGS = {
             "roi_classes": [1, 2, 0, 2],
         },
     },
+    # The zoo's SpineNetMB-49 RetinaNet (separable head convs), a fifth as wide: < 1 MB.
+    "tpu_mobile": {
+        "model": "spinenet_mobile49_retinanet",
+        "model_id": "49",
+        "backbone": "spinenet_mbconv",
+        "scaling": {"filter_size_scale": 0.2, "endpoints_num_filters": 16},
+        "size": [128, 128],
+        "activation": "swish",
+        "bn_eps": 1e-4,
+        "retinanet": {
+            "num_classes": 3,
+            "num_convs": 2,
+            "num_filters": 16,
+            "anchor_size": 3.0,
+            "separable": True,
+        },
+    },
 }
 
 
@@ -68,11 +86,12 @@ def build(config: dict) -> ref.TpuModel:
         tuple(config["size"]),
         config["activation"],
         config["model_id"],
-        SCALING,
+        config.get("scaling", SCALING),
         num_classes=config.get("num_classes"),
         retinanet=config.get("retinanet"),
         maskrcnn=config.get("maskrcnn"),
         bn_eps=config["bn_eps"],
+        backbone=config.get("backbone", "spinenet"),
     )
 
 
@@ -99,7 +118,8 @@ def main(names: list[str]) -> None:
             f"  batch_norm_epsilon: {config['bn_eps']}\n"
         )
         np.savez_compressed(out / "outputs.npz", images=images, **outputs)
-        (out / "fixture.json").write_text(json.dumps({**config, "scaling": SCALING}, indent=1))
+        scaling = config.get("scaling", SCALING)
+        (out / "fixture.json").write_text(json.dumps({**config, "scaling": scaling}, indent=1))
         print(f"{name}: {sorted(p.name for p in out.iterdir())}")
 
 

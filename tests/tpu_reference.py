@@ -30,10 +30,10 @@ def _modules():
         if path not in sys.path:
             sys.path.insert(0, path)
     import tensorflow.compat.v1 as tf
-    from modeling.architecture import heads, nn_ops, spinenet
+    from modeling.architecture import heads, nn_ops, spinenet, spinenet_mbconv
 
     tf.disable_eager_execution()
-    return tf, spinenet, heads, nn_ops
+    return tf, {"spinenet": spinenet, "spinenet_mbconv": spinenet_mbconv}, heads, nn_ops
 
 
 def _anchors(tf, size, num_scales: int, anchor_size: float) -> dict:
@@ -106,6 +106,8 @@ def _maskrcnn_outputs(tf, heads, feats, norm, activation, config, size) -> dict:
         | _detections(detections)
         | {
             "proposals": proposals[0],
+            "proposal_classes": logits[0, n:],
+            "proposal_deltas": deltas[0, n:],
             "box_features": box_features[0, :n],
             "classes": logits[0, :n],
             "deltas": deltas[0, :n],
@@ -128,32 +130,37 @@ class TpuModel:
         retinanet: dict | None = None,
         maskrcnn: dict | None = None,
         bn_eps: float = 1e-5,
+        backbone: str = "spinenet",
     ) -> None:
         """``scaling`` overrides SpineNet's SCALING_MAP entry (``filter_size_scale``,
         ``endpoints_num_filters``, ...); ``num_classes`` adds the classification head
         (aggregation ``all``, as the zoo's configs); ``retinanet`` (``num_classes``,
-        ``num_convs``, ``num_filters``, ``anchor_size``) adds a RetinaNet head with 9 anchors
-        per place and its inference (``detection_boxes``, ...); ``maskrcnn`` (``num_classes``,
-        ``num_filters``, ``fc_dims``, ``anchor_size``, ``rois`` as y1, x1, y2, x2,
-        ``roi_classes``) adds the Mask R-CNN heads of its SpineNet configs (BatchNorm, RPN of
-        one conv and 3 anchors, 4 convs + 1 FC, 4 mask convs) run on the given RoIs, and its
-        inference (``proposals``, ``detection_boxes``, ..., ``detection_masks``)."""
-        tf, spinenet, heads, nn_ops = _modules()
+        ``num_convs``, ``num_filters``, ``anchor_size``, optionally ``separable``) adds a
+        RetinaNet head with 9 anchors per place and its inference (``detection_boxes``, ...);
+        ``maskrcnn`` (``num_classes``, ``num_filters``, ``fc_dims``, ``anchor_size``, ``rois``
+        as y1, x1, y2, x2, ``roi_classes``) adds the Mask R-CNN heads of its SpineNet configs
+        (BatchNorm, RPN of one conv and 3 anchors, 4 convs + 1 FC, 4 mask convs) run on the
+        given RoIs, and its inference (``proposals``, ``detection_boxes``, ...,
+        ``detection_masks``). ``backbone`` ``"spinenet_mbconv"`` builds SpineNet-Mobile
+        (``SpineNetMBConv``, the zoo's SpineNetMB-49, SE ratio 0.2) instead of SpineNet."""
+        tf, backbones, heads, nn_ops = _modules()
+        module = backbones[backbone]
         self.tf = tf
         self.graph = tf.Graph()
         with self.graph.as_default():
             norm = nn_ops.BatchNormActivation(momentum=0.9, epsilon=bn_eps, activation=activation)
-            params = {**spinenet.SCALING_MAP[model_id], **(scaling or {})}
-            backbone = spinenet.SpineNet(
+            params = {**module.SCALING_MAP[model_id], **(scaling or {})}
+            builder = module.SpineNet if backbone == "spinenet" else module.SpineNetMBConv
+            network = builder(
                 min_level=3,
                 max_level=7,
-                block_specs=spinenet.build_block_specs(),
+                block_specs=module.build_block_specs(),
                 activation=activation,
                 batch_norm_activation=norm,
                 **params,
             )
             self.images = tf.placeholder(tf.float32, [1, *size, 3])
-            feats = backbone(self.images, is_training=False)
+            feats = network(self.images, is_training=False)
             self.outputs = {f"p{level}": value for level, value in feats.items()}
             if num_classes is not None:
                 head = heads.ClassificationHead(num_classes, 0, "all", 0.0, norm)
@@ -166,6 +173,7 @@ class TpuModel:
                     9,
                     retinanet["num_convs"],
                     retinanet["num_filters"],
+                    use_separable_conv=retinanet.get("separable", False),
                     activation=activation,
                     batch_norm_activation=norm,
                 )
@@ -177,7 +185,7 @@ class TpuModel:
                     tf, scores, boxes, size, retinanet["anchor_size"]
                 )
                 self._predictors = {
-                    "retinanet/class_net/class-predict": (list(scores.values()), -4.0, 1.5),
+                    "retinanet/class_net/class-predict": (list(scores.values()), -4.0, 1.5, 6.0),
                     "retinanet/box_net/box-predict": (list(boxes.values()), 0.0, 0.3),
                 }
             if maskrcnn is not None:
@@ -192,6 +200,7 @@ class TpuModel:
                     "rpn_head/rpn-box": (rpn_boxes, 0.0, 0.3),
                     "fast_rcnn_head/class-predict": ([self.outputs["classes"]], 0.0, 2.0),
                     "fast_rcnn_head/box-predict": ([self.outputs["deltas"]], 0.0, 1.0),
+                    "mask_head/mask_fcn_logits": ([self.outputs["masks"]], 0.0, 2.0),
                 }
             self.variables = tf.global_variables()
             self.session = tf.Session(graph=self.graph)
@@ -222,16 +231,25 @@ class TpuModel:
         """Make the randomised detector behave like a trained one on ``images``, so that its
         detections are worth comparing: each predictor's kernel and bias are rescaled so its
         outputs have a set mean and spread (RetinaNet: confident few classes, sigmoid > 0.05
-        for about a quarter; box deltas of plausible size). Two passes, as the second stage's
-        inputs depend on the calibrated RPN."""
+        for about a quarter; box deltas of plausible size; mask logits of a trained head's
+        size, not the thousands random weights give, whose rounding would swamp the mask
+        probabilities). RetinaNet's class logits are also kept under 6 (sigmoid 0.9975): a
+        heavy tail would saturate the top scores to exactly 1.0 in float32, and the detections
+        would be decided by the order of ties. Two passes, as the second stage's inputs depend
+        on the calibrated RPN."""
         for _ in range(2):
-            for scope, (tensors, mean, std) in self._predictors.items():
+            for scope, (tensors, mean, std, *ceiling) in self._predictors.items():
                 values = np.concatenate(
                     [v.ravel() for v in self.session.run(tensors, {self.images: images})]
                 )
                 scale = std / values.std()
+                if ceiling:
+                    scale = min(scale, (ceiling[0] - mean) / (values.max() - values.mean()))
                 variables = {v.op.name: v for v in self.variables}
-                kernel, bias = variables[f"{scope}/kernel"], variables[f"{scope}/bias"]
+                # A separable predictor's pointwise kernel scales its outputs.
+                name = "kernel" if f"{scope}/kernel" in variables else "pointwise_kernel"
+                kernel = variables[f"{scope}/{name}"]
+                bias = variables[f"{scope}/bias"]
                 k, b = self.session.run([kernel, bias])
                 kernel.load(k * scale, self.session)
                 bias.load((b - values.mean()) * scale + mean, self.session)

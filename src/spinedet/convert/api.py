@@ -15,7 +15,12 @@ from ..models.registry import create_model, model_task
 from ..models.weights import save_weights
 from .tf_checkpoint import TensorBundle, TFCheckpoint, open_checkpoint
 from .tf_mapping import ConversionError, convert_checkpoint, find_backbone, model_node
-from .tpu_mapping import convert_tpu_checkpoint, tpu_inference_options, tpu_model_kind
+from .tpu_mapping import (
+    convert_tpu_checkpoint,
+    tpu_backbone_scope,
+    tpu_inference_options,
+    tpu_model_kind,
+)
 
 __all__ = ["convert_tf"]
 
@@ -126,11 +131,19 @@ _TPU_BN_EPS = {"classifier": 1e-5, "retinanet": 1e-4, "maskrcnn": 1e-3, "backbon
 _TPU_ANCHOR_SIZE = {"retinanet": {"143": 4.0, "190": 4.0}, "maskrcnn": {"190": 5.0}}
 
 
-def _tpu_options(
-    ckpt: TensorBundle, kind: str, task: str | None, variant: str, params: dict
-) -> dict:
-    """Builder options reproducing a tensorflow/tpu network: its padding, downsampling and BN
-    epsilon, plus head sizes read from the checkpoint's shapes (and anchors from params)."""
+def _tpu_options(ckpt: TensorBundle, kind: str, task: str | None, name: str, params: dict) -> dict:
+    """Builder options reproducing a tensorflow/tpu network: its padding, downsampling (or
+    SpineNet-Mobile's squeeze-excitation) and BN epsilon, plus head sizes read from the
+    checkpoint's shapes (and anchors from params)."""
+    mobile = tpu_backbone_scope(ckpt) == "spinenet_mbconv"
+    if mobile != name.startswith("spinenet_mobile"):
+        held = "SpineNet-Mobile" if mobile else "SpineNet"
+        wanted = ("spinenet_mobile49" if mobile else "spinenet49") + (f"_{task}" if task else "")
+        raise ConversionError(
+            f"{ckpt.prefix} holds a tensorflow/tpu {held}, not a {name}: convert it with "
+            f"--model {wanted} (or another size)"
+        )
+    variant = name.removeprefix("spinenet").split("_")[0]
     eps = _lookup(params, "batch_norm_activation", "batch_norm_epsilon")
     try:
         eps = _TPU_BN_EPS[kind] if eps is None else float(eps)  # PyYAML reads 1e-05 as text
@@ -138,7 +151,8 @@ def _tpu_options(
         raise ConversionError(
             f"{ckpt.prefix.parent / 'params.yaml'}: batch_norm_epsilon {eps!r} is not a number"
         ) from None
-    options: dict = {"padding": "fixed", "downsample": "tpu", "bn_eps": eps}
+    options: dict = {"padding": "fixed", "bn_eps": eps}
+    options |= {"squeeze_excite": "tpu"} if mobile else {"downsample": "tpu"}
     if task is None:
         return options
     if task != kind:
@@ -160,8 +174,11 @@ def _tpu_options(
             "fc_dim": ckpt.shape("fast_rcnn_head/fc6/kernel")[-1],
         }
     else:
-        tower_conv = re.compile(r"retinanet/class_net/class-\d+/kernel")
-        options["num_classes"] = ckpt.shape("retinanet/class_net/class-predict/kernel")[-1] // 9
+        # SpineNet-Mobile's head convs are separable (a depthwise and a pointwise kernel).
+        tower_conv = re.compile(r"retinanet/class_net/class-\d+/(pointwise_)?kernel")
+        predict = "retinanet/class_net/class-predict"
+        kernel = "pointwise_kernel" if f"{predict}/pointwise_kernel" in ckpt.entries else "kernel"
+        options["num_classes"] = ckpt.shape(f"{predict}/{kernel}")[-1] // 9
         options["head_depth"] = sum(bool(tower_conv.fullmatch(key)) for key in ckpt.entries)
     anchor_size = _lookup(params, "anchor", "anchor_size")
     options["anchor_size"] = float(anchor_size or _TPU_ANCHOR_SIZE[kind].get(variant, 3.0))
@@ -201,8 +218,7 @@ def convert_tf(
     activation = _activation(ckpt, params, activation)
     options: dict = {}
     if kind is not None:
-        variant = name.removeprefix("spinenet").split("_")[0]
-        options = _tpu_options(ckpt, kind, task, variant, params)
+        options = _tpu_options(ckpt, kind, task, name, params)
     elif task == "classifier":
         raise ConversionError(
             f"{ckpt.prefix} is a Model Garden (TF2) checkpoint: classifiers convert from "

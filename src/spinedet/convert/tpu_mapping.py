@@ -6,6 +6,9 @@ tensorflow/tpu builds its layers with ``tf.layers``, which name them ``conv2d``,
 * ``spinenet/``: the stem conv, the stem block groups, then the endpoint convs P3..P7;
 * ``spinenet/sub_policy{i}/resample_with_alpha_resample_{i}_{j}/``: parent ``j`` of block ``i``;
 * ``spinenet/sub_policy{i}/scale_permuted_block_{i + 2}/``: the block group of block ``i``;
+* SpineNet-Mobile (``spinenet_mbconv.py``) likewise under ``spinenet_mbconv/``, its parents in
+  ``resample_with_sepconv_resample_{i}_{j}/``; an MBConv block's squeeze-excitation adds two
+  biased ``conv2d`` and its depthwise convs are ``depthwise_conv2d[_k]``;
 * ``classification_head/dense/``; ``retinanet/{class,box}_net/{class,box}-{k}`` (shared convs),
   ``...-{k}-{level}`` (their BatchNorm per level) and ``...-predict``;
 * ``rpn_head/rpn[-k]``, ``rpn-l{level}-bn[-k]``, ``rpn-class``, ``rpn-box``;
@@ -13,26 +16,32 @@ tensorflow/tpu builds its layers with ``tf.layers``, which name them ``conv2d``,
   ``mask_head/mask-conv-l{i}``, ``conv5-mask``, ``mask_fcn_logits``, each head's BatchNorms
   auto-named in order.
 
-spinedet registers its convolutions in that same order, so a scope's ``k``-th conv/BN pair is
-the ``k``-th :class:`~spinedet.models.layers.ConvNormAct` of the matching module.
+spinedet registers its layers in that same order, so a scope's ``k``-th ``conv2d`` (or
+``depthwise_conv2d``, ``batch_normalization``) is the ``k``-th of that kind in the matching
+modules.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import torch
 from torch import nn
+from torchvision.ops import SqueezeExcitation
 from torchvision.ops.misc import Conv2dNormActivation
 
 from ..models.layers import ConvNormAct
 from ..models.specs import NUM_STEM_BLOCKS
-from ..models.spinenet import SpineNet
+from ..models.spinenet import ScalePermutedBackbone, SpineNet
+from ..models.spinenet_mobile import DepthwiseConvNormAct, SpineNetMobile
 from .tf_checkpoint import TensorBundle
 from .tf_mapping import _BOX_PARAMS, ConversionError, _anchor_outputs, _check, _Converter
 
 __all__ = [
     "TPU_ANCHOR_RATIOS",
     "convert_tpu_checkpoint",
+    "tpu_backbone_scope",
     "tpu_inference_options",
     "tpu_model_kind",
 ]
@@ -62,28 +71,46 @@ class _NameConverter(_Converter):
         )
 
     def scope(self, scope: str, modules: list[tuple[str, nn.Module]]) -> None:
-        """The ``conv2d[_k]`` / ``batch_normalization[_k]`` pairs of ``scope`` -> the
-        ConvNormActs of ``modules`` (``(prefix, module)``), in order."""
-        layers = [
-            f"{prefix}.{name}" if name else prefix
-            for prefix, module in modules
-            for name, m in module.named_modules()
-            if isinstance(m, ConvNormAct)
-        ]
-        for k, layer in enumerate(layers):
-            suffix = f"_{k}" if k else ""
-            self.conv(f"{scope}/conv2d{suffix}", f"{layer}.conv")
-            self.bn(f"{scope}/batch_normalization{suffix}", f"{layer}.norm")
+        """The auto-named layers of ``scope`` (``conv2d[_k]``, ``depthwise_conv2d[_k]``,
+        ``batch_normalization[_k]``) -> the layers of ``modules`` (``(prefix, module)``): its
+        ConvNormActs, depthwise ConvNormActs and squeeze-excitations, in order."""
+        counts: Counter[str] = Counter()
+
+        def name(kind: str) -> str:
+            k = counts[kind]
+            counts[kind] += 1
+            return f"{scope}/{kind}_{k}" if k else f"{scope}/{kind}"
+
+        for prefix, module in modules:
+            for sub, m in module.named_modules():
+                path = f"{prefix}.{sub}" if sub else prefix
+                if isinstance(m, ConvNormAct | DepthwiseConvNormAct):
+                    if isinstance(m, ConvNormAct):
+                        self.conv(name("conv2d"), f"{path}.conv")
+                    else:
+                        self.depthwise(name("depthwise_conv2d"), f"{path}.conv")
+                    self.bn(name("batch_normalization"), f"{path}.norm")
+                elif isinstance(m, SqueezeExcitation):
+                    self.conv(name("conv2d"), f"{path}.fc1")
+                    self.conv(name("conv2d"), f"{path}.fc2")
+
+
+def tpu_backbone_scope(ckpt: TensorBundle) -> str:
+    """``"spinenet"`` or ``"spinenet_mbconv"`` (SpineNet-Mobile): the variable scope of a
+    tensorflow/tpu checkpoint's backbone."""
+    for scope in ("spinenet", "spinenet_mbconv"):
+        if any(key.startswith(f"{scope}/") for key in ckpt.entries):
+            return scope
+    raise ConversionError(
+        f"{ckpt.prefix}: no tensorflow/tpu SpineNet in this TF1 checkpoint (no spinenet/ or "
+        "spinenet_mbconv/ variables)"
+    )
 
 
 def tpu_model_kind(ckpt: TensorBundle) -> str:
     """``"classifier"``, ``"retinanet"``, ``"maskrcnn"`` or ``"backbone"``: what a
     tensorflow/tpu checkpoint holds besides its SpineNet."""
-    if not any(key.startswith("spinenet/") for key in ckpt.entries):
-        raise ConversionError(
-            f"{ckpt.prefix}: no tensorflow/tpu SpineNet in this TF1 checkpoint (no spinenet/ "
-            "variables)"
-        )
+    tpu_backbone_scope(ckpt)
     for kind, scope in [
         ("classifier", "classification_head/"),
         ("retinanet", "retinanet/"),
@@ -114,19 +141,24 @@ def tpu_inference_options(kind: str, num_classes: int) -> dict:
     return {}
 
 
-def _convert_backbone(conv: _NameConverter, backbone: SpineNet, prefix: str) -> None:
-    conv.searched.append("spinenet/")
+def _convert_backbone(conv: _NameConverter, backbone: ScalePermutedBackbone, prefix: str) -> None:
+    """SpineNet under ``spinenet/``, SpineNet-Mobile under ``spinenet_mbconv/``: the same
+    layout, resampling scopes named after their functions."""
+    root, resample = "spinenet", "resample_with_alpha"
+    if isinstance(backbone, SpineNetMobile):
+        root, resample = "spinenet_mbconv", "resample_with_sepconv"
+    conv.searched.append(f"{root}/")
     conv.scope(
-        "spinenet",
+        root,
         [(f"{prefix}stem", backbone.stem), (f"{prefix}stem_blocks", backbone.stem_blocks)]
         + [(f"{prefix}endpoints.{name}", m) for name, m in backbone.endpoints.items()],
     )
     for block in backbone.plan:
         i, key = block.index - NUM_STEM_BLOCKS, str(block.index)
-        policy = f"spinenet/sub_policy{i}"
-        for j, resample in enumerate(backbone.resamplers[key]):
-            scope = f"{policy}/resample_with_alpha_resample_{i}_{j}"
-            conv.scope(scope, [(f"{prefix}resamplers.{key}.{j}", resample)])
+        policy = f"{root}/sub_policy{i}"
+        for j, resample_module in enumerate(backbone.resamplers[key]):
+            scope = f"{policy}/{resample}_resample_{i}_{j}"
+            conv.scope(scope, [(f"{prefix}resamplers.{key}.{j}", resample_module)])
         block_scope = f"{policy}/scale_permuted_block_{block.index}"
         conv.scope(block_scope, [(f"{prefix}blocks.{key}", backbone.blocks[key])])
 
@@ -141,7 +173,11 @@ def _convert_retinanet_head(conv: _NameConverter, model: nn.Module) -> None:
         module = f"head.{torch_name}"
         scope = f"retinanet/{net}/{short}"
         tower = getattr(model.head, torch_name).conv
-        found = sum(f"{scope}-{k}/kernel" in conv.ckpt.entries for k in range(len(tower) + 1))
+        found = sum(
+            f"{scope}-{k}/{kernel}" in conv.ckpt.entries
+            for k in range(len(tower) + 1)
+            for kernel in ("kernel", "pointwise_kernel")  # plain or separable
+        )
         if found != len(tower):
             raise ConversionError(
                 f"the checkpoint head has {found} {net} convs, the model {len(tower)}"
@@ -154,7 +190,7 @@ def _convert_retinanet_head(conv: _NameConverter, model: nn.Module) -> None:
         num_classes = model.head.classification_head.num_classes
         params = _BOX_PARAMS if predictor == "bbox_reg" else np.arange(num_classes)
         perm = _anchor_outputs(model.anchor_generator, params, TPU_ANCHOR_RATIOS)
-        conv.conv(f"{scope}-predict", f"{module}.{predictor}", out_perm=perm)
+        conv.layer(f"{scope}-predict", f"{module}.{predictor}", out_perm=perm)
 
 
 def _bn(k: int) -> str:
@@ -207,14 +243,15 @@ def _convert_rcnn_heads(conv: _NameConverter, model: nn.Module) -> None:
 
 def convert_tpu_checkpoint(ckpt: TensorBundle, model: nn.Module) -> dict[str, torch.Tensor]:
     """Tensors for every parameter and BN statistic of ``model`` (a spinedet SpineNet,
-    SpineNet classifier, RetinaNet or Mask R-CNN), read from a tensorflow/tpu checkpoint.
+    SpineNet classifier, RetinaNet or Mask R-CNN, or a SpineNet-Mobile or its RetinaNet), read
+    from a tensorflow/tpu checkpoint.
 
     Raises:
         ConversionError: naming the variables when the checkpoint does not fit the model.
     """
     conv = _NameConverter(ckpt)
     backbone = getattr(model, "backbone", model)
-    if not isinstance(backbone, SpineNet):
+    if not isinstance(backbone, SpineNet | SpineNetMobile):
         raise ConversionError(f"{type(backbone).__name__}: only SpineNet backbones convert")
     _convert_backbone(conv, backbone, "backbone." if backbone is not model else "")
     if hasattr(model, "fc"):

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.ops import clip_boxes_to_image
 
 from ..errors import ModelError
 from .heads import (
@@ -26,7 +27,7 @@ from .heads import (
     retinanet_head,
 )
 from .layers import ACTIVATIONS, make_norm
-from .pixel_boxes import BOX_CONVENTIONS, use_pixel_boxes
+from .pixel_boxes import BOX_CONVENTIONS, PixelBoxCoder, corner_boxes, use_pixel_boxes
 from .registry import register_task, resolve_variant
 from .spinenet import ScalePermutedBackbone, build_variant
 from .spinenet_mobile import SPINENET_MOBILE  # noqa: F401 - registers the Mobile family
@@ -111,7 +112,9 @@ def _runtime(detector: type) -> set[str]:
 class BackgroundFreeRetinaNet(RetinaNet):
     """torchvision's RetinaNet that never reports label 0, the background: the class head has
     an output for it (``num_classes`` counts it) that no training target makes positive, and
-    tensorflow/tpu's detection generator drops it too."""
+    tensorflow/tpu's detection generator drops it too. In tensorflow/tpu's box convention it
+    never reports an all-zero box either, as tensorflow/tpu's NMS
+    (:func:`~spinedet.models.pixel_boxes.corner_boxes`)."""
 
     def postprocess_detections(
         self,
@@ -121,6 +124,12 @@ class BackgroundFreeRetinaNet(RetinaNet):
     ) -> list[dict[str, Tensor]]:
         background = torch.zeros(1, dtype=torch.long, device=anchors[0][0].device)
         logits = [x.index_fill(-1, background, float("-inf")) for x in head_outputs["cls_logits"]]
+        if isinstance(self.box_coder, PixelBoxCoder):
+            deltas = head_outputs["bbox_regression"]
+            for i, shape in enumerate(image_shapes):
+                for x, d, a in zip(logits, deltas, anchors[i], strict=True):
+                    boxes = clip_boxes_to_image(self.box_coder.decode_single(d[i], a), shape)
+                    x[i, corner_boxes(boxes)] = float("-inf")
         outputs = {"cls_logits": logits, "bbox_regression": head_outputs["bbox_regression"]}
         return super().postprocess_detections(outputs, anchors, image_shapes)
 

@@ -411,7 +411,10 @@ class PyramidRoIAlign(MultiScaleRoIAlign):
     def assign_levels(self, rois: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each ``(batch_index, x0, y0, x1, y1)`` roi's pyramid level, and the roi shifted half
         a cell of that level (in image pixels) for ``aligned=True`` RoIAlign."""
-        sides = ((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2])).sqrt()
+        # A box inverted along one axis (a tensorflow/tpu box under a pixel wide) has a
+        # negative area; TensorFlow's NaN level becomes the lowest, as a zero area's does.
+        area = (rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2])
+        sides = area.clamp(min=0).sqrt()
         target = (torch.log2(sides / 224).floor() + 4).clamp(self.levels[0], self.levels[-1])
         shift = (2.0 ** (target - 1))[:, None]  # exact: the exponents are integers
         return target, torch.cat([rois[:, :1], rois[:, 1:] + shift], dim=1)

@@ -7,16 +7,37 @@ clipped to the last pixel, ``size - 1``. torchvision and Model Garden take corne
 continuous coordinates (``x2 - x1`` wide, clipped to ``size``). A zoo checkpoint's detections
 (and its published AP) are those of its own decoding: decoded the torchvision way, every box
 would be about a pixel off (4% of a P3 anchor of 24 pixels).
+
+In this convention a box whose corners coincide is one pixel wide, not empty: tensorflow/tpu's
+two-stage inference (``ops/roi_ops.py``, ``ops/postprocess_ops.py``) keeps proposals and
+detections that clipping squeezed onto the image's last row or column, where torchvision drops
+boxes under 1e-3 (proposals) or 1e-2 (detections) of continuous width. A zoo Mask R-CNN's
+detections from such proposals are real boxes after decoding, and without them other proposals
+take their places among the 1000, so :class:`PixelBoxRPN` and :class:`PixelBoxRoIHeads` select
+as tensorflow/tpu does.
 """
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import batched_nms, clip_boxes_to_image
 
-__all__ = ["BOX_CONVENTIONS", "PixelBoxCoder", "PixelBoxTransform", "use_pixel_boxes"]
+__all__ = [
+    "BOX_CONVENTIONS",
+    "corner_boxes",
+    "PixelBoxCoder",
+    "PixelBoxRPN",
+    "PixelBoxRoIHeads",
+    "PixelBoxTransform",
+    "use_pixel_boxes",
+]
 
 # ``box_convention`` values of the detector builders.
 BOX_CONVENTIONS = ("torchvision", "tpu")
@@ -63,10 +84,98 @@ class PixelBoxTransform(GeneralizedRCNNTransform):
         return super().postprocess(result, sizes, original_image_sizes)
 
 
+def corner_boxes(boxes: Tensor) -> Tensor:
+    """Which boxes are all zero (clipped to the image's top-left pixel): padding to
+    tensorflow/tpu's NMS (its own and TensorFlow's ``non_max_suppression_padded``), which
+    never selects them."""
+    return boxes.eq(0).all(-1)
+
+
+def _descending(scores: Tensor) -> Tensor:
+    """Indices sorting ``scores`` high to low, equal scores in index order (TF's ``top_k``)."""
+    return scores.sort(descending=True, stable=True).indices
+
+
+class PixelBoxRPN(RegionProposalNetwork):
+    """torchvision's RPN choosing proposals as tensorflow/tpu's ``ROIGenerator``: per level the
+    top ``pre_nms_top_n`` probabilities, clipped, NMS per level, then the top
+    ``post_nms_top_n`` of all levels. Unlike torchvision it keeps boxes without continuous
+    area (one pixel wide here); its padded NMS never selects an all-zero box (clipped to the
+    top-left corner) and pads with all-zero boxes when fewer than ``post_nms_top_n``
+    survive."""
+
+    def filter_proposals(
+        self,
+        proposals: Tensor,
+        objectness: Tensor,
+        image_shapes: list[tuple[int, int]],
+        num_anchors_per_level: list[int],
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        probs = torch.sigmoid(objectness.detach().reshape(len(proposals), -1))
+        counts = torch.tensor(num_anchors_per_level, device=probs.device)
+        levels = torch.repeat_interleave(torch.arange(len(counts), device=probs.device), counts)
+        size = self.post_nms_top_n()
+        all_boxes, all_scores = [], []
+        for boxes, scores, shape in zip(proposals, probs, image_shapes, strict=True):
+            boxes = clip_boxes_to_image(boxes, shape)
+            keep = torch.cat(
+                [
+                    level[_descending(scores[level])[: self.pre_nms_top_n()]]
+                    for level in torch.arange(len(scores), device=probs.device).split(
+                        num_anchors_per_level
+                    )
+                ]
+            )
+            keep = keep[~corner_boxes(boxes[keep])]
+            keep = keep[batched_nms(boxes[keep], scores[keep], levels[keep], self.nms_thresh)]
+            keep = keep[_descending(scores[keep])[:size]]
+            pad = size - len(keep)
+            all_boxes.append(F.pad(boxes[keep], (0, 0, 0, pad)))
+            all_scores.append(F.pad(scores[keep], (0, pad), value=-1.0))
+        return all_boxes, all_scores
+
+
+class PixelBoxRoIHeads(RoIHeads):
+    """torchvision's R-CNN heads whose detections are tensorflow/tpu's
+    ``GenericDetectionGenerator``'s: softmax, background dropped, boxes decoded per class and
+    clipped, scores over ``score_thresh``, NMS per class, the best ``detections_per_img``;
+    boxes without continuous area are kept (torchvision drops those under 1e-2), all-zero
+    boxes never (TensorFlow's ``non_max_suppression_padded`` takes them for padding)."""
+
+    def postprocess_detections(
+        self,
+        class_logits: Tensor,
+        box_regression: Tensor,
+        proposals: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        counts = [len(p) for p in proposals]
+        decoded = self.box_coder.decode(box_regression, proposals).split(counts)
+        probs = F.softmax(class_logits, -1).split(counts)
+        outputs: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
+        for boxes, scores, shape in zip(decoded, probs, image_shapes, strict=True):
+            boxes = clip_boxes_to_image(boxes, shape)[:, 1:].reshape(-1, 4)
+            classes = torch.arange(1, scores.shape[1], device=scores.device)
+            labels = classes.repeat(len(scores))
+            scores = scores[:, 1:].reshape(-1)
+            keep = torch.where((scores > self.score_thresh) & ~corner_boxes(boxes))[0]
+            keep = keep[batched_nms(boxes[keep], scores[keep], labels[keep], self.nms_thresh)]
+            keep = keep[: self.detections_per_img]
+            for out, value in zip(outputs, (boxes, scores, labels), strict=True):
+                out.append(value[keep])
+        return outputs
+
+
 def use_pixel_boxes(model: nn.Module) -> None:
     """Give a torchvision RetinaNet, Faster or Mask R-CNN tensorflow/tpu's box convention: its
     transform and every box coder (the detector's or RPN's and box head's, and the RetinaNet
-    regression head's, which encodes the training targets)."""
+    regression head's, which encodes the training targets), and an R-CNN its proposal and
+    detection selection (:class:`PixelBoxRPN`, :class:`PixelBoxRoIHeads`)."""
+    # The subclasses add no state, only selection rules: the built modules change class.
+    for name, cls in [("rpn", PixelBoxRPN), ("roi_heads", PixelBoxRoIHeads)]:
+        module = getattr(model, name, None)
+        if module is not None:
+            module.__class__ = cls
     t = model.transform
     model.transform = PixelBoxTransform(
         t.min_size, t.max_size, t.image_mean, t.image_std, t.size_divisible, t.fixed_size

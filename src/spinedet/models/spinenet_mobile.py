@@ -42,10 +42,17 @@ from .specs import (
 )
 from .spinenet import ScalePermutedBackbone, _check_positive, build_variant, plan_blocks
 
-__all__ = ["MBConv", "SpineNetMobile", "make_divisible", "spinenet_mobile"]
+__all__ = ["DepthwiseConvNormAct", "MBConv", "SpineNetMobile", "make_divisible", "spinenet_mobile"]
 
 # Levels of the two stem blocks: the first keeps the stem conv's stride 2, the second halves it.
 STEM_LEVELS = (1, 2)
+
+# Squeeze-excitation activations (squeeze, gate): Model Garden's InvertedBottleneckBlock, and
+# tensorflow/tpu's nn_ops.squeeze_excitation (swish whatever the network's activation).
+SQUEEZE_EXCITE = {
+    "model_garden": (nn.ReLU, nn.Hardsigmoid),
+    "tpu": (nn.SiLU, nn.Sigmoid),
+}
 
 
 def make_divisible(value: float, divisor: int = 1) -> int:
@@ -56,7 +63,7 @@ def make_divisible(value: float, divisor: int = 1) -> int:
     return int(new_value)
 
 
-class _DepthwiseConvNormAct(nn.Sequential):
+class DepthwiseConvNormAct(nn.Sequential):
     """3x3 depthwise convolution (output ``ceil(input / stride)``), norm and activation."""
 
     def __init__(
@@ -81,7 +88,8 @@ class MBConv(nn.Module):
 
     1x1 expand (x ``expand_ratio``) -> 3x3 depthwise (``stride``) -> SE -> 1x1 project + norm,
     plus the input when the shape is kept. The SE squeezes to ``in_channels * se_ratio`` (not
-    the expanded width) channels, truncated, and gates with hard-sigmoid.
+    the expanded width) channels, truncated, and gates with hard-sigmoid (``squeeze_excite=
+    "model_garden"``: ReLU between its convs) or, ``"tpu"``, swish and sigmoid.
 
     The SE width ``max(1, int(in_channels * se_ratio))`` truncates, as Model Garden's
     ``SqueezeExcitation`` does (tf-models-official 2.20, checked numerically in the parity
@@ -99,17 +107,19 @@ class MBConv(nn.Module):
         act: Callable[[], nn.Module],
         drop_rate: float = 0.0,
         padding: str = "same",
+        squeeze_excite: str = "model_garden",
     ) -> None:
         super().__init__()
         mid = make_divisible(in_channels * expand_ratio)
+        squeeze, gate = SQUEEZE_EXCITE[squeeze_excite]
         self.expand = (
             ConvNormAct(in_channels, mid, 1, norm, act, padding=padding)
             if expand_ratio > 1
             else nn.Identity()
         )
-        self.depthwise = _DepthwiseConvNormAct(mid, stride, norm, act, padding)
+        self.depthwise = DepthwiseConvNormAct(mid, stride, norm, act, padding)
         self.se = (
-            SqueezeExcitation(mid, max(1, int(in_channels * se_ratio)), nn.ReLU, nn.Hardsigmoid)
+            SqueezeExcitation(mid, max(1, int(in_channels * se_ratio)), squeeze, gate)
             if 0 < se_ratio <= 1
             else nn.Identity()
         )
@@ -172,7 +182,7 @@ class MobileResample(nn.Module):
         if out_level > in_level:
             self.down = nn.Sequential(
                 *(
-                    _DepthwiseConvNormAct(in_channels, 2, norm, act, padding)
+                    DepthwiseConvNormAct(in_channels, 2, norm, act, padding)
                     for _ in range(out_level - in_level)
                 )
             )
@@ -200,6 +210,8 @@ class SpineNetMobile(ScalePermutedBackbone):
         block_repeats: MBConv blocks per block group.
         expand_ratio: MBConv expansion.
         se_ratio: squeeze-excitation ratio (of the block's input channels); 0 disables SE.
+        squeeze_excite: ``"model_garden"`` (ReLU, hard-sigmoid gate) or ``"tpu"`` (swish,
+            sigmoid gate: tensorflow/tpu's ``SpineNetMBConv``, the zoo's SpineNetMB-49).
         min_level, max_level: the output pyramid levels (3..7 at most).
         activation: ``"relu"`` (Model Garden's default) or ``"swish"`` (its COCO configs).
         stochastic_depth_rate: drop rate of the last block; block ``i`` of ``N`` uses
@@ -217,6 +229,7 @@ class SpineNetMobile(ScalePermutedBackbone):
         block_repeats: int = 1,
         expand_ratio: int = 6,
         se_ratio: float = 0.2,
+        squeeze_excite: str = "model_garden",
         min_level: int = 3,
         max_level: int = 7,
         activation: str = DEFAULT_ACTIVATION,
@@ -232,6 +245,10 @@ class SpineNetMobile(ScalePermutedBackbone):
         _check_positive(block_repeats=block_repeats, expand_ratio=expand_ratio)
         if not 0 <= se_ratio <= 1:
             raise ModelError(f"se_ratio must be in [0, 1], got {se_ratio}")
+        if squeeze_excite not in SQUEEZE_EXCITE:
+            raise ModelError(
+                f"unknown squeeze_excite {squeeze_excite!r}; expected one of {list(SQUEEZE_EXCITE)}"
+            )
         self._set_pyramid(
             3,
             min_level,
@@ -248,7 +265,12 @@ class SpineNetMobile(ScalePermutedBackbone):
         norm_layer = make_norm(norm, bn_momentum, bn_eps)
         act = make_activation(activation)
         options = dict(
-            expand_ratio=expand_ratio, se_ratio=se_ratio, norm=norm_layer, act=act, padding=padding
+            expand_ratio=expand_ratio,
+            se_ratio=se_ratio,
+            squeeze_excite=squeeze_excite,
+            norm=norm_layer,
+            act=act,
+            padding=padding,
         )
 
         def width(level: int) -> int:
