@@ -19,7 +19,7 @@ from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops import batched_nms
 
 from ..models import describe
-from ..models.pixel_boxes import PixelBoxTransform
+from ..models.pixel_boxes import PixelBoxTransform, corner_boxes
 from ..models.registry import TASKS
 
 __all__ = ["DetectorGraph", "paste_masks", "select_detections"]
@@ -52,8 +52,9 @@ class DetectorGraph(nn.Module):
         self.register_buffer("mean", torch.tensor(transform.image_mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(transform.image_std).view(1, 3, 1, 1))
         self.size_divisible = transform.size_divisible
-        # tensorflow/tpu's convention (models.pixel_boxes) clips to the last pixel.
-        self.clip_margin = 1.0 if isinstance(transform, PixelBoxTransform) else 0.0
+        # tensorflow/tpu's convention (models.pixel_boxes): boxes clip to the last pixel, and
+        # its selection keeps boxes without area but never all-zero ones.
+        self.pixel_boxes = isinstance(transform, PixelBoxTransform)
         table = [-1] * description.num_classes
         for label, category in description.label_to_category_id().items():
             table[label] = category
@@ -77,7 +78,7 @@ class DetectorGraph(nn.Module):
         features = list(self.model.backbone(x).values())
         # (w, h, w, h) of the unpadded images, a tensor even while tracing: boxes clip to it.
         limits = torch._shape_as_tensor(images)[2:].flip(0).repeat(2).to(x.dtype)
-        limits = limits - self.clip_margin
+        limits = limits - float(self.pixel_boxes)
         if self.task == "retinanet":
             boxes, scores, labels, found = self._retinanet(features, limits)
         else:
@@ -119,10 +120,12 @@ class DetectorGraph(nn.Module):
             start = end
         boxes = _clip(torch.cat(boxes, 1), limits)
         scores, labels = torch.cat(scores, 1), torch.cat(labels, 1)
+        keep = scores > model.score_thresh
+        if self.pixel_boxes:
+            keep = keep & ~corner_boxes(boxes)
         index, found = select_detections(
-            boxes, scores, labels, scores > model.score_thresh, classes, model.nms_thresh,
-            self.max_detections,
-        )  # fmt: skip
+            boxes, scores, labels, keep, classes, model.nms_thresh, self.max_detections
+        )
         return *_gather(index, boxes, scores, labels), found
 
     def _proposals(
@@ -151,11 +154,13 @@ class DetectorGraph(nn.Module):
             start = end
         boxes = _clip(torch.cat(boxes, 1), limits)
         scores, levels = torch.cat(scores, 1), torch.cat(levels, 1)
-        keep = _large_enough(boxes, rpn.min_size) & (scores >= rpn.score_thresh)
+        keep = self._has_area(boxes, rpn.min_size) & (scores >= rpn.score_thresh)
         index, found = select_detections(
             boxes, scores, levels, keep, len(features), rpn.nms_thresh, rpn.post_nms_top_n()
         )
         (boxes,) = _gather(index, boxes)
+        if self.pixel_boxes:  # PixelBoxRPN pads with all-zero proposals, which the head sees
+            return boxes * found[..., None], torch.ones_like(found)
         return boxes, found
 
     def _rcnn(self, features: list[torch.Tensor], limits: torch.Tensor) -> tuple:
@@ -172,7 +177,7 @@ class DetectorGraph(nn.Module):
         scores = F.softmax(logits, -1).reshape(n, r, classes)[:, :, 1:].reshape(n, -1)
         labels = torch.arange(1, classes, device=logits.device).repeat(r).expand(n, -1)
         proposed = proposed[..., None].expand(-1, -1, classes - 1).reshape(n, -1)
-        keep = (scores > heads.score_thresh) & _large_enough(boxes, 1e-2) & proposed
+        keep = (scores > heads.score_thresh) & self._has_area(boxes, 1e-2) & proposed
         index, found = select_detections(
             boxes, scores, labels, keep, classes, heads.nms_thresh, self.max_detections
         )
@@ -197,6 +202,11 @@ class DetectorGraph(nn.Module):
         probs = logits.gather(1, index)[:, 0].sigmoid()
         masks = paste_masks(probs, boxes.reshape(-1, 4), height, width)
         return (masks > 0.5).reshape(n, k, masks.shape[-2], masks.shape[-1])
+
+    def _has_area(self, boxes: torch.Tensor, min_size: float) -> torch.Tensor:
+        """Which boxes may be selected: torchvision's ``remove_small_boxes`` as a mask, or for
+        tensorflow/tpu's convention every box but all-zero ones."""
+        return ~corner_boxes(boxes) if self.pixel_boxes else _large_enough(boxes, min_size)
 
     def _feature_map(self, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         return {f"p{lvl}": f for lvl, f in zip(self.model.backbone.levels, features, strict=True)}
