@@ -23,6 +23,7 @@ SCRIPTS = [
     ("train_step.py", []),
     ("profile_inference.py", []),
     ("gpu_throughput.py", []),
+    ("gpu_profile.py", []),
     ("coco_eval_speed.py", []),
     ("op_count.py", ["--baseline", "0fa51dc"]),  # the tree before the op reductions
     ("cpu_contention.py", []),
