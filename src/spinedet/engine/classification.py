@@ -20,44 +20,9 @@ __all__ = [
     "evaluate_classifier",
     "flat_classification",
     "format_classification",
-    "top_k",
 ]
 
 TOP_K = 5
-
-
-@torch.no_grad()
-def top_k(
-    model: nn.Module,
-    dataset: Dataset,
-    device: torch.device,
-    info: DistInfo | None = None,
-    batch_size: int = 32,
-    workers: int = 0,
-    progress: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(top5 labels [N, 5], labels [N], losses [N])`` of ``model`` (in eval mode) on
-    ``dataset``: each rank runs every ``world_size``-th image; every rank gets all, in an
-    order that depends on the number of ranks (metrics do not). The loss is the model's own
-    (cross-entropy with its label smoothing)."""
-    info = info or DistInfo()
-    loader = shard_loader(dataset, info, batch_size, workers, device)
-    was_training = model.training
-    model.eval()
-    parts: list[tuple[torch.Tensor, ...]] = []
-    bar = tqdm(loader, desc="evaluate", unit="batch", disable=not progress or info.rank != 0)
-    for images, targets in bar:
-        logits = model(torch.stack(images).to(device, non_blocking=True)).float()
-        labels = torch.stack([t["labels"] for t in targets]).to(device)
-        k = min(TOP_K, logits.shape[1])
-        losses = model.loss(logits, labels, reduction="none")
-        parts.append((logits.topk(k).indices.cpu(), labels.cpu(), losses.cpu()))
-    model.train(was_training)
-    gathered = [p for rank_parts in gather_objects(parts, info) for p in rank_parts]
-    if not gathered:
-        return torch.zeros(0, TOP_K, dtype=torch.long), torch.zeros(0, dtype=torch.long), \
-            torch.zeros(0)  # fmt: skip
-    return tuple(torch.cat(column) for column in zip(*gathered, strict=True))  # type: ignore[return-value]
 
 
 def _rate(hits: torch.Tensor) -> float | None:
@@ -80,6 +45,7 @@ def classification_metrics(
             "top5": _rate(hit5), "images": len(labels), "per_class": per_class}  # fmt: skip
 
 
+@torch.no_grad()
 def evaluate_classifier(
     model: nn.Module,
     dataset: Dataset,
@@ -89,11 +55,30 @@ def evaluate_classifier(
     workers: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """:func:`classification_metrics` of ``model`` on a dataset of ``(image, {"labels"})``
-    samples labelled as the model's classes; the same on every rank."""
-    top5, labels, losses = top_k(model, dataset, device, info, batch_size, workers, progress)
-    names = describe(model).class_names
-    return classification_metrics(top5, labels, losses, names)
+    """:func:`classification_metrics` of ``model`` (in eval mode) on a dataset of ``(image,
+    {"labels"})`` samples labelled as the model's classes. Each rank runs every
+    ``world_size``-th image and gets every image's top 5, label and loss (the model's own:
+    cross-entropy with its label smoothing), so the metrics are the same on every rank."""
+    info = info or DistInfo()
+    loader = shard_loader(dataset, info, batch_size, workers, device)
+    was_training = model.training
+    model.eval()
+    parts: list[tuple[torch.Tensor, ...]] = []
+    bar = tqdm(loader, desc="evaluate", unit="batch", disable=not progress or info.rank != 0)
+    for images, targets in bar:
+        logits = model(torch.stack(images).to(device, non_blocking=True)).float()
+        labels = torch.stack([t["labels"] for t in targets]).to(device)
+        k = min(TOP_K, logits.shape[1])
+        losses = model.loss(logits, labels, reduction="none")
+        parts.append((logits.topk(k).indices.cpu(), labels.cpu(), losses.cpu()))
+    model.train(was_training)
+    gathered = [p for rank_parts in gather_objects(parts, info) for p in rank_parts]
+    if gathered:
+        top5, labels, losses = (torch.cat(column) for column in zip(*gathered, strict=True))
+    else:
+        top5, labels = torch.zeros(0, TOP_K, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        losses = torch.zeros(0)
+    return classification_metrics(top5, labels, losses, describe(model).class_names)
 
 
 def flat_classification(metrics: dict[str, Any]) -> dict[str, float | None]:
