@@ -114,17 +114,13 @@ class PixelBoxRPN(RegionProposalNetwork):
         probs = torch.sigmoid(objectness.detach().reshape(len(proposals), -1))
         counts = torch.tensor(num_anchors_per_level, device=probs.device)
         levels = torch.repeat_interleave(torch.arange(len(counts), device=probs.device), counts)
+        per_level = torch.arange(len(levels), device=probs.device).split(num_anchors_per_level)
         size = self.post_nms_top_n()
         all_boxes, all_scores = [], []
         for boxes, scores, shape in zip(proposals, probs, image_shapes, strict=True):
             boxes = clip_boxes_to_image(boxes, shape)
             keep = torch.cat(
-                [
-                    level[_descending(scores[level])[: self.pre_nms_top_n()]]
-                    for level in torch.arange(len(scores), device=probs.device).split(
-                        num_anchors_per_level
-                    )
-                ]
+                [level[_descending(scores[level])[: self.pre_nms_top_n()]] for level in per_level]
             )
             keep = keep[~corner_boxes(boxes[keep])]
             keep = keep[batched_nms(boxes[keep], scores[keep], levels[keep], self.nms_thresh)]
