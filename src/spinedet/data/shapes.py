@@ -118,7 +118,7 @@ def _draw(
     ``class_colour``: each shape in its class's own hue instead of a random colour."""
     pixels = _background(rng, height, width)
     shapes, owner = _place_shapes(rng, height, width, scale, category)
-    colours = _colours(rng, len(shapes))
+    colours = _colours(rng, len(shapes))  # drawn either way: the same noise follows
     if class_colour:
         hues = [kind / len(CATEGORIES) for kind, _, _ in shapes]
         colours = [np.array(colorsys.hsv_to_rgb(h, 0.8, 0.95), np.float32) * 255 for h in hues]
