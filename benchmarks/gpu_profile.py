@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -17,10 +18,12 @@ from _common import detection_batch, machine, parse_args, table  # noqa: E402
 from gpu_throughput import NUM_CLASSES, PAIRS, SIZE, TV, amp_train_step  # noqa: E402
 
 from spinedet import create_model  # noqa: E402
+from spinedet.cuda_graphs import use_cuda_graphs  # noqa: E402
 
 
-def profile_step(step, steps: int = 3) -> tuple[float, float, int, list]:
-    """(ms per step, GPU busy ms per step, kernels per step, top kernels) over ``steps``."""
+def profile_step(step, steps: int = 3) -> tuple[float, float, int, list, list]:
+    """(ms per step, GPU busy ms per step, kernels per step, top kernels, top host ops by self
+    CPU time) over ``steps``."""
     for _ in range(2):  # warm-up: cuDNN autotuning, allocator growth
         step()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -34,7 +37,9 @@ def profile_step(step, steps: int = 3) -> tuple[float, float, int, list]:
     for e in kernels:
         by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time / 1e3 / steps
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:8]
-    return wall * 1e3, busy, len(kernels) // steps, top
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]
+    host = [(e.key, e.count // steps, e.self_cpu_time_total / 1e3 / steps) for e in ops]
+    return wall * 1e3, busy, len(kernels) // steps, top, host
 
 
 def main() -> int:
@@ -47,23 +52,39 @@ def main() -> int:
     images, targets = detection_batch(SIZE, args.batch, NUM_CLASSES)
     images = [i.cuda() for i in images]
     targets = [{k: v.cuda() for k, v in t.items()} for t in targets]
-    rows, tops = [], {}
+    rows, tops, hosts = [], {}, {}
+
+    def graphed(name: str, layout: torch.memory_format = torch.contiguous_format):
+        model = create_model(name, num_classes=NUM_CLASSES).to(memory_format=layout)
+        use_cuda_graphs(model)  # captured in profile_step's warm-up
+        return model
+
+    runs = []
     for name in ("spinenet49s_retinanet", "spinenet49s_maskrcnn"):
         ref_name, ref_builder = PAIRS[name]
-        for label, model in (
-            (name, create_model(name, num_classes=NUM_CLASSES)),
-            (ref_name, ref_builder(**TV, num_classes=NUM_CLASSES)),
-        ):
-            step = amp_train_step(model.cuda(), images, targets, torch.bfloat16)
-            wall, busy, count, top = profile_step(step)
-            rows.append([label, f"{wall:.1f}", f"{busy:.1f}", f"{busy / wall:.0%}", f"{count:,}"])
-            tops[label] = top
-            del model, step
-            torch.cuda.empty_cache()
+        runs += [
+            (name, partial(create_model, name, num_classes=NUM_CLASSES)),
+            (f"{name} + CUDA graphs", partial(graphed, name)),
+            (f"{name} + CUDA graphs, channels_last", partial(graphed, name, torch.channels_last)),
+            (ref_name, partial(ref_builder, **TV, num_classes=NUM_CLASSES)),
+        ]
+    for label, build in runs:
+        step = amp_train_step(build().cuda(), images, targets, torch.bfloat16)
+        wall, busy, count, top, host = profile_step(step)
+        rows.append([label, f"{wall:.1f}", f"{busy:.1f}", f"{busy / wall:.0%}", f"{count:,}"])
+        tops[label] = top
+        hosts[label] = host
+        del step
+        torch.cuda.empty_cache()
     print(table(["model", "ms/step", "GPU busy ms", "busy share", "CUDA kernels"], rows))
     for label, top in tops.items():
         print(f"\n## Top kernels, {label}\n")
         print(table(["kernel", "ms/step"], [[n[:90], f"{t:.2f}"] for n, t in top]))
+    for label, host in hosts.items():  # what the host still does between graph replays
+        if "CUDA graphs" in label:
+            print(f"\n## Top host ops (self CPU time), {label}\n")
+            rows = [[n[:60], c, f"{t:.2f}"] for n, c, t in host]
+            print(table(["op", "calls/step", "ms/step"], rows))
     return 0
 
 

@@ -1,9 +1,11 @@
 """GPU throughput at 640 x 640: training images/s with AMP (bfloat16 by default) at each
 training batch size, with the step's peak GPU memory, and inference images/s at batch 1 and
-8, spinedet vs torchvision's ResNet-50-FPN detectors. Prints a skip line without CUDA."""
+8, spinedet (eager and with CUDA graphs) vs torchvision's ResNet-50-FPN detectors. Prints a
+skip line without CUDA."""
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -14,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import compare, detection_batch, machine, parse_args, table  # noqa: E402
 
 from spinedet import create_model  # noqa: E402
+from spinedet.cuda_graphs import use_cuda_graphs  # noqa: E402
 from spinedet.optimize import optimize_for_inference  # noqa: E402
 
 SIZE = 640
@@ -85,28 +88,45 @@ def main() -> int:
         ours = create_model(name, num_classes=NUM_CLASSES, **thresh).cuda()
         ref = ref_builder(**TV, num_classes=NUM_CLASSES, **thresh).cuda()
         for size in args.train_batch:
+            graphed = copy.deepcopy(ours)  # a copy per batch: its peak holds its graph alone
+            use_cuda_graphs(graphed)  # what `spinedet train` does on one GPU
+            nhwc = copy.deepcopy(ours).to(memory_format=torch.channels_last)
+            use_cuda_graphs(nhwc)
+            paths = {name: ours, f"{name} + CUDA graphs": graphed,
+                     f"{name} + CUDA graphs, channels_last": nhwc}  # fmt: skip
             images, targets = detection_batch(SIZE, size, NUM_CLASSES)
             images = [i.cuda() for i in images]
             targets = [{k: v.cuda() for k, v in t.items()} for t in targets]
             steps = {ref_name: amp_train_step(ref, images, targets, dtype)}
-            steps[name] = amp_train_step(ours, images, targets, dtype)
-            memory = {k: peak_mib(step) for k, step in steps.items()}
+            steps |= {k: amp_train_step(m, images, targets, dtype) for k, m in paths.items()}
             times = compare(steps, ref_name, args.repeats, args.warmup)
-            rows.append(_row(name, ref_name, f"train, batch {size}", times, size, memory))
-        fast = optimize_for_inference(ours.eval())
+            memory = {k: peak_mib(step) for k, step in steps.items()}  # graphs captured by now
+            rows += [_row(label, ref_name, f"train, batch {size}", times, size, memory)
+                     for label in paths]  # fmt: skip
+            del graphed, nhwc, paths, steps
+            torch.cuda.empty_cache()
+        # The public inference path (Predictor, spinedet eval/predict): optimize_for_inference,
+        # which on CUDA pads to the square and replays CUDA graphs; and without the graphs.
+        ours.eval()
+        paths = {f"{name} optimised, no graphs": optimize_for_inference(ours, cuda_graphs=False),
+                 f"{name} optimised": optimize_for_inference(ours)}  # fmt: skip
         ref_fast = ref.eval().to(memory_format=torch.channels_last)
         for n in (1, 8):
             inputs = (images * n)[:n]  # n images, whatever the training batch
-            runs = {ref_name: amp_inference(ref_fast, inputs, dtype),
-                    name: amp_inference(fast, inputs, dtype)}  # fmt: skip
-            memory = {k: peak_mib(run) for k, run in runs.items()}
+            runs = {ref_name: amp_inference(ref_fast, inputs, dtype)}
+            runs |= {label: amp_inference(m, inputs, dtype) for label, m in paths.items()}
             times = compare(runs, ref_name, args.repeats, args.warmup)
-            rows.append(_row(name, ref_name, f"inference, batch {n}", times, n, memory))
+            memory = {k: peak_mib(run) for k, run in runs.items()}
+            rows += [_row(label, ref_name, f"inference, batch {n}", times, n, memory)
+                     for label in paths]  # fmt: skip
+        del ours, ref, paths, ref_fast, runs
+        torch.cuda.empty_cache()
     headers = ["model", "reference", "task", "images/s", "reference images/s", "speed-up",
                "peak MiB", "reference peak MiB"]  # fmt: skip
     print(table(headers, rows))
     print("\nspeed-up: median over interleaved rounds of reference time / model time; peak "
-          "MiB: torch.cuda.max_memory_allocated over one call.")  # fmt: skip
+          "MiB: torch.cuda.max_memory_allocated over one call (with CUDA graphs, the tensors "
+          "alive in a graph's pool, not all it reserved).")  # fmt: skip
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Inference-time optimisations: BatchNorm folding, channels-last layout, ``torch.compile``.
+"""Inference-time optimisations: BatchNorm folding, channels-last layout, CUDA graphs,
+``torch.compile``.
 
 Each transformation keeps the model's outputs equal to the plain model's (to float rounding);
 ``tests/test_optimize.py`` checks this.
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from .cuda_graphs import pad_to_square, use_cuda_graphs
 from .models import describe
 from .models.layers import SameConv2d, pad_same
 
@@ -145,16 +147,19 @@ def optimize_for_inference(
     compile: bool = False,
     inplace: bool = False,
     onednn: bool | None = None,
+    cuda_graphs: bool | None = None,
 ) -> nn.Module:
-    """Eval mode, BatchNorm folding, channels-last weights, oneDNN convolutions on CPU and
-    optionally ``torch.compile``.
+    """Eval mode, BatchNorm folding, channels-last weights, oneDNN convolutions on CPU, CUDA
+    graphs on a GPU, and optionally ``torch.compile``.
 
     Channels-last weights make oneDNN/cuDNN pick NHWC kernels; the first convolution's output is
     then channels-last and the layout carries through the network, whatever the input layout.
     ``onednn`` (default: on CPUs with oneDNN, unless compiling) applies :func:`use_onednn`.
-    ``compile=True`` compiles the backbone and, for detectors, the dense heads (torchvision's
-    pre- and post-processing is dynamic Python and stays eager). Returns a new model unless
-    ``inplace=True``; gradients are disabled on it.
+    ``cuda_graphs`` (default: for a model on CUDA, unless compiling) pads a detector's inputs to
+    its ``image_size`` square and replays the backbone and dense head as CUDA graphs
+    (:mod:`spinedet.cuda_graphs`). ``compile=True`` compiles the backbone and, for detectors,
+    the dense heads (torchvision's pre- and post-processing is dynamic Python and stays eager).
+    Returns a new model unless ``inplace=True``; gradients are disabled on it.
     """
     if not inplace:
         model = copy.deepcopy(model)
@@ -162,11 +167,16 @@ def optimize_for_inference(
     fuse_bn(model, inplace=True)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    devices = {p.device.type for p in model.parameters()}
     if onednn is None:  # Dynamo cannot trace mkldnn_convolution: compiling leaves convs to Inductor
-        on_cpu = all(p.device.type == "cpu" for p in model.parameters())
-        onednn = on_cpu and torch.backends.mkldnn.is_available() and not compile
+        onednn = devices == {"cpu"} and torch.backends.mkldnn.is_available() and not compile
     if onednn:
         use_onednn(model)
+    if cuda_graphs is None:
+        cuda_graphs = devices == {"cuda"} and not compile
+    if cuda_graphs:
+        pad_to_square(model)
+        use_cuda_graphs(model)
     if compile:
         _compile_parts(model)
     return model

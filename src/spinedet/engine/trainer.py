@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..config import ConfigError, load_config, save_config
+from ..cuda_graphs import pad_to_square, use_cuda_graphs
 from ..data import DataError, check_dataset_cached, check_image_folder, collate, format_report
 from ..errors import SpinedetError, shorten
 from ..models import describe, model_task
@@ -149,6 +150,8 @@ class Trainer:
         if info.enabled and self.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model.to(self.device)
+        if tcfg["channels_last"] and self.device.type == "cuda":
+            model.to(memory_format=torch.channels_last)  # the layers' outputs follow the weights
         self.net = (
             nn.parallel.DistributedDataParallel(
                 model, device_ids=[info.local_rank] if self.device.type == "cuda" else None
@@ -156,6 +159,15 @@ class Trainer:
             if info.enabled
             else model
         )
+        # CUDA graphs for one process on a GPU: under DDP the gradient hooks would have to be
+        # captured too, and accumulated gradients would alias the graph's gradient buffers.
+        self.cuda_graphs = (
+            tcfg["cuda_graphs"] and self.device.type == "cuda" and not info.enabled
+            and self.accumulate == 1
+        )  # fmt: skip
+        if self.cuda_graphs:
+            pad_to_square(model)
+            use_cuda_graphs(model)
 
         per_step = self.batch * self.accumulate
         n_local = len(epoch_order(len(self.train_set), self.seed, 0, info))
@@ -208,7 +220,8 @@ class Trainer:
             f"data: {len(self.train_set)} training / {val} validation images, {len(names)} "
             f"classes ({shorten(names)})",
             f"device {self.device}, world size {self.info.world_size}, AMP "
-            f"{str(amp).removeprefix('torch.') if amp else 'off'}",
+            f"{str(amp).removeprefix('torch.') if amp else 'off'}, CUDA graphs "
+            f"{'on' if self.cuda_graphs else 'off'}",
             f"global batch {tcfg['batch_size']} x accumulate {self.accumulate} = "
             f"{tcfg['batch_size'] * self.accumulate} images per step, effective LR "
             f"{effective_lr(tcfg):.4g}, {self.steps_per_epoch} steps/epoch, "

@@ -36,16 +36,24 @@ class BatchNorm2d(nn.BatchNorm2d):
     reads the count only when ``momentum`` is None. Here the count collects in a Python int and
     reaches the buffer whenever the state dict is taken, so checkpoints hold the same value.
     Outputs, gradients and running statistics are those of ``nn.BatchNorm2d``; compiled and
-    CUDA-graph-captured code takes the plain path (a host count would not be replayed).
+    CUDA-graph-captured code takes the plain path (a host count would not be replayed), as does
+    a norm switched by :meth:`count_on_device` (whose calls may be warm-ups of a capture).
     """
 
     _uncounted = 0  # training batches not yet added to num_batches_tracked
+    _on_device = False
+
+    def count_on_device(self) -> None:
+        """Count batches in the buffer from now on, PyTorch's way (for CUDA graphs)."""
+        self._count_batches()
+        self._on_device = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and self.track_running_stats):
             return super().forward(x)  # the count is neither read nor advanced
         if (
             self.momentum is None
+            or self._on_device
             or torch.compiler.is_compiling()
             or (x.is_cuda and torch.cuda.is_current_stream_capturing())
         ):
