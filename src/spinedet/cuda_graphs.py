@@ -87,6 +87,8 @@ class CudaGraphs:
         graph = self.graphs.get(key)
         if graph is None:
             if key not in self.seen or len(self.graphs) >= self.max_graphs:
+                if len(self.seen) >= 64:  # shapes that never repeat: forget them
+                    self.seen.clear()
                 self.seen.add(key)  # a shape seen once (an odd evaluation image) stays eager
                 return self.eager(*args)
             graph = self.graphs[key] = self._capture(flat, spec, training=key[0])
@@ -108,7 +110,8 @@ class CudaGraphs:
         tensors = tuple((t.shape, t.stride(), t.dtype, t.device, t.requires_grad) for t in flat)
         # Graphs read parameters at fixed addresses: a model moved since (.to(), .half()) has
         # new ones, and a new signature.
-        weights = next(self.module.parameters()).data_ptr()
+        first = next(self.module.parameters(), None)
+        weights = first.data_ptr() if first is not None else 0
         return training, amp, torch.is_inference_mode_enabled(), spec, tensors, weights
 
     def _capture(self, flat: list, spec: Any, training: bool) -> Callable[..., Any]:
