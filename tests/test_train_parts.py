@@ -159,13 +159,13 @@ def test_resume_from_the_run_alone_and_refused_changes_write_nothing(shapes, tmp
     assert "train.base_lr: 0.02 -> 0.5" in err and "train.batch_size: 2 -> 1" in err
     assert (run / "config.yaml").read_text() == config
     assert (run / "metrics.jsonl").read_text() == metrics
-    # extending the run by its length alone continues from config.yaml
+    # extending the run by its length (and speed settings) alone continues from config.yaml
     code = cli(["train", "--resume", "--out", str(run), "--device", "cpu",
-                "--set", "train.max_steps=3"])  # fmt: skip
+                "--set", "train.max_steps=3", "--set", "train.cuda_graphs=false"])  # fmt: skip
     assert code == 0
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3]
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["train"]["max_steps"] == 3
+    assert saved["train"]["max_steps"] == 3 and saved["train"]["cuda_graphs"] is False
 
 
 def test_resume_with_other_classes_names_the_checkpoint_and_tensors(shapes, tmp_path, capsys):

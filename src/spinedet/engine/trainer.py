@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 RESUME_MAY_CHANGE = frozenset({
     "train.epochs", "train.max_steps", "train.log_every", "train.eval_every",
     "train.checkpoint_every", "train.max_nonfinite", "train.dist_timeout_min", "data.workers",
-    "data.check",
+    "data.check", "train.cuda_graphs", "train.channels_last",
 })  # fmt: skip
 
 
