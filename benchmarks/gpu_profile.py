@@ -15,10 +15,9 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import detection_batch, machine, parse_args, table  # noqa: E402
-from gpu_throughput import NUM_CLASSES, PAIRS, SIZE, TV, amp_train_step  # noqa: E402
+from gpu_throughput import NUM_CLASSES, PAIRS, SIZE, TV, amp_train_step, graphed  # noqa: E402
 
 from spinedet import create_model  # noqa: E402
-from spinedet.cuda_graphs import use_cuda_graphs  # noqa: E402
 
 
 def profile_step(step, steps: int = 3) -> tuple[float, float, int, list, list]:
@@ -54,27 +53,26 @@ def main() -> int:
     targets = [{k: v.cuda() for k, v in t.items()} for t in targets]
     rows, tops, hosts = [], {}, {}
 
-    def graphed(name: str, layout: torch.memory_format = torch.contiguous_format):
-        model = create_model(name, num_classes=NUM_CLASSES).to(memory_format=layout)
-        use_cuda_graphs(model)  # captured in profile_step's warm-up
-        return model
-
-    runs = []
+    runs = []  # (label, builder, layout and CUDA graphs or None), graphs captured in warm-up
     for name in ("spinenet49s_retinanet", "spinenet49s_maskrcnn"):
         ref_name, ref_builder = PAIRS[name]
+        ours = partial(create_model, name, num_classes=NUM_CLASSES)
         runs += [
-            (name, partial(create_model, name, num_classes=NUM_CLASSES)),
-            (f"{name} + CUDA graphs", partial(graphed, name)),
-            (f"{name} + CUDA graphs, channels_last", partial(graphed, name, torch.channels_last)),
-            (ref_name, partial(ref_builder, **TV, num_classes=NUM_CLASSES)),
+            (name, ours, None),
+            (f"{name} + CUDA graphs", ours, torch.contiguous_format),
+            (f"{name} + CUDA graphs, channels_last", ours, torch.channels_last),
+            (ref_name, partial(ref_builder, **TV, num_classes=NUM_CLASSES), None),
         ]
-    for label, build in runs:
-        step = amp_train_step(build().cuda(), images, targets, torch.bfloat16)
+    for label, build, layout in runs:
+        model = build().cuda()
+        if layout is not None:
+            model = graphed(model, layout)
+        step = amp_train_step(model, images, targets, torch.bfloat16)
         wall, busy, count, top, host = profile_step(step)
         rows.append([label, f"{wall:.1f}", f"{busy:.1f}", f"{busy / wall:.0%}", f"{count:,}"])
         tops[label] = top
         hosts[label] = host
-        del step
+        del step, model
         torch.cuda.empty_cache()
     print(table(["model", "ms/step", "GPU busy ms", "busy share", "CUDA kernels"], rows))
     for label, top in tops.items():

@@ -61,6 +61,14 @@ def amp_inference(model: torch.nn.Module, images: list, dtype: torch.dtype):
     return synced(run)
 
 
+def graphed(model: torch.nn.Module, layout: torch.memory_format = torch.contiguous_format):
+    """A copy of ``model`` in ``layout`` whose backbone and dense head replay CUDA graphs, as
+    `spinedet train` runs it on one GPU."""
+    model = copy.deepcopy(model).to(memory_format=layout)
+    use_cuda_graphs(model)
+    return model
+
+
 def peak_mib(run) -> float:
     """Peak GPU memory of one call, MiB."""
     torch.cuda.reset_peak_memory_stats()
@@ -88,12 +96,12 @@ def main() -> int:
         ours = create_model(name, num_classes=NUM_CLASSES, **thresh).cuda()
         ref = ref_builder(**TV, num_classes=NUM_CLASSES, **thresh).cuda()
         for size in args.train_batch:
-            graphed = copy.deepcopy(ours)  # a copy per batch: its peak holds its graph alone
-            use_cuda_graphs(graphed)  # what `spinedet train` does on one GPU
-            nhwc = copy.deepcopy(ours).to(memory_format=torch.channels_last)
-            use_cuda_graphs(nhwc)
-            paths = {name: ours, f"{name} + CUDA graphs": graphed,
-                     f"{name} + CUDA graphs, channels_last": nhwc}  # fmt: skip
+            # Copies per batch size: each one's peak holds its own graph alone.
+            paths = {
+                name: ours,
+                f"{name} + CUDA graphs": graphed(ours),
+                f"{name} + CUDA graphs, channels_last": graphed(ours, torch.channels_last),
+            }
             images, targets = detection_batch(SIZE, size, NUM_CLASSES)
             images = [i.cuda() for i in images]
             targets = [{k: v.cuda() for k, v in t.items()} for t in targets]
@@ -103,7 +111,7 @@ def main() -> int:
             memory = {k: peak_mib(step) for k, step in steps.items()}  # graphs captured by now
             rows += [_row(label, ref_name, f"train, batch {size}", times, size, memory)
                      for label in paths]  # fmt: skip
-            del graphed, nhwc, paths, steps
+            del paths, steps
             torch.cuda.empty_cache()
         # The public inference path (Predictor, spinedet eval/predict): optimize_for_inference,
         # which on CUDA pads to the square and replays CUDA graphs; and without the graphs.

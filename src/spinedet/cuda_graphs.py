@@ -91,7 +91,8 @@ class CudaGraphs:
                     self.seen.clear()
                 self.seen.add(key)  # a shape seen once (an odd evaluation image) stays eager
                 return self.eager(*args)
-            graph = self.graphs[key] = self._capture(flat, spec, training=key[0])
+            training, amp = key[:2]
+            graph = self.graphs[key] = self._capture(flat, spec, training, amp)
         return graph(*flat)
 
     def _signature(self, flat: list, spec: Any) -> tuple | None:
@@ -114,13 +115,14 @@ class CudaGraphs:
         weights = first.data_ptr() if first is not None else 0
         return training, amp, torch.is_inference_mode_enabled(), spec, tensors, weights
 
-    def _capture(self, flat: list, spec: Any, training: bool) -> Callable[..., Any]:
+    def _capture(
+        self, flat: list, spec: Any, training: bool, amp: torch.dtype | None
+    ) -> Callable[..., Any]:
         static = [t.detach().clone().requires_grad_(t.requires_grad) for t in flat]
         if not training:
             return self._capture_inference(static, spec)
         saved = [b.clone() for b in self.module.buffers()]
         shell = _Shell(self.module, spec)
-        amp = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
         # make_graphed_callables needs autocast's weight-cast cache off while it captures.
         with torch.autocast("cuda", dtype=amp, enabled=amp is not None, cache_enabled=False):
             graphed = torch.cuda.make_graphed_callables(shell, tuple(static))

@@ -13,8 +13,7 @@ import torch
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .cuda_graphs import pad_to_square, use_cuda_graphs
-from .models import describe
+from .cuda_graphs import cuda_graph_parts, pad_to_square, use_cuda_graphs
 from .models.layers import SameConv2d, pad_same
 
 __all__ = ["OneDNNConv2d", "fold_bn_into_conv", "fuse_bn", "optimize_for_inference", "use_onednn"]
@@ -183,17 +182,8 @@ def optimize_for_inference(
 
 
 def _compile_parts(model: nn.Module) -> None:
-    # Freezing turns the (frozen) weights into constants, which lets Inductor prepack them for
-    # oneDNN and fuse each convolution with its bias, activation and residual add.
-    def compiled(module):
-        return torch.compile(module, dynamic=False, options={"freezing": True})
-
-    task = describe(model).task
-    if task in ("backbone", "classifier"):
-        model.forward = compiled(model.forward)
-        return
-    model.backbone = compiled(model.backbone)
-    if task == "retinanet":  # the dense head
-        model.head = compiled(model.head)
-    else:
-        model.rpn.head = compiled(model.rpn.head)
+    # The parts CUDA graphs capture, whose input shapes repeat. Freezing turns the (frozen)
+    # weights into constants, which lets Inductor prepack them for oneDNN and fuse each
+    # convolution with its bias, activation and residual add.
+    for part in cuda_graph_parts(model):
+        part.forward = torch.compile(part.forward, dynamic=False, options={"freezing": True})
