@@ -25,21 +25,30 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 step() { echo "== $1 ($(date +%T))"; }
+# SECTIONS picks what runs (default: all), e.g. SECTIONS="tests throughput" for a short call.
+want() { [[ " ${SECTIONS:-tests throughput profile quickstart} " == *" $1 "* ]]; }
 
 step "device"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, torchvision; print(torch.__version__, torchvision.__version__)" | tee -a "$OUT/gpu.txt"
 
+if want tests; then
 step "fast paths and CUDA graphs equal the plain ones on CUDA"
 timeout 90 python3 -m pytest -q -p no:cacheprovider -rs --tb=short \
-    tests/test_cuda_graphs.py tests/test_fast_paths.py 2>&1 | tail -40 | tee "$OUT/tests.txt"
+    tests/test_cuda_graphs.py tests/test_fast_paths.py tests/test_postprocess.py 2>&1 | tail -40 | tee "$OUT/tests.txt"
+fi
 
+if want throughput; then
 step "throughput"
 timeout 210 python3 benchmarks/gpu_throughput.py --repeats 8 | tee "$OUT/gpu_throughput.md"
+fi
 
+if want profile; then
 step "profile"
 timeout 150 python3 benchmarks/gpu_profile.py | tee "$OUT/gpu_profile.md"
+fi
 
+if want quickstart; then
 step "quickstart on CUDA, CUDA graphs on (the default) and off"
 DATA=/tmp/shapes
 python3 -m spinedet.cli data shapes --out "$DATA" --num-images 400 --size 192 --splits 0.8 0.1 0.1 >/dev/null
@@ -56,4 +65,5 @@ for graphs in true false; do
 done
 timeout 40 python3 -m spinedet.cli eval /tmp/demo-true --annotations "$DATA/test.json" \
     --images "$DATA/images" --device cuda 2>&1 | tail -8 | tee "$OUT/eval.txt"
+fi
 step "done"

@@ -15,9 +15,18 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import detection_batch, machine, parse_args, table  # noqa: E402
-from gpu_throughput import NUM_CLASSES, PAIRS, SIZE, TV, amp_train_step, graphed  # noqa: E402
+from gpu_throughput import (  # noqa: E402
+    NUM_CLASSES,
+    PAIRS,
+    SIZE,
+    TV,
+    amp_inference,
+    amp_train_step,
+    graphed,
+)
 
 from spinedet import create_model  # noqa: E402
+from spinedet.optimize import optimize_for_inference  # noqa: E402
 
 
 def profile_step(step, steps: int = 3) -> tuple[float, float, int, list, list]:
@@ -59,7 +68,6 @@ def main() -> int:
         ours = partial(create_model, name, num_classes=NUM_CLASSES)
         runs += [
             (name, ours, None),
-            (f"{name} + CUDA graphs", ours, torch.contiguous_format),
             (f"{name} + CUDA graphs, channels_last", ours, torch.channels_last),
             (ref_name, partial(ref_builder, **TV, num_classes=NUM_CLASSES), None),
         ]
@@ -75,11 +83,31 @@ def main() -> int:
         del step, model
         torch.cuda.empty_cache()
     print(table(["model", "ms/step", "GPU busy ms", "busy share", "CUDA kernels"], rows))
+    inference = []  # the public inference path at batch 8, score threshold 0 as gpu_throughput
+    for name in ("spinenet49s_retinanet", "spinenet49s_maskrcnn"):
+        ref_name, ref_builder = PAIRS[name]
+        thresh = {"box_score_thresh": 0.0} if "maskrcnn" in name else {"score_thresh": 0.0}
+        ours = create_model(name, num_classes=NUM_CLASSES, **thresh).cuda().eval()
+        ref = ref_builder(**TV, num_classes=NUM_CLASSES, **thresh).cuda().eval()
+        models = {f"{name} optimised": optimize_for_inference(ours),
+                  ref_name: ref.to(memory_format=torch.channels_last)}  # fmt: skip
+        for label, model in models.items():
+            wall, busy, count, top, host = profile_step(
+                amp_inference(model, images, torch.bfloat16)
+            )
+            inference.append([label, f"{wall:.1f}", f"{busy:.1f}", f"{busy / wall:.0%}",
+                              f"{count:,}"])  # fmt: skip
+            hosts[f"{label}, inference"] = host
+        del ours, ref, models
+        torch.cuda.empty_cache()
+    print(f"\n## Inference, batch {args.batch} (optimize_for_inference; torchvision eval, "
+          "channels-last)\n")  # fmt: skip
+    print(table(["model", "ms/batch", "GPU busy ms", "busy share", "CUDA kernels"], inference))
     for label, top in tops.items():
         print(f"\n## Top kernels, {label}\n")
         print(table(["kernel", "ms/step"], [[n[:90], f"{t:.2f}"] for n, t in top]))
     for label, host in hosts.items():  # what the host still does between graph replays
-        if "CUDA graphs" in label:
+        if "CUDA graphs" in label or "optimised" in label:
             print(f"\n## Top host ops (self CPU time), {label}\n")
             rows = [[n[:60], c, f"{t:.2f}"] for n, c, t in host]
             print(table(["op", "calls/step", "ms/step"], rows))

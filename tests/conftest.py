@@ -21,6 +21,20 @@ TINY_MODEL = {
 }
 
 
+def same_detections(a: dict, b: dict, tol: float = 1e-4) -> bool:
+    """The same boxes, labels and scores, in any order among (near-)equal scores."""
+    if len(a["boxes"]) != len(b["boxes"]):
+        return False
+    if not len(a["boxes"]):
+        return True
+    scores_a, scores_b = a["scores"].sort().values, b["scores"].sort().values
+    if not torch.allclose(scores_a, scores_b, rtol=tol, atol=tol):
+        return False
+    distance = (b["boxes"][:, None] - a["boxes"]).abs().amax(-1)
+    distance += 1e9 * (b["labels"][:, None] != a["labels"])
+    return bool((distance.min(dim=1).values <= tol * a["boxes"].abs().max()).all())
+
+
 @pytest.fixture(
     params=[
         "cpu",

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from conftest import same_detections
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 import spinedet
@@ -119,8 +120,11 @@ def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def assert_same_state(eager: torch.nn.Module, graphed: torch.nn.Module, tol: float) -> None:
     ref, got = grads(eager), grads(graphed)
     assert ref.keys() == got.keys()
+    # Gradients within tol of the model's largest: rounding scales with the terms summed, and
+    # some are 0 up to rounding (a norm's bias before another norm: 1e-9 on an H100).
+    scale = max(g.abs().max() for g in ref.values())
     for name in ref:
-        assert close(got[name], ref[name], tol), name
+        assert (got[name] - ref[name]).abs().max() <= tol * scale, name
     for name, value in eager.named_buffers():
         if not name.endswith("num_batches_tracked"):
             assert close(graphed.get_buffer(name), value, tol), name
@@ -166,11 +170,14 @@ def test_retinanet_training_steps_equal_eager(amp, layout, fp32):
 
 def part_inputs(model: torch.nn.Module, part: int, seed: int) -> tuple:
     """Arguments of cuda_graph_parts(model)[part]: images for the backbone, features of the
-    pyramid's shapes for the dense head."""
+    pyramid's shapes for the dense head, RoI features for the box head."""
     g = torch.Generator().manual_seed(seed)
     if part == 0:
         return (torch.rand(2, 3, SIZE, SIZE, generator=g).cuda(),)
     channels = model.backbone.out_channels
+    if part == 2:
+        crops = torch.randn(24, channels, 7, 7, generator=g).cuda()
+        return (crops.requires_grad_(torch.is_grad_enabled()),)
     features = [torch.randn(2, channels, SIZE >> level, SIZE >> level, generator=g).cuda()
                 for level in model.backbone.levels]  # fmt: skip
     return ([f.requires_grad_(torch.is_grad_enabled()) for f in features],)
@@ -178,7 +185,7 @@ def part_inputs(model: torch.nn.Module, part: int, seed: int) -> tuple:
 
 @cuda
 @pytest.mark.parametrize("name", DETECTORS)
-def test_graphed_parts_equal_eager_in_training_and_inference(name):
+def test_graphed_parts_equal_eager_in_training_and_inference(name, fp32):
     eager = small(name).cuda()
     graphed = copy.deepcopy(eager)
     use_cuda_graphs(graphed)
@@ -216,17 +223,6 @@ def tree_map_detach(args: tuple) -> tuple:
     """The same arguments, as new leaves (their own gradients)."""
     flat, spec = tree_flatten(args)
     return tree_unflatten([t.detach().clone().requires_grad_(t.requires_grad) for t in flat], spec)
-
-
-def same_detections(a: dict, b: dict, tol: float = 1e-4) -> bool:
-    """The same boxes, labels and scores, in any order among (near-)equal scores."""
-    if len(a["boxes"]) != len(b["boxes"]):
-        return False
-    if not close(b["scores"].sort().values, a["scores"].sort().values, tol):
-        return False
-    distance = (b["boxes"][:, None] - a["boxes"]).abs().amax(-1)
-    distance += 1e9 * (b["labels"][:, None] != a["labels"])
-    return bool((distance.min(dim=1).values <= tol * a["boxes"].abs().max()).all())
 
 
 @cuda

@@ -133,7 +133,8 @@ def test_tensorflow_tpu_models_export(task, tmp_path):
 
 def test_broken_postprocessing_fails_the_check_and_writes_nothing(retinanet, tmp_path, monkeypatch):
     # Without NMS the graph returns overlapping boxes PyTorch removes.
-    monkeypatch.setattr(graph_module, "batched_nms", lambda b, s, i, t: s.argsort(descending=True))
+    select = graph_module.select_detections
+    monkeypatch.setattr(graph_module, "select_detections", lambda *a: select(*a[:5], 1.0, a[6]))
     out = tmp_path / "retina.pt"
     with pytest.raises(ExportError, match=r"disagrees with PyTorch on image 0 at 64x48: "):
         export_torchscript(retinanet, out)
@@ -175,17 +176,6 @@ def test_failed_dense_check_writes_nothing(tmp_path, monkeypatch):
         export_onnx(create_model("spinenet49s", **SMALL), out, image_size=64)
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
-
-
-def test_paste_masks_equals_torchvision():
-    from torchvision.models.detection.roi_heads import paste_masks_in_image
-
-    probs = torch.rand(5, 28, 28, generator=torch.Generator().manual_seed(0))
-    boxes = torch.tensor([[3.2, 4.9, 30.1, 20.0], [-5.0, 10.0, 12.3, 70.0], [0, 0, 63.9, 47.2],
-                          [40.0, 30.0, 40.5, 30.2], [20.0, 1.0, 90.0, 5.0]])  # fmt: skip
-    ours = graph_module.paste_masks(probs, boxes, 48, 64)
-    theirs = paste_masks_in_image(probs[:, None], boxes, (48, 64))[:, 0]
-    assert torch.allclose(ours, theirs, atol=1e-6)
 
 
 def test_help_names_run_directories():

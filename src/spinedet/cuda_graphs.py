@@ -5,8 +5,8 @@ channels wide, BatchNorm, resampling), each taking the host longer to launch tha
 run. A CUDA graph launches a captured sequence with one call. The backbone and the dense head
 (RetinaNet's towers, the RPN's convolutions) see the same shapes on every training step, whose
 batches are ``image_size``-square crops, and at inference when images are padded to that square
-(:func:`pad_to_square`); anchor matching, proposal sampling and the RoI heads depend on the data
-and stay eager.
+(:func:`pad_to_square`), as does the R-CNN box head on its fixed number of proposals per
+image; anchor matching, proposal selection and the mask head depend on the data and stay eager.
 
 :func:`use_cuda_graphs` replaces such a part's ``forward`` by a :class:`CudaGraphs`, which
 captures one graph per call signature (shapes, dtypes, autocast type, training or inference)
@@ -161,13 +161,17 @@ class CudaGraphs:
 def cuda_graph_parts(model: nn.Module) -> list[nn.Module]:
     """The parts of a spinedet model whose input shapes are fixed by the input size: a
     detector's backbone and dense head (RetinaNet's head, the R-CNNs' RPN head), a classifier's
-    backbone, or a bare backbone."""
+    backbone, or a bare backbone; and the R-CNNs' box head, which sees a fixed number of
+    proposals per image wherever the RPN finds enough (training: the ``box_batch_size_per_image``
+    sampled, inference: ``rpn_post_nms_top_n_test``)."""
     task = describe(model).task
     if task == "backbone":
         return [model]
     if task == "classifier":
         return [model.backbone]
-    return [model.backbone, model.head if task == "retinanet" else model.rpn.head]
+    if task == "retinanet":
+        return [model.backbone, model.head]
+    return [model.backbone, model.rpn.head, model.roi_heads.box_head]
 
 
 def use_cuda_graphs(model: nn.Module, max_graphs: int = 4) -> list[CudaGraphs]:

@@ -16,13 +16,21 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection._utils import _topk_min
 from torchvision.models.detection.rpn import concat_box_prediction_layers
-from torchvision.ops import batched_nms
 
 from ..models import describe
 from ..models.pixel_boxes import PixelBoxTransform, corner_boxes
+from ..models.postprocess import (
+    class_candidates,
+    clip_to,
+    gather_rows,
+    large_enough,
+    level_candidates,
+    paste_masks,
+    select_detections,
+)
 from ..models.registry import TASKS
 
-__all__ = ["DetectorGraph", "paste_masks", "select_detections"]
+__all__ = ["DetectorGraph"]
 
 
 class DetectorGraph(nn.Module):
@@ -109,16 +117,17 @@ class DetectorGraph(nn.Module):
         start = 0
         for feature in features:
             end = start + feature.shape[-2] * feature.shape[-1] * per_location
-            level = logits[:, start:end].sigmoid().flatten(1)
-            top, index = level.topk(_topk_min(level, model.topk_candidates, 1), dim=1)
-            anchor = torch.div(index, classes, rounding_mode="floor") + start
-            delta = deltas.gather(1, anchor[..., None].expand(-1, -1, 4))
-            decoded = model.box_coder.decode_single(delta.reshape(-1, 4), anchors[anchor.flatten()])
-            boxes.append(decoded.reshape(delta.shape))
-            scores.append(top)
-            labels.append(index % classes)
+            level = level_candidates(
+                logits[:, start:end],
+                deltas[:, start:end],
+                anchors[start:end],
+                model.box_coder,
+                model.topk_candidates,
+            )
+            for out, value in zip((boxes, scores, labels), level, strict=True):
+                out.append(value)
             start = end
-        boxes = _clip(torch.cat(boxes, 1), limits)
+        boxes = clip_to(torch.cat(boxes, 1), limits)
         scores, labels = torch.cat(scores, 1), torch.cat(labels, 1)
         keep = scores > model.score_thresh
         if self.pixel_boxes:
@@ -126,7 +135,7 @@ class DetectorGraph(nn.Module):
         index, found = select_detections(
             boxes, scores, labels, keep, classes, model.nms_thresh, self.max_detections
         )
-        return *_gather(index, boxes, scores, labels), found
+        return *gather_rows(index, boxes, scores, labels), found
 
     def _proposals(
         self, features: list[torch.Tensor], limits: torch.Tensor
@@ -152,13 +161,13 @@ class DetectorGraph(nn.Module):
             scores.append(top.sigmoid())
             levels.append(torch.full_like(index, i))
             start = end
-        boxes = _clip(torch.cat(boxes, 1), limits)
+        boxes = clip_to(torch.cat(boxes, 1), limits)
         scores, levels = torch.cat(scores, 1), torch.cat(levels, 1)
         keep = self._has_area(boxes, rpn.min_size) & (scores >= rpn.score_thresh)
         index, found = select_detections(
             boxes, scores, levels, keep, len(features), rpn.nms_thresh, rpn.post_nms_top_n()
         )
-        (boxes,) = _gather(index, boxes)
+        (boxes,) = gather_rows(index, boxes)
         if self.pixel_boxes:  # PixelBoxRPN pads with all-zero proposals, which the head sees
             return boxes * found[..., None], torch.ones_like(found)
         return boxes, found
@@ -168,20 +177,19 @@ class DetectorGraph(nn.Module):
         and softmax scores, background dropped, thresholds, class-wise NMS."""
         heads = self.model.roi_heads
         proposals, proposed = self._proposals(features, limits)
-        n, r = proposals.shape[0], proposals.shape[1]
+        n = proposals.shape[0]
         crops = heads.box_roi_pool.pool_every_level(self._feature_map(features), _rois(proposals))
         logits, regression = heads.box_predictor(heads.box_head(crops))
         classes = logits.shape[-1]
-        boxes = heads.box_coder.decode_single(regression, proposals.reshape(-1, 4))
-        boxes = _clip(boxes.reshape(n, r, classes, 4), limits)[:, :, 1:].reshape(n, -1, 4)
-        scores = F.softmax(logits, -1).reshape(n, r, classes)[:, :, 1:].reshape(n, -1)
-        labels = torch.arange(1, classes, device=logits.device).repeat(r).expand(n, -1)
+        boxes, scores, labels = class_candidates(
+            logits, regression, proposals, limits.reshape(1, 1, 4), heads.box_coder
+        )
         proposed = proposed[..., None].expand(-1, -1, classes - 1).reshape(n, -1)
         keep = (scores > heads.score_thresh) & self._has_area(boxes, 1e-2) & proposed
         index, found = select_detections(
             boxes, scores, labels, keep, classes, heads.nms_thresh, self.max_detections
         )
-        return *_gather(index, boxes, scores, labels), found
+        return *gather_rows(index, boxes, scores, labels), found
 
     def _masks(
         self,
@@ -206,21 +214,10 @@ class DetectorGraph(nn.Module):
     def _has_area(self, boxes: torch.Tensor, min_size: float) -> torch.Tensor:
         """Which boxes may be selected: torchvision's ``remove_small_boxes`` as a mask, or for
         tensorflow/tpu's convention every box but all-zero ones."""
-        return ~corner_boxes(boxes) if self.pixel_boxes else _large_enough(boxes, min_size)
+        return ~corner_boxes(boxes) if self.pixel_boxes else large_enough(boxes, min_size)
 
     def _feature_map(self, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         return {f"p{lvl}": f for lvl, f in zip(self.model.backbone.levels, features, strict=True)}
-
-
-def _clip(boxes: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
-    """``clip_boxes_to_image`` against a (w, h, w, h) tensor (traced sizes stay symbolic)."""
-    return boxes.clamp(min=0).minimum(limits)
-
-
-def _large_enough(boxes: torch.Tensor, min_size: float) -> torch.Tensor:
-    """``remove_small_boxes`` as a mask."""
-    sides = boxes[..., 2:] - boxes[..., :2]
-    return (sides[..., 0] >= min_size) & (sides[..., 1] >= min_size)
 
 
 def _rois(boxes: torch.Tensor) -> torch.Tensor:
@@ -228,94 +225,3 @@ def _rois(boxes: torch.Tensor) -> torch.Tensor:
     n, r = boxes.shape[0], boxes.shape[1]
     image = torch.arange(n, device=boxes.device, dtype=boxes.dtype)[:, None, None]
     return torch.cat([image.expand(n, r, 1), boxes], 2).reshape(-1, 5)
-
-
-def _gather(index: torch.Tensor, *values: torch.Tensor) -> list[torch.Tensor]:
-    """``values[i][n, index[n, k]]`` for (N, P) or (N, P, 4) tensors."""
-    out = []
-    for v in values:
-        i = index[..., None].expand(-1, -1, v.shape[-1]) if v.dim() == 3 else index
-        out.append(v.gather(1, i))
-    return out
-
-
-def select_detections(
-    boxes: torch.Tensor,
-    scores: torch.Tensor,
-    groups: torch.Tensor,
-    keep: torch.Tensor,
-    num_groups: int,
-    iou_threshold: float,
-    k: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """NMS within each image and group (class or level) of the candidates where ``keep``, and
-    each image's best ``k`` survivors, as torchvision selects them image by image.
-
-    ``boxes`` (N, P, 4), ``scores``, ``groups`` (in ``0..num_groups - 1``) and ``keep`` (N, P).
-    Returns ``(index, found)``, both (N, k): the candidates' indices along P, best first, and
-    whether the slot holds one (an image may have fewer than ``k``).
-    """
-    n, p = scores.shape[0], scores.shape[1]
-    flat = keep.flatten().nonzero()[:, 0]
-    image = torch.div(flat, p, rounding_mode="floor")
-    group = groups.flatten()[flat] + image * num_groups
-    # One zero-area candidate of its own group, scored below every probability, keeps NMS
-    # from an empty input (traced graphs cannot branch on it); it never suppresses anything.
-    sentinel = flat.shape[0]
-    kept = batched_nms(
-        torch.cat([boxes.reshape(-1, 4)[flat], boxes.new_zeros(1, 4)]),
-        torch.cat([scores.flatten()[flat], scores.new_full((1,), -1.0)]),
-        torch.cat([group, group.new_full((1,), -1)]),
-        iou_threshold,
-    )
-    chosen = flat[kept[kept != sentinel]]  # best first over the whole batch
-    image = torch.div(chosen, p, rounding_mode="floor")
-    same = image[:, None] == torch.arange(n, device=image.device)[None]
-    rank = same.long().cumsum(0).gather(1, image[:, None])[:, 0] - 1  # place in its image
-    inside = (rank < k).nonzero()[:, 0]
-    slots = (image * k + rank)[inside]
-    table = torch.full_like(scores[:, :1], -1, dtype=torch.long).repeat(1, k).flatten()
-    table = table.scatter(0, slots, chosen[inside]).reshape(-1, k)
-    found = table >= 0
-    offsets = torch.arange(n, device=table.device)[:, None] * p
-    return torch.where(found, table - offsets, 0), found
-
-
-def paste_masks(probs: torch.Tensor, boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """torchvision's ``paste_masks_in_image`` for (R, M, M) mask probabilities and (R, 4)
-    boxes, as one batched product: (R, height, width).
-
-    torchvision pads each mask by one pixel, widens its box by (M + 2) / M, truncates the box
-    to whole pixels and resizes the mask bilinearly (``align_corners=False``) onto it. Bilinear
-    resizing is separable, so each pasted mask is ``rows @ mask @ cols.T`` with the (H, M + 2)
-    and (W, M + 2) interpolation weights of its box (zero outside it): the same values up to
-    float rounding, with shapes that do not depend on the boxes.
-    """
-    size = probs.shape[-1]
-    padded = F.pad(probs, (1, 1, 1, 1))
-    scale = (size + 2) / size
-    half = (boxes[:, 2:] - boxes[:, :2]) * 0.5 * scale
-    centre = (boxes[:, 2:] + boxes[:, :2]) * 0.5
-    low, high = (centre - half).long(), (centre + half).long()
-    rows = _resize_weights(low[:, 1], high[:, 1], height, size + 2)
-    cols = _resize_weights(low[:, 0], high[:, 0], width, size + 2)
-    return rows @ padded @ cols.transpose(1, 2)
-
-
-def _resize_weights(start: torch.Tensor, end: torch.Tensor, length: int, size: int) -> torch.Tensor:
-    """(R, length, size) weights of bilinear resizing (``align_corners=False``) of ``size``
-    samples onto pixels ``start..end`` (inclusive) of a ``length``-pixel axis."""
-    extent = (end - start + 1).clamp(min=1)
-    pixel = torch.arange(length, device=start.device)[None] - start[:, None]  # (R, length)
-    inside = (pixel >= 0) & (pixel <= (end - start)[:, None])
-    scale = size / extent.float()
-    source = ((pixel.float() + 0.5) * scale[:, None] - 0.5).clamp(min=0)
-    first = source.floor()
-    weight = (source - first).clamp(0, 1)
-    first = first.long()
-    second = (first + 1).clamp(max=size - 1)
-    grid = torch.arange(size, device=start.device)
-    weights = (grid == first[..., None]) * (1 - weight)[..., None] + (
-        grid == second[..., None]
-    ) * weight[..., None]
-    return weights * inside[..., None]

@@ -14,7 +14,6 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
-from torchvision.ops import clip_boxes_to_image
 
 from ..errors import ModelError
 from .heads import (
@@ -28,6 +27,15 @@ from .heads import (
 )
 from .layers import ACTIVATIONS, make_norm
 from .pixel_boxes import BOX_CONVENTIONS, PixelBoxCoder, corner_boxes, use_pixel_boxes
+from .postprocess import (
+    BatchedRoIHeads,
+    MaskPastingTransform,
+    best_detections,
+    clip_to,
+    image_limits,
+    level_candidates,
+    split_detections,
+)
 from .registry import register_task, resolve_variant
 from .spinenet import ScalePermutedBackbone, build_variant
 from .spinenet_mobile import SPINENET_MOBILE  # noqa: F401 - registers the Mobile family
@@ -89,6 +97,10 @@ def _finish(
         raise ModelError(
             f"unknown box_convention {box_convention!r}; expected one of {BOX_CONVENTIONS}"
         )
+    # Whole-batch selection and mask pasting (the same detections, see models.postprocess).
+    model.transform.__class__ = MaskPastingTransform
+    if hasattr(model, "roi_heads"):
+        model.roi_heads.__class__ = BatchedRoIHeads
     if box_convention == "tpu":
         use_pixel_boxes(model)
     if getattr(model.backbone, "downsample", None) == "tpu":
@@ -114,7 +126,10 @@ class BackgroundFreeRetinaNet(RetinaNet):
     an output for it (``num_classes`` counts it) that no training target makes positive, and
     tensorflow/tpu's detection generator drops it too. In tensorflow/tpu's box convention it
     never reports an all-zero box either, as tensorflow/tpu's NMS
-    (:func:`~spinedet.models.pixel_boxes.corner_boxes`)."""
+    (:func:`~spinedet.models.pixel_boxes.corner_boxes`).
+
+    Detections are selected for the whole batch at once (:mod:`spinedet.models.postprocess`),
+    as torchvision selects them image by image and level by level."""
 
     def postprocess_detections(
         self,
@@ -122,16 +137,35 @@ class BackgroundFreeRetinaNet(RetinaNet):
         anchors: list[list[Tensor]],
         image_shapes: list[tuple[int, int]],
     ) -> list[dict[str, Tensor]]:
-        background = torch.zeros(1, dtype=torch.long, device=anchors[0][0].device)
-        logits = [x.index_fill(-1, background, float("-inf")) for x in head_outputs["cls_logits"]]
-        if isinstance(self.box_coder, PixelBoxCoder):
-            deltas = head_outputs["bbox_regression"]
-            for i, shape in enumerate(image_shapes):
-                for x, d, a in zip(logits, deltas, anchors[i], strict=True):
-                    boxes = clip_boxes_to_image(self.box_coder.decode_single(d[i], a), shape)
-                    x[i, corner_boxes(boxes)] = float("-inf")
-        outputs = {"cls_logits": logits, "bbox_regression": head_outputs["bbox_regression"]}
-        return super().postprocess_detections(outputs, anchors, image_shapes)
+        # Every image of a batch has the anchors of the batch's padded size.
+        outputs = head_outputs["cls_logits"], head_outputs["bbox_regression"], anchors[0]
+        levels = zip(*outputs, strict=True)
+        limits = image_limits(image_shapes, anchors[0][0])
+        candidates: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
+        for logits, deltas, level_anchors in levels:
+            if isinstance(self.box_coder, PixelBoxCoder):  # no all-zero box, from any class
+                every = self.box_coder.decode_single(
+                    deltas.reshape(-1, 4), level_anchors.repeat(len(deltas), 1)
+                )
+                corner = corner_boxes(clip_to(every.reshape(deltas.shape), limits))
+                logits = logits.masked_fill(corner[..., None], float("-inf"))
+            level = level_candidates(
+                logits, deltas, level_anchors, self.box_coder, self.topk_candidates
+            )
+            for out, value in zip(candidates, level, strict=True):
+                out.append(value)
+        boxes = clip_to(torch.cat(candidates[0], 1), limits)
+        scores, labels = torch.cat(candidates[1], 1), torch.cat(candidates[2], 1)
+        index, found = best_detections(
+            boxes,
+            scores,
+            labels,
+            scores > self.score_thresh,
+            head_outputs["cls_logits"][0].shape[-1],
+            self.nms_thresh,
+            self.detections_per_img,
+        )
+        return split_detections(index, found, boxes=boxes, scores=scores, labels=labels)
 
 
 _ALL = {"spinenet": None, "spinenet_mobile": None}

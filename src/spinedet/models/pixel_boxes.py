@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import batched_nms, clip_boxes_to_image
+
+from .postprocess import BatchedRoIHeads, MaskPastingTransform
 
 __all__ = [
     "BOX_CONVENTIONS",
@@ -62,7 +62,7 @@ class PixelBoxCoder(BoxCoder):
         return decoded - ends
 
 
-class PixelBoxTransform(GeneralizedRCNNTransform):
+class PixelBoxTransform(MaskPastingTransform):
     """torchvision's detector transform, with boxes clipped to the last pixel: the detectors
     clip to the ``image_sizes`` the transform reports, so it reports each image one pixel
     smaller, and restores the sizes before mapping detections back to the input image."""
@@ -131,35 +131,15 @@ class PixelBoxRPN(RegionProposalNetwork):
         return all_boxes, all_scores
 
 
-class PixelBoxRoIHeads(RoIHeads):
+class PixelBoxRoIHeads(BatchedRoIHeads):
     """torchvision's R-CNN heads whose detections are tensorflow/tpu's
     ``GenericDetectionGenerator``'s: softmax, background dropped, boxes decoded per class and
     clipped, scores over ``score_thresh``, NMS per class, the best ``detections_per_img``;
     boxes without continuous area are kept (torchvision drops those under 1e-2), all-zero
     boxes never (TensorFlow's ``non_max_suppression_padded`` takes them for padding)."""
 
-    def postprocess_detections(
-        self,
-        class_logits: Tensor,
-        box_regression: Tensor,
-        proposals: list[Tensor],
-        image_shapes: list[tuple[int, int]],
-    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        counts = [len(p) for p in proposals]
-        decoded = self.box_coder.decode(box_regression, proposals).split(counts)
-        probs = F.softmax(class_logits, -1).split(counts)
-        outputs: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
-        for boxes, scores, shape in zip(decoded, probs, image_shapes, strict=True):
-            boxes = clip_boxes_to_image(boxes, shape)[:, 1:].reshape(-1, 4)
-            classes = torch.arange(1, scores.shape[1], device=scores.device)
-            labels = classes.repeat(len(scores))
-            scores = scores[:, 1:].reshape(-1)
-            keep = torch.where((scores > self.score_thresh) & ~corner_boxes(boxes))[0]
-            keep = keep[batched_nms(boxes[keep], scores[keep], labels[keep], self.nms_thresh)]
-            keep = keep[: self.detections_per_img]
-            for out, value in zip(outputs, (boxes, scores, labels), strict=True):
-                out.append(value[keep])
-        return outputs
+    def selectable(self, boxes: Tensor) -> Tensor:
+        return ~corner_boxes(boxes)
 
 
 def use_pixel_boxes(model: nn.Module) -> None:

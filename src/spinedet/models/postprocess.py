@@ -1,0 +1,301 @@
+"""Detection post-processing for a whole batch at once, with shapes that do not depend on the
+data.
+
+torchvision's detectors select detections image by image and level by level: boolean masks
+whose sizes the host must read, an NMS per image (on a GPU, past 25,000 candidates, one per
+class: 90 for COCO), and a resize per pasted mask, each a few kernels and often a wait for the
+device. At inference on a GPU those loops take longer than the network. The functions here
+select the same detections for the batch: the eager detectors (:class:`BatchedRoIHeads`,
+:class:`MaskPastingTransform`, ``detectors.BackgroundFreeRetinaNet``) and the traced export
+graph (:mod:`spinedet.export.graph`) share them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
+from torchvision.models.detection._utils import BoxCoder, _topk_min
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
+from torchvision.ops import batched_nms, nms
+
+__all__ = [
+    "BatchedRoIHeads",
+    "MaskPastingTransform",
+    "best_detections",
+    "class_candidates",
+    "level_candidates",
+    "paste_masks",
+    "select_detections",
+]
+
+
+def clip_to(boxes: Tensor, limits: Tensor) -> Tensor:
+    """``clip_boxes_to_image`` against (w, h, w, h) limits broadcast over ``boxes`` (a traced
+    size stays symbolic)."""
+    return boxes.clamp(min=0).minimum(limits)
+
+
+def image_limits(image_shapes: list[tuple[int, int]], like: Tensor) -> Tensor:
+    """(N, 1, 4) clipping limits (w, h, w, h) of each image."""
+    return like.new_tensor([[[w, h, w, h]] for h, w in image_shapes])
+
+
+def large_enough(boxes: Tensor, min_size: float) -> Tensor:
+    """torchvision's ``remove_small_boxes`` as a mask."""
+    sides = boxes[..., 2:] - boxes[..., :2]
+    return (sides[..., 0] >= min_size) & (sides[..., 1] >= min_size)
+
+
+def gather_rows(index: Tensor, *values: Tensor) -> list[Tensor]:
+    """``values[i][n, index[n, k]]`` for (N, P) or (N, P, 4) tensors."""
+    out = []
+    for v in values:
+        i = index[..., None].expand(-1, -1, v.shape[-1]) if v.dim() == 3 else index
+        out.append(v.gather(1, i))
+    return out
+
+
+def level_candidates(
+    logits: Tensor, deltas: Tensor, anchors: Tensor, box_coder: BoxCoder, k: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One pyramid level's RetinaNet candidates, as torchvision's
+    ``RetinaNet.postprocess_detections`` takes them image by image: the ``k`` best class
+    probabilities of each image with their decoded boxes and labels. The background (class 0)
+    never counts. ``logits`` (N, A, C), ``deltas`` (N, A, 4), ``anchors`` (A, 4) shared by the
+    batch; returns boxes (N, k, 4), scores and labels (N, k)."""
+    classes = logits.shape[-1]
+    background = torch.zeros(1, dtype=torch.long, device=logits.device)
+    scores = logits.index_fill(-1, background, float("-inf")).sigmoid().flatten(1)
+    top, index = scores.topk(_topk_min(scores, k, 1), dim=1)
+    anchor = torch.div(index, classes, rounding_mode="floor")
+    delta = deltas.gather(1, anchor[..., None].expand(-1, -1, 4))
+    boxes = box_coder.decode_single(delta.reshape(-1, 4), anchors[anchor.flatten()])
+    return boxes.reshape(delta.shape), top, index % classes
+
+
+def class_candidates(
+    logits: Tensor, regression: Tensor, proposals: Tensor, limits: Tensor, box_coder: BoxCoder
+) -> tuple[Tensor, Tensor, Tensor]:
+    """An R-CNN box head's candidates, as torchvision's ``RoIHeads.postprocess_detections``
+    forms them: one box per proposal and object class, decoded and clipped, with its softmax
+    score. ``logits`` (N * R, C), ``regression`` (N * R, C * 4), ``proposals`` (N, R, 4),
+    ``limits`` (N, 1, 4); returns boxes (N, R * (C - 1), 4), scores and labels (N, R * (C - 1)),
+    proposal by proposal."""
+    n, r = proposals.shape[0], proposals.shape[1]
+    classes = logits.shape[-1]
+    boxes = box_coder.decode_single(regression, proposals.reshape(-1, 4))
+    boxes = clip_to(boxes.reshape(n, r, classes, 4), limits[:, None])[:, :, 1:].reshape(n, -1, 4)
+    scores = F.softmax(logits, -1).reshape(n, r, classes)[:, :, 1:].reshape(n, -1)
+    labels = torch.arange(1, classes, device=logits.device).repeat(r).expand(n, -1)
+    return boxes, scores, labels
+
+
+def _nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
+    """Class-wise NMS. On a GPU always one kernel with the groups moved apart (torchvision's
+    ``batched_nms`` loops over the groups past 25,000 boxes, one NMS and one host wait each);
+    on a CPU torchvision's choice, whose per-group loop is the faster there."""
+    if boxes.is_cuda:
+        offsets = groups.to(boxes.dtype) * (boxes.max() + 1)
+        return nms(boxes + offsets[:, None], scores, iou_threshold)
+    return batched_nms(boxes, scores, groups, iou_threshold)
+
+
+def select_detections(
+    boxes: Tensor,
+    scores: Tensor,
+    groups: Tensor,
+    keep: Tensor,
+    num_groups: int,
+    iou_threshold: float,
+    k: int,
+) -> tuple[Tensor, Tensor]:
+    """NMS within each image and group (class or level) of the candidates where ``keep``, and
+    each image's best ``k`` survivors, as torchvision selects them image by image.
+
+    ``boxes`` (N, P, 4), ``scores``, ``groups`` (in ``0..num_groups - 1``) and ``keep`` (N, P).
+    Returns ``(index, found)``, both (N, k): the candidates' indices along P, best first, and
+    whether the slot holds one (an image may have fewer than ``k``; its found slots come first).
+    """
+    n, p = scores.shape[0], scores.shape[1]
+    flat = keep.flatten().nonzero()[:, 0]
+    image = torch.div(flat, p, rounding_mode="floor")
+    group = groups.flatten()[flat] + image * num_groups
+    # One zero-area candidate of its own group, scored below every probability, keeps NMS
+    # from an empty input (traced graphs cannot branch on it); it never suppresses anything.
+    sentinel = flat.shape[0]
+    kept = _nms(
+        torch.cat([boxes.reshape(-1, 4)[flat], boxes.new_zeros(1, 4)]),
+        torch.cat([scores.flatten()[flat], scores.new_full((1,), -1.0)]),
+        torch.cat([group, group.new_full((1,), -1)]),
+        iou_threshold,
+    )
+    chosen = flat[kept[kept != sentinel]]  # best first over the whole batch
+    image = torch.div(chosen, p, rounding_mode="floor")
+    same = image[:, None] == torch.arange(n, device=image.device)[None]
+    rank = same.long().cumsum(0).gather(1, image[:, None])[:, 0] - 1  # place in its image
+    inside = (rank < k).nonzero()[:, 0]
+    slots = (image * k + rank)[inside]
+    table = torch.full_like(scores[:, :1], -1, dtype=torch.long).repeat(1, k).flatten()
+    table = table.scatter(0, slots, chosen[inside]).reshape(-1, k)
+    found = table >= 0
+    offsets = torch.arange(n, device=table.device)[:, None] * p
+    return torch.where(found, table - offsets, 0), found
+
+
+def best_detections(
+    boxes: Tensor,
+    scores: Tensor,
+    groups: Tensor,
+    keep: Tensor,
+    num_groups: int,
+    iou_threshold: float,
+    k: int,
+) -> tuple[Tensor, Tensor]:
+    """:func:`select_detections` for eager code, which may look at the result: NMS on each
+    image's ``4 k`` best candidates first, on more only where that found fewer than ``k``.
+
+    Greedy NMS keeps a candidate unless a better one of its group suppressed it, so the
+    survivors among the best candidates are the survivors of all candidates that rank there;
+    once ``k`` survive, they are the ``k`` best. (A Mask R-CNN has 90,000 candidates an image
+    at a score threshold of 0, of which it keeps 100.)
+    """
+    total = scores.shape[1]
+    if not total:  # no proposals in any image
+        found = keep.new_zeros(len(keep), k)
+        return found.long(), found
+    width = 4 * k
+    if width < total:  # equal scores in candidate order, as NMS sorts them
+        best = torch.where(keep, scores, float("-inf")).sort(dim=1, descending=True, stable=True)
+    while width < total:
+        ranked = best.indices[:, :width].sort(dim=1).values  # the best, in candidate order
+        subset = gather_rows(ranked, boxes, scores, groups, keep)
+        index, found = select_detections(*subset, num_groups, iou_threshold, k)
+        if not (~found[:, -1] & (keep.sum(1) > width)).any():
+            return ranked.gather(1, index), found
+        width *= 4
+    return select_detections(boxes, scores, groups, keep, num_groups, iou_threshold, k)
+
+
+def split_detections(index: Tensor, found: Tensor, **values: Tensor) -> list[dict[str, Tensor]]:
+    """Per-image dicts of the ``values`` (N, P, ...) at :func:`select_detections`' choices."""
+    counts = found.sum(1).tolist()
+    index = index[:, : max(counts, default=0)]  # found slots come first
+    chosen = dict(zip(values, gather_rows(index, *values.values()), strict=True))
+    return [{key: v[i, :count] for key, v in chosen.items()} for i, count in enumerate(counts)]
+
+
+class BatchedRoIHeads(RoIHeads):
+    """torchvision's R-CNN heads selecting every image's detections at once
+    (:func:`class_candidates`, :func:`best_detections`): the same detections, without its
+    per-image and, on a GPU, per-class loops."""
+
+    def selectable(self, boxes: Tensor) -> Tensor:
+        """Which candidate boxes may be detections: torchvision drops those under 1e-2 wide."""
+        return large_enough(boxes, 1e-2)
+
+    def postprocess_detections(
+        self,
+        class_logits: Tensor,
+        box_regression: Tensor,
+        proposals: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        counts = [len(p) for p in proposals]
+        if len(set(counts)) > 1:  # pad every image to the most proposals
+            class_logits, box_regression = (
+                pad_sequence(x.split(counts), batch_first=True).flatten(0, 1)
+                for x in (class_logits, box_regression)
+            )
+        stacked = pad_sequence(proposals, batch_first=True)
+        r = stacked.shape[1]
+        boxes, scores, labels = class_candidates(
+            class_logits,
+            box_regression,
+            stacked,
+            image_limits(image_shapes, stacked),
+            self.box_coder,
+        )
+        keep = (scores > self.score_thresh) & self.selectable(boxes)
+        if len(set(counts)) > 1:
+            real = (
+                torch.arange(r, device=keep.device)
+                < keep.new_tensor(counts, dtype=torch.long)[:, None]
+            )
+            keep = keep & real.repeat_interleave(class_logits.shape[-1] - 1, dim=1)
+        index, found = best_detections(
+            boxes,
+            scores,
+            labels,
+            keep,
+            class_logits.shape[-1],
+            self.nms_thresh,
+            self.detections_per_img,
+        )
+        per_image = split_detections(index, found, boxes=boxes, scores=scores, labels=labels)
+        return tuple([d[key] for d in per_image] for key in ("boxes", "scores", "labels"))
+
+
+class MaskPastingTransform(GeneralizedRCNNTransform):
+    """torchvision's detector transform pasting an image's masks with one batched product
+    (:func:`paste_masks`) instead of one resize and copy per mask."""
+
+    def postprocess(
+        self,
+        result: list[dict[str, Tensor]],
+        image_shapes: list[tuple[int, int]],
+        original_image_sizes: list[tuple[int, int]],
+    ) -> list[dict[str, Tensor]]:
+        if self.training:
+            return result
+        for pred, size, original in zip(result, image_shapes, original_image_sizes, strict=True):
+            pred["boxes"] = resize_boxes(pred["boxes"], size, original)
+            if "masks" in pred:
+                probs = pred["masks"]
+                # In float32 whatever the autocast: these are output probabilities.
+                with torch.autocast(probs.device.type, enabled=False):
+                    pasted = paste_masks(probs[:, 0].float(), pred["boxes"].float(), *original)
+                pred["masks"] = pasted.to(probs.dtype)[:, None]
+        return result
+
+
+def paste_masks(probs: Tensor, boxes: Tensor, height: int, width: int) -> Tensor:
+    """torchvision's ``paste_masks_in_image`` for (R, M, M) mask probabilities and (R, 4)
+    boxes, as one batched product: (R, height, width).
+
+    torchvision pads each mask by one pixel, widens its box by (M + 2) / M, truncates the box
+    to whole pixels and resizes the mask bilinearly (``align_corners=False``) onto it. Bilinear
+    resizing is separable, so each pasted mask is ``rows @ mask @ cols.T`` with the (H, M + 2)
+    and (W, M + 2) interpolation weights of its box (zero outside it): the same values up to
+    float rounding, with shapes that do not depend on the boxes.
+    """
+    size = probs.shape[-1]
+    padded = F.pad(probs, (1, 1, 1, 1))
+    scale = (size + 2) / size
+    half = (boxes[:, 2:] - boxes[:, :2]) * 0.5 * scale
+    centre = (boxes[:, 2:] + boxes[:, :2]) * 0.5
+    low, high = (centre - half).long(), (centre + half).long()
+    rows = _resize_weights(low[:, 1], high[:, 1], height, size + 2)
+    cols = _resize_weights(low[:, 0], high[:, 0], width, size + 2)
+    return rows @ padded @ cols.transpose(1, 2)
+
+
+def _resize_weights(start: Tensor, end: Tensor, length: int, size: int) -> Tensor:
+    """(R, length, size) weights of bilinear resizing (``align_corners=False``) of ``size``
+    samples onto pixels ``start..end`` (inclusive) of a ``length``-pixel axis."""
+    extent = (end - start + 1).clamp(min=1)
+    pixel = torch.arange(length, device=start.device)[None] - start[:, None]  # (R, length)
+    inside = (pixel >= 0) & (pixel <= (end - start)[:, None])
+    scale = size / extent.float()
+    source = ((pixel.float() + 0.5) * scale[:, None] - 0.5).clamp(min=0)
+    first = source.floor()
+    weight = (source - first).clamp(0, 1)
+    first = first.long()
+    second = (first + 1).clamp(max=size - 1)
+    grid = torch.arange(size, device=start.device)
+    weights = (grid == first[..., None]) * (1 - weight)[..., None] + (
+        grid == second[..., None]
+    ) * weight[..., None]
+    return weights * inside[..., None]

@@ -1,0 +1,144 @@
+"""Whole-batch post-processing (spinedet.models.postprocess) selects the detections
+torchvision's per-image loops select, and pastes the masks it pastes: each is compared with
+torchvision's own method on the same inputs."""
+
+import pytest
+import torch
+from conftest import same_detections
+from torchvision.models.detection import RetinaNet
+from torchvision.models.detection.roi_heads import RoIHeads, paste_masks_in_image
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+import spinedet
+from spinedet.models.postprocess import BatchedRoIHeads, MaskPastingTransform, paste_masks
+
+SIZE = 128
+
+
+def torchvision_retinanet_detections(model, head_outputs, anchors, image_shapes):
+    """torchvision's selection with the background logit removed, as BackgroundFreeRetinaNet
+    reports detections."""
+    background = torch.zeros(1, dtype=torch.long, device=anchors[0][0].device)
+    logits = [x.index_fill(-1, background, float("-inf")) for x in head_outputs["cls_logits"]]
+    outputs = {"cls_logits": logits, "bbox_regression": head_outputs["bbox_regression"]}
+    return RetinaNet.postprocess_detections(model, outputs, anchors, image_shapes)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"score_thresh": 0.0, "detections_per_img": 30},  # every candidate, the best 4 k first
+        {"score_thresh": 0.0, "detections_per_img": 30, "nms_thresh": 0.01},  # must look further
+        {"score_thresh": 0.3, "detections_per_img": 300},  # few candidates: all at once
+        {"score_thresh": 0.0, "detections_per_img": 30, "box_convention": "tpu"},
+    ],
+)
+def test_retinanet_batch_selection_equals_torchvision(options, device, monkeypatch):
+    torch.manual_seed(0)
+    model = spinedet.create_model(
+        "spinenet49s_retinanet", num_classes=6, image_size=SIZE, filter_scale=0.25, **options
+    )
+    # Class scores that vary from place to place (an untrained head's are all 0.01).
+    torch.nn.init.normal_(model.head.classification_head.cls_logits.weight, std=3.0)
+    model = model.eval().to(device)
+    calls = []
+    original = type(model).postprocess_detections
+
+    def both(self, head_outputs, anchors, image_shapes):
+        ours = original(self, head_outputs, anchors, image_shapes)
+        if options.get("box_convention") == "tpu":  # the per-image masking it replaced
+            theirs = tpu_reference(self, head_outputs, anchors, image_shapes)
+        else:
+            theirs = torchvision_retinanet_detections(self, head_outputs, anchors, image_shapes)
+        calls.append((ours, theirs))
+        return ours
+
+    monkeypatch.setattr(type(model), "postprocess_detections", both)
+    images = [torch.rand(3, SIZE, SIZE), torch.rand(3, 96, SIZE), torch.rand(3, SIZE, 80)]
+    with torch.no_grad():
+        model([i.to(device) for i in images])
+    (ours, theirs), *_ = calls
+    counts = [len(d["boxes"]) for d in ours]
+    assert counts == [len(d["boxes"]) for d in theirs]
+    assert max(counts) > 0 and (options["detections_per_img"] < 300 or max(counts) < 300)
+    for a, b in zip(ours, theirs, strict=True):
+        assert same_detections(a, b)
+        assert not (a["labels"] == 0).any()
+        assert torch.equal(a["scores"], a["scores"].sort(descending=True).values)
+
+
+def tpu_reference(model, head_outputs, anchors, image_shapes):
+    """The tensorflow/tpu convention's masking image by image: no all-zero box from any class."""
+    from torchvision.ops import clip_boxes_to_image
+
+    from spinedet.models.pixel_boxes import corner_boxes
+
+    logits = [x.clone() for x in head_outputs["cls_logits"]]
+    for i, shape in enumerate(image_shapes):
+        for x, d, a in zip(logits, head_outputs["bbox_regression"], anchors[i], strict=True):
+            boxes = clip_boxes_to_image(model.box_coder.decode_single(d[i], a), shape)
+            x[i, corner_boxes(boxes)] = float("-inf")
+    outputs = {"cls_logits": logits, "bbox_regression": head_outputs["bbox_regression"]}
+    return torchvision_retinanet_detections(model, outputs, anchors, image_shapes)
+
+
+@pytest.mark.parametrize("score_thresh", [0.0, 0.05])
+def test_roi_heads_batch_selection_equals_torchvision(score_thresh, device):
+    torch.manual_seed(0)
+    model = spinedet.create_model(
+        "spinenet49s_maskrcnn", num_classes=8, image_size=SIZE, filter_scale=0.25,
+        box_score_thresh=score_thresh, box_detections_per_img=25,
+    )  # fmt: skip
+    heads = model.roi_heads
+    assert isinstance(heads, BatchedRoIHeads)
+    counts, classes = [40, 33, 0], 8  # images with different numbers of proposals, one none
+    proposals = []
+    for n in counts:
+        corner = torch.rand(n, 2) * 100
+        proposals.append(torch.cat([corner, corner + 4 + torch.rand(n, 2) * 40], 1).to(device))
+    logits = (torch.randn(sum(counts), classes) * 3).to(device)
+    regression = (torch.randn(sum(counts), classes * 4) * 0.5).to(device)
+    shapes = [(SIZE, SIZE), (100, 120), (SIZE, 64)]
+    ours = heads.postprocess_detections(logits, regression, proposals, shapes)
+    theirs = RoIHeads.postprocess_detections(heads, logits, regression, proposals, shapes)
+    found = [len(b) for b in ours[0]]
+    assert found == [len(b) for b in theirs[0]] and found[0] == 25 and found[2] == 0
+    for i in range(len(counts)):
+        a = dict(zip(("boxes", "scores", "labels"), (o[i] for o in ours), strict=True))
+        b = dict(zip(("boxes", "scores", "labels"), (t[i] for t in theirs), strict=True))
+        assert same_detections(a, b)
+    nothing = [p[:0] for p in proposals]  # no image has a proposal
+    ours = heads.postprocess_detections(logits[:0], regression[:0], nothing, shapes)
+    assert [len(b) for b in ours[0]] == [0, 0, 0] and ours[0][0].shape == (0, 4)
+
+
+def test_batched_mask_pasting_equals_torchvision(device):
+    g = torch.Generator().manual_seed(0)
+    transform = spinedet.create_model(
+        "spinenet49s_maskrcnn", num_classes=3, image_size=SIZE, filter_scale=0.25
+    ).transform.eval()
+    assert isinstance(transform, MaskPastingTransform)
+
+    def result():
+        boxes = torch.tensor([[3.2, 4.9, 60.1, 40.0], [-5.0, 10.0, 12.3, 70.0], [0, 0, 127.9, 95.2],
+                              [40.0, 30.0, 40.5, 30.2]])  # fmt: skip
+        masks = torch.rand(4, 1, 28, 28, generator=g)
+        return [{"boxes": boxes.to(device), "masks": masks.to(device)}]
+
+    args = ([(96, SIZE)], [(150, 200)])  # resized from a 150 x 200 image
+    ours = transform.postprocess(result(), *args)[0]
+    g.manual_seed(0)
+    theirs = GeneralizedRCNNTransform.postprocess(transform, result(), *args)[0]
+    assert ours["masks"].shape == theirs["masks"].shape == (4, 1, 150, 200)
+    assert torch.equal(ours["boxes"], theirs["boxes"])
+    assert torch.allclose(ours["masks"], theirs["masks"], atol=1e-5)
+    assert (theirs["masks"] > 0).sum() > 1000  # masks were pasted, not only zeros
+
+
+def test_paste_masks_equals_torchvision():
+    probs = torch.rand(5, 28, 28, generator=torch.Generator().manual_seed(0))
+    boxes = torch.tensor([[3.2, 4.9, 30.1, 20.0], [-5.0, 10.0, 12.3, 70.0], [0, 0, 63.9, 47.2],
+                          [40.0, 30.0, 40.5, 30.2], [20.0, 1.0, 90.0, 5.0]])  # fmt: skip
+    ours = paste_masks(probs, boxes, 48, 64)
+    theirs = paste_masks_in_image(probs[:, None], boxes, (48, 64))[:, 0]
+    assert torch.allclose(ours, theirs, atol=1e-6)
