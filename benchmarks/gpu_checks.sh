@@ -35,7 +35,8 @@ python3 -c "import torch, torchvision; print(torch.__version__, torchvision.__ve
 if want tests; then
 step "fast paths and CUDA graphs equal the plain ones on CUDA"
 timeout 90 python3 -m pytest -q -p no:cacheprovider -rs --tb=short \
-    tests/test_cuda_graphs.py tests/test_fast_paths.py tests/test_postprocess.py 2>&1 | tail -40 | tee "$OUT/tests.txt"
+    tests/test_cuda_graphs.py tests/test_fast_paths.py tests/test_postprocess.py \
+    tests/test_matching.py 2>&1 | tail -40 | tee "$OUT/tests.txt"
 fi
 
 if want throughput; then

@@ -10,7 +10,8 @@ from torchvision.models.detection.roi_heads import RoIHeads, paste_masks_in_imag
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 import spinedet
-from spinedet.models.postprocess import BatchedRoIHeads, MaskPastingTransform, paste_masks
+from spinedet.models.postprocess import DetectionTransform, paste_masks
+from spinedet.models.rcnn import BatchedRoIHeads
 
 SIZE = 128
 
@@ -117,7 +118,7 @@ def test_batched_mask_pasting_equals_torchvision(device):
     transform = spinedet.create_model(
         "spinenet49s_maskrcnn", num_classes=3, image_size=SIZE, filter_scale=0.25
     ).transform.eval()
-    assert isinstance(transform, MaskPastingTransform)
+    assert isinstance(transform, DetectionTransform)
 
     def result():
         boxes = torch.tensor([[3.2, 4.9, 60.1, 40.0], [-5.0, 10.0, 12.3, 70.0], [0, 0, 127.9, 95.2],
@@ -133,6 +134,42 @@ def test_batched_mask_pasting_equals_torchvision(device):
     assert torch.equal(ours["boxes"], theirs["boxes"])
     assert torch.allclose(ours["masks"], theirs["masks"], atol=1e-5)
     assert (theirs["masks"] > 0).sum() > 1000  # masks were pasted, not only zeros
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_transform_equals_torchvision_and_skips_resizing_at_scale_one(training, monkeypatch):
+    transform = spinedet.create_model(
+        "spinenet49s_maskrcnn", num_classes=3, image_size=SIZE, filter_scale=0.25
+    ).transform.train(training)
+    g = torch.Generator().manual_seed(0)
+    sizes = [(SIZE, SIZE), (100, SIZE), (SIZE, 77), (64, 96)]  # the last is scaled by 4/3
+
+    def inputs():
+        images = [torch.rand(3, h, w, generator=g) for h, w in sizes]
+        targets = [{"boxes": torch.tensor([[2.0, 3.0, 40.5, 50.0]]), "labels": torch.tensor([1]),
+                    "masks": (torch.rand(1, h, w, generator=g) > 0.5).to(torch.uint8)}
+                   for h, w in sizes]  # fmt: skip
+        return images, targets
+
+    t = transform
+    plain = GeneralizedRCNNTransform(t.min_size, t.max_size, t.image_mean, t.image_std,
+                                     t.size_divisible).train(training)  # fmt: skip
+    resized, original = [], GeneralizedRCNNTransform.resize
+
+    def counted(self, image, target):
+        resized.append(image.shape)
+        return original(self, image, target)
+
+    monkeypatch.setattr(GeneralizedRCNNTransform, "resize", counted)
+    ours = transform(*inputs())
+    assert resized == [(3, 64, 96)]  # only the image not at its size
+    monkeypatch.undo()
+    g.manual_seed(0)
+    theirs = plain(*inputs())
+    assert ours[0].image_sizes == theirs[0].image_sizes
+    assert torch.equal(ours[0].tensors, theirs[0].tensors)
+    for a, b in zip(ours[1], theirs[1], strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in b)
 
 
 def test_paste_masks_equals_torchvision():

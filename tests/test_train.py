@@ -13,13 +13,13 @@ import pytest
 import torch
 from conftest import tiny_config
 from safetensors.torch import load_file
-from torchvision.models.detection import roi_heads
 
 import spinedet
 from spinedet.convert import convert_tf
 from spinedet.data import CocoDataset, DataError, eval_transforms
 from spinedet.engine import TrainingError, evaluate, train
 from spinedet.engine.evaluate import flat_metrics, sharded_val_loss
+from spinedet.models import rcnn
 
 
 def _losses(run):
@@ -94,7 +94,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(shapes, tmp_path, 
     def nan_mask_loss(*args):
         return torch.tensor(float("nan"), requires_grad=True)
 
-    monkeypatch.setattr(roi_heads, "maskrcnn_loss", nan_mask_loss)
+    monkeypatch.setattr(rcnn, "_mask_loss", nan_mask_loss)
     cfg = tiny_config(shapes, epochs=3, max_nonfinite=2)
     with pytest.raises(TrainingError, match="not finite for 2 steps in a row"):
         train(cfg, tmp_path, resume=True, device="cpu")

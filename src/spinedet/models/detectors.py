@@ -26,16 +26,17 @@ from .heads import (
     retinanet_head,
 )
 from .layers import ACTIVATIONS, make_norm
+from .matching import match, pad_boxes, pairwise_iou
 from .pixel_boxes import BOX_CONVENTIONS, PixelBoxCoder, corner_boxes, use_pixel_boxes
 from .postprocess import (
-    BatchedRoIHeads,
-    MaskPastingTransform,
+    DetectionTransform,
     best_detections,
     clip_to,
     image_limits,
     level_candidates,
     split_detections,
 )
+from .rcnn import BatchedRoIHeads, BatchedRPN
 from .registry import register_task, resolve_variant
 from .spinenet import ScalePermutedBackbone, build_variant
 from .spinenet_mobile import SPINENET_MOBILE  # noqa: F401 - registers the Mobile family
@@ -98,9 +99,9 @@ def _finish(
             f"unknown box_convention {box_convention!r}; expected one of {BOX_CONVENTIONS}"
         )
     # Whole-batch selection and mask pasting (the same detections, see models.postprocess).
-    model.transform.__class__ = MaskPastingTransform
+    model.transform.__class__ = DetectionTransform
     if hasattr(model, "roi_heads"):
-        model.roi_heads.__class__ = BatchedRoIHeads
+        model.rpn.__class__, model.roi_heads.__class__ = BatchedRPN, BatchedRoIHeads
     if box_convention == "tpu":
         use_pixel_boxes(model)
     if getattr(model.backbone, "downsample", None) == "tpu":
@@ -128,8 +129,21 @@ class BackgroundFreeRetinaNet(RetinaNet):
     never reports an all-zero box either, as tensorflow/tpu's NMS
     (:func:`~spinedet.models.pixel_boxes.corner_boxes`).
 
-    Detections are selected for the whole batch at once (:mod:`spinedet.models.postprocess`),
-    as torchvision selects them image by image and level by level."""
+    Anchors are matched, and detections selected, for the whole batch at once
+    (:mod:`spinedet.models.matching`, :mod:`spinedet.models.postprocess`), as torchvision does
+    image by image and level by level."""
+
+    def compute_loss(
+        self,
+        targets: list[dict[str, Tensor]],
+        head_outputs: dict[str, Tensor],
+        anchors: list[Tensor],
+    ) -> dict[str, Tensor]:
+        """torchvision's losses, with every image's anchors matched at once
+        (:func:`~spinedet.models.matching.match`)."""
+        gt, real = pad_boxes([t["boxes"] for t in targets])
+        matches = match(self.proposal_matcher, pairwise_iou(gt, torch.stack(anchors)), real)
+        return self.head.compute_loss(targets, head_outputs, anchors, list(matches.unbind()))
 
     def postprocess_detections(
         self,

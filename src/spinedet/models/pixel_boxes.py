@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
-from .postprocess import BatchedRoIHeads, MaskPastingTransform
+from .postprocess import DetectionTransform
+from .rcnn import BatchedRoIHeads, BatchedRPN
 
 __all__ = [
     "BOX_CONVENTIONS",
@@ -62,7 +62,7 @@ class PixelBoxCoder(BoxCoder):
         return decoded - ends
 
 
-class PixelBoxTransform(MaskPastingTransform):
+class PixelBoxTransform(DetectionTransform):
     """torchvision's detector transform, with boxes clipped to the last pixel: the detectors
     clip to the ``image_sizes`` the transform reports, so it reports each image one pixel
     smaller, and restores the sizes before mapping detections back to the input image."""
@@ -96,7 +96,7 @@ def _descending(scores: Tensor) -> Tensor:
     return scores.sort(descending=True, stable=True).indices
 
 
-class PixelBoxRPN(RegionProposalNetwork):
+class PixelBoxRPN(BatchedRPN):
     """torchvision's RPN choosing proposals as tensorflow/tpu's ``ROIGenerator``: per level the
     top ``pre_nms_top_n`` probabilities, clipped, NMS per level, then the top
     ``post_nms_top_n`` of all levels. Unlike torchvision it keeps boxes without continuous

@@ -5,25 +5,23 @@ torchvision's detectors select detections image by image and level by level: boo
 whose sizes the host must read, an NMS per image (on a GPU, past 25,000 candidates, one per
 class: 90 for COCO), and a resize per pasted mask, each a few kernels and often a wait for the
 device. At inference on a GPU those loops take longer than the network. The functions here
-select the same detections for the batch: the eager detectors (:class:`BatchedRoIHeads`,
-:class:`MaskPastingTransform`, ``detectors.BackgroundFreeRetinaNet``) and the traced export
-graph (:mod:`spinedet.export.graph`) share them.
+select the same detections for the batch: the eager detectors
+(``rcnn.BatchedRoIHeads``, :class:`DetectionTransform`, ``detectors.BackgroundFreeRetinaNet``)
+and the traced export graph (:mod:`spinedet.export.graph`) share them.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import Tensor
-from torch.nn.utils.rnn import pad_sequence
 from torchvision.models.detection._utils import BoxCoder, _topk_min
-from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import batched_nms, nms
 
 __all__ = [
-    "BatchedRoIHeads",
-    "MaskPastingTransform",
+    "DetectionTransform",
     "best_detections",
     "class_candidates",
     "level_candidates",
@@ -93,10 +91,12 @@ def class_candidates(
     return boxes, scores, labels
 
 
-def _nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
+def nms_by_group(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
     """Class-wise NMS. On a GPU always one kernel with the groups moved apart (torchvision's
     ``batched_nms`` loops over the groups past 25,000 boxes, one NMS and one host wait each);
     on a CPU torchvision's choice, whose per-group loop is the faster there."""
+    if not len(boxes):
+        return torch.zeros(0, dtype=torch.long, device=boxes.device)
     if boxes.is_cuda:
         offsets = groups.to(boxes.dtype) * (boxes.max() + 1)
         return nms(boxes + offsets[:, None], scores, iou_threshold)
@@ -126,7 +126,7 @@ def select_detections(
     # One zero-area candidate of its own group, scored below every probability, keeps NMS
     # from an empty input (traced graphs cannot branch on it); it never suppresses anything.
     sentinel = flat.shape[0]
-    kept = _nms(
+    kept = nms_by_group(
         torch.cat([boxes.reshape(-1, 4)[flat], boxes.new_zeros(1, 4)]),
         torch.cat([scores.flatten()[flat], scores.new_full((1,), -1.0)]),
         torch.cat([group, group.new_full((1,), -1)]),
@@ -187,60 +187,21 @@ def split_detections(index: Tensor, found: Tensor, **values: Tensor) -> list[dic
     return [{key: v[i, :count] for key, v in chosen.items()} for i, count in enumerate(counts)]
 
 
-class BatchedRoIHeads(RoIHeads):
-    """torchvision's R-CNN heads selecting every image's detections at once
-    (:func:`class_candidates`, :func:`best_detections`): the same detections, without its
-    per-image and, on a GPU, per-class loops."""
+class DetectionTransform(GeneralizedRCNNTransform):
+    """torchvision's detector transform, which leaves images already at their size as they
+    are and pastes an image's masks with one batched product (:func:`paste_masks`) instead of
+    one resize and copy per mask."""
 
-    def selectable(self, boxes: Tensor) -> Tensor:
-        """Which candidate boxes may be detections: torchvision drops those under 1e-2 wide."""
-        return large_enough(boxes, 1e-2)
-
-    def postprocess_detections(
-        self,
-        class_logits: Tensor,
-        box_regression: Tensor,
-        proposals: list[Tensor],
-        image_shapes: list[tuple[int, int]],
-    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        counts = [len(p) for p in proposals]
-        if len(set(counts)) > 1:  # pad every image to the most proposals
-            class_logits, box_regression = (
-                pad_sequence(x.split(counts), batch_first=True).flatten(0, 1)
-                for x in (class_logits, box_regression)
-            )
-        stacked = pad_sequence(proposals, batch_first=True)
-        r = stacked.shape[1]
-        boxes, scores, labels = class_candidates(
-            class_logits,
-            box_regression,
-            stacked,
-            image_limits(image_shapes, stacked),
-            self.box_coder,
-        )
-        keep = (scores > self.score_thresh) & self.selectable(boxes)
-        if len(set(counts)) > 1:
-            real = (
-                torch.arange(r, device=keep.device)
-                < keep.new_tensor(counts, dtype=torch.long)[:, None]
-            )
-            keep = keep & real.repeat_interleave(class_logits.shape[-1] - 1, dim=1)
-        index, found = best_detections(
-            boxes,
-            scores,
-            labels,
-            keep,
-            class_logits.shape[-1],
-            self.nms_thresh,
-            self.detections_per_img,
-        )
-        per_image = split_detections(index, found, boxes=boxes, scores=scores, labels=labels)
-        return tuple([d[key] for d in per_image] for key in ("boxes", "scores", "labels"))
-
-
-class MaskPastingTransform(GeneralizedRCNNTransform):
-    """torchvision's detector transform pasting an image's masks with one batched product
-    (:func:`paste_masks`) instead of one resize and copy per mask."""
+    def resize(
+        self, image: Tensor, target: dict[str, Tensor] | None = None
+    ) -> tuple[Tensor, dict[str, Tensor] | None]:
+        # At scale 1 torchvision's bilinear (image), nearest (masks) and box resizing copy
+        # their input: a dozen kernels an image, for batches the data pipeline already sized.
+        if len(self.min_size) == 1 and self.fixed_size is None and not torchvision._is_tracing():
+            short, long = sorted(image.shape[-2:])
+            if min(self.min_size[0] / short, self.max_size / long) == 1.0:
+                return image, target
+        return super().resize(image, target)
 
     def postprocess(
         self,
