@@ -96,6 +96,7 @@ def main() -> int:
         repeats=20,
         train_batch={"type": int, "nargs": "+", "default": [8, 16], "help": "training batches"},
         dtype={"choices": ["bf16", "fp16"], "default": "bf16", "help": "autocast type"},
+        models={"nargs": "+", "choices": list(PAIRS), "default": list(PAIRS), "help": "models"},
     )
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     print(f"# GPU throughput (AMP {args.dtype}), 640 x 640\n")
@@ -104,7 +105,8 @@ def main() -> int:
         return 0
     print(f"{torch.cuda.get_device_name()}; {machine()}\n")
     rows = []
-    for name, (ref_name, ref_builder) in PAIRS.items():
+    for name in args.models:
+        ref_name, ref_builder = PAIRS[name]
         kinds = {"maskrcnn": {"box_score_thresh": 0.0}, "retinanet": {"score_thresh": 0.0}}
         thresh = next(v for k, v in kinds.items() if k in name)
         ours = create_model(name, num_classes=NUM_CLASSES, **thresh).cuda()
