@@ -133,8 +133,16 @@ def test_batched_training_losses_and_gradients_equal_torchvision(name, heights, 
     assert (ours_grads - their_grads).abs().max() <= 1e-3 * their_grads.abs().max()
 
 
-def test_rpn_proposals_equal_torchvision(device):
-    model = small("spinenet49s_maskrcnn", rpn_pre_nms_top_n_train=300).to(device)
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},  # 1,500 candidates an image for up to 2,000 proposals: one NMS over them all
+        {"rpn_post_nms_top_n_train": 60, "rpn_post_nms_top_n_test": 60},  # NMS on the best 120
+        {"rpn_post_nms_top_n_train": 60, "rpn_post_nms_top_n_test": 60, "rpn_nms_thresh": 0.05},
+    ],  # the last keeps few: NMS on more candidates
+)
+def test_rpn_proposals_equal_torchvision(options, device):
+    model = small("spinenet49s_maskrcnn", rpn_pre_nms_top_n_train=300, **options).to(device)
     rpn, plain = model.rpn, as_torchvision(model).rpn
     image_list, targets = model.transform(*batch(device))
     features = model.backbone(image_list.tensors)

@@ -23,6 +23,7 @@ from torchvision.ops import batched_nms, nms
 __all__ = [
     "DetectionTransform",
     "best_detections",
+    "first_survivors",
     "class_candidates",
     "level_candidates",
     "paste_masks",
@@ -177,6 +178,27 @@ def best_detections(
             return ranked.gather(1, index), found
         width *= 4
     return select_detections(boxes, scores, groups, keep, num_groups, iou_threshold, k)
+
+
+def first_survivors(
+    boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float, k: int
+) -> Tensor:
+    """The best ``k`` survivors of :func:`nms_by_group` on one image's (P, 4) ``boxes``, best
+    first, from NMS on its ``2 k`` best candidates first (exact, as :func:`best_detections`).
+
+    NMS compares every pair of its candidates and then keeps them one by one in a serial scan
+    on the device (torchvision's ``gather_keep_from_mask``: 18 ms of an H100's Mask R-CNN
+    training step for the RPN's 10,000 candidates an image, of which it keeps 2,000)."""
+    width = 2 * k
+    if width < len(scores):  # equal scores in candidate order, as NMS sorts them
+        best = scores.sort(descending=True, stable=True).indices
+    while width < len(scores):
+        ranked = best[:width].sort().values  # the best, in candidate order
+        kept = nms_by_group(boxes[ranked], scores[ranked], groups[ranked], iou_threshold)
+        if len(kept) >= k:
+            return ranked[kept[:k]]
+        width *= 2
+    return nms_by_group(boxes, scores, groups, iou_threshold)[:k]
 
 
 def split_detections(index: Tensor, found: Tensor, **values: Tensor) -> list[dict[str, Tensor]]:

@@ -5,8 +5,9 @@
 detections; training samples drawn from another random stream), with the per-image loops of
 matching, sampling and selection replaced by batch operations
 (:mod:`~spinedet.models.matching`, :mod:`~spinedet.models.postprocess`). Only NMS over the
-proposals stays per image: one NMS over the batch's 80,000 training candidates would compare
-every pair across images.
+proposals stays per image (one NMS over the batch's 80,000 training candidates would compare
+every pair across images), on each image's best candidates first
+(:func:`~spinedet.models.postprocess.first_survivors`).
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from .postprocess import (
     best_detections,
     class_candidates,
     clip_to,
+    first_survivors,
     image_limits,
     large_enough,
-    nms_by_group,
     split_detections,
 )
 
@@ -97,7 +98,7 @@ class BatchedRPN(RegionProposalNetwork):
         for b, s, level, k in zip(boxes, scores, levels, keep, strict=True):
             index = k.nonzero()[:, 0]
             b, s = b[index], s[index]
-            chosen = nms_by_group(b, s, level[index], self.nms_thresh)[: self.post_nms_top_n()]
+            chosen = first_survivors(b, s, level[index], self.nms_thresh, self.post_nms_top_n())
             final_boxes.append(b[chosen])
             final_scores.append(s[chosen])
         return final_boxes, final_scores
