@@ -24,8 +24,8 @@ from ..models.postprocess import (
     clip_to,
     gather_rows,
     large_enough,
-    level_candidates,
     paste_masks,
+    retinanet_candidates,
     select_detections,
 )
 from ..models.registry import TASKS
@@ -113,22 +113,14 @@ class DetectorGraph(nn.Module):
         )
         per_location = model.anchor_generator.num_anchors_per_location()[0]
         classes = logits.shape[-1]
-        boxes, scores, labels = [], [], []
-        start = 0
+        levels, start = [], 0
         for feature in features:
             end = start + feature.shape[-2] * feature.shape[-1] * per_location
-            level = level_candidates(
-                logits[:, start:end],
-                deltas[:, start:end],
-                anchors[start:end],
-                model.box_coder,
-                model.topk_candidates,
-            )
-            for out, value in zip((boxes, scores, labels), level, strict=True):
-                out.append(value)
+            levels.append((logits[:, start:end], deltas[:, start:end], anchors[start:end]))
             start = end
-        boxes = clip_to(torch.cat(boxes, 1), limits)
-        scores, labels = torch.cat(scores, 1), torch.cat(labels, 1)
+        boxes, scores, labels = retinanet_candidates(
+            levels, model.box_coder, model.topk_candidates, limits
+        )
         keep = scores > model.score_thresh
         if self.pixel_boxes:
             keep = keep & ~corner_boxes(boxes)

@@ -33,7 +33,7 @@ from .postprocess import (
     best_detections,
     clip_to,
     image_limits,
-    level_candidates,
+    retinanet_candidates,
     split_detections,
 )
 from .rcnn import BatchedRoIHeads, BatchedRPN
@@ -153,23 +153,22 @@ class BackgroundFreeRetinaNet(RetinaNet):
     ) -> list[dict[str, Tensor]]:
         # Every image of a batch has the anchors of the batch's padded size.
         outputs = head_outputs["cls_logits"], head_outputs["bbox_regression"], anchors[0]
-        levels = zip(*outputs, strict=True)
+        levels = list(zip(*outputs, strict=True))
         limits = image_limits(image_shapes, anchors[0][0])
-        candidates: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
-        for logits, deltas, level_anchors in levels:
-            if isinstance(self.box_coder, PixelBoxCoder):  # no all-zero box, from any class
+        if isinstance(self.box_coder, PixelBoxCoder):  # no all-zero box, from any class
+            for i, (logits, deltas, level_anchors) in enumerate(levels):
                 every = self.box_coder.decode_single(
                     deltas.reshape(-1, 4), level_anchors.repeat(len(deltas), 1)
                 )
                 corner = corner_boxes(clip_to(every.reshape(deltas.shape), limits))
-                logits = logits.masked_fill(corner[..., None], float("-inf"))
-            level = level_candidates(
-                logits, deltas, level_anchors, self.box_coder, self.topk_candidates
-            )
-            for out, value in zip(candidates, level, strict=True):
-                out.append(value)
-        boxes = clip_to(torch.cat(candidates[0], 1), limits)
-        scores, labels = torch.cat(candidates[1], 1), torch.cat(candidates[2], 1)
+                levels[i] = (
+                    logits.masked_fill(corner[..., None], float("-inf")),
+                    deltas,
+                    level_anchors,
+                )
+        boxes, scores, labels = retinanet_candidates(
+            levels, self.box_coder, self.topk_candidates, limits
+        )
         index, found = best_detections(
             boxes,
             scores,

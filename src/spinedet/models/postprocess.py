@@ -12,6 +12,8 @@ and the traced export graph (:mod:`spinedet.export.graph`) share them.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -27,6 +29,7 @@ __all__ = [
     "class_candidates",
     "level_candidates",
     "paste_masks",
+    "retinanet_candidates",
     "select_detections",
 ]
 
@@ -73,6 +76,17 @@ def level_candidates(
     delta = deltas.gather(1, anchor[..., None].expand(-1, -1, 4))
     boxes = box_coder.decode_single(delta.reshape(-1, 4), anchors[anchor.flatten()])
     return boxes.reshape(delta.shape), top, index % classes
+
+
+def retinanet_candidates(
+    levels: Iterable[tuple[Tensor, Tensor, Tensor]], box_coder: BoxCoder, k: int, limits: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`level_candidates` of every level's (logits, deltas, anchors), concatenated, the
+    boxes clipped to the images' (w, h, w, h) ``limits``: boxes (N, P, 4), scores, labels."""
+    boxes, scores, labels = zip(
+        *(level_candidates(*level, box_coder, k) for level in levels), strict=True
+    )
+    return clip_to(torch.cat(boxes, 1), limits), torch.cat(scores, 1), torch.cat(labels, 1)
 
 
 def class_candidates(

@@ -140,7 +140,7 @@ class BatchedRoIHeads(RoIHeads):
         crops = self.mask_roi_pool(features, list(boxes.split(counts)), image_shapes)
         mask_logits = self.mask_predictor(self.mask_head(crops))
         matched = torch.cat(matched)[positive]
-        loss_mask = _mask_loss(mask_logits, boxes, image, matched, targets)
+        loss_mask = _mask_loss(mask_logits, boxes, counts, image, matched, targets)
         losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
         return [], losses | {"loss_mask": loss_mask}
 
@@ -185,7 +185,8 @@ class BatchedRoIHeads(RoIHeads):
         image_shapes: list[tuple[int, int]],
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         counts = [len(p) for p in proposals]
-        if len(set(counts)) > 1:  # pad every image to the most proposals
+        ragged = len(set(counts)) > 1
+        if ragged:  # pad every image to the most proposals
             class_logits, box_regression = (
                 pad_sequence(x.split(counts), batch_first=True).flatten(0, 1)
                 for x in (class_logits, box_regression)
@@ -200,7 +201,7 @@ class BatchedRoIHeads(RoIHeads):
             self.box_coder,
         )
         keep = (scores > self.score_thresh) & self.selectable(boxes)
-        if len(set(counts)) > 1:
+        if ragged:
             real = (
                 torch.arange(r, device=keep.device)
                 < keep.new_tensor(counts, dtype=torch.long)[:, None]
@@ -222,16 +223,17 @@ class BatchedRoIHeads(RoIHeads):
 def _mask_loss(
     logits: Tensor,
     boxes: Tensor,
+    counts: list[int],
     image: Tensor,
     matched: Tensor,
     targets: list[dict[str, Tensor]],
 ) -> Tensor:
-    """torchvision's ``maskrcnn_loss`` for positive ``boxes`` of every image (``image``: each
-    one's image, ``matched``: its ground truth there), the ground-truth masks cut at the boxes
-    by one RoIAlign over the batch's masks where the images share a size."""
+    """torchvision's ``maskrcnn_loss`` for positive ``boxes`` of every image (``counts`` per
+    image; ``image``: each one's image, ``matched``: its ground truth there), the ground-truth
+    masks cut at the boxes by one RoIAlign over the batch's masks where the images share a
+    size."""
     masks = [t["masks"] for t in targets]
     if len({m.shape[-2:] for m in masks}) > 1:  # masks of each image's own size
-        counts = torch.bincount(image, minlength=len(masks)).tolist()
         return maskrcnn_loss(
             logits,
             list(boxes.split(counts)),
