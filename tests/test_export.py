@@ -131,6 +131,26 @@ def test_tensorflow_tpu_models_export(task, tmp_path):
     assert check["detections"] == 80 and check["box"] < 1e-3
 
 
+def test_tensorflow_tpu_retinanet_corner_boxes_hold_their_places(tmp_path):
+    """tensorflow/tpu's NMS skips all-zero boxes after its top-k: eager and exported RetinaNet
+    both keep them among each level's best candidates and report none of them."""
+    torch.manual_seed(0)
+    model = create_model("spinenet49s_retinanet", categories=CATEGORIES, image_size=128,
+                         detections_per_img=20, topk_candidates=100, **TPU, **SMALL)  # fmt: skip
+    spread_scores(model)
+    with torch.no_grad():  # every location's first anchor: far above-left, and the best scored
+        model.head.regression_head.bbox_reg.bias.view(-1, 4)[0, :2] = -20
+        model.head.classification_head.cls_logits.bias.view(-1, 3)[0, 1:] = 40
+    images = [torch.rand(3, 128, 128), torch.rand(3, 96, 128)]
+    with torch.no_grad():
+        detections = model(images)
+    # P3 and P4 hold over 100 such candidates, which fill their top 100; P5 to P7 fewer.
+    for d in detections:
+        assert 0 < len(d["boxes"]) and not d["boxes"].eq(0).all(1).any()
+    check = export_torchscript(model, tmp_path / "model.pt")["check"]
+    assert check["detections"] > 0 and check["box"] < 1e-3
+
+
 def test_broken_postprocessing_fails_the_check_and_writes_nothing(retinanet, tmp_path, monkeypatch):
     # Without NMS the graph returns overlapping boxes PyTorch removes.
     select = graph_module.select_detections

@@ -121,9 +121,7 @@ class DetectorGraph(nn.Module):
         boxes, scores, labels = retinanet_candidates(
             levels, model.box_coder, model.topk_candidates, limits
         )
-        keep = scores > model.score_thresh
-        if self.pixel_boxes:
-            keep = keep & ~corner_boxes(boxes)
+        keep = (scores > model.score_thresh) & model.selectable(boxes)
         index, found = select_detections(
             boxes, scores, labels, keep, classes, model.nms_thresh, self.max_detections
         )
@@ -155,7 +153,9 @@ class DetectorGraph(nn.Module):
             start = end
         boxes = clip_to(torch.cat(boxes, 1), limits)
         scores, levels = torch.cat(scores, 1), torch.cat(levels, 1)
-        keep = self._has_area(boxes, rpn.min_size) & (scores >= rpn.score_thresh)
+        # torchvision's remove_small_boxes, or PixelBoxRPN's: every box but all-zero ones
+        area = ~corner_boxes(boxes) if self.pixel_boxes else large_enough(boxes, rpn.min_size)
+        keep = area & (scores >= rpn.score_thresh)
         index, found = select_detections(
             boxes, scores, levels, keep, len(features), rpn.nms_thresh, rpn.post_nms_top_n()
         )
@@ -177,7 +177,7 @@ class DetectorGraph(nn.Module):
             logits, regression, proposals, limits.reshape(1, 1, 4), heads.box_coder
         )
         proposed = proposed[..., None].expand(-1, -1, classes - 1).reshape(n, -1)
-        keep = (scores > heads.score_thresh) & self._has_area(boxes, 1e-2) & proposed
+        keep = (scores > heads.score_thresh) & heads.selectable(boxes) & proposed
         index, found = select_detections(
             boxes, scores, labels, keep, classes, heads.nms_thresh, self.max_detections
         )
@@ -202,11 +202,6 @@ class DetectorGraph(nn.Module):
         probs = logits.gather(1, index)[:, 0].sigmoid()
         masks = paste_masks(probs, boxes.reshape(-1, 4), height, width)
         return (masks > 0.5).reshape(n, k, masks.shape[-2], masks.shape[-1])
-
-    def _has_area(self, boxes: torch.Tensor, min_size: float) -> torch.Tensor:
-        """Which boxes may be selected: torchvision's ``remove_small_boxes`` as a mask, or for
-        tensorflow/tpu's convention every box but all-zero ones."""
-        return ~corner_boxes(boxes) if self.pixel_boxes else large_enough(boxes, min_size)
 
     def _feature_map(self, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         return {f"p{lvl}": f for lvl, f in zip(self.model.backbone.levels, features, strict=True)}

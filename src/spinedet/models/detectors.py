@@ -31,7 +31,6 @@ from .pixel_boxes import BOX_CONVENTIONS, PixelBoxCoder, corner_boxes, use_pixel
 from .postprocess import (
     DetectionTransform,
     best_detections,
-    clip_to,
     image_limits,
     retinanet_candidates,
     split_detections,
@@ -126,8 +125,7 @@ class BackgroundFreeRetinaNet(RetinaNet):
     """torchvision's RetinaNet that never reports label 0, the background: the class head has
     an output for it (``num_classes`` counts it) that no training target makes positive, and
     tensorflow/tpu's detection generator drops it too. In tensorflow/tpu's box convention it
-    never reports an all-zero box either, as tensorflow/tpu's NMS
-    (:func:`~spinedet.models.pixel_boxes.corner_boxes`).
+    never reports an all-zero box either, as tensorflow/tpu's NMS (:meth:`selectable`).
 
     Anchors are matched, and detections selected, for the whole batch at once
     (:mod:`spinedet.models.matching`, :mod:`spinedet.models.postprocess`), as torchvision does
@@ -153,32 +151,30 @@ class BackgroundFreeRetinaNet(RetinaNet):
     ) -> list[dict[str, Tensor]]:
         # Every image of a batch has the anchors of the batch's padded size.
         outputs = head_outputs["cls_logits"], head_outputs["bbox_regression"], anchors[0]
-        levels = list(zip(*outputs, strict=True))
-        limits = image_limits(image_shapes, anchors[0][0])
-        if isinstance(self.box_coder, PixelBoxCoder):  # no all-zero box, from any class
-            for i, (logits, deltas, level_anchors) in enumerate(levels):
-                every = self.box_coder.decode_single(
-                    deltas.reshape(-1, 4), level_anchors.repeat(len(deltas), 1)
-                )
-                corner = corner_boxes(clip_to(every.reshape(deltas.shape), limits))
-                levels[i] = (
-                    logits.masked_fill(corner[..., None], float("-inf")),
-                    deltas,
-                    level_anchors,
-                )
         boxes, scores, labels = retinanet_candidates(
-            levels, self.box_coder, self.topk_candidates, limits
+            zip(*outputs, strict=True),
+            self.box_coder,
+            self.topk_candidates,
+            image_limits(image_shapes, anchors[0][0]),
         )
         index, found = best_detections(
             boxes,
             scores,
             labels,
-            scores > self.score_thresh,
+            (scores > self.score_thresh) & self.selectable(boxes),
             head_outputs["cls_logits"][0].shape[-1],
             self.nms_thresh,
             self.detections_per_img,
         )
         return split_detections(index, found, boxes=boxes, scores=scores, labels=labels)
+
+    def selectable(self, boxes: Tensor) -> Tensor:
+        """Which candidate boxes may be detections: all in torchvision's convention; in
+        tensorflow/tpu's, all but all-zero ones. Those still hold their places among the best
+        candidates, as in tensorflow/tpu, whose NMS skips them after its top-k."""
+        if isinstance(self.box_coder, PixelBoxCoder):
+            return ~corner_boxes(boxes)
+        return torch.ones_like(boxes[..., 0], dtype=torch.bool)
 
 
 _ALL = {"spinenet": None, "spinenet_mobile": None}
