@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import time
+from collections import Counter
 
 import numpy as np
 from _common import compare, machine, parse_args, table
@@ -20,11 +21,10 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from spinedet.engine.distributed import DistInfo
 from spinedet.engine.evaluate import (
     STAT_NAMES,
     accumulate,
-    category_share,
+    category_owners,
     coco_evaluate,
     fast_coco,
 )
@@ -114,7 +114,8 @@ def main() -> None:
         "the ratios.\n"
     )
     fast = fast_coco(coco)
-    rank0 = category_share(fast, results, DistInfo(0, 0, args.shares))
+    owners = category_owners(fast, Counter(r["category_id"] for r in results), args.shares)
+    rank0 = [cat_id for cat_id, rank in owners.items() if rank == 0]
     rows = []
     for iou_type in ("bbox", "segm"):
         reference = pycocotools_stats(coco, results, iou_type)

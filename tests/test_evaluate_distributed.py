@@ -1,5 +1,6 @@
 """Evaluation over 2 gloo processes gives exactly the single-process numbers: inference sharded
-by image, COCO evaluation by category, the validation loss by batch."""
+by image, COCO evaluation by category (each rank holding its categories' detections only), the
+validation loss by batch."""
 
 import json
 import os
@@ -13,7 +14,7 @@ from test_evaluate import gt_as_results
 
 import spinedet
 from spinedet.data import CocoDataset, eval_transforms
-from spinedet.engine.distributed import DistInfo
+from spinedet.engine.distributed import DistInfo, exchange
 from spinedet.engine.evaluate import (
     coco_evaluate,
     eval_mode_for_losses,
@@ -41,9 +42,12 @@ def _run(info: DistInfo | None, shapes: dict, weights: str) -> dict:
     loss = sharded_val_loss(model, val, 1, cpu, info, workers=1)
     train = CocoDataset(shapes["train"], shapes["images"], masks=True)
     fixed = gt_as_results(train.coco, jitter=0.15, drop_every=4, masks=True)
-    fixed_metrics = coco_evaluate(train.coco, fixed, ("bbox", "segm"), info=info)
+    rank, ranks = (info.rank, info.world_size) if info else (0, 1)
+    mine = [r for r in fixed if r["image_id"] % ranks == rank]  # each image's on one rank
+    fixed_metrics = coco_evaluate(train.coco, mine, ("bbox", "segm"), info=info)
+    received = exchange([[f"{rank}->{dst}"] for dst in range(ranks)], info or DistInfo())
     return {"metrics": metrics, "results": results, "loss": loss, "fixed": fixed_metrics,
-            "training": model.training}  # fmt: skip
+            "training": model.training, "received": received}  # fmt: skip
 
 
 def _worker(rank: int, port: int, shapes: dict, weights: str, out: str) -> None:
@@ -73,6 +77,8 @@ def test_two_gloo_processes_give_the_single_process_numbers(shapes, tmp_path):
     assert single["results"], "the untrained model must detect something to compare"
     key = lambda r: (r["image_id"], -r["score"], r["bbox"])  # noqa: E731
     assert sorted(rank0["results"], key=key) == sorted(single["results"], key=key)
+    assert rank1["results"] == []  # gathered on rank 0 alone
+    assert rank0["received"] == [["0->0"], ["1->0"]] and rank1["received"] == [["0->1"], ["1->1"]]
     for rank in (rank0, rank1):  # every rank gets the numbers
         assert rank["metrics"] == single["metrics"]
         assert rank["fixed"] == single["fixed"]

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "broadcast_buffers", "flush_denormals", "from_main", "gather_objects",
-           "is_main", "setup", "teardown"]  # fmt: skip
+__all__ = ["DistInfo", "broadcast_buffers", "exchange", "flush_denormals", "from_main",
+           "gather_objects", "gather_to", "is_main", "setup", "teardown"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,28 @@ def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     out: list[Any] = [None] * info.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def gather_to(obj: Any, dst: int, info: DistInfo) -> list[Any] | None:
+    """Every rank's ``obj``, in rank order, on rank ``dst`` alone (None on the others)."""
+    if not info.enabled:
+        return [obj]
+    out: list[Any] | None = [None] * info.world_size if info.rank == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
+
+
+def exchange(parts: list[Any], info: DistInfo) -> list[Any]:
+    """All-to-all of objects: rank ``r`` sends ``parts[d]`` to rank ``d`` and receives every
+    rank's ``parts[r]``, in rank order; each rank holds only what is meant for it."""
+    if not info.enabled:
+        return parts
+    received: list[Any] = []
+    for dst in range(info.world_size):
+        got = gather_to(parts[dst], dst, info)
+        if got is not None:
+            received = got
+    return received
 
 
 def from_main(obj: Any, info: DistInfo) -> Any:

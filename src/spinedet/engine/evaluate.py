@@ -23,13 +23,13 @@ from torchvision.ops import StochasticDepth
 from tqdm import tqdm
 
 from ..data import collate
-from .distributed import DistInfo, gather_objects
+from .distributed import DistInfo, exchange, gather_objects, gather_to
 
 __all__ = [
     "STAT_NAMES",
     "Accumulated",
     "accumulate",
-    "category_share",
+    "category_owners",
     "coco_evaluate",
     "eval_mode_for_losses",
     "evaluate_distributed",
@@ -108,8 +108,8 @@ def run_inference(
     workers: int = 0,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """COCO results of ``model`` on every image of ``dataset``: each rank infers every
-    ``world_size``-th image (loaded by ``workers`` DataLoader processes); every rank gets all."""
+    """COCO results of ``model`` on this rank's images of ``dataset``: every ``world_size``-th
+    (loaded by ``workers`` DataLoader processes), all of them when not distributed."""
     info = info or DistInfo()
     loader = shard_loader(dataset, info, batch_size, workers, device)
     was_training = model.training
@@ -121,7 +121,7 @@ def run_inference(
         for out, target in zip(outputs, targets, strict=True):
             results.extend(to_coco_results(out, int(target["image_id"]), label_to_cat_id))
     model.train(was_training)
-    return [r for part in gather_objects(results, info) for r in part]
+    return results
 
 
 @dataclass
@@ -223,21 +223,20 @@ def summarize(coco_gt: COCO | FastCOCO, acc: Accumulated) -> dict[str, Any]:
     return {**stats, "per_class": per_class}
 
 
-def category_share(
-    coco_gt: COCO | FastCOCO, results: list[dict[str, Any]], info: DistInfo
-) -> list[int]:
-    """This rank's categories: greedy balance of ground-truth + detection counts, the same
-    on every rank (all hold the same results)."""
-    load = instance_counts(coco_gt) + Counter(r["category_id"] for r in results)
-    totals = [0] * info.world_size
-    mine = []
+def category_owners(
+    coco_gt: COCO | FastCOCO, detections: Counter, world_size: int
+) -> dict[int, int]:
+    """The rank evaluating each category id: greedy balance of ground-truth + detection counts
+    (``detections``: per category id, over all ranks)."""
+    load = instance_counts(coco_gt) + detections
+    totals = [0] * world_size
+    owners = {}
     cat_ids = [c["id"] for c in coco_gt.dataset["categories"]]
     for cat_id in sorted(cat_ids, key=lambda c: (-load[c], c)):
         rank = totals.index(min(totals))
         totals[rank] += load[cat_id] + 1
-        if rank == info.rank:
-            mine.append(cat_id)
-    return mine
+        owners[cat_id] = rank
+    return owners
 
 
 def coco_evaluate(
@@ -249,14 +248,24 @@ def coco_evaluate(
 ) -> dict[str, dict[str, Any]]:
     """COCO metrics per IoU type (see :func:`summarize`); strict JSON (no NaN).
 
-    With ``info`` of a distributed run, every rank must call this with the same ``results``
-    (as :func:`run_inference` returns them): each evaluates a share of the categories, the
-    arrays are gathered, and every rank returns the numbers of a single-process evaluation.
+    With ``info`` of a distributed run, each rank passes its own share of the results (as
+    :func:`run_inference` returns them, every image's on one rank): they go to the rank that
+    evaluates their category, no rank holds more than its categories' results, the arrays are
+    gathered, and every rank returns the numbers of a single-process evaluation.
     """
     info = info or DistInfo()
     gt = fast_coco(coco_gt)
     iou_types = list(iou_types)
-    share = category_share(gt, results, info) if info.enabled else None
+    share = None
+    if info.enabled:
+        counts = Counter(r["category_id"] for r in results)
+        owners = category_owners(gt, sum(gather_objects(counts, info), Counter()), info.world_size)
+        outgoing: list[list[dict[str, Any]]] = [[] for _ in range(info.world_size)]
+        for r in results:  # results of categories the ground truth lacks are not evaluated
+            if r["category_id"] in owners:
+                outgoing[owners[r["category_id"]]].append(r)
+        results = [r for part in exchange(outgoing, info) for r in part]
+        share = [c for c, rank in owners.items() if rank == info.rank]
     parts = {t: accumulate(gt, results, t, share) for t in iou_types}
     if info.enabled:
         gathered = gather_objects(parts, info)
@@ -274,13 +283,19 @@ def evaluate_distributed(
     batch_size: int = 2,
     workers: int = 0,
     progress: bool = True,
+    collect: bool = True,
 ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
     """Inference sharded by image, COCO evaluation sharded by category: no rank waits for
-    another beyond its share. Returns (metrics, results), identical on every rank and equal
-    to the single-process numbers. ``dataset`` needs a ``coco`` attribute (a CocoDataset)."""
+    another, or holds another's detections, beyond its share. Returns (metrics, results): the
+    metrics identical on every rank and equal to the single-process numbers; the results (COCO
+    detections of every image) on rank 0 when ``collect``, else and elsewhere ``[]``.
+    ``dataset`` needs a ``coco`` attribute (a CocoDataset)."""
     results = run_inference(model, dataset, label_to_cat_id, device, info, batch_size, workers,
                             progress)  # fmt: skip
-    return coco_evaluate(dataset.coco, results, iou_types, info=info), results
+    info = info or DistInfo()
+    metrics = coco_evaluate(dataset.coco, results, iou_types, info=info)
+    gathered = gather_to(results, 0, info) if collect else None
+    return metrics, [r for part in gathered or [] for r in part]
 
 
 def eval_mode_for_losses(model: nn.Module) -> None:

@@ -257,7 +257,7 @@ class Trainer:
         label_to_cat = describe(self.model).label_to_category_id()
         metrics, _ = evaluate_distributed(self.model, self.val_set, label_to_cat, self.device,
                                           self.info, iou_types, self.batch, workers=workers,
-                                          progress=self.main)  # fmt: skip
+                                          progress=self.main, collect=False)  # fmt: skip
         primary = metrics["segm" if "segm" in metrics else "bbox"]["AP"]
         return val_loss, primary, flat_metrics(metrics), format_metrics(metrics, worst=10), metrics
 
