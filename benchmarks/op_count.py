@@ -77,6 +77,23 @@ class OpCounter(TorchDispatchMode):
         self.by_kind[_kind(func, args)] += 1
         return func(*args, **(kwargs or {}))
 
+    # ``Tensor.tolist`` reads the values without dispatching an op (on a GPU: a copy to the
+    # host and a wait for it), so it is counted as a sync where it is called.
+    def __enter__(self) -> OpCounter:
+        tolist = self._tolist = torch.Tensor.tolist
+
+        def counted(tensor: torch.Tensor) -> list:
+            self.by_name["Tensor.tolist"] += 1
+            self.by_kind["sync"] += 1
+            return tolist(tensor)
+
+        torch.Tensor.tolist = counted
+        return super().__enter__()
+
+    def __exit__(self, *exc) -> None:
+        torch.Tensor.tolist = self._tolist
+        super().__exit__(*exc)
+
 
 def build(name: str) -> torch.nn.Module:
     if name in TORCHVISION:
@@ -217,8 +234,8 @@ def main() -> None:
         + ", ".join(f"{ours}: {reference}" for ours, reference in PAIRS)
         + ". all ops: every op dispatched in the step; kernel ops: all but views and bare"
         " allocations (about one kernel launch each on a GPU); host syncs: ops that read a"
-        " value back from the device (``.item()``, ``nonzero``, boolean indexing). Ratios:"
-        " spinedet / torchvision (time: median over interleaved steps)."
+        " value back from the device (``.item()``, ``.tolist()``, ``nonzero``, boolean"
+        " indexing). Ratios: spinedet / torchvision (time: median over interleaved steps)."
     )
     for ours, reference in PAIRS[:2]:
         print(f"\n### Most frequent ops in a step of {ours}\n")

@@ -22,8 +22,9 @@ __all__ = ["balanced_sample", "match", "pad_boxes", "pairwise_iou"]
 def pad_boxes(boxes: list[Tensor]) -> tuple[Tensor, Tensor]:
     """Per-image (G_i, 4) boxes as (B, G, 4), zero-padded to at least one row, and which rows are
     real, (B, G)."""
-    counts = torch.tensor([len(b) for b in boxes])
-    width = max(int(counts.max()), 1)
+    lengths = [len(b) for b in boxes]
+    width = max([*lengths, 1])  # from Python ints: no host read of a tensor
+    counts = torch.tensor(lengths)
     padded = pad_sequence([b.reshape(-1, 4) for b in boxes], batch_first=True)
     padded = torch.nn.functional.pad(padded, (0, 0, 0, width - padded.shape[1]))
     real = torch.arange(width)[None] < counts[:, None]
