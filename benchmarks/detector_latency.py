@@ -3,8 +3,9 @@
 Both sides keep every candidate box (score threshold 0, 100 detections per image), so post-
 processing is the same work; torchvision's models get the same 640 x 640 input. spinedet is
 timed plain (eager, as built), optimised (``optimize_for_inference``: BN folded,
-channels-last, oneDNN convolutions) and, with ``--compile``, also compiled; each variant is
-first checked against the plain model. torchvision's model is also timed optimised.
+channels-last, oneDNN convolutions; bfloat16 on CPUs with AMX, where float32 is timed too) and,
+with ``--compile``, also compiled; each variant is first checked against the plain model.
+torchvision's model is also timed optimised.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from _common import compare, inference, machine, max_rel_diff, ms, parse_args, t
 
 from spinedet import create_model  # noqa: E402
 from spinedet.export import DenseOutputs  # noqa: E402
-from spinedet.optimize import optimize_for_inference  # noqa: E402
+from spinedet.optimize import amx_available, optimize_for_inference  # noqa: E402
 
 SIZE = 640
 TV = {"weights": None, "weights_backbone": None, "min_size": SIZE, "max_size": SIZE}
@@ -68,6 +69,8 @@ def main() -> None:
     for name, model, ref_name, ref in pairs():
         model.eval(), ref.eval()
         variants = {"optimised": optimize_for_inference(model)}
+        if amx_available():  # "optimised" is bfloat16 there
+            variants["optimised, float32"] = optimize_for_inference(model, bf16=False)
         if args.compile:
             variants["optimised+compiled"] = optimize_for_inference(model, compile=True)
         with torch.inference_mode():

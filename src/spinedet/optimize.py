@@ -1,8 +1,8 @@
 """Inference-time optimisations: BatchNorm folding, channels-last layout, CUDA graphs,
-``torch.compile``.
+``torch.compile``, and bfloat16 networks on CPUs with AMX.
 
-Each transformation keeps the model's outputs equal to the plain model's (to float rounding);
-``tests/test_optimize.py`` checks this.
+Each transformation but bfloat16 keeps the model's outputs equal to the plain model's (to float
+rounding); ``tests/test_optimize.py`` checks this, and that bfloat16 stays close.
 """
 
 from __future__ import annotations
@@ -11,12 +11,21 @@ import copy
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .cuda_graphs import cuda_graph_parts, pad_to_square, use_cuda_graphs
 from .models.layers import SameConv2d, pad_same
 
-__all__ = ["OneDNNConv2d", "fold_bn_into_conv", "fuse_bn", "optimize_for_inference", "use_onednn"]
+__all__ = [
+    "OneDNNConv2d",
+    "amx_available",
+    "fold_bn_into_conv",
+    "fuse_bn",
+    "optimize_for_inference",
+    "use_bf16",
+    "use_onednn",
+]
 
 _FOLDABLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d)
 # Layers whose output channels a following norm scales: the R-CNN box head's FC and the mask
@@ -140,6 +149,43 @@ def use_onednn(model: nn.Module) -> nn.Module:
     return model
 
 
+def amx_available() -> bool:
+    """Whether this CPU has AMX tiles, where oneDNN runs bfloat16 convolutions ~9x faster than
+    float32 (a 256 -> 256 3x3 conv at 80 x 80: 5 ms vs 45 ms on a 2-core Sapphire Rapids VM)."""
+    return torch.cpu._is_amx_tile_supported()
+
+
+def _floats_to(tree, dtype: torch.dtype):
+    floating = lambda v: isinstance(v, torch.Tensor) and v.is_floating_point()  # noqa: E731
+    return tree_map(lambda v: v.to(dtype) if floating(v) else v, tree)
+
+
+class _BF16Forward:
+    """A part's forward in bfloat16: floating inputs cast to it, floating outputs back to
+    float32, so box decoding, RoIAlign and post-processing stay in float32."""
+
+    def __init__(self, forward) -> None:
+        self.forward = forward
+
+    def __call__(self, *args, **kwargs):
+        out = self.forward(*_floats_to(args, torch.bfloat16), **kwargs)
+        return _floats_to(out, torch.float32)
+
+
+def use_bf16(model: nn.Module) -> nn.Module:
+    """Run (in place) the convolutional parts of ``model`` (:func:`~spinedet.cuda_graphs.
+    cuda_graph_parts`: backbone, dense head, box head) and a Mask R-CNN's mask head with
+    bfloat16 weights and activations; everything between them stays float32."""
+    parts = cuda_graph_parts(model)
+    roi_heads = getattr(model, "roi_heads", None)
+    if getattr(roi_heads, "mask_head", None) is not None:
+        parts += [roi_heads.mask_head, roi_heads.mask_predictor]
+    for part in parts:
+        part.to(torch.bfloat16)
+        part.forward = _BF16Forward(part.forward)
+    return model
+
+
 def optimize_for_inference(
     model: nn.Module,
     channels_last: bool = True,
@@ -147,6 +193,7 @@ def optimize_for_inference(
     inplace: bool = False,
     onednn: bool | None = None,
     cuda_graphs: bool | None = None,
+    bf16: bool | None = None,
 ) -> nn.Module:
     """Eval mode, BatchNorm folding, channels-last weights, oneDNN convolutions on CPU, CUDA
     graphs on a GPU, and optionally ``torch.compile``.
@@ -158,7 +205,10 @@ def optimize_for_inference(
     its ``image_size`` square and replays the backbone and dense head as CUDA graphs
     (:mod:`spinedet.cuda_graphs`). ``compile=True`` compiles the backbone and, for detectors,
     the dense heads (torchvision's pre- and post-processing is dynamic Python and stays eager).
-    Returns a new model unless ``inplace=True``; gradients are disabled on it.
+    ``bf16`` (default: a spinedet model on a CPU with AMX, :func:`amx_available`, unless
+    compiling) applies :func:`use_bf16`: not equal to float32, but close (on the quickstart's
+    test split, mask AP50 within 0.005). Returns a new model unless ``inplace=True``; gradients
+    are disabled on it.
     """
     if not inplace:
         model = copy.deepcopy(model)
@@ -171,6 +221,11 @@ def optimize_for_inference(
         onednn = devices == {"cpu"} and torch.backends.mkldnn.is_available() and not compile
     if onednn:
         use_onednn(model)
+    if bf16 is None:  # spinedet's models: its parts are known (a torchvision one's are not)
+        spinedet_model = hasattr(model, "description")
+        bf16 = devices == {"cpu"} and amx_available() and not compile and spinedet_model
+    if bf16:
+        use_bf16(model)
     if cuda_graphs is None:
         cuda_graphs = devices == {"cuda"} and not compile
     if cuda_graphs:

@@ -142,7 +142,8 @@ class Predictor:
 
     ``device`` defaults to CUDA when present. ``optimize`` (default) runs the model with
     BatchNorm folded, channels-last and oneDNN on CPU (:func:`optimize_for_inference`), equal to
-    the plain model up to float rounding. Images larger than the model's size are resized to it
+    the plain model up to float rounding; on CPUs with AMX its convolutional parts run in
+    bfloat16 (close, not equal). Images larger than the model's size are resized to it
     before the model sees them (so memory stays bounded) and thin ones padded to the largest
     stride; the detections are mapped back to the image as given. ``masks``: ``"binary"`` (bool
     tensors at image size) or ``"rle"`` (COCO RLE dicts).

@@ -128,4 +128,5 @@ def _inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.add_argument("--no-optimize", action="store_true",
                    help="run the plain model instead of the optimised one "
-                   "(BatchNorm folded, channels-last, oneDNN on CPU)")  # fmt: skip
+                   "(BatchNorm folded, channels-last, oneDNN on CPU, bfloat16 on CPUs "
+                   "with AMX)")  # fmt: skip

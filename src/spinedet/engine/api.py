@@ -57,7 +57,8 @@ def evaluate(
     every process takes a share of the images and of the classes; rank 0 writes the files.
     ``device`` defaults to CUDA when present; ``optimize`` runs the model optimised for
     inference (BatchNorm folded, channels-last, oneDNN on CPU), equal to the plain model up to
-    float rounding. ``by_order``: a classifier's class folders are its classes in sorted order,
+    float rounding (on CPUs with AMX, bfloat16 convolutional parts: close, not equal).
+    ``by_order``: a classifier's class folders are its classes in sorted order,
     whatever their names (see :class:`~spinedet.data.ImageFolderDataset`).
     """
     info = distributed.setup(device)
