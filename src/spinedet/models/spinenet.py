@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +19,7 @@ from .layers import (
     BN_MOMENTUM,
     DEFAULT_ACTIVATION,
     ConvNormAct,
+    NormFactory,
     make_activation,
     make_norm,
     max_pool,
@@ -107,8 +108,8 @@ class ScalePermutedBackbone(nn.Module):
     """What SpineNet and SpineNet-Mobile share: the output pyramid's attributes, weight
     initialisation, and the forward walk through the planned blocks.
 
-    Subclasses build ``stem``, ``stem_blocks``, ``plan``, ``resamplers``, ``blocks``, ``act``,
-    ``endpoints`` and ``endpoint_inputs``, then call ``_init_weights``.
+    Subclasses build ``stem``, ``stem_blocks``, ``plan``, ``resamplers`` and ``blocks``, then
+    call ``_finish``.
 
     A backbone built directly (``SpineNet(...)``) describes itself as its family's custom
     build with the options it was given, so its saved weights load with ``load_model``.
@@ -156,6 +157,29 @@ class ScalePermutedBackbone(nn.Module):
         self.out_channels = endpoint_filters  # torchvision detectors read this attribute
         self.activation = activation  # heads use the backbone's
         self.bn_momentum, self.bn_eps = bn_momentum, bn_eps  # heads normalise alike
+
+    def _finish(
+        self,
+        index_of: dict[int, int],
+        channels: list[int],
+        endpoint_filters: int,
+        norm_layer: NormFactory,
+        act: Callable[[], nn.Module],
+        padding: str,
+    ) -> None:
+        """The output pyramid (a 1x1 conv + norm + activation per level, on the last block of
+        that level, ``index_of``) and the initial weights."""
+        self.act = act()
+        self.endpoint_inputs = {lvl: index_of[lvl] for lvl in self.levels}
+        self.endpoints = nn.ModuleDict(
+            {
+                f"p{lvl}": ConvNormAct(
+                    channels[index_of[lvl]], endpoint_filters, 1, norm_layer, act, padding=padding
+                )
+                for lvl in self.levels
+            }
+        )
+        self._init_weights()
 
     def _init_weights(self) -> None:
         for m in self.modules():
@@ -331,17 +355,7 @@ class SpineNet(ScalePermutedBackbone):
             )
             if spec.is_output:
                 index_of[spec.level] = index
-        self.act = act()
-        self.endpoint_inputs = {lvl: index_of[lvl] for lvl in self.levels}
-        self.endpoints = nn.ModuleDict(
-            {
-                f"p{lvl}": ConvNormAct(
-                    channels[index_of[lvl]], endpoint_filters, 1, norm_layer, act, padding=padding
-                )
-                for lvl in self.levels
-            }
-        )
-        self._init_weights()
+        self._finish(index_of, channels, endpoint_filters, norm_layer, act, padding)
 
 
 def _check_positive(**values: float) -> None:

@@ -310,17 +310,7 @@ class SpineNetMobile(ScalePermutedBackbone):
             )
             if spec.is_output:
                 index_of[spec.level] = index
-        self.act = act()
-        self.endpoint_inputs = {lvl: index_of[lvl] for lvl in self.levels}
-        self.endpoints = nn.ModuleDict(
-            {
-                f"p{lvl}": ConvNormAct(
-                    channels[index_of[lvl]], endpoint_filters, 1, norm_layer, act, padding=padding
-                )
-                for lvl in self.levels
-            }
-        )
-        self._init_weights()
+        self._finish(index_of, channels, endpoint_filters, norm_layer, act, padding)
 
 
 SPINENET_MOBILE = register_family(
