@@ -18,12 +18,11 @@ from torchvision.models.detection._utils import _topk_min
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 
 from ..models import describe
-from ..models.pixel_boxes import PixelBoxTransform, corner_boxes
+from ..models.pixel_boxes import PixelBoxTransform
 from ..models.postprocess import (
     class_candidates,
     clip_to,
     gather_rows,
-    large_enough,
     paste_masks,
     retinanet_candidates,
     select_detections,
@@ -153,9 +152,7 @@ class DetectorGraph(nn.Module):
             start = end
         boxes = clip_to(torch.cat(boxes, 1), limits)
         scores, levels = torch.cat(scores, 1), torch.cat(levels, 1)
-        # torchvision's remove_small_boxes, or PixelBoxRPN's: every box but all-zero ones
-        area = ~corner_boxes(boxes) if self.pixel_boxes else large_enough(boxes, rpn.min_size)
-        keep = area & (scores >= rpn.score_thresh)
+        keep = rpn.selectable(boxes) & (scores >= rpn.score_thresh)
         index, found = select_detections(
             boxes, scores, levels, keep, len(features), rpn.nms_thresh, rpn.post_nms_top_n()
         )

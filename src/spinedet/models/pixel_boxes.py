@@ -122,13 +122,16 @@ class PixelBoxRPN(BatchedRPN):
             keep = torch.cat(
                 [level[_descending(scores[level])[: self.pre_nms_top_n()]] for level in per_level]
             )
-            keep = keep[~corner_boxes(boxes[keep])]
+            keep = keep[self.selectable(boxes[keep])]
             keep = keep[batched_nms(boxes[keep], scores[keep], levels[keep], self.nms_thresh)]
             keep = keep[_descending(scores[keep])[:size]]
             pad = size - len(keep)
             all_boxes.append(F.pad(boxes[keep], (0, 0, 0, pad)))
             all_scores.append(F.pad(scores[keep], (0, pad), value=-1.0))
         return all_boxes, all_scores
+
+    def selectable(self, boxes: Tensor) -> Tensor:
+        return ~corner_boxes(boxes)
 
 
 class PixelBoxRoIHeads(BatchedRoIHeads):

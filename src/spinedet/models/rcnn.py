@@ -38,6 +38,10 @@ class BatchedRPN(RegionProposalNetwork):
     """torchvision's RPN matching anchors, sampling them and selecting proposals for the batch
     at once (NMS image by image)."""
 
+    def selectable(self, boxes: Tensor) -> Tensor:
+        """Which clipped boxes may be proposals: torchvision drops those under ``min_size``."""
+        return large_enough(boxes, self.min_size)
+
     def assign_targets_to_anchors(
         self, anchors: list[Tensor], targets: list[dict[str, Tensor]]
     ) -> tuple[list[Tensor], list[Tensor]]:
@@ -93,7 +97,7 @@ class BatchedRPN(RegionProposalNetwork):
         scores = objectness.gather(1, top).sigmoid()
         boxes = proposals.gather(1, top[..., None].expand(-1, -1, 4))
         boxes = clip_to(boxes, image_limits(image_shapes, boxes))
-        keep = large_enough(boxes, self.min_size) & (scores >= self.score_thresh)
+        keep = self.selectable(boxes) & (scores >= self.score_thresh)
         final_boxes, final_scores = [], []
         for b, s, level, k in zip(boxes, scores, levels, keep, strict=True):
             index = k.nonzero()[:, 0]
