@@ -16,9 +16,11 @@ def _run(*argv):
 
 def test_shapes_check_split_round_trip(tmp_path, capsys):
     out = tmp_path / "shapes"
-    assert _run("shapes", "--out", str(out), "--num-images", "12", "--size", "64x48") == 0
+    argv = ["--num-images", "12", "--size", "64x48", "--max-instances", "2"]
+    assert _run("shapes", "--out", str(out), *argv) == 0
     data = json.loads((out / "annotations.json").read_text())
     assert len(data["images"]) == 12 and data["images"][0]["width"] == 64
+    assert len(data["annotations"]) <= 24
 
     assert _run("check", str(out / "annotations.json"), "--images", str(out / "images")) == 0
     assert "no problems found" in capsys.readouterr().out
@@ -51,6 +53,8 @@ def test_errors_exit_2_with_one_line(tmp_path, capsys):
     assert main(argv) == 2
     assert "positive" in capsys.readouterr().err
     assert main(["data", "shapes", "--out", str(tmp_path), "--num-images", "0"]) == 2
+    assert main(["data", "shapes", "--out", str(tmp_path), "--max-instances", "0"]) == 2
+    assert "max_instances 0" in capsys.readouterr().err
 
 
 def test_bad_size_is_a_usage_error(tmp_path):

@@ -79,11 +79,25 @@ def test_non_square_size_and_splits(tmp_path):
     assert check_dataset(paths["val"], paths["images"]) == []
 
 
+def test_max_instances_bounds_and_fills_images(tmp_path, shapes):
+    def per_image(paths):
+        data = json.loads(paths["annotations"].read_text())
+        return Counter(a["image_id"] for a in data["annotations"])
+
+    crowded = per_image(make_shapes(tmp_path / "12", num_images=40, seed=3, max_instances=12))
+    usual = per_image(shapes)
+    assert max(crowded.values()) <= 12 and max(crowded.values()) > 6
+    assert sum(crowded.values()) > 1.5 * sum(usual.values())
+    assert max(per_image(make_shapes(tmp_path / "1", num_images=10, max_instances=1)).values()) == 1
+
+
 def test_rejects_tiny_or_empty(tmp_path):
     with pytest.raises(ValueError):
         make_shapes(tmp_path, num_images=0)
     with pytest.raises(ValueError):
         make_shapes(tmp_path, size=8)
+    with pytest.raises(ValueError, match="max_instances 0"):
+        make_shapes(tmp_path, max_instances=0)
 
 
 @pytest.mark.filterwarnings("ignore:__array__:DeprecationWarning")  # pycocotools

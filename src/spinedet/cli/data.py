@@ -7,7 +7,7 @@ from pathlib import Path
 
 from spinedet.data.check import format_report, inspect_dataset
 from spinedet.data.errors import DataError
-from spinedet.data.shapes import make_shape_classes, make_shapes
+from spinedet.data.shapes import MAX_INSTANCES, make_shape_classes, make_shapes
 from spinedet.data.split import split_parts, split_table, write_split
 
 
@@ -62,7 +62,8 @@ def _shapes(args: argparse.Namespace) -> int:
         raise DataError("--class-colours applies with --classification")
     else:
         paths = make_shapes(args.out, num_images=args.num_images, size=args.size,
-                            seed=args.seed, splits=args.splits)  # fmt: skip
+                            seed=args.seed, splits=args.splits,
+                            max_instances=args.max_instances)  # fmt: skip
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
@@ -114,6 +115,12 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     shapes.add_argument("--size", type=_size, default=160, help="SIZE or WIDTHxHEIGHT")
     shapes.add_argument("--seed", type=int, default=0, help="seed of the generator")
     shapes.add_argument("--splits", type=float, nargs="+", help="also split, e.g. 0.8 0.1 0.1")
+    shapes.add_argument(
+        "--max-instances",
+        type=int,
+        default=MAX_INSTANCES,
+        help="at most this many shapes per image (default: %(default)s)",
+    )
     shapes.add_argument("--classification", action="store_true",
                         help="one shape per image, as an ImageFolder tree OUT/{train,val,test}/"
                         "<class>/ (splits 0.8 0.1 0.1 unless --splits)")  # fmt: skip

@@ -78,10 +78,11 @@ def _place_shapes(
     width: int,
     scale: tuple[float, float],
     category: int | None = None,
+    max_instances: int = MAX_INSTANCES,
 ) -> tuple[list[Shape], np.ndarray]:
-    """Shapes back to front with occlusion limited, and the index of the topmost per pixel;
-    with ``category`` (an index of CATEGORIES), one shape of that class."""
-    wanted = int(rng.integers(1, MAX_INSTANCES + 1)) if category is None else 1
+    """1 to ``max_instances`` shapes back to front with occlusion limited, and the index of the
+    topmost per pixel; with ``category`` (an index of CATEGORIES), one shape of that class."""
+    wanted = int(rng.integers(1, max_instances + 1)) if category is None else 1
     side = min(height, width)
     shapes: list[Shape] = []
     owner = np.full((height, width), -1, dtype=np.int16)
@@ -113,11 +114,12 @@ def _draw(
     scale: tuple[float, float],
     category: int | None = None,
     class_colour: bool = False,
+    max_instances: int = MAX_INSTANCES,
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """One image (uint8 HxWx3) and its annotations (without ids); see :func:`_place_shapes`.
     ``class_colour``: each shape in its class's own hue instead of a random colour."""
     pixels = _background(rng, height, width)
-    shapes, owner = _place_shapes(rng, height, width, scale, category)
+    shapes, owner = _place_shapes(rng, height, width, scale, category, max_instances)
     colours = _colours(rng, len(shapes))  # drawn either way: the same noise follows
     if class_colour:
         hues = [kind / len(CATEGORIES) for kind, _, _ in shapes]
@@ -154,8 +156,10 @@ def make_shapes(
     seed: int = 0,
     splits: Sequence[float] | None = None,
     scale: tuple[float, float] = (0.1, 0.5),
+    max_instances: int = MAX_INSTANCES,
 ) -> dict[str, Path]:
-    """Write ``OUT/images/*.png`` and ``OUT/annotations.json`` with 1-6 shapes per image.
+    """Write ``OUT/images/*.png`` and ``OUT/annotations.json`` with 1 to ``max_instances``
+    shapes per image (fewer where they would hide each other).
 
     ``size`` is the side of square images or (width, height). ``scale`` bounds the shapes'
     diameter as a fraction of the shorter image side. Image ``i`` depends only on ``seed`` and
@@ -165,12 +169,14 @@ def make_shapes(
     width, height = (size, size) if isinstance(size, int) else size
     if num_images < 1 or min(width, height) < 16:
         raise DataError("need at least one image of at least 16x16 pixels")
+    if max_instances < 1:
+        raise DataError(f"max_instances {max_instances}: need at least 1 shape per image")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     for index in range(num_images):
         rng = np.random.default_rng([seed, index])
-        pixels, anns = _draw(rng, height, width, scale)
+        pixels, anns = _draw(rng, height, width, scale, max_instances=max_instances)
         file_name = f"{index:06d}.png"
         Image.fromarray(pixels).save(out / "images" / file_name, compress_level=1)
         image_id = index + 1
