@@ -3,8 +3,9 @@
 # first use: TensorFlow and Model Garden are only needed as the reference.
 #
 # .venv-tf is layered on .venv: a .pth file puts .venv's site-packages after its own, so torch
-# (about 5 GB with its CUDA libraries) is installed once, and .venv-tf holds only TensorFlow,
-# Model Garden and the one pin they need changed (tensorboard ~=2.20, which shadows .venv's).
+# (with its CUDA libraries, most of .venv's 5.9 GB) is installed once, and .venv-tf holds only
+# TensorFlow, Model Garden and the one pin they need changed (tensorboard ~=2.20, which shadows
+# .venv's).
 # A second copy of torch filled the CI runner's disk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
