@@ -63,6 +63,25 @@ def test_head_structure_follows_paper():
     assert len(m143.rpn.head.conv) == 2
 
 
+def test_rcnn_head_depths_are_options(tmp_path):
+    # One 3x3 conv + BatchNorm of a 128-wide 49S head: kernel and BN scale/shift.
+    conv = 128 * 128 * 9 + 2 * 128
+    default = n_params(spinedet.create_model("spinenet49s_maskrcnn"))
+    shallow = spinedet.create_model("spinenet49s_maskrcnn", box_convs=2, mask_convs=1)
+    assert default - n_params(shallow) == (2 + 3) * conv
+    assert len(shallow.roi_heads.mask_head) == 1
+    spinedet.save_weights(shallow, tmp_path / "m.safetensors")
+    assert n_params(spinedet.load_model(tmp_path / "m.safetensors")) == n_params(shallow)
+    # No box convs: the pooled 7 x 7 RoI features go straight into the FC.
+    pooled = spinedet.create_model("spinenet49s_fasterrcnn", box_convs=0, head_channels=64)
+    assert pooled.roi_heads.box_head[1].in_features == 128 * 7 * 7
+    pooled.eval()
+    with torch.no_grad():
+        assert pooled([torch.rand(3, 96, 96)])[0]["boxes"].shape[1] == 4
+    with pytest.raises(ValueError, match="mask_convs=0: the mask head needs at least one conv"):
+        spinedet.create_model("spinenet49s_maskrcnn", mask_convs=0)
+
+
 @pytest.mark.parametrize(
     "name",
     [

@@ -17,7 +17,7 @@ import spinedet
 from spinedet.cli import main as cli
 from spinedet.config import load_config
 from spinedet.engine import train
-from spinedet.engine.builders import build_model, lr_lambda
+from spinedet.engine.builders import build_model, build_optimizer, lr_lambda
 from spinedet.engine.checkpoint import Checkpointer, RunLock
 from spinedet.engine.distributed import DistInfo
 from spinedet.engine.loop import Stepper
@@ -248,3 +248,20 @@ def test_classifier_recipe_warms_up_from_zero_then_follows_the_cosine():
     assert scale(0) == 0.0  # tensorflow/tpu's warmup_learning_rate
     assert scale(782) == pytest.approx(0.5 * cosine[0])  # half-way up the linear ramp
     assert [scale(1564), scale(40000)] == pytest.approx(cosine[1:])
+
+
+def test_optimizer_choice_keeps_the_lr_scaling_and_kernel_only_decay():
+    model = _Regressor()
+    cfg = load_config(None, ["train.optimizer=adamw", "train.base_lr=0.002",
+                             "train.base_batch=8", "train.batch_size=16"])["train"]  # fmt: skip
+    optimizer, _ = build_optimizer(cfg, model, 10)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert [g["initial_lr"] for g in optimizer.param_groups] == [0.004, 0.004]
+    decayed = {id(p) for p in optimizer.param_groups[0]["params"]}
+    kernels = [model.body[0].weight, model.body[-1].weight]
+    assert decayed == {id(p) for p in kernels}
+    assert optimizer.param_groups[1]["weight_decay"] == 0.0
+    sgd, _ = build_optimizer(load_config(None)["train"], model, 10)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.9
+    with pytest.raises(SpinedetError, match="train.optimizer"):
+        load_config(None, ["train.optimizer=adam"])

@@ -51,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
         "accumulate": 1,  # batches per optimizer step: the effective batch is batch_size x this
         "base_lr": 0.28,  # learning rate at base_batch; scaled linearly to batch_size
         "base_batch": 256,
+        "optimizer": "sgd",  # sgd (momentum) | adamw (momentum is then ignored)
         "momentum": 0.9,
         "weight_decay": 4e-5,  # kernels only
         "schedule": "step",  # step | cosine
@@ -121,6 +122,7 @@ RULES: dict[str, Rule] = {
     "train.accumulate": Rule(low=1),
     "train.base_lr": Rule(low=0, low_open=True),
     "train.base_batch": Rule(low=1),
+    "train.optimizer": Rule(choices=("sgd", "adamw")),
     "train.momentum": Rule(low=0, high=1, high_open=True),
     "train.weight_decay": Rule(low=0),
     "train.schedule": Rule(choices=("step", "cosine")),

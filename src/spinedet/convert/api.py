@@ -51,18 +51,25 @@ def _retinanet_options(ckpt: TFCheckpoint) -> dict:
     }
 
 
-def _rcnn_options(ckpt: TFCheckpoint) -> dict:
+def _rcnn_options(ckpt: TFCheckpoint, task: str) -> dict:
     """Head sizes of a Model Garden Faster/Mask R-CNN checkpoint, read from its shapes."""
-    rpn = ckpt.child(model_node(ckpt), "rpn_head", "_convs")
+    node = model_node(ckpt)
+    rpn = ckpt.child(node, "rpn_head", "_convs")
     if rpn is None:
         raise ConversionError(f"{ckpt.prefix} holds no R-CNN heads (model/rpn_head)")
-    return {
+    box_convs = ckpt.child(node, "detection_head", "0", "_convs")
+    options = {
         "num_classes": _shape(ckpt, "detection_head", "0", "_classifier", "kernel")[-1],
         "head_channels": _shape(ckpt, "rpn_head", "_convs", "0", "kernel")[-1],
         "rpn_depth": len(rpn.children),
         "rpn_scales": _shape(ckpt, "rpn_head", "_classifier", "kernel")[-1] // 3,
         "fc_dim": _shape(ckpt, "detection_head", "0", "_fcs", "0", "kernel")[-1],
+        "box_convs": len(box_convs.children) if box_convs is not None else 0,
     }
+    mask_convs = ckpt.child(node, "mask_head", "_convs")
+    if task == "maskrcnn" and mask_convs is not None:
+        options["mask_convs"] = len(mask_convs.children)
+    return options
 
 
 def _categories(path: str | Path, num_classes: int) -> list[dict]:
@@ -131,6 +138,11 @@ _TPU_BN_EPS = {"classifier": 1e-5, "retinanet": 1e-4, "maskrcnn": 1e-3, "backbon
 _TPU_ANCHOR_SIZE = {"retinanet": {"143": 4.0, "190": 4.0}, "maskrcnn": {"190": 5.0}}
 
 
+def _count(ckpt: TensorBundle, pattern: str) -> int:
+    """How many of the checkpoint's tensor names match ``pattern`` (whole names)."""
+    return sum(bool(re.fullmatch(pattern, key)) for key in ckpt.entries)
+
+
 def _tpu_options(ckpt: TensorBundle, kind: str, task: str | None, name: str, params: dict) -> dict:
     """Builder options reproducing a tensorflow/tpu network: its padding, downsampling (or
     SpineNet-Mobile's squeeze-excitation) and BN epsilon, plus head sizes read from the
@@ -165,21 +177,22 @@ def _tpu_options(ckpt: TensorBundle, kind: str, task: str | None, name: str, par
         options["num_classes"] = ckpt.shape("classification_head/dense/kernel")[-1]
         return options
     if kind == "maskrcnn":
-        rpn_conv = re.compile(r"rpn_head/rpn(-\d+)?/kernel")
         options |= {
             "num_classes": ckpt.shape("fast_rcnn_head/class-predict/kernel")[-1],
             "head_channels": ckpt.shape("rpn_head/rpn/kernel")[-1],
-            "rpn_depth": sum(bool(rpn_conv.fullmatch(key)) for key in ckpt.entries),
+            "rpn_depth": _count(ckpt, r"rpn_head/rpn(-\d+)?/kernel"),
             "rpn_scales": ckpt.shape("rpn_head/rpn-class/kernel")[-1] // 3,
             "fc_dim": ckpt.shape("fast_rcnn_head/fc6/kernel")[-1],
+            "box_convs": _count(ckpt, r"fast_rcnn_head/conv_\d+/kernel"),
+            "mask_convs": _count(ckpt, r"mask_head/mask-conv-l\d+/kernel"),
         }
     else:
         # SpineNet-Mobile's head convs are separable (a depthwise and a pointwise kernel).
-        tower_conv = re.compile(r"retinanet/class_net/class-\d+/(pointwise_)?kernel")
+        tower_conv = r"retinanet/class_net/class-\d+/(pointwise_)?kernel"
         predict = "retinanet/class_net/class-predict"
         kernel = "pointwise_kernel" if f"{predict}/pointwise_kernel" in ckpt.entries else "kernel"
         options["num_classes"] = ckpt.shape(f"{predict}/{kernel}")[-1] // 9
-        options["head_depth"] = sum(bool(tower_conv.fullmatch(key)) for key in ckpt.entries)
+        options["head_depth"] = _count(ckpt, tower_conv)
     anchor_size = _lookup(params, "anchor", "anchor_size")
     options["anchor_size"] = float(anchor_size or _TPU_ANCHOR_SIZE[kind].get(variant, 3.0))
     return options | tpu_inference_options(kind, options["num_classes"])
@@ -225,7 +238,7 @@ def convert_tf(
             "tensorflow/tpu ones"
         )
     elif task is not None:
-        options = _retinanet_options(ckpt) if task == "retinanet" else _rcnn_options(ckpt)
+        options = _retinanet_options(ckpt) if task == "retinanet" else _rcnn_options(ckpt, task)
     if num_classes is not None:
         if task is None:
             raise ConversionError(f"{model_name} is a backbone: --num-classes does not apply")

@@ -318,7 +318,8 @@ def _convert_rcnn_heads(conv: _Converter, parent: TrackableNode, model: nn.Modul
     _conv_stack(conv, det, ("_convs", "_conv_norms"), depth, "roi_heads.box_head")
     fcs, fc_norms = _children(conv, det, "_fcs"), _children(conv, det, "_fc_norms")
     _check_depth(len(fcs), 1, "FC layers")
-    size, channels = roi.box_roi_pool.output_size[0], roi.box_head[0][0].out_channels
+    size = roi.box_roi_pool.output_size[0]
+    channels = roi.box_head[depth + 1].in_features // size**2  # the last conv's, or pooled
     conv.conv(fcs[0], f"roi_heads.box_head.{depth + 1}", dense_input=(size, channels))
     conv.bn(fc_norms[0], f"roi_heads.box_head.{depth + 2}")
     num_classes = roi.box_predictor.cls_score.out_features

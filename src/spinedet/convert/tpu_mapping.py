@@ -223,7 +223,8 @@ def _convert_rcnn_heads(conv: _NameConverter, model: nn.Module) -> None:
     for i in range(depth):
         norm = [(f"fast_rcnn_head/{_bn(i)}", f"roi_heads.box_head.{i}.1")]
         conv.conv_bn(f"fast_rcnn_head/conv_{i}", f"roi_heads.box_head.{i}.0", norm)
-    size, channels = roi.box_roi_pool.output_size[0], roi.box_head[0][0].out_channels
+    size = roi.box_roi_pool.output_size[0]
+    channels = roi.box_head[depth + 1].in_features // size**2  # the last conv's, or pooled
     conv.conv("fast_rcnn_head/fc6", f"roi_heads.box_head.{depth + 1}", dense_input=(size, channels))
     conv.bn(f"fast_rcnn_head/{_bn(depth)}", f"roi_heads.box_head.{depth + 2}")
     conv.conv("fast_rcnn_head/class-predict", "roi_heads.box_predictor.cls_score")

@@ -200,8 +200,12 @@ def lr_lambda(tcfg: dict, total_steps: int) -> Callable[[int], float]:
 def build_optimizer(
     tcfg: dict, model: nn.Module, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """SGD with momentum at :func:`effective_lr`, and its schedule over ``total_steps``."""
-    optimizer = torch.optim.SGD(_param_groups(model, tcfg["weight_decay"]),
-                                lr=effective_lr(tcfg), momentum=tcfg["momentum"])  # fmt: skip
+    """SGD with momentum or AdamW (``train.optimizer``) at :func:`effective_lr`, and its
+    schedule over ``total_steps``."""
+    groups, lr = _param_groups(model, tcfg["weight_decay"]), effective_lr(tcfg)
+    if tcfg["optimizer"] == "adamw":
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=lr)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=tcfg["momentum"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, total_steps))
     return optimizer, scheduler

@@ -253,6 +253,10 @@ def _two_stage(
     kwargs: dict,
 ) -> nn.Module:
     num_classes = _check_num_classes(num_classes, class_names)
+    if heads["box_convs"] < 0:
+        raise ModelError(f"box_convs={heads['box_convs']}: expected 0 or more")
+    if heads.get("mask_convs", 1) < 1:
+        raise ModelError(f"mask_convs={heads['mask_convs']}: the mask head needs at least one conv")
     detector_kwargs, backbone_kwargs = _split_kwargs(kind, kwargs)
     backbone, cfg = _backbone(variant, backbone_kwargs)
     norm = _head_norm(heads["head_norm"], backbone)
@@ -269,7 +273,9 @@ def _two_stage(
     if kind is MaskRCNN:
         detector_kwargs |= {
             "mask_roi_pool": PyramidRoIAlign(backbone.levels, output_size=14),
-            "mask_head": conv_tower(channels, 4, norm, act, in_channels=in_channels, init_std=None),
+            "mask_head": conv_tower(
+                channels, heads["mask_convs"], norm, act, in_channels=in_channels, init_std=None
+            ),
             "mask_predictor": rcnn_mask_predictor(channels, num_classes, norm, act),
         }
     rpn_head = LevelRPNHead(
@@ -282,7 +288,13 @@ def _two_stage(
         len(backbone.levels),
     )
     box_head = rcnn_box_head(
-        in_channels, channels, 4, fc_dim, norm, _fc_norm(heads["head_norm"], backbone), act
+        in_channels,
+        channels,
+        heads["box_convs"],
+        fc_dim,
+        norm,
+        _fc_norm(heads["head_norm"], backbone),
+        act,
     )
     model = kind(
         backbone,
@@ -312,6 +324,7 @@ def spinenet_fasterrcnn(
     head_channels: int | None = None,
     rpn_depth: int = 1,
     rpn_scales: int | None = None,
+    box_convs: int = 4,
     box_convention: str = "torchvision",
     **kwargs,
 ) -> FasterRCNN:
@@ -326,6 +339,8 @@ def spinenet_fasterrcnn(
         rpn_depth: 3x3 convs in the RPN head (Model Garden: 1, or 2 in its cascade configs).
         rpn_scales: RPN anchor scales per location, each with 3 aspect ratios (default 3 for
             143 and 190, else 1).
+        box_convs: 3x3 convs in the box head before its FC (Model Garden's ``num_convs``; 0
+            pools straight into the FC).
         box_convention: as for :func:`spinenet_retinanet` (the RPN's and box head's coding).
         **kwargs: options of torchvision's ``FasterRCNN`` (``box_score_thresh``,
             ``box_batch_size_per_image``, ``rpn_post_nms_top_n_train``, ...) or of the backbone.
@@ -333,7 +348,7 @@ def spinenet_fasterrcnn(
     heads = {
         "head_norm": head_norm, "anchor_size": anchor_size, "fc_dim": fc_dim,
         "head_channels": head_channels, "rpn_depth": rpn_depth, "rpn_scales": rpn_scales,
-        "box_convention": box_convention,
+        "box_convs": box_convs, "box_convention": box_convention,
     }  # fmt: skip
     return _two_stage(FasterRCNN, variant, num_classes, class_names, image_size, heads, kwargs)
 
@@ -351,15 +366,18 @@ def spinenet_maskrcnn(
     head_channels: int | None = None,
     rpn_depth: int = 1,
     rpn_scales: int | None = None,
+    box_convs: int = 4,
+    mask_convs: int = 4,
     box_convention: str = "torchvision",
     **kwargs,
 ) -> MaskRCNN:
     """Mask R-CNN on SpineNet-``variant``: the Faster R-CNN of :func:`spinenet_fasterrcnn` plus
     a 4-conv mask head and a normalised 2x transposed conv predicting 28 x 28 masks from
-    14 x 14 RoIAlign features. Arguments are those of :func:`spinenet_fasterrcnn`."""
+    14 x 14 RoIAlign features. Arguments are those of :func:`spinenet_fasterrcnn`, and
+    ``mask_convs``, the mask head's 3x3 convs (at least 1)."""
     heads = {
         "head_norm": head_norm, "anchor_size": anchor_size, "fc_dim": fc_dim,
         "head_channels": head_channels, "rpn_depth": rpn_depth, "rpn_scales": rpn_scales,
-        "box_convention": box_convention,
+        "box_convs": box_convs, "mask_convs": mask_convs, "box_convention": box_convention,
     }  # fmt: skip
     return _two_stage(MaskRCNN, variant, num_classes, class_names, image_size, heads, kwargs)

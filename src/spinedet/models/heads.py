@@ -150,7 +150,7 @@ def conv_tower(
     initialised like RetinaNet's (normal, ``init_std``), or He fan-out like Model Garden's
     R-CNN heads when it is None.
     """
-    ins = [in_channels or channels] + [channels] * (depth - 1)
+    ins = ([in_channels or channels] + [channels] * (depth - 1))[:depth]
     if num_levels is None:
         layers = [
             Conv2dNormActivation(c, channels, norm_layer=norm_layer, activation_layer=activation)
@@ -470,9 +470,9 @@ def rcnn_box_head(
     activation: Callable[..., nn.Module],
     roi_size: int = 7,
 ) -> nn.Sequential:
-    """R-CNN box head: ``depth`` 3x3 conv + norm + activation on the ``roi_size``-square RoI
-    features, then flatten and one FC + norm (``fc_norm_layer``, e.g. BatchNorm1d) +
-    activation, as Model Garden's ``DetectionHead`` with one FC."""
+    """R-CNN box head: ``depth`` (0 or more) 3x3 conv + norm + activation on the
+    ``roi_size``-square RoI features, then flatten and one FC + norm (``fc_norm_layer``, e.g.
+    BatchNorm1d) + activation, as Model Garden's ``DetectionHead`` with one FC."""
     tower = conv_tower(
         channels, depth, norm_layer, activation, in_channels=in_channels, init_std=None
     )
@@ -480,7 +480,7 @@ def rcnn_box_head(
     return nn.Sequential(
         *tower,
         nn.Flatten(),
-        nn.Linear(channels * roi_size**2, fc_dim),
+        nn.Linear((channels if depth else in_channels) * roi_size**2, fc_dim),
         fc_norm,
         activation(),
     )
