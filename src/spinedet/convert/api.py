@@ -66,8 +66,8 @@ def _rcnn_options(ckpt: TFCheckpoint, task: str) -> dict:
         "fc_dim": _shape(ckpt, "detection_head", "0", "_fcs", "0", "kernel")[-1],
         "box_convs": len(box_convs.children) if box_convs is not None else 0,
     }
-    mask_convs = ckpt.child(node, "mask_head", "_convs")
-    if task == "maskrcnn" and mask_convs is not None:
+    mask_convs = ckpt.child(node, "mask_head", "_convs") if task == "maskrcnn" else None
+    if mask_convs is not None:
         options["mask_convs"] = len(mask_convs.children)
     return options
 
