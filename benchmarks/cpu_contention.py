@@ -1,5 +1,5 @@
 """CPU training under contention: 6 steps of the quickstart model alone, and beside one busy
-process, with torch's default threading and with ``configure_cpu_threads``.
+process, with torch's default threading and with spinedet's.
 
 Each measurement is a fresh process (the OpenMP wait policy is read when torch loads): it
 builds the quickstart model (``configs/quickstart.yaml``: SpineNet-49S Mask R-CNN, 192 px,
@@ -7,12 +7,11 @@ batch 8), takes one untimed step, then times 6. The competitor is a single-threa
 in its own process, started first and stopped after the measurement (it also stops itself
 after ``--busy-limit`` seconds). Settings:
 
-- default: what a process gets today (no ``OMP_WAIT_POLICY``, torch's thread count);
-- PASSIVE after import: ``OMP_WAIT_POLICY=PASSIVE`` set in ``os.environ`` after ``import
-  torch`` (shows whether a late setting has any effect);
-- PASSIVE + configure_cpu_threads: ``OMP_WAIT_POLICY=PASSIVE`` in the environment before
-  torch loads (as ``spinedet/__init__.py`` sets it), then
-  ``spinedet.engine.runtime.configure_cpu_threads()``.
+- default: what a process gets from torch alone (libgomp's default wait, torch's thread count);
+- PASSIVE: ``OMP_WAIT_POLICY=PASSIVE`` in the environment (threads never spin), then
+  ``spinedet.engine.runtime.configure_cpu_threads()``;
+- spinedet: ``import spinedet`` before torch (it sets a short spin, ``GOMP_SPINCOUNT``), then
+  ``configure_cpu_threads()``: what ``spinedet train`` does.
 """
 
 from __future__ import annotations
@@ -29,11 +28,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 STEPS = 6
-PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}
+WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 SETTINGS = {
-    "default": {"env": {}, "late_env": False, "configure": False},
-    "PASSIVE after import": {"env": {}, "late_env": True, "configure": False},
-    "PASSIVE + configure_cpu_threads": {"env": PASSIVE, "late_env": False, "configure": True},
+    "default": {"env": {}, "spinedet_first": False, "configure": False},
+    "PASSIVE": {"env": {"OMP_WAIT_POLICY": "PASSIVE"}, "spinedet_first": False, "configure": True},
+    "spinedet": {"env": {}, "spinedet_first": True, "configure": True},
 }
 BUSY_LOOP = """
 import sys, time
@@ -44,10 +43,10 @@ while time.monotonic() < end:
 
 
 def worker(setting: dict) -> None:
+    if setting["spinedet_first"]:
+        import spinedet  # noqa: F401 - sets the OpenMP wait before torch loads
     import torch
 
-    if setting["late_env"]:
-        os.environ.update(PASSIVE)
     if setting["configure"]:
         from spinedet.engine.runtime import configure_cpu_threads
 
@@ -75,7 +74,7 @@ def worker(setting: dict) -> None:
 
 
 def measure(setting: dict, busy: bool, busy_limit: float) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env = {k: v for k, v in os.environ.items() if k not in WAIT_VARIABLES}
     env.update(setting["env"])
     competitor = None
     if busy:

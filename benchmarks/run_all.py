@@ -30,6 +30,7 @@ SCRIPTS = [
     ("coco_eval_speed.py", []),
     ("op_count.py", ["--baseline", "0fa51dc"]),  # the tree before the op reductions
     ("cpu_contention.py", []),
+    ("roi_align_cpu.py", []),
 ]
 SECTION = "<!-- {} -->"  # opens each script's section, so that --only can replace it
 NO_CUDA = "skipped: no CUDA device"  # what the GPU scripts print without one

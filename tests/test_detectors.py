@@ -82,6 +82,34 @@ def test_rcnn_head_depths_are_options(tmp_path):
         spinedet.create_model("spinenet49s_maskrcnn", mask_convs=0)
 
 
+def test_mask_samples_per_image_bounds_the_mask_heads_positives():
+    """Six objects per image, all positives: the mask head sees every one by default, a random
+    two per image with ``mask_samples_per_image=2``; the option leaves the weights alone."""
+    torch.manual_seed(0)
+    images = [torch.rand(3, 96, 96), torch.rand(3, 96, 96)]
+    boxes = torch.tensor([[x, y, x + 28.0, y + 28.0] for x in (4, 34, 64) for y in (8, 52)])
+    masks = torch.zeros(6, 96, 96, dtype=torch.uint8)
+    for mask, (x0, y0, x1, y1) in zip(masks, boxes.int().tolist(), strict=True):
+        mask[y0:y1, x0:x1] = 1
+    targets = [{"boxes": boxes, "labels": torch.tensor([1, 2] * 3), "masks": masks}] * 2
+    seen = {}
+    for samples in (None, 2):
+        model = spinedet.create_model("spinenet49s_maskrcnn", num_classes=3,
+                                      mask_samples_per_image=samples, **SMALL)  # fmt: skip
+        model.roi_heads.mask_head.register_forward_pre_hook(
+            lambda module, args, key=samples: seen.__setitem__(key, len(args[0]))
+        )
+        losses = model(images, targets)
+        assert torch.isfinite(losses["loss_mask"])
+        assert model.description.option("mask_samples_per_image") == samples
+    # Ground-truth boxes join the proposals, so each image has at least 6 positives.
+    assert seen[None] >= 12 and seen[2] == 4
+    # A training option: a model fine-tuned from these weights does not inherit it.
+    assert "mask_samples_per_image" in spinedet.models.TASKS["maskrcnn"].runtime_options
+    with pytest.raises(ValueError, match="mask_samples_per_image=0: expected 1 or more"):
+        spinedet.create_model("spinenet49s_maskrcnn", mask_samples_per_image=0)
+
+
 @pytest.mark.parametrize(
     "name",
     [

@@ -255,7 +255,7 @@ def test_optimizer_choice_keeps_the_lr_scaling_and_kernel_only_decay():
     cfg = load_config(None, ["train.optimizer=adamw", "train.base_lr=0.002",
                              "train.base_batch=8", "train.batch_size=16"])["train"]  # fmt: skip
     optimizer, _ = build_optimizer(cfg, model, 10)
-    assert isinstance(optimizer, torch.optim.AdamW)
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"]  # CPU
     assert [g["initial_lr"] for g in optimizer.param_groups] == [0.004, 0.004]
     decayed = {id(p) for p in optimizer.param_groups[0]["params"]}
     kernels = [model.body[0].weight, model.body[-1].weight]
@@ -263,5 +263,6 @@ def test_optimizer_choice_keeps_the_lr_scaling_and_kernel_only_decay():
     assert optimizer.param_groups[1]["weight_decay"] == 0.0
     sgd, _ = build_optimizer(load_config(None)["train"], model, 10)
     assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.9
+    assert sgd.defaults["fused"]
     with pytest.raises(SpinedetError, match="train.optimizer"):
         load_config(None, ["train.optimizer=adam"])

@@ -2,9 +2,10 @@
 
 import os
 
-# libgomp reads this when torch loads it: idle OpenMP threads sleep instead of spinning, so a
-# busy neighbouring process slows spinedet ~1.5x rather than ~2x (see engine/runtime.py).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# libgomp reads this when torch loads it: idle OpenMP threads spin briefly, then sleep, so a
+# busy neighbouring process slows spinedet ~1.7x rather than ~5x (see engine/runtime.py).
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 
 from .models import (
     SpineNet,

@@ -62,7 +62,7 @@ DEFAULTS: dict[str, Any] = {
         "clip_grad": 10.0,  # max gradient norm; 0 disables
         "amp": "auto",  # auto (bf16 on CUDA) | bf16 | fp16 | none
         "cuda_graphs": True,  # replay backbone and dense head (one CUDA process, accumulate 1)
-        "channels_last": True,  # on CUDA: NHWC activations, cuDNN's layout for bf16/fp16
+        "channels_last": True,  # NHWC activations: cuDNN's layout for bf16, oneDNN's on a CPU
         "seed": 0,
         "eval_every": 1,  # epochs between COCO evaluations on data.val
         "checkpoint_every": 1,

@@ -1,11 +1,13 @@
 """Process-wide CPU settings for the command line: how OpenMP threads wait, and how many run.
 
-How idle OpenMP threads wait is fixed when torch loads libgomp, from ``OMP_WAIT_POLICY`` in the
-environment, so it cannot be set here: ``spinedet/__init__.py`` sets ``PASSIVE`` (unless the
-environment says otherwise) before it imports torch. With libgomp's default, threads spin
-~300,000 times at every barrier; when a neighbouring process holds a core, the spinning thread
-burns the core its late partner needs (on 2 cores, one busy process made training 2.1-2.3x
-slower by default, 1.5x with PASSIVE).
+How idle OpenMP threads wait is fixed when torch loads libgomp, from ``OMP_WAIT_POLICY`` and
+``GOMP_SPINCOUNT`` in the environment, so it cannot be set here: ``spinedet/__init__.py`` sets
+``GOMP_SPINCOUNT=3000`` (unless the environment names a wait policy) before it imports torch.
+With libgomp's default, threads spin ~300,000 times at every barrier; when a neighbouring
+process holds a core, the spinning thread burns the core its late partner needs (on 2 cores,
+one busy process made training 2.1-5.6x slower). ``PASSIVE`` (no spinning) avoids that, but
+then every parallel region wakes sleeping threads: 10-25% slower on a quiet machine. A short
+spin keeps both (benchmarks/cpu_contention.py).
 """
 
 from __future__ import annotations

@@ -150,8 +150,8 @@ class Trainer:
         if info.enabled and self.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model.to(self.device)
-        if tcfg["channels_last"] and self.device.type == "cuda":
-            model.to(memory_format=torch.channels_last)  # the layers' outputs follow the weights
+        if tcfg["channels_last"]:  # the layers' outputs follow the weights
+            model.to(memory_format=torch.channels_last)
         self.net = (
             nn.parallel.DistributedDataParallel(
                 model, device_ids=[info.local_rank] if self.device.type == "cuda" else None

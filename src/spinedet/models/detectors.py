@@ -296,6 +296,9 @@ def _two_stage(
         _fc_norm(heads["head_norm"], backbone),
         act,
     )
+    samples = heads.get("mask_samples_per_image")
+    if samples is not None and samples < 1:
+        raise ModelError(f"mask_samples_per_image={samples}: expected 1 or more, or None for all")
     model = kind(
         backbone,
         num_classes=None,
@@ -308,7 +311,10 @@ def _two_stage(
         box_predictor=FastRCNNPredictor(fc_dim, num_classes),
         **detector_kwargs,
     )
-    return _finish(model, num_classes, class_names, heads["box_convention"])
+    model = _finish(model, num_classes, class_names, heads["box_convention"])
+    if kind is MaskRCNN:
+        model.roi_heads.mask_samples_per_image = samples
+    return model
 
 
 @register_task("fasterrcnn", families={"spinenet": None}, runtime=_runtime(FasterRCNN))
@@ -353,7 +359,12 @@ def spinenet_fasterrcnn(
     return _two_stage(FasterRCNN, variant, num_classes, class_names, image_size, heads, kwargs)
 
 
-@register_task("maskrcnn", families={"spinenet": None}, runtime=_runtime(MaskRCNN), masks=True)
+@register_task(
+    "maskrcnn",
+    families={"spinenet": None},
+    runtime=_runtime(MaskRCNN) | {"mask_samples_per_image"},
+    masks=True,
+)
 def spinenet_maskrcnn(
     variant: str = "49",
     num_classes: int | None = 91,
@@ -368,16 +379,22 @@ def spinenet_maskrcnn(
     rpn_scales: int | None = None,
     box_convs: int = 4,
     mask_convs: int = 4,
+    mask_samples_per_image: int | None = None,
     box_convention: str = "torchvision",
     **kwargs,
 ) -> MaskRCNN:
     """Mask R-CNN on SpineNet-``variant``: the Faster R-CNN of :func:`spinenet_fasterrcnn` plus
     a 4-conv mask head and a normalised 2x transposed conv predicting 28 x 28 masks from
-    14 x 14 RoIAlign features. Arguments are those of :func:`spinenet_fasterrcnn`, and
-    ``mask_convs``, the mask head's 3x3 convs (at least 1)."""
+    14 x 14 RoIAlign features. Arguments are those of :func:`spinenet_fasterrcnn`, and:
+        mask_convs: the mask head's 3x3 convs (at least 1).
+        mask_samples_per_image: in training, a random sample of at most this many of each
+            image's positive boxes trains the mask head (Model Garden's ``num_sampled_masks``;
+            default: every positive, as torchvision). On a CPU the mask head costs as much as
+            the backbone; this bounds it."""
     heads = {
         "head_norm": head_norm, "anchor_size": anchor_size, "fc_dim": fc_dim,
         "head_channels": head_channels, "rpn_depth": rpn_depth, "rpn_scales": rpn_scales,
         "box_convs": box_convs, "mask_convs": mask_convs, "box_convention": box_convention,
+        "mask_samples_per_image": mask_samples_per_image,
     }  # fmt: skip
     return _two_stage(MaskRCNN, variant, num_classes, class_names, image_size, heads, kwargs)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,8 @@ from torchvision.models.detection.retinanet import (
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign, roi_align, sigmoid_focal_loss
 from torchvision.ops.misc import Conv2dNormActivation
+
+from .separable_roi_align import separable_roi_align
 
 
 def pyramid_anchors(
@@ -396,8 +399,12 @@ class PyramidRoIAlign(MultiScaleRoIAlign):
         levels = torch.arange(self.levels[0], self.levels[-1] + 1, device=target.device)
         counts = (target[:, None] == levels).sum(0).tolist()
         first = x[self.featmap_names[0]]
+        # Training on a CPU: torchvision's RoIAlign backward is single-threaded and slow there.
+        separable = first.device.type == "cpu" and first.requires_grad and torch.is_grad_enabled()
+        align = (separable_roi_align if separable
+                 else partial(roi_align, aligned=True))  # fmt: skip
         crops = [
-            roi_align(x[name], part, self.output_size, 2.0**-level, self.sampling_ratio, True)
+            align(x[name], part, self.output_size, 2.0**-level, self.sampling_ratio)
             for level, name, part, count in zip(
                 self.levels, self.featmap_names, rois[order].split(counts), counts, strict=True
             )

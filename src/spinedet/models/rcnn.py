@@ -121,7 +121,8 @@ class BatchedRoIHeads(RoIHeads):
         targets: list[dict[str, Tensor]] | None = None,
     ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
         """torchvision's ``RoIHeads.forward``; training a mask head, the positives of all
-        images go to it, and their mask targets are cut, at once."""
+        images (or a sample of them, :meth:`mask_samples`) go to it, and their mask targets are
+        cut, at once."""
         if not (self.training and self.has_mask()):
             return super().forward(features, proposals, image_shapes, targets)
         proposals, matched, labels, regression_targets = self.select_training_samples(
@@ -132,8 +133,8 @@ class BatchedRoIHeads(RoIHeads):
         loss_classifier, loss_box_reg = fastrcnn_loss(
             class_logits, box_regression, labels, regression_targets
         )
+        positive = self.mask_samples(labels).nonzero()[:, 0]
         labels = torch.cat(labels)
-        positive = (labels > 0).nonzero()[:, 0]
         image = torch.repeat_interleave(
             torch.arange(len(proposals), device=labels.device),
             torch.tensor([len(p) for p in proposals], device=labels.device),
@@ -147,6 +148,19 @@ class BatchedRoIHeads(RoIHeads):
         loss_mask = _mask_loss(mask_logits, boxes, counts, image, matched, targets)
         losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
         return [], losses | {"loss_mask": loss_mask}
+
+    mask_samples_per_image: int | None = None
+
+    def mask_samples(self, labels: list[Tensor]) -> Tensor:
+        """Which of the sampled boxes (each image's, concatenated) train the mask head: every
+        positive, as torchvision does, or a random ``mask_samples_per_image`` of each image's
+        positives, as Model Garden's ``num_sampled_masks`` does."""
+        if self.mask_samples_per_image is None:
+            return torch.cat(labels) > 0
+        padded = pad_sequence(labels, batch_first=True)
+        chosen, _ = balanced_sample(padded.where(padded > 0, -1), self.mask_samples_per_image, 1.0)
+        lengths = torch.tensor([len(x) for x in labels], device=padded.device)
+        return chosen[torch.arange(padded.shape[1], device=padded.device) < lengths[:, None]]
 
     def selectable(self, boxes: Tensor) -> Tensor:
         """Which candidate boxes may be detections: torchvision drops those under 1e-2 wide."""
