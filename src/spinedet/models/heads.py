@@ -400,7 +400,8 @@ class PyramidRoIAlign(MultiScaleRoIAlign):
         counts = (target[:, None] == levels).sum(0).tolist()
         first = x[self.featmap_names[0]]
         # Training on a CPU: torchvision's RoIAlign backward is single-threaded and slow there.
-        separable = first.device.type == "cpu" and first.requires_grad and torch.is_grad_enabled()
+        separable = (first.device.type == "cpu" and first.requires_grad
+                     and torch.is_grad_enabled() and self.sampling_ratio > 0)  # fmt: skip
         align = (separable_roi_align if separable
                  else partial(roi_align, aligned=True))  # fmt: skip
         crops = [
