@@ -23,7 +23,7 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign, roi_align, sigmoid_focal_loss
 from torchvision.ops.misc import Conv2dNormActivation
 
-from .separable_roi_align import separable_roi_align
+from .separable_roi_align import separable_pays, separable_roi_align
 
 
 def pyramid_anchors(
@@ -400,12 +400,14 @@ class PyramidRoIAlign(MultiScaleRoIAlign):
         counts = (target[:, None] == levels).sum(0).tolist()
         first = x[self.featmap_names[0]]
         # Training on a CPU: torchvision's RoIAlign backward is single-threaded and slow there.
-        separable = (first.device.type == "cpu" and first.requires_grad
-                     and torch.is_grad_enabled() and self.sampling_ratio > 0)  # fmt: skip
-        align = (separable_roi_align if separable
-                 else partial(roi_align, aligned=True))  # fmt: skip
+        training_on_cpu = (first.device.type == "cpu" and first.requires_grad
+                           and torch.is_grad_enabled() and self.sampling_ratio > 0)  # fmt: skip
         crops = [
-            align(x[name], part, self.output_size, 2.0**-level, self.sampling_ratio)
+            (
+                separable_roi_align
+                if training_on_cpu and separable_pays(x[name])
+                else partial(roi_align, aligned=True)
+            )(x[name], part, self.output_size, 2.0**-level, self.sampling_ratio)
             for level, name, part, count in zip(
                 self.levels, self.featmap_names, rois[order].split(counts), counts, strict=True
             )

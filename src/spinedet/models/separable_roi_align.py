@@ -4,15 +4,27 @@ torchvision's CPU RoIAlign backward scatters every output gradient into the feat
 element at a time on one thread: in the quickstart's Mask R-CNN step it took a fifth of the
 time. Bilinear sampling is separable, so each roi's crop is ``Ry @ F @ Rx.T`` with a sparse
 interpolation matrix per axis; as dense GEMMs over each image's rois, forward and backward run
-multi-threaded and ~4x faster than torchvision's at the quickstart's sizes (benchmarks/notes.md,
-"RoIAlign's backward on the CPU").
+multi-threaded and 2.2-4.9x faster than torchvision's at the quickstart's sizes; the dense
+products grow with the feature map, so large maps keep torchvision's (:func:`separable_pays`,
+``benchmarks/roi_align_cpu.py``).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["separable_roi_align"]
+__all__ = ["separable_pays", "separable_roi_align"]
+
+# The dense products grow with the feature map (and their outputs with the boxes per image);
+# torchvision's cost per output element does not. Measured on 2 cores (roi_align_cpu.py): 24 x 24
+# 2.2-4.9x faster, 48 x 48 with 64 boxes per image 2x, 40 x 40 with 512 boxes per image 1.0x,
+# 80 x 80 0.7x.
+MAX_PIXELS = 32 * 32
+
+
+def separable_pays(features: torch.Tensor) -> bool:
+    """Whether :func:`separable_roi_align` beats torchvision's backward on these features."""
+    return features.shape[-2] * features.shape[-1] <= MAX_PIXELS
 
 
 def _axis_weights(
