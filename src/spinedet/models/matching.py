@@ -16,19 +16,26 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from torchvision.models.detection._utils import Matcher
 
-__all__ = ["balanced_sample", "match", "pad_boxes", "pairwise_iou"]
+__all__ = ["balanced_sample", "match", "pad_boxes", "pad_rows", "pairwise_iou"]
+
+
+def pad_rows(rows: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Per-image (N_i, ...) tensors as (B, N, ...), zero-padded to at least one row, and which
+    rows are real, (B, N)."""
+    lengths = [len(r) for r in rows]
+    width = max([*lengths, 1])  # from Python ints: no host read of a tensor
+    counts = torch.tensor(lengths)
+    padded = pad_sequence(rows, batch_first=True)
+    padded = torch.nn.functional.pad(
+        padded, (0, 0) * (padded.dim() - 2) + (0, width - padded.shape[1])
+    )
+    real = torch.arange(width)[None] < counts[:, None]
+    return padded, real.to(padded.device, non_blocking=True)
 
 
 def pad_boxes(boxes: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """Per-image (G_i, 4) boxes as (B, G, 4), zero-padded to at least one row, and which rows are
-    real, (B, G)."""
-    lengths = [len(b) for b in boxes]
-    width = max([*lengths, 1])  # from Python ints: no host read of a tensor
-    counts = torch.tensor(lengths)
-    padded = pad_sequence([b.reshape(-1, 4) for b in boxes], batch_first=True)
-    padded = torch.nn.functional.pad(padded, (0, 0, 0, width - padded.shape[1]))
-    real = torch.arange(width)[None] < counts[:, None]
-    return padded, real.to(padded.device, non_blocking=True)
+    """Per-image (G_i, 4) boxes as (B, G, 4) and which rows are real, as :func:`pad_rows`."""
+    return pad_rows([b.reshape(-1, 4) for b in boxes])
 
 
 def pairwise_iou(gt: Tensor, boxes: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, mask
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import roi_align
 
-from .matching import balanced_sample, match, pad_boxes, pairwise_iou
+from .matching import balanced_sample, match, pad_boxes, pad_rows, pairwise_iou
 from .postprocess import (
     best_detections,
     class_candidates,
@@ -157,10 +157,9 @@ class BatchedRoIHeads(RoIHeads):
         positives, as Model Garden's ``num_sampled_masks`` does."""
         if self.mask_samples_per_image is None:
             return torch.cat(labels) > 0
-        padded = pad_sequence(labels, batch_first=True)
+        padded, real = pad_rows(labels)
         chosen, _ = balanced_sample(padded.where(padded > 0, -1), self.mask_samples_per_image, 1.0)
-        lengths = torch.tensor([len(x) for x in labels], device=padded.device)
-        return chosen[torch.arange(padded.shape[1], device=padded.device) < lengths[:, None]]
+        return chosen[real]
 
     def selectable(self, boxes: Tensor) -> Tensor:
         """Which candidate boxes may be detections: torchvision drops those under 1e-2 wide."""
