@@ -6,11 +6,15 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench format clean
 
+# uv installs the requirements in about half pip's time (parallel downloads, bytecode compiled
+# on every core); pip remains the fallback where uv cannot reach the index (pip.conf settings).
+UV := $(PY) -m uv pip install -q --python $(PY) --compile-bytecode
+
 $(STAMP): pyproject.toml requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip install -q uv==0.13.9
+	$(UV) -r requirements.txt || $(PY) -m pip install -q -r requirements.txt
+	$(UV) --no-deps -e . || $(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
 DEMO := runs/demo
