@@ -2,10 +2,10 @@
 process, with torch's default threading and with spinedet's.
 
 Each measurement is a fresh process (the OpenMP wait policy is read when torch loads): it
-builds the quickstart model (``configs/quickstart.yaml``: SpineNet-49S Mask R-CNN, 192 px,
-batch 8), takes one untimed step, then times 6. The competitor is a single-threaded busy loop
-in its own process, started first and stopped after the measurement (it also stops itself
-after ``--busy-limit`` seconds). Settings:
+builds the quickstart model (``configs/quickstart.yaml``: a narrowed SpineNet-49S Mask R-CNN,
+192 px, batch 8), takes one untimed step, then times 6. The competitor is a single-threaded
+busy loop in its own process, started first and stopped after the measurement (it also stops
+itself after ``--busy-limit`` seconds). Settings:
 
 - default: what a process gets from torch alone (libgomp's default wait, torch's thread count);
 - PASSIVE: ``OMP_WAIT_POLICY=PASSIVE`` in the environment (threads never spin), then

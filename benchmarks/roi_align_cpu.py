@@ -2,10 +2,10 @@
 bin, as ``PyramidRoIAlign`` calls it) vs spinedet's ``separable_roi_align``, which training on
 a CPU uses on feature maps up to 32 x 32 (``separable_pays``: not on the 640 px levels below).
 
-Shapes: the quickstart's box and mask heads (8 images of 192 px, P3 24 x 24 with 128 channels,
+Shapes: the quickstart's box and mask heads (8 images of 192 px, P3 24 x 24 with 64 channels,
 64 sampled boxes per image, 32 of them positives for the mask head) and two 640 px levels of a
-batch of 2 (P4 40 x 40, P3 80 x 80, 512 boxes per image). Boxes are random, inside the image,
-8-64 px.
+SpineNet-49S batch of 2 (128 channels; P4 40 x 40, P3 80 x 80, 512 boxes per image). Boxes
+are random, inside the image, 8-64 px.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from spinedet.models.separable_roi_align import separable_roi_align  # noqa: E40
 
 # (label, images, channels, feature side, boxes per image, output side, image side)
 CASES = [
-    ("quickstart box head", 8, 128, 24, 64, 7, 192),
-    ("quickstart mask head", 8, 128, 24, 32, 14, 192),
+    ("quickstart box head", 8, 64, 24, 64, 7, 192),
+    ("quickstart mask head", 8, 64, 24, 32, 14, 192),
     ("640 px box head, P4", 2, 128, 40, 512, 7, 640),
     ("640 px box head, P3", 2, 128, 80, 512, 7, 640),
 ]
