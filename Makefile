@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml requirements.txt
 DEMO := runs/demo
 SPINEDET := $(VENV)/bin/spinedet
 
-# The quickstart: synthetic shapes -> train a SpineNet-49S Mask R-CNN on the CPU -> COCO AP on
+# The quickstart: synthetic shapes -> train a narrowed SpineNet-49S Mask R-CNN on the CPU -> COCO AP on
 # the held-out split -> predictions drawn over test images -> loss/AP curves, all in runs/demo.
 demo: $(STAMP)
 	rm -rf $(DEMO)
