@@ -8,20 +8,21 @@ STAMP := $(VENV)/.installed
 
 # uv installs the requirements in about half pip's time (parallel downloads, bytecode compiled
 # on every core); pip remains the fallback where uv cannot reach the index (pip.conf settings).
+PIP := $(PY) -m pip install -q
 UV := $(PY) -m uv pip install -q --python $(PY) --compile-bytecode
 
 $(STAMP): pyproject.toml requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q uv==0.13.9
-	$(UV) -r requirements.txt || $(PY) -m pip install -q -r requirements.txt
-	$(UV) --no-deps -e . || $(PY) -m pip install -q --no-deps -e .
+	$(PIP) uv==0.13.9
+	$(UV) -r requirements.txt || $(PIP) -r requirements.txt
+	$(UV) --no-deps -e . || $(PIP) --no-deps -e .
 	touch $(STAMP)
 
 DEMO := runs/demo
 SPINEDET := $(VENV)/bin/spinedet
 
-# The quickstart: synthetic shapes -> train a narrowed SpineNet-49S Mask R-CNN on the CPU -> COCO AP on
-# the held-out split -> predictions drawn over test images -> loss/AP curves, all in runs/demo.
+# The quickstart: synthetic shapes -> train a narrowed SpineNet-49S Mask R-CNN on the CPU -> COCO
+# AP on the held-out split -> predictions drawn over test images -> loss/AP curves, in runs/demo.
 demo: $(STAMP)
 	rm -rf $(DEMO)
 	$(SPINEDET) data shapes --out $(DEMO)/data --num-images 400 --size 192 --splits 0.8 0.1 0.1
