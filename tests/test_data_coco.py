@@ -17,7 +17,7 @@ from spinedet.data import (
     load_image,
     train_transforms,
 )
-from spinedet.data.coco import _rle_string_counts, decode_segmentation, rle_problem
+from spinedet.data.coco_files import _rle_string_counts, decode_segmentation, rle_problem
 
 
 def _rgb(path):

@@ -1,5 +1,7 @@
 import argparse
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -30,6 +32,30 @@ def test_shapes_check_split_round_trip(tmp_path, capsys):
     assert _run(*argv, "--seed", "5") == 0
     assert f"val: {split / 'val.json'}" in capsys.readouterr().out
     assert sorted(p.name for p in split.iterdir()) == ["train.json", "val.json"]
+
+
+def test_help_and_data_commands_do_not_load_torch(tmp_path):
+    # Loading torch and torchvision takes ~5 s: `--help`, `data shapes`, `check` and `split` need
+    # neither, and a package import that slipped back to eager would bring them in.
+    out, ann = tmp_path / "shapes", tmp_path / "shapes" / "annotations.json"
+    script = f"""
+import sys
+from spinedet.cli import build_parser, main
+try:
+    build_parser().parse_args(["--help"])
+except SystemExit:
+    pass
+assert main(["data", "shapes", "--out", {str(out)!r}, "--num-images", "6", "--size", "48"]) == 0
+assert main(["data", "check", {str(ann)!r}, "--images", {str(out / "images")!r}]) == 0
+assert main(["data", "split", {str(ann)!r}, "--ratios", "1", "1", "--out", {str(tmp_path)!r}]) == 0
+print("loaded:", sorted(m for m in ("torch", "torchvision") if m in sys.modules))
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "loaded: []" in proc.stdout
+    assert (out / "annotations.json").is_file() and (tmp_path / "val.json").is_file()
 
 
 def test_check_exits_1_and_prints_problems(tmp_path, capsys):

@@ -7,11 +7,11 @@ from collections import Counter
 
 import pytest
 
+from spinedet import files
 from spinedet.cli import main
 from spinedet.cli.data import add_data_commands
 from spinedet.data import DataError, split_dataset
-from spinedet.models import weights
-from spinedet.models.weights import atomic_write
+from spinedet.files import atomic_write
 
 RATIOS = (0.8, 0.1, 0.1)
 
@@ -276,7 +276,7 @@ def test_atomic_write_in_a_read_only_folder(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path))
 
-    monkeypatch.setattr(weights.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(files.tempfile, "mkstemp", refuse)
     with pytest.raises(OSError, match=r"^.*a\.json: cannot write \(Permission denied\)$"):
         atomic_write(tmp_path / "a.json", lambda tmp: None)
 
@@ -287,11 +287,11 @@ def test_writer_failing_without_errno_on_a_full_disk_says_so(tmp_path, monkeypat
     def write(tmp):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")
 
-    usage = weights.shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(weights.shutil, "disk_usage", lambda p: usage._replace(free=4096))
+    usage = files.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda p: usage._replace(free=4096))
     with pytest.raises(OSError, match=r"ck\.pt: cannot write \(No space left on device\)$"):
         atomic_write(tmp_path / "ck.pt", write)
-    monkeypatch.setattr(weights.shutil, "disk_usage", lambda p: usage._replace(free=1 << 30))
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda p: usage._replace(free=1 << 30))
     with pytest.raises(RuntimeError, match="enforce fail"):  # not a full disk: as it was
         atomic_write(tmp_path / "ck.pt", write)
     assert not list(tmp_path.iterdir())

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from .errors import SpinedetError
+from .files import atomic_write
 
 __all__ = [
     "ConfigError",
@@ -308,7 +309,5 @@ def apply_overrides(config: dict[str, Any], overrides: Iterable[str]) -> dict[st
 
 
 def save_config(config: dict[str, Any], path: str | Path) -> None:
-    from .models.weights import atomic_write  # torch: imported only when a run writes
-
     text = yaml.safe_dump(config, sort_keys=False)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="spinedet", description="SpineNet detectors: train, evaluate, predict, export."
     )
     parser.add_argument("--version", action="version", version=f"spinedet {__version__}")
+    parser.set_defaults(uses_torch=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_info_commands(sub)
     add_data_commands(sub)
@@ -53,9 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # spinedet's own progress at INFO; other libraries (ONNX export, TensorBoard) stay quiet.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("spinedet").setLevel(logging.INFO)
-    from ..engine.runtime import configure_cpu_threads
+    if args.uses_torch:  # the data commands that need no torch do not wait ~5 s to load it
+        from ..engine.runtime import configure_cpu_threads
 
-    configure_cpu_threads()
+        configure_cpu_threads()
     try:
         return args.func(args)
     except (SpinedetError, OSError) as e:

@@ -79,7 +79,7 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     check.add_argument("--images", type=Path, required=True, help="image directory")
     check.add_argument("--full", action="store_true", help="decode every image completely")
     check.add_argument("--workers", type=int, default=8, help="threads reading images")
-    check.set_defaults(func=_check)
+    check.set_defaults(func=_check, uses_torch=False)
 
     split = commands.add_parser("split", help="split into image-disjoint, class-balanced parts")
     split.add_argument("annotations", type=Path, help="COCO json file")
@@ -89,7 +89,7 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     split.add_argument("--seed", type=int, default=0, help="seed of the random assignment")
     split.add_argument("--out", type=Path, required=True, help="directory for <name>.json")
     split.add_argument("--overwrite", action="store_true", help="replace existing split files")
-    split.set_defaults(func=_split)
+    split.set_defaults(func=_split, uses_torch=False)
 
     show = commands.add_parser(
         "show", help="draw the ground truth (and its training augmentation) over the images"
@@ -128,5 +128,5 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
                         help="with --classification: each class in its own hue, an easy "
                         "set (the colour tells the class) for a quick check that training "
                         "works")  # fmt: skip
-    shapes.set_defaults(func=_shapes)
+    shapes.set_defaults(func=_shapes, uses_torch=False)
     return data

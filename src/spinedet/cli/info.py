@@ -6,7 +6,6 @@ import argparse
 import json
 
 from ..errors import SpinedetError
-from ..models import list_models
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -38,6 +37,7 @@ def _info(args: argparse.Namespace) -> int:
 
 def _models(args: argparse.Namespace) -> int:
     from ..info import model_info
+    from ..models import list_models
 
     names = list_models(args.filter)
     print(f"| model | params | backbone params | GFLOPs @ {args.size} |")

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 from torchvision.models import ResNet50_Weights
 
-from ..data.coco import read_json
+from ..data.coco_files import read_json
 from ..data.errors import DataError
 from ..models.registry import create_model, model_task
 from ..models.weights import save_weights

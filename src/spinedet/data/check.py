@@ -15,7 +15,7 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
-from spinedet.data.coco import (
+from spinedet.data.coco_files import (
     EXIF_ORIENTATION,
     ROTATING_ORIENTATIONS,
     is_number,
@@ -28,7 +28,7 @@ from spinedet.data.coco import (
 )
 from spinedet.data.errors import DataError
 from spinedet.data.stats import format_class_counts
-from spinedet.models.weights import atomic_write
+from spinedet.files import atomic_write
 
 log = logging.getLogger(__name__)
 

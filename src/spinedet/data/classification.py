@@ -16,7 +16,7 @@ from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
 from spinedet.data.check import Problem
-from spinedet.data.coco import load_image
+from spinedet.data.coco_files import load_image
 from spinedet.data.errors import DataError
 
 __all__ = ["ImageFolderDataset", "check_image_folder"]

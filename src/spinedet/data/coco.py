@@ -1,240 +1,35 @@
-"""COCO-format instance datasets: robust image loading, segmentation decoding, the Dataset."""
+"""COCO-format instance datasets for torchvision: the Dataset and its collate function."""
 
 from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
-import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
-from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
+from spinedet.data.coco_files import (
+    decode_segmentation,
+    image_path,
+    leaves_directory,
+    load_image,
+    read_json,
+)
 from spinedet.data.errors import DataError, UnreadableImage
 from spinedet.data.index import AnnotationIndex
 from spinedet.errors import shorten
-from spinedet.models.weights import atomic_write
 
 log = logging.getLogger(__name__)
 
-EXIF_ORIENTATION = 0x0112
-ROTATING_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width and height
-
 Target = dict[str, Any]
-
-
-def read_json(path: str | Path) -> Any:
-    """Parse a JSON file, turning every failure into a one-line ``DataError``."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}", path) from e
-    except UnicodeDecodeError as e:
-        raise DataError(f"not UTF-8 text ({e.reason} at byte {e.start})", path) from e
-    except OSError as e:
-        raise DataError(f"cannot read file: {e.strerror or e}", path) from e
-
-
-def write_json(path: str | Path, content: Any) -> None:
-    """Write ``content`` as JSON atomically (temp file, fsync, rename): never half a file."""
-
-    def dump(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(content, f)
-
-    atomic_write(path, dump)
-
-
-def is_number(value: Any) -> bool:
-    """True for finite ints and floats (JSON booleans excluded)."""
-    return type(value) in (int, float) and math.isfinite(value)  # exact types: bool is an int
-
-
-def size_mismatch(
-    stored: tuple[int, int], oriented: tuple[int, int], expected: tuple[int, int]
-) -> str | None:
-    """Why an image of ``stored`` (w, h) pixels, ``oriented`` after EXIF, fails ``expected``.
-
-    Annotations may have been drawn on the EXIF-rotated image or on the stored pixels; either is
-    accepted, anything else is a mismatch.
-    """
-    if expected in (oriented, stored):
-        return None
-    rotated = "" if oriented == stored else f" ({oriented[0]}x{oriented[1]} after EXIF rotation)"
-    return (
-        f"image is {stored[0]}x{stored[1]}{rotated} "
-        f"but the annotations say {expected[0]}x{expected[1]}"
-    )
-
-
-def _high_bit_depth_to_8bit(image: Image.Image) -> Image.Image:
-    """Map 16/32-bit grey images to 8 bit by scaling; Pillow's ``convert('L')`` would clip."""
-    values = np.asarray(image).astype(np.float64)
-    if image.mode.startswith("I;16"):
-        scaled = values / 257.0  # 65535 -> 255 exactly
-    else:  # "I" (int32) or "F" (float): no fixed range, so stretch what is there
-        low, high = float(values.min()), float(values.max())
-        scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
-    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        image = _high_bit_depth_to_8bit(image)
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "RGBa", "LA", "La", "PA"):
-        # Transparent pixels hold arbitrary colours; composite on black, the same as padding.
-        black = Image.new("RGBA", image.size, (0, 0, 0, 255))
-        return Image.alpha_composite(black, image.convert("RGBA")).convert("RGB")
-    return image.convert("RGB")
-
-
-def load_image(path: str | Path, size: tuple[int, int] | None = None) -> Image.Image:
-    """Load any image a camera or tool writes as 8-bit RGB, upright according to its EXIF tag.
-
-    ``size`` is the (width, height) the annotations assume: if it matches the stored pixels but
-    not the EXIF-rotated image, the stored orientation is kept so the annotations still fit (a
-    square image cannot tell, so EXIF wins); if it matches neither, a ``DataError`` is raised.
-    """
-    try:
-        with Image.open(path) as stored:
-            stored.load()
-            image = ImageOps.exif_transpose(stored)
-            if size is not None:
-                problem = size_mismatch(stored.size, image.size, tuple(size))
-                if problem:
-                    raise DataError(problem, path)
-                if image.size != tuple(size):
-                    image = stored.copy()
-            return _to_rgb(image)
-    except DataError:
-        raise
-    except FileNotFoundError as e:
-        raise UnreadableImage("image file not found", path) from e
-    except Exception as e:  # Pillow raises many types (OSError, SyntaxError, struct.error, ...)
-        raise UnreadableImage(f"cannot decode image: {e}", path) from e
-
-
-def leaves_directory(file_name: str) -> bool:
-    """Whether an image ``file_name`` names a file outside the image directory: absolute, or
-    climbing out with ``..``. Decided on the name alone, so symlinks the user placed inside the
-    directory still work."""
-    normalised = os.path.normpath(file_name)
-    return os.path.isabs(normalised) or normalised.split(os.sep, 1)[0] == os.pardir
-
-
-def image_path(images: str | Path, file_name: str) -> Path:
-    """``images / file_name``, refusing names that leave ``images``: a data set must never make
-    training read other files (``../../etc/passwd``)."""
-    if leaves_directory(file_name):
-        raise DataError(f"image file name {file_name!r} points outside the image directory", images)
-    return Path(images) / file_name
-
-
-def polygon_problem(polygon: Any) -> str | None:
-    """Why a COCO polygon ``[x0, y0, x1, y1, ...]`` is unusable, or None if it is fine."""
-    if not isinstance(polygon, list) or not all(is_number(v) for v in polygon):
-        return "polygon must be a list of numbers"
-    if len(polygon) % 2:
-        return f"polygon has an odd number of coordinates ({len(polygon)})"
-    if len(polygon) < 6:
-        return f"polygon has {len(polygon) // 2} points, at least 3 are needed"
-    x, y = polygon[0::2], polygon[1::2]
-    # Shoelace formula; plain Python beats numpy on typical polygons of a few dozen points.
-    if sum(x[i - 1] * y[i] - x[i] * y[i - 1] for i in range(len(x))) == 0:
-        return "polygon has zero area"
-    return None
-
-
-def _rle_string_counts(counts: str) -> list[int]:
-    """Decode COCO's compressed RLE string (the format of pycocotools' ``rleFrString``).
-
-    pycocotools trusts these strings (its C decoder has no bounds checks), so they are validated
-    here. Each value is stored in 5-bit groups (chars '0' + group, 0x20 = more groups follow,
-    0x10 in the last group = negative); from the fourth value on, values are deltas to the value
-    two places earlier.
-    """
-    values: list[int] = []
-    value = shift = 0
-    for char in counts:
-        group = ord(char) - 48
-        if not 0 <= group < 64:
-            raise ValueError(f"invalid character {char!r}")
-        value |= (group & 0x1F) << shift
-        shift += 5
-        if group & 0x20:
-            continue
-        if group & 0x10:
-            value -= 1 << shift
-        if len(values) > 2:
-            value += values[-2]
-        values.append(value)
-        value = shift = 0
-    if shift:
-        raise ValueError("truncated")
-    return values
-
-
-def _rle_runs(rle: Any, height: int, width: int) -> list[int]:
-    """Run lengths of a COCO RLE dict for a ``height`` x ``width`` mask; ValueError if malformed."""
-    if not isinstance(rle, dict) or "counts" not in rle or "size" not in rle:
-        raise ValueError("RLE must be an object with 'size' and 'counts'")
-    if rle["size"] != [height, width]:
-        raise ValueError(f"RLE size {rle['size']} does not match the {width}x{height} image")
-    counts = rle["counts"]
-    if isinstance(counts, bytes | str):
-        try:
-            counts = _rle_string_counts(counts.decode() if isinstance(counts, bytes) else counts)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ValueError(f"RLE counts string is malformed ({e})") from e
-    elif not isinstance(counts, list) or not all(type(c) is int for c in counts):
-        raise ValueError("RLE counts must be a string or a list of integers")
-    if any(c < 0 for c in counts):
-        raise ValueError("RLE counts contain negative run lengths")
-    if sum(counts) != height * width:
-        raise ValueError(
-            f"RLE runs cover {sum(counts)} pixels, the {width}x{height} image has {height * width}"
-        )
-    return counts
-
-
-def rle_problem(rle: Any, height: int, width: int) -> str | None:
-    """Why a COCO RLE dict does not describe a ``height`` x ``width`` mask, or None if it does."""
-    try:
-        _rle_runs(rle, height, width)
-    except ValueError as e:
-        return str(e)
-    return None
-
-
-def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
-    """Decode a COCO segmentation (polygons, compressed or uncompressed RLE) to an HxW uint8 mask.
-
-    Degenerate polygons cover no area and are skipped; malformed RLE raises ``ValueError``.
-    """
-    if isinstance(segmentation, list):
-        polygons = [p for p in segmentation if polygon_problem(p) is None]
-        if not polygons:
-            return np.zeros((height, width), np.uint8)
-        segmentation = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
-    runs = _rle_runs(segmentation, height, width)
-    # Decoded here rather than by pycocotools, whose decode warns under NumPy 2 on every call.
-    # Runs alternate between 0 and 1, starting with 0, over the pixels in column-major order.
-    values = (np.arange(len(runs)) & 1).astype(np.uint8)
-    return np.repeat(values, runs).reshape(width, height).T
 
 
 def _quiet_coco(dataset: dict[str, Any]) -> COCO:

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from spinedet.data.coco import decode_segmentation, write_json
+from spinedet.data.coco_files import decode_segmentation, write_json
 from spinedet.data.errors import DataError
 from spinedet.data.split import split_dataset
 

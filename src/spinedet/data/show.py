@@ -12,7 +12,8 @@ from PIL import Image
 
 from ..draw import draw_instances
 from ..errors import SpinedetError
-from .coco import CocoDataset, read_json
+from .coco import CocoDataset
+from .coco_files import read_json
 from .transforms import train_transforms
 
 __all__ = ["show_dataset"]

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from spinedet.data.coco import read_json, write_json
+from spinedet.data.coco_files import read_json, write_json
 from spinedet.data.errors import DataError
 from spinedet.data.stats import format_class_counts
 

@@ -13,7 +13,7 @@ import numpy as np
 from faster_coco_eval.extra import PreviewResults
 from pycocotools.coco import COCO
 
-from ..models.weights import atomic_write
+from ..files import atomic_write
 from .evaluate import Accumulated, accumulate, fast_coco, summarize
 from .plots import plot_confusion, plot_pr_curves
 

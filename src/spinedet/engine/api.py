@@ -12,9 +12,10 @@ from torch import nn
 from ..data import CocoDataset, ImageFolderDataset
 from ..data.transforms import classification_eval_transforms, eval_transforms
 from ..errors import SpinedetError
+from ..files import atomic_write
 from ..models import describe, load_model
 from ..models.registry import task_of
-from ..models.weights import atomic_write, resolve_checkpoint
+from ..models.weights import resolve_checkpoint
 from ..optimize import optimize_for_inference
 from ..predictor import Predictor
 from . import distributed

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from ..errors import SpinedetError, shorten
-from ..models.weights import atomic_write, save_weights
+from ..files import atomic_write
+from ..models.weights import save_weights
 
 __all__ = [
     "CheckpointError",

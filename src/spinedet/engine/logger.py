@@ -12,7 +12,7 @@ from typing import Any
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from ..models.weights import atomic_write
+from ..files import atomic_write
 from .plots import read_metrics
 
 __all__ = ["RunLogger", "strict_json"]

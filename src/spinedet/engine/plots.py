@@ -15,7 +15,7 @@ matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..errors import SpinedetError  # noqa: E402
-from ..models.weights import atomic_write  # noqa: E402
+from ..files import atomic_write  # noqa: E402
 
 log = logging.getLogger(__name__)
 

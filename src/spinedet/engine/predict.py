@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ..draw import draw_instances
 from ..errors import SpinedetError
-from ..models.weights import atomic_write
+from ..files import atomic_write
 from ..predictor import Detections, Predictor, to_image_tensor
 
 __all__ = [

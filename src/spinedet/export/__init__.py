@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..files import atomic_write
 from ..models import create_model, describe, load_model
-from ..models.weights import atomic_write, resolve_checkpoint
+from ..models.weights import resolve_checkpoint
 from .check import check_detector, check_sizes, load_check_images
 from .dense import DenseOutputs, ExportError
 from .graph import DetectorGraph

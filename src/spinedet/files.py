@@ -1,0 +1,77 @@
+"""Writing files so that a crash, a kill or a full disk never leaves half of one.
+
+Kept free of torch: the data commands (``spinedet data ...``) write through it without loading
+torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["atomic_write"]
+
+
+def _cannot_write(path: Path, error: OSError) -> OSError:
+    """One line naming the file and the system's reason; keeps the errno for callers."""
+    reason = error.strerror or " ".join(str(error).split())
+    failure = OSError(f"{path}: cannot write ({reason})")
+    failure.errno = error.errno
+    return failure
+
+
+def _fsync(path: str | Path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+DISK_FULL_BYTES = 1 << 20  # free space below which a failed write is put down to a full disk
+
+
+def _disk_full(folder: Path) -> bool:
+    """Whether the file system holding ``folder`` is (about) full: writers such as torch.save
+    report a full disk as a RuntimeError without an errno."""
+    try:
+        return shutil.disk_usage(folder).free < DISK_FULL_BYTES
+    except OSError:
+        return False
+
+
+def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
+    """Call ``write(tmp_path)``, fsync, then rename onto ``path``: a crash, a kill or a full disk
+    never leaves half a file, and the file is on disk when this returns.
+
+    A failure to write (disk full, read-only directory, ...) raises a one-line
+    ``OSError("<path>: cannot write (<reason>)")``; the temp file is always removed.
+    """
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        write(tmp)
+        # mkstemp makes the file private (0600); give it the mode a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        _fsync(tmp, os.O_RDWR)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _cannot_write(path, e) from e
+        if isinstance(e, Exception) and _disk_full(path.parent):
+            raise _cannot_write(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) from e
+        raise
+    with contextlib.suppress(OSError):  # some file systems cannot sync a directory
+        _fsync(path.parent, os.O_RDONLY)  # makes the rename itself durable
