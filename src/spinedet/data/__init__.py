@@ -1,8 +1,9 @@
 """Datasets: COCO loading, ImageFolder trees, transforms, checking, splitting and the synthetic
 shapes set.
 
-Checking, splitting and drawing the shapes set need no torch; the datasets and transforms
-below load it (about 5 s) on first use, so ``spinedet data check/split/shapes`` start at once.
+Checking, splitting and drawing the shapes set need no torch; the datasets, ``collate`` and
+the transforms load it (about 5 s) on first use, so ``spinedet data check/split/shapes`` start
+at once.
 """
 
 from __future__ import annotations
