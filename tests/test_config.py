@@ -67,7 +67,7 @@ def test_scientific_notation_reads_as_numbers_in_overrides_and_files(tmp_path):
         ("train.accumulate=0", "train.accumulate=0: expected an integer >= 1"),
         ("train.dist_timeout_min=0", "train.dist_timeout_min=0: expected an integer >= 1"),
         ("model.backbone_weights=3", "model.backbone_weights=3: expected a string or null"),
-        ("data.workers=-1", "data.workers=-1: expected an integer >= 0"),
+        ("data.workers=-1", "data.workers=-1: expected an integer >= 0 or null"),
         ("train.warmup_steps=-1", "train.warmup_steps=-1: expected an integer >= 0"),
         ("train.max_steps=0", "train.max_steps=0: expected an integer >= 1 or null"),
         ("train.amp=foo", "train.amp='foo': expected one of auto, bf16, fp16, none"),

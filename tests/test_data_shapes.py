@@ -98,6 +98,9 @@ def test_rejects_tiny_or_empty(tmp_path):
         make_shapes(tmp_path, size=8)
     with pytest.raises(ValueError, match="max_instances 0"):
         make_shapes(tmp_path, max_instances=0)
+    with pytest.raises(ValueError, match=r"ratios must all be positive and finite, got \[1\.0, 0"):
+        make_shapes(tmp_path / "zero", num_images=3, splits=(1.0, 0.0, 0.0))
+    assert not (tmp_path / "zero").exists()  # refused before any image was drawn
 
 
 @pytest.mark.filterwarnings("ignore:__array__:DeprecationWarning")  # pycocotools

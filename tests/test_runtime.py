@@ -1,4 +1,4 @@
-"""CPU thread settings of the command line (spinedet.engine.runtime)."""
+"""CPU settings (spinedet.engine.runtime): threads and data loading processes."""
 
 import os
 
@@ -41,3 +41,28 @@ def test_configure_cpu_threads_leaves_an_explicit_omp_num_threads(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", str(before))
     assert runtime.configure_cpu_threads() == before
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize(
+    "device,cores,local_processes,expected",
+    [
+        ("cpu", 2, None, 0),  # the step's threads need both cores
+        ("cpu", 4, None, 0),
+        ("cpu", 16, None, 2),
+        ("cpu", 16, "4", 0),  # 4 cores for each of 4 processes
+        ("cuda", 16, None, 8),  # capped
+        ("cuda", 6, None, 5),  # one core for the trainer
+        ("cuda", 16, "8", 1),
+        ("cuda", 4, "8", 1),  # at least one
+    ],
+)
+def test_loader_workers_default_fits_device_and_cores(
+    monkeypatch, device, cores, local_processes, expected
+):
+    monkeypatch.setattr(runtime, "cpu_budget", lambda: cores)
+    if local_processes is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_processes)
+    assert runtime.loader_workers(None, torch.device(device)) == expected
+    assert runtime.loader_workers(3, torch.device(device)) == 3  # a given number stands

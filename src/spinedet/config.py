@@ -43,7 +43,7 @@ DEFAULTS: dict[str, Any] = {
         "scale_range": [0.5, 2.0],  # detectors: scale jitter
         "crop_area": [0.08, 1.0],  # classifiers: random crops of this fraction of the image
         "hflip": 0.5,
-        "workers": 2,
+        "workers": None,  # DataLoader processes; null: chosen for the device (engine/runtime.py)
         "check": True,  # run `data check` before training
     },
     "train": {
@@ -117,7 +117,7 @@ RULES: dict[str, Rule] = {
     "data.scale_range": Rule(low=0, low_open=True, length=2, ascending=True),
     "data.crop_area": Rule(low=0, high=1, low_open=True, length=2, ascending=True),
     "data.hflip": Rule(low=0, high=1),
-    "data.workers": Rule(low=0),
+    "data.workers": Rule(low=0, type=int),
     "train.epochs": Rule(low=1),
     "train.batch_size": Rule(low=1),
     "train.accumulate": Rule(low=1),

@@ -87,7 +87,9 @@ def add_engine_commands(sub: argparse._SubParsersAction) -> None:
         help="write metrics.json, results.json, PR curves, confusion matrix and per_class.csv",
     )
     p.add_argument("--batch-size", type=int, default=2, help="images per forward pass")
-    p.add_argument("--workers", type=int, default=2, help="data loading processes")
+    p.add_argument("--workers", type=int, default=None,
+                   help="data loading processes (default: on a CPU none up to 4 cores, else 2; "
+                   "on a GPU one per spare core, up to 8)")  # fmt: skip
     p.add_argument("--by-order", action="store_true",
                    help="classifiers: the sorted class folders are the model's classes in order, "
                    "whatever their names (ImageNet's synset folders for a converted zoo "

@@ -21,7 +21,7 @@ from pycocotools import mask as mask_utils
 
 from spinedet.data.coco_files import decode_segmentation, write_json
 from spinedet.data.errors import DataError
-from spinedet.data.split import split_dataset
+from spinedet.data.split import split_dataset, split_fractions
 
 # Non-contiguous ids on purpose: they exercise the id <-> label mapping everywhere.
 CATEGORIES = (
@@ -171,6 +171,8 @@ def make_shapes(
         raise DataError("need at least one image of at least 16x16 pixels")
     if max_instances < 1:
         raise DataError(f"max_instances {max_instances}: need at least 1 shape per image")
+    if splits is not None:
+        split_fractions(splits)  # before drawing: bad ratios cost no images
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     images, annotations = [], []

@@ -18,7 +18,12 @@ from spinedet.data.stats import format_class_counts
 DEFAULT_NAMES = ("train", "val", "test")
 
 
-def _normalise(ratios: Sequence[float], names: Sequence[str]) -> list[float]:
+def split_fractions(
+    ratios: Sequence[float], names: Sequence[str] | None = None
+) -> dict[str, float]:
+    """Each split's share of the images by name (``names`` defaults to train/val(/test)), or a
+    DataError for ratios or names that cannot make a split."""
+    names = tuple(names) if names is not None else DEFAULT_NAMES[: len(ratios)]
     if len(ratios) < 2:
         raise DataError(f"need at least two split ratios, got {list(ratios)}")
     if len(names) != len(ratios):
@@ -30,7 +35,7 @@ def _normalise(ratios: Sequence[float], names: Sequence[str]) -> list[float]:
     if not all(r > 0 and math.isfinite(r) for r in ratios):
         raise DataError(f"split ratios must all be positive and finite, got {list(ratios)}")
     total = sum(ratios)
-    return [r / total for r in ratios]
+    return {name: r / total for name, r in zip(names, ratios, strict=True)}
 
 
 def stratified_assignment(
@@ -115,8 +120,7 @@ def split_parts(
     names: Sequence[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The COCO dict of every split, by name, in memory (see :func:`split_dataset`)."""
-    names = tuple(names) if names is not None else DEFAULT_NAMES[: len(ratios)]
-    fractions = _normalise(ratios, names)
+    fractions = split_fractions(ratios, names)
     dataset = read_json(annotations)
     images, anns = _images_and_annotations(dataset, annotations)
 
@@ -124,10 +128,10 @@ def split_parts(
     for ann in anns:
         per_image[ann["image_id"]].append(ann)
     labels = [Counter(a.get("category_id") for a in per_image[im["id"]]) for im in images]
-    assignment = stratified_assignment(labels, fractions, random.Random(seed))
+    assignment = stratified_assignment(labels, list(fractions.values()), random.Random(seed))
 
     parts = {}
-    for index, name in enumerate(names):
+    for index, name in enumerate(fractions):
         chosen = [im for im, split in zip(images, assignment, strict=True) if split == index]
         ids = {im["id"] for im in chosen}
         parts[name] = {

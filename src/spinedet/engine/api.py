@@ -24,6 +24,7 @@ from .classification import evaluate_classifier
 from .distributed import flush_denormals
 from .evaluate import evaluate_distributed
 from .predict import PredictionReport, collect_inputs, predict_images
+from .runtime import loader_workers
 from .trainer import train
 
 __all__ = ["train", "evaluate", "predict", "resolve_checkpoint", "load_checkpoint"]
@@ -45,7 +46,7 @@ def evaluate(
     out_dir: str | Path | None = None,
     batch_size: int = 2,
     device: str | None = None,
-    workers: int = 2,
+    workers: int | None = None,
     optimize: bool = True,
     by_order: bool = False,
 ) -> dict[str, dict[str, Any]]:
@@ -56,13 +57,15 @@ def evaluate(
     With ``out_dir``, writes ``metrics.json``, the COCO results file ``results.json`` and the
     analysis (precision-recall curves, confusion matrix, ``per_class.csv``). Under ``torchrun``
     every process takes a share of the images and of the classes; rank 0 writes the files.
-    ``device`` defaults to CUDA when present; ``optimize`` runs the model optimised for
-    inference (BatchNorm folded, channels-last, oneDNN on CPU), equal to the plain model up to
-    float rounding (on CPUs with AMX, bfloat16 convolutional parts: close, not equal).
-    ``by_order``: a classifier's class folders are its classes in sorted order,
-    whatever their names (see :class:`~spinedet.data.ImageFolderDataset`).
+    ``device`` defaults to CUDA when present, ``workers`` (DataLoader processes) to
+    :func:`~spinedet.engine.runtime.loader_workers`'s choice for it; ``optimize`` runs the
+    model optimised for inference (BatchNorm folded, channels-last, oneDNN on CPU), equal to
+    the plain model up to float rounding (on CPUs with AMX, bfloat16 convolutional parts:
+    close, not equal). ``by_order``: a classifier's class folders are its classes in sorted
+    order, whatever their names (see :class:`~spinedet.data.ImageFolderDataset`).
     """
     info = distributed.setup(device)
+    workers = loader_workers(workers, info.device)
     try:
         model, categories = load_checkpoint(checkpoint)
         task = task_of(model)

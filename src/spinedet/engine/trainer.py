@@ -30,6 +30,7 @@ from .evaluate import evaluate_distributed, flat_metrics, format_metrics, sharde
 from .logger import RunLogger
 from .loop import SeededSamples, Stepper, StopSignal, epoch_order
 from .plots import plot_curves
+from .runtime import loader_workers
 
 __all__ = ["RESUME_MAY_CHANGE", "Trainer", "TrainingError", "config_changes", "train"]
 
@@ -146,6 +147,7 @@ class Trainer:
         self.task, data = build_datasets(config)
         self.train_set, self.val_set = data.train, data.val
         self.device = info.device
+        self.workers = loader_workers(config["data"]["workers"], self.device)
         model = build_model(config, data.categories)
         if info.enabled and self.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -221,7 +223,7 @@ class Trainer:
             f"classes ({shorten(names)})",
             f"device {self.device}, world size {self.info.world_size}, AMP "
             f"{str(amp).removeprefix('torch.') if amp else 'off'}, CUDA graphs "
-            f"{'on' if self.cuda_graphs else 'off'}",
+            f"{'on' if self.cuda_graphs else 'off'}, {self.workers} data loading processes",
             f"global batch {tcfg['batch_size']} x accumulate {self.accumulate} = "
             f"{tcfg['batch_size'] * self.accumulate} images per step, effective LR "
             f"{effective_lr(tcfg):.4g}, {self.steps_per_epoch} steps/epoch, "
@@ -250,13 +252,12 @@ class Trainer:
 
     def _coco_metrics(self) -> tuple[float, float | None, dict, str, dict]:
         """(val loss, primary AP, flat metrics, text, metrics) of a detector."""
-        workers = self.cfg["data"]["workers"]
         val_loss = sharded_val_loss(self.model, self.val_set, self.batch, self.device, self.info,
-                                    workers=workers, seed=self.seed)  # fmt: skip
+                                    workers=self.workers, seed=self.seed)  # fmt: skip
         iou_types = ("bbox", "segm") if self.task.masks else ("bbox",)
         label_to_cat = describe(self.model).label_to_category_id()
         metrics, _ = evaluate_distributed(self.model, self.val_set, label_to_cat, self.device,
-                                          self.info, iou_types, self.batch, workers=workers,
+                                          self.info, iou_types, self.batch, workers=self.workers,
                                           progress=self.main, collect=False)  # fmt: skip
         primary = metrics["segm" if "segm" in metrics else "bbox"]["AP"]
         return val_loss, primary, flat_metrics(metrics), format_metrics(metrics, worst=10), metrics
@@ -265,7 +266,7 @@ class Trainer:
         """(val loss, top-1, flat metrics, text, metrics) of a classifier: one pass in eval
         mode gives the loss and the accuracies."""
         metrics = evaluate_classifier(self.model, self.val_set, self.device, self.info,
-                                      self.batch, self.cfg["data"]["workers"],
+                                      self.batch, self.workers,
                                       progress=self.main)  # fmt: skip
         flat, text = flat_classification(metrics), format_classification(metrics, worst=10)
         return metrics["loss"], metrics["top1"], flat, text, metrics
@@ -275,16 +276,15 @@ class Trainer:
         per_step = self.batch * self.accumulate
         order = epoch_order(len(self.train_set), self.seed, epoch, self.info)
         order = order[: self.steps_per_epoch * per_step][skip * per_step :]
-        workers = self.cfg["data"]["workers"]
         return DataLoader(
             SeededSamples(self.train_set, self.seed),
             batch_size=self.batch,
             sampler=[(epoch, i) for i in order],
-            num_workers=workers,
+            num_workers=self.workers,
             collate_fn=collate,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
-            prefetch_factor=2 if workers else None,
+            prefetch_factor=2 if self.workers else None,
         )
 
     def run(self, resume: bool = False) -> dict:
