@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check in one run, for a lent GPU machine (run from the repository root): the
 # fast-path and CUDA-graph equality tests on CUDA, the throughput table (bf16, batches 8 and
-# 16, peak memory), a profile of one training step, and the quickstart trained with CUDA
-# graphs on and off. Tables go to $OUT (default gpu_results/); put them in RESULTS.md with
+# 16, peak memory), a profile of one training step, the quickstart trained with CUDA graphs
+# on and off, and the training loader's images/s on the machine's cores. Tables go to $OUT (default gpu_results/); put them in RESULTS.md with
 # `python benchmarks/run_all.py --only gpu_throughput.py gpu_profile.py --tables $OUT`.
 #
 # The device's python has torch, torchvision, numpy, pyyaml, tqdm, pytest, tensorboard,
@@ -26,7 +26,7 @@ fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 step() { echo "== $1 ($(date +%T))"; }
 # SECTIONS picks what runs (default: all), e.g. SECTIONS="tests throughput" for a short call.
-want() { [[ " ${SECTIONS:-tests throughput profile quickstart} " == *" $1 "* ]]; }
+want() { [[ " ${SECTIONS:-tests throughput profile quickstart loader} " == *" $1 "* ]]; }
 
 step "device"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
@@ -66,5 +66,9 @@ for graphs in true false; do
 done
 timeout 40 python3 -m spinedet.cli eval /tmp/demo-true --annotations "$DATA/test.json" \
     --images "$DATA/images" --device cuda 2>&1 | tail -8 | tee "$OUT/eval.txt"
+fi
+if want loader; then
+step "training loader: images/s per DataLoader process count (the machine's cores)"
+timeout 60 python3 benchmarks/loader_throughput.py | tee "$OUT/loader_throughput.md"
 fi
 step "done"

@@ -31,6 +31,7 @@ SCRIPTS = [
     ("op_count.py", ["--baseline", "0fa51dc"]),  # the tree before the op reductions
     ("cpu_contention.py", []),
     ("roi_align_cpu.py", []),
+    ("loader_throughput.py", []),
 ]
 SECTION = "<!-- {} -->"  # opens each script's section, so that --only can replace it
 NO_CUDA = "skipped: no CUDA device"  # what the GPU scripts print without one
