@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import spinedet
 from spinedet.convert import convert_tf
 from spinedet.data import CocoDataset, DataError, eval_transforms
-from spinedet.engine import TrainingError, evaluate, train
+from spinedet.engine import TrainingError, evaluate, loop, train
 from spinedet.engine.evaluate import flat_metrics, sharded_val_loss
 from spinedet.models import rcnn
 
@@ -62,6 +62,42 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(shapes, tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], interrupted[k]) for k in a)  # it did train on
     assert _losses(tmp_path / "straight") == _losses(tmp_path / "resumed")
+
+
+def test_a_stop_at_an_epoch_end_is_evaluated_on_resume(shapes, tmp_path, monkeypatch):
+    """Stopped on an epoch's last step, before its evaluation: resuming evaluates that epoch
+    first, so the metrics and the best weights are those of the run never stopped."""
+
+    def config():
+        cfg = tiny_config(shapes, epochs=2)  # 3 steps per epoch
+        cfg["data"]["val"] = {"annotations": str(shapes["val"]), "images": str(shapes["images"])}
+        return cfg
+
+    train(config(), tmp_path / "straight", device="cpu")
+    steps, original = [], loop.Stepper.step
+
+    def step_then_stop(self):
+        original(self)
+        steps.append(1)
+        if len(steps) == 3:
+            signal.raise_signal(signal.SIGINT)  # what Ctrl-C during the third step does
+
+    monkeypatch.setattr(loop.Stepper, "step", step_then_stop)
+    with pytest.raises(KeyboardInterrupt, match="interrupted at step 3"):
+        train(config(), tmp_path / "stopped", device="cpu")
+    monkeypatch.setattr(loop.Stepper, "step", original)
+    assert not (tmp_path / "stopped" / "best.safetensors").exists()
+    train(config(), tmp_path / "stopped", resume=True, device="cpu")
+
+    def val_rows(run):
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != "time"} for r in rows if r["kind"] == "val"]
+
+    assert [r["epoch"] for r in val_rows(tmp_path / "stopped")] == [1, 2]
+    assert val_rows(tmp_path / "stopped") == val_rows(tmp_path / "straight")
+    a, b = (load_file(tmp_path / run / "best.safetensors") for run in ("straight", "stopped"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "stopped" / "curves.png").is_file()
 
 
 def test_resume_without_checkpoint_and_reusing_a_run_are_clear_errors(shapes, tmp_path):

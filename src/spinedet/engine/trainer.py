@@ -194,22 +194,26 @@ class Trainer:
         self.logger = RunLogger(self.out, self.main)
         self.step = 0  # optimizer steps taken (skipped non-finite steps included)
         self.best = -1.0
+        self.epoch_pending = False  # resumed from a stop before an epoch's end was handled
 
     @property
     def checkpoint_path(self) -> Path:
         return self.checkpointer.path
 
     # ----- persistence -------------------------------------------------------------------
-    def _save(self) -> bool:
+    def _save(self, epoch_ended: bool = True) -> bool:
+        """Checkpoint; ``epoch_ended`` False when the run stops at an epoch's last step before
+        that epoch's evaluation, best weights and curves, which resuming then does first."""
         if not self.main:
             return True
         counters = {"epoch": self.step // self.steps_per_epoch, "step": self.step,
-                    "best": self.best}  # fmt: skip
+                    "best": self.best, "epoch_ended": epoch_ended}  # fmt: skip
         return self.checkpointer.save(counters)
 
     def resume(self) -> None:
         counters = self.checkpointer.load()
         self.step, self.best = counters["step"], counters["best"]
+        self.epoch_pending = not counters.get("epoch_ended", True)
         log.info("resumed %s at step %d", self.checkpoint_path, self.step)
 
     def _summary(self) -> str:
@@ -308,6 +312,8 @@ class Trainer:
                    disable=not self.main, dynamic_ncols=True)  # fmt: skip
         nonfinite = 0
         interval = _Interval(self.device)
+        if self.epoch_pending:
+            self._end_epoch(self.step // self.steps_per_epoch)
         with StopSignal() as stop:
             while self.step < end:
                 epoch, skip = divmod(self.step, self.steps_per_epoch)
@@ -332,7 +338,7 @@ class Trainer:
                     if stop.signal is not None or self.step >= end:
                         break
                 if stop.signal is not None:
-                    self._save()
+                    self._save(epoch_ended=self.step % self.steps_per_epoch != 0)
                     bar.close()
                     raise KeyboardInterrupt(
                         f"interrupted at step {self.step}; checkpoint saved to "
