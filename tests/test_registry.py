@@ -166,3 +166,35 @@ def test_foreign_modules_are_refused_by_name():
     with pytest.raises(SpinedetError, match="Linear is not a spinedet model"):
         describe(torch.nn.Linear(2, 2))
     assert isinstance(describe(small("spinenet49s")), ModelDescription)
+
+
+@pytest.mark.parametrize("name", ["spinenet49s_maskrcnn", "spinenet49s_retinanet"])
+def test_fine_tuning_on_other_classes_of_the_same_count_starts_class_layers_fresh(
+    name, tmp_path, caplog
+):
+    """Class layers are rows per class: loaded onto other classes (here the same names in
+    another order) they would predict the wrong ones, so they start fresh like a new count."""
+    from spinedet.models.weights import load_weights, save_weights
+
+    small = {"min_level": 3, "max_level": 7, "filter_scale": 0.25, "endpoint_filters": 16}
+    if name.endswith("maskrcnn"):
+        small |= {"box_convs": 1, "mask_convs": 1}
+    trained = spinedet.create_model(name, class_names=["a", "b", "c"], image_size=64, **small)
+    save_weights(trained, tmp_path / "w.safetensors")
+    for names, fresh in ((["a", "b", "c"], False), (["c", "b", "a"], True)):
+        model = spinedet.create_model(name, class_names=names, image_size=64, **small)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with caplog.at_level("WARNING"):
+            load_weights(model, tmp_path / "w.safetensors", allow_shape_mismatch=True)
+        kept = {k for k, v in model.state_dict().items() if torch.equal(v, before[k])}
+        loaded = {
+            k for k, v in model.state_dict().items() if torch.equal(v, trained.state_dict()[k])
+        }
+        class_keys = {k for k in before if not k.startswith("rpn.")
+                      and ("cls" in k or "bbox_pred" in k or "mask_fcn_logits" in k)}  # fmt: skip
+        assert loaded - class_keys == set(before) - class_keys
+        if fresh:
+            assert class_keys <= kept and "trained on other classes" in caplog.text
+            assert any(k.endswith("weight") for k in class_keys - loaded)  # random: differ
+        else:
+            assert class_keys <= loaded

@@ -14,9 +14,9 @@ from torch import nn
 
 from ..errors import SpinedetError, shorten
 from ..files import atomic_write
-from .description import ModelDescription, categories_from
+from .description import Category, ModelDescription, categories_from
 from .layers import DEFAULT_ACTIVATION
-from .registry import BACKBONE, TASKS, _lookup, describe
+from .registry import BACKBONE, TASKS, _lookup, build_from_description, describe
 
 __all__ = [
     "WeightsError",
@@ -212,14 +212,18 @@ def restore(
         for k in set(own) & set(state)
         if state[k].shape != own[k].shape
     )
-    if allow_shape_mismatch and shapes:
-        log.warning(
-            "%s: kept %d freshly initialised tensors: %s",
-            path,
-            len(shapes),
-            shorten(shapes),
-        )
-        state = {k: own[k] if k in own and v.shape != own[k].shape else v for k, v in state.items()}
+    fresh = set()
+    if allow_shape_mismatch and theirs.task == ours.task and theirs.categories != ours.categories:
+        # Other classes, even as many: the class layers' rows would mean the wrong classes.
+        fresh = _class_dependent(ours, own) & set(state)
+        log.warning("%s was trained on other classes (%s) than these (%s): its class layers "
+                    "are not used", path, shorten(theirs.class_names),
+                    shorten(ours.class_names))  # fmt: skip
+    if allow_shape_mismatch and (shapes or fresh):
+        fresh |= {k for k in set(own) & set(state) if state[k].shape != own[k].shape}
+        log.warning("%s: kept %d freshly initialised tensors: %s", path, len(fresh),
+                    shorten(sorted(fresh)))  # fmt: skip
+        state = {k: own[k] if k in fresh else v for k, v in state.items()}
         shapes = []
     problems = []
     if missing:
@@ -238,6 +242,15 @@ def restore(
     with torch.no_grad():
         target.load_state_dict(state, strict=True)
     return model
+
+
+def _class_dependent(description: ModelDescription, own: dict[str, torch.Tensor]) -> set[str]:
+    """The keys of ``own`` (a state dict) whose shape follows the number of classes: those that
+    change in the model with one class more, built on the meta device (no memory, no work)."""
+    extra = description.categories + (Category(id=-1, name="extra"),)
+    with torch.device("meta"):
+        other = build_from_description(description.replace(categories=extra)).state_dict()
+    return {k for k, v in own.items() if other[k].shape != v.shape}
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
