@@ -12,6 +12,7 @@ from pycocotools import mask as mask_utils
 
 import spinedet
 from spinedet.errors import SpinedetError
+from spinedet.predictor import default_device
 
 CATEGORIES = [{"id": 3, "name": "circle"}, {"id": 7, "name": "square"}]
 
@@ -126,3 +127,16 @@ def test_bad_inputs_are_one_line_errors(predictor, tmp_path, weights):
     spinedet.save_weights(spinedet.create_model("spinenet49s", filter_scale=0.25), backbone)
     with pytest.raises(SpinedetError, match="backbone"):
         spinedet.Predictor(backbone)
+
+
+def test_default_device_names_a_device_this_machine_lacks_in_one_line():
+    assert default_device("cpu") == torch.device("cpu")
+    assert default_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+    for name in ("gpu", "cuda:x", "mps"):
+        with pytest.raises(SpinedetError, match=f"device '{name}': expected cpu, cuda or cuda:N"):
+            default_device(name)
+    if not torch.cuda.is_available():
+        with pytest.raises(SpinedetError, match="device 'cuda': no CUDA device is available"):
+            default_device("cuda")
+    with pytest.raises(SpinedetError, match="device 'cuda:99'"):
+        default_device("cuda:99")

@@ -33,9 +33,26 @@ __all__ = ["Classes", "Detections", "ImageInput", "Predictor", "default_device",
 ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
 
 
-def default_device() -> torch.device:
-    """CUDA when present, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` (``cpu``, ``cuda``, ``cuda:N``), checked against this machine: a one-line
+    SpinedetError for another name or a CUDA device that is not here. None: CUDA when present,
+    else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        chosen = None
+    if chosen is None or chosen.type not in ("cpu", "cuda"):
+        raise SpinedetError(f"device {str(device)!r}: expected cpu, cuda or cuda:N")
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        build = "" if torch.version.cuda else "; this torch is built without CUDA"
+        raise SpinedetError(f"device {str(device)!r}: no CUDA device is available here{build}")
+    if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
+        raise SpinedetError(
+            f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA devices"
+        )
+    return chosen
 
 
 @dataclass
@@ -166,7 +183,7 @@ class Predictor:
             raise SpinedetError(f"{weights}: holds a backbone; Predictor needs a detector")
         if masks not in ("binary", "rle"):
             raise SpinedetError(f"masks={masks!r}: use 'binary' or 'rle'")
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = default_device(device)
         model = model.eval().to(self.device)
         self.model = optimize_for_inference(model) if optimize else model
         self.description = describe(model)

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..predictor import default_device
+
 __all__ = ["DistInfo", "broadcast_buffers", "exchange", "flush_denormals", "from_main",
            "gather_objects", "gather_to", "is_main", "setup", "teardown"]  # fmt: skip
 
@@ -34,7 +36,7 @@ def setup(device: str | None = None, timeout_min: float = 30) -> DistInfo:
     (instead of hanging when one rank died).
     """
     flush_denormals()
-    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    use_cuda = default_device(device).type == "cuda"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
