@@ -103,6 +103,17 @@ def test_rejects_tiny_or_empty(tmp_path):
     assert not (tmp_path / "zero").exists()  # refused before any image was drawn
 
 
+def test_an_existing_data_set_is_refused_or_replaced_whole(tmp_path):
+    make_shapes(tmp_path, num_images=4, size=32, splits=(0.5, 0.5))
+    with pytest.raises(ValueError, match="already holds a data set .images.: use --overwrite"):
+        make_shapes(tmp_path, num_images=2, size=48)
+    assert len(list((tmp_path / "images").iterdir())) == 4  # untouched
+    make_shapes(tmp_path, num_images=2, size=48, overwrite=True)
+    assert len(list((tmp_path / "images").iterdir())) == 2  # no image of the old set is left
+    assert not (tmp_path / "train.json").exists()  # nor its splits
+    assert check_dataset(tmp_path / "annotations.json", tmp_path / "images", full=True) == []
+
+
 @pytest.mark.filterwarnings("ignore:__array__:DeprecationWarning")  # pycocotools
 def test_targets_as_detections_score_perfect_mask_ap(shapes, capsys):
     """The decoded targets, mapped back to category ids, are exactly what COCOeval expects."""

@@ -63,7 +63,8 @@ def _shapes(args: argparse.Namespace) -> int:
     else:
         paths = make_shapes(args.out, num_images=args.num_images, size=args.size,
                             seed=args.seed, splits=args.splits,
-                            max_instances=args.max_instances)  # fmt: skip
+                            max_instances=args.max_instances,
+                            overwrite=args.overwrite)  # fmt: skip
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
@@ -114,6 +115,8 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     shapes.add_argument("--num-images", type=int, default=500, help="number of images")
     shapes.add_argument("--size", type=_size, default=160, help="SIZE or WIDTHxHEIGHT")
     shapes.add_argument("--seed", type=int, default=0, help="seed of the generator")
+    shapes.add_argument("--overwrite", action="store_true",
+                        help="replace a data set already in --out (detection shapes)")  # fmt: skip
     shapes.add_argument("--splits", type=float, nargs="+", help="also split, e.g. 0.8 0.1 0.1")
     shapes.add_argument(
         "--max-instances",

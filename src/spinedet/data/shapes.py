@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import colorsys
 import math
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from pycocotools import mask as mask_utils
 
 from spinedet.data.coco_files import decode_segmentation, write_json
 from spinedet.data.errors import DataError
-from spinedet.data.split import split_dataset, split_fractions
+from spinedet.data.split import DEFAULT_NAMES, split_dataset, split_fractions
 
 # Non-contiguous ids on purpose: they exercise the id <-> label mapping everywhere.
 CATEGORIES = (
@@ -157,9 +158,12 @@ def make_shapes(
     splits: Sequence[float] | None = None,
     scale: tuple[float, float] = (0.1, 0.5),
     max_instances: int = MAX_INSTANCES,
+    overwrite: bool = False,
 ) -> dict[str, Path]:
     """Write ``OUT/images/*.png`` and ``OUT/annotations.json`` with 1 to ``max_instances``
-    shapes per image (fewer where they would hide each other).
+    shapes per image (fewer where they would hide each other). A data set already in ``OUT``
+    is refused, or with ``overwrite`` removed first (its images and json files), so the two
+    never mix.
 
     ``size`` is the side of square images or (width, height). ``scale`` bounds the shapes'
     diameter as a fraction of the shorter image side. Image ``i`` depends only on ``seed`` and
@@ -174,6 +178,16 @@ def make_shapes(
     if splits is not None:
         split_fractions(splits)  # before drawing: bad ratios cost no images
     out = Path(out_dir)
+    files = ["images", "annotations.json", *(f"{name}.json" for name in DEFAULT_NAMES)]
+    old = [out / name for name in files if (out / name).exists()]
+    if old and not overwrite:
+        raise DataError(f"{out} already holds a data set ({old[0].name}): use --overwrite to "
+                        "replace it, or another --out")  # fmt: skip
+    for path in old:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     (out / "images").mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     for index in range(num_images):
