@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import yaml
 from conftest import TINY_MODEL
 
@@ -43,3 +44,38 @@ def test_info_depth_table_and_config_show(capsys):
     assert {"model", "data", "train"} <= set(config)
     assert main(["config", "show", "nope"]) == 2
     assert "nope: no such config file" in capsys.readouterr().err
+
+
+def test_out_of_range_option_values_are_usage_errors_naming_the_option(capsys):
+    cases = [
+        (
+            ["info", "spinenet49s", "--size", "0"],
+            "argument --size: expected an integer >= 32, got 0",
+        ),
+        (["info", "spinenet49s", "--depth", "-1"], "argument --depth: expected an integer >= 0"),
+        (
+            ["eval", "run", "--images", "x", "--batch-size", "0"],
+            "--batch-size: expected an integer >= 1",
+        ),
+        (
+            ["eval", "run", "--images", "x", "--workers", "-1"],
+            "--workers: expected an integer >= 0",
+        ),
+        (
+            ["predict", "run", "a.mp4", "--out", "o", "--every", "0"],
+            "--every: expected an integer >= 1",
+        ),
+        (
+            ["predict", "run", "a.png", "--out", "o", "--top-k", "x"],
+            "--top-k: expected an integer, got 'x'",
+        ),
+        (
+            ["data", "show", "a.json", "--images", "i", "--out", "o", "--num", "-1"],
+            "--num: expected",
+        ),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 2
+        assert message in capsys.readouterr().err.splitlines()[-1], argv

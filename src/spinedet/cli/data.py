@@ -10,6 +10,8 @@ from spinedet.data.errors import DataError
 from spinedet.data.shapes import MAX_INSTANCES, make_shape_classes, make_shapes
 from spinedet.data.split import split_parts, split_table, write_split
 
+from .types import at_least
+
 
 def _size(text: str) -> int | tuple[int, int]:
     """``160`` for a square or ``WIDTHxHEIGHT``."""
@@ -79,7 +81,7 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     check.add_argument("annotations", type=Path, help="COCO json file")
     check.add_argument("--images", type=Path, required=True, help="image directory")
     check.add_argument("--full", action="store_true", help="decode every image completely")
-    check.add_argument("--workers", type=int, default=8, help="threads reading images")
+    check.add_argument("--workers", type=at_least(1), default=8, help="threads reading images")
     check.set_defaults(func=_check, uses_torch=False)
 
     split = commands.add_parser("split", help="split into image-disjoint, class-balanced parts")
@@ -98,9 +100,9 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     show.add_argument("annotations", type=Path, help="COCO json file")
     show.add_argument("--images", type=Path, required=True, help="image directory")
     show.add_argument("--out", type=Path, required=True, help="directory for the drawings")
-    show.add_argument("--num", type=int, default=16, help="images drawn, picked at random")
+    show.add_argument("--num", type=at_least(1), default=16, help="images drawn, picked at random")
     show.add_argument("--ids", nargs="+", help="draw these image ids instead")
-    show.add_argument("--augmented", type=int, default=0, metavar="K",
+    show.add_argument("--augmented", type=at_least(0), default=0, metavar="K",
                       help="also draw K training augmentations of each image")  # fmt: skip
     show.add_argument("--config", default="quickstart",
                       help="config or recipe whose augmentation --augmented draws")  # fmt: skip

@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+from .types import at_least
+
 
 def _train(args: argparse.Namespace) -> int:
     from ..config import ConfigError, load_config
@@ -86,8 +88,8 @@ def add_engine_commands(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="write metrics.json, results.json, PR curves, confusion matrix and per_class.csv",
     )
-    p.add_argument("--batch-size", type=int, default=2, help="images per forward pass")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--batch-size", type=at_least(1), default=2, help="images per forward pass")
+    p.add_argument("--workers", type=at_least(0), default=None,
                    help="data loading processes (default: on a CPU none up to 4 cores, else 2; "
                    "on a GPU one per spare core, up to 8)")  # fmt: skip
     p.add_argument("--by-order", action="store_true",
@@ -109,8 +111,8 @@ def add_engine_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", help="image or video files, directories or globs")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--score-threshold", type=float, default=0.5, help="keep detections above")
-    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
-    p.add_argument("--every", type=int, default=1, help="every N-th frame of a video")
+    p.add_argument("--batch-size", type=at_least(1), default=4, help="images per forward pass")
+    p.add_argument("--every", type=at_least(1), default=1, help="every N-th frame of a video")
     p.add_argument("--no-draw", action="store_true", help="write JSON only, no drawings")
     p.add_argument("--save-masks", choices=["instance", "image"], default=None,
                    help="write masks as PNGs under OUT/masks: one per instance (0/255), "
@@ -119,7 +121,7 @@ def add_engine_commands(sub: argparse._SubParsersAction) -> None:
                    help="COCO json whose image ids (matched by file name) go into the JSON; "
                    "otherwise images are numbered in order")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    p.add_argument("--top-k", type=int, default=5,
+    p.add_argument("--top-k", type=at_least(1), default=5,
                    help="classifiers: how many of the most probable classes are printed and "
                    "written per image")  # fmt: skip
     _inference_options(p)

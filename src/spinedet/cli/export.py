@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .types import at_least
+
 __all__ = ["add_export_commands"]
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -81,7 +83,7 @@ def add_export_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--size",
-        type=int,
+        type=at_least(32),
         default=None,
         help="the model's input size: the longer side of the check images, the square size "
         f"of --dense (default{OWN_DEFAULT}: the size the model was built for)",

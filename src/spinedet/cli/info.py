@@ -6,6 +6,7 @@ import argparse
 import json
 
 from ..errors import SpinedetError
+from .types import at_least
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -55,11 +56,11 @@ def add_info_commands(sub: argparse._SubParsersAction) -> None:
         help="a model name (e.g. spinenet49s_maskrcnn, see `spinedet models`), "
         "a .safetensors file, a run directory, or a config file or recipe name",
     )
-    p.add_argument("--size", type=int, nargs="+", default=[640], metavar=("H", "W"),
+    p.add_argument("--size", type=at_least(32), nargs="+", default=[640], metavar=("H", "W"),
                    help="input size for FLOPs: one int (square) or H W")  # fmt: skip
     p.add_argument(
         "--depth",
-        type=int,
+        type=at_least(0),
         default=None,
         help="also print parameters and multiply-adds per module down to this depth",
     )
@@ -68,6 +69,6 @@ def add_info_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_info)
 
     p = sub.add_parser("models", help="markdown table of every registered model")
-    p.add_argument("--size", type=int, default=640, help="square input size for FLOPs")
+    p.add_argument("--size", type=at_least(32), default=640, help="square input size for FLOPs")
     p.add_argument("--filter", default="", help="only names containing this text")
     p.set_defaults(func=_models)

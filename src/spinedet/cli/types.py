@@ -1,0 +1,22 @@
+"""Value types of command-line options: a bad value is argparse's one-line usage error naming
+the option, not a traceback from the code that first uses it."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """An integer option's type that refuses values under ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    return parse
