@@ -204,3 +204,11 @@ def test_help_names_run_directories():
     add_export_commands(sub)
     text = sub.choices["export"].format_help()
     assert "run directory" in text and "torchscript" in text and "--dense" in text
+
+
+def test_torchscript_from_a_file_at_another_size_as_onnx_does(retinanet, tmp_path):
+    weights = tmp_path / "retina.safetensors"
+    save_weights(retinanet, weights)
+    for write, suffix in ((export_torchscript, "pt"), (export_onnx, "onnx")):
+        result = write(weights, tmp_path / f"r96.{suffix}", image_size=96, check=False)
+        assert result["image_size"] == 96, suffix

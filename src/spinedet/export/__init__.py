@@ -229,11 +229,11 @@ def export_torchscript(
     """Export a detector to TorchScript at ``out`` (``torch.jit.load`` it; the metadata of
     :func:`export_metadata` is the archive's ``spinedet.json``), checked like
     :func:`export_onnx` with the saved module."""
-    model = resolve_model(model_or_path)
-    task = describe(model).task
+    task = describe(resolve_model(model_or_path)).task
     if task in ("backbone", "classifier"):
         raise ExportError(f"TorchScript export covers detectors; a {task} exports to ONNX only")
-    model, graph, size, example = _prepare(model, image_size, input_dtype)
+    # From the file, not the model above: another image_size rebuilds it at that size.
+    model, graph, size, example = _prepare(model_or_path, image_size, input_dtype)
     result = _result(graph, out, "torchscript", size)
     names = graph.output_names
 
