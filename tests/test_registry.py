@@ -198,3 +198,21 @@ def test_fine_tuning_on_other_classes_of_the_same_count_starts_class_layers_fres
             assert any(k.endswith("weight") for k in class_keys - loaded)  # random: differ
         else:
             assert class_keys <= loaded
+
+
+@pytest.mark.parametrize(
+    "option,owner,expected",
+    [
+        ({"box_score_thresh": "abc"}, "torchvision's MaskRCNN", "a number"),
+        ({"filter_scale": "abc"}, "SpineNet", "a number"),
+        ({"box_convs": 2.5}, "maskrcnn", "an integer"),
+        ({"bn_momentum": True}, "SpineNet", "a number"),
+        ({"activation": 3}, "SpineNet", "a string"),
+    ],
+)
+def test_option_values_of_the_wrong_kind_are_refused_when_building(option, owner, expected):
+    ((key, value),) = option.items()
+    with pytest.raises(
+        SpinedetError, match=rf"option {key}={value!r} of {owner}: expected {expected}"
+    ):
+        spinedet.create_model("spinenet49s_maskrcnn", num_classes=3, **option)

@@ -36,7 +36,7 @@ from .postprocess import (
     split_detections,
 )
 from .rcnn import BatchedRoIHeads, BatchedRPN
-from .registry import register_task, resolve_variant
+from .registry import check_option_types, register_task, resolve_variant
 from .spinenet import ScalePermutedBackbone, build_variant
 from .spinenet_mobile import SPINENET_MOBILE  # noqa: F401 - registers the Mobile family
 
@@ -81,6 +81,7 @@ def _split_kwargs(detector: type, kwargs: dict) -> tuple[dict, dict]:
     and the rest, which go to the SpineNet backbone."""
     accepted = inspect.signature(detector.__init__).parameters
     own = {k: v for k, v in kwargs.items() if k in accepted}
+    check_option_types(own, accepted, f"torchvision's {detector.__name__}")
     return own, {k: v for k, v in kwargs.items() if k not in accepted}
 
 

@@ -26,6 +26,8 @@ from .description import Category, ModelDescription, categories_from
 __all__ = [
     "Family",
     "Task",
+    "check_option_types",
+    "check_option_types",
     "FAMILIES",
     "TASKS",
     "create_model",
@@ -39,6 +41,32 @@ __all__ = [
 ]
 
 BACKBONE = "backbone"
+
+
+def check_option_types(
+    options: Mapping[str, Any], params: Mapping[str, inspect.Parameter], owner: str
+) -> None:
+    """A ModelError for an option whose scalar value is of another kind than its parameter's
+    default (text for a number, a number for a flag, ...): it would otherwise fail deep in the
+    first forward pass that reads it, or after an epoch of training, or never."""
+    for key, value in options.items():
+        default = params[key].default if key in params else None
+        if default in (None, inspect.Parameter.empty) or value is None:
+            continue
+        if isinstance(value, list | tuple | dict):  # structured values: the callee judges
+            continue
+        if isinstance(default, bool):
+            ok, kind = isinstance(value, bool), "true or false"
+        elif isinstance(default, int | float):
+            whole = isinstance(default, int)
+            ok = isinstance(value, int if whole else int | float) and not isinstance(value, bool)
+            kind = "an integer" if whole else "a number"
+        elif isinstance(default, str):
+            ok, kind = isinstance(value, str), "a string"
+        else:
+            continue
+        if not ok:
+            raise ModelError(f"option {key}={value!r} of {owner}: expected {kind}")
 
 
 @dataclass(frozen=True)
@@ -74,6 +102,8 @@ class Family:
                 f"unknown option {unknown[0]!r}; {self.backbone_class.__name__} options are "
                 f"{', '.join(self.option_names)}"
             )
+        params = inspect.signature(self.backbone_class.__init__).parameters
+        check_option_types(options, params, self.backbone_class.__name__)
         scaling = {} if variant is None else dataclasses.asdict(self.scaling[variant])
         model = self.backbone_class(**{**scaling, **options})
         model.description = ModelDescription(self.name, variant, BACKBONE, options)
@@ -146,6 +176,7 @@ def register_task(
         @functools.wraps(builder)
         def build(*args: Any, **kwargs: Any) -> nn.Module:
             given = dict(signature.bind(*args, **kwargs).arguments)
+            check_option_types(kwargs, signature.parameters, name)
             model = builder(*args, **kwargs)
             key = given.pop("variant", signature.parameters["variant"].default)
             given.pop("num_classes", None)
