@@ -27,7 +27,6 @@ __all__ = [
     "Family",
     "Task",
     "check_option_types",
-    "check_option_types",
     "FAMILIES",
     "TASKS",
     "create_model",
