@@ -87,7 +87,8 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     split = commands.add_parser("split", help="split into image-disjoint, class-balanced parts")
     split.add_argument("annotations", type=Path, help="COCO json file")
     split.add_argument("--ratios", type=float, nargs="+", default=[0.8, 0.1, 0.1],
-                       help="fractions of the images per part (they must sum to 1)")  # fmt: skip
+                       help="shares of the images per part, scaled to sum to 1 (8 1 1 = 0.8 0.1 "
+                       "0.1)")  # fmt: skip
     split.add_argument("--names", nargs="+", help="part names (default: train val [test])")
     split.add_argument("--seed", type=int, default=0, help="seed of the random assignment")
     split.add_argument("--out", type=Path, required=True, help="directory for <name>.json")
