@@ -235,6 +235,9 @@ def test_fine_tuning_from_converted_model_garden_weights(shapes, tmp_path, caplo
     assert "model options from" in log and "activation='swish'" in log and "fc_dim=32" in log
     fresh = log.split("kept 6 freshly initialised tensors: ")[1].splitlines()[0]
     assert fresh.startswith("roi_heads.box_predictor.") and "mask_fcn_logits" in fresh
+    assert (
+        f"kept 6 freshly initialised tensors: {fresh}" in (tmp_path / "run" / "log.txt").read_text()
+    )
     model = spinedet.load_model(tmp_path / "run" / "last.safetensors")
     assert isinstance(model.backbone.act, torch.nn.SiLU)
     assert model.roi_heads.box_head[-3].out_features == 32

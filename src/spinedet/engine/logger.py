@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from logging.handlers import BufferingHandler
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,19 @@ from tqdm import tqdm
 from ..files import atomic_write
 from .plots import read_metrics
 
-__all__ = ["RunLogger", "strict_json"]
+__all__ = ["RunLogger", "held_records", "strict_json"]
+
+
+@contextmanager
+def held_records() -> Iterator[list[logging.LogRecord]]:
+    """spinedet's log records emitted inside the block (fresh tensors while the model is
+    built, skipped annotations, ...), kept for :meth:`RunLogger.open` to write to log.txt."""
+    handler = BufferingHandler(capacity=1_000_000)
+    logging.getLogger("spinedet").addHandler(handler)
+    try:
+        yield handler.buffer
+    finally:
+        logging.getLogger("spinedet").removeHandler(handler)
 
 
 def strict_json(row: dict[str, Any]) -> str:
@@ -34,9 +49,10 @@ class RunLogger:
         self.writer: SummaryWriter | None = None
         self._handler: logging.Handler | None = None
 
-    def open(self, resume_step: int | None) -> None:
+    def open(self, resume_step: int | None, early: Iterable[logging.LogRecord] = ()) -> None:
         """Start (or, at ``resume_step``, continue) the logs: rows after the checkpoint's step
-        (written before a crash) are dropped, so the log reads as one uninterrupted run."""
+        (written before a crash) are dropped, so the log reads as one uninterrupted run.
+        ``early``: records from before (:func:`held_records`), written to log.txt first."""
         if not self.main:
             return
         if resume_step is None:
@@ -49,6 +65,8 @@ class RunLogger:
         # Every spinedet log record (fresh tensors, skipped images, ...) also goes to log.txt.
         self._handler = logging.FileHandler(self.out / "log.txt")
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        for record in early:
+            self._handler.handle(record)
         logging.getLogger("spinedet").addHandler(self._handler)
 
     def text(self, message: str) -> None:

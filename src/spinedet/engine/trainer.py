@@ -27,7 +27,7 @@ from .builders import build_datasets, build_model, build_optimizer, data_source,
 from .checkpoint import Checkpointer, RunLock, remove_stale_temps
 from .classification import evaluate_classifier, flat_classification, format_classification
 from .evaluate import evaluate_distributed, flat_metrics, format_metrics, sharded_val_loss
-from .logger import RunLogger
+from .logger import RunLogger, held_records
 from .loop import SeededSamples, Stepper, StopSignal, epoch_order
 from .plots import plot_curves
 from .runtime import loader_workers
@@ -144,11 +144,12 @@ class Trainer:
         if config["data"]["check"]:
             _raise_together(_check_data(config, self.out) if self.main else None, info, DataError)
 
-        self.task, data = build_datasets(config)
+        with held_records() as self.early_records:  # log.txt opens when the run starts
+            self.task, data = build_datasets(config)
+            model = build_model(config, data.categories)
         self.train_set, self.val_set = data.train, data.val
         self.device = info.device
         self.workers = loader_workers(config["data"]["workers"], self.device)
-        model = build_model(config, data.categories)
         if info.enabled and self.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model.to(self.device)
@@ -297,7 +298,7 @@ class Trainer:
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.out / "config.yaml")
-        self.logger.open(self.step if resume else None)
+        self.logger.open(self.step if resume else None, self.early_records)
         try:
             return self._run()
         finally:
