@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import TINY_MODEL, tiny_config
 from safetensors.torch import load_file
 
 import spinedet
@@ -20,6 +20,7 @@ from spinedet.data import CocoDataset, DataError, eval_transforms
 from spinedet.engine import TrainingError, evaluate, loop, train
 from spinedet.engine.evaluate import flat_metrics, sharded_val_loss
 from spinedet.models import rcnn
+from spinedet.models.weights import save_weights
 
 
 def _losses(run):
@@ -242,3 +243,20 @@ def test_fine_tuning_from_converted_model_garden_weights(shapes, tmp_path, caplo
     assert isinstance(model.backbone.act, torch.nn.SiLU)
     assert model.roi_heads.box_head[-3].out_features == 32
     assert model.class_names == ["circle", "square", "triangle", "star"]
+
+
+def test_a_mask_model_evaluates_boxes_on_annotations_without_masks(shapes, tmp_path, caplog):
+    model = spinedet.create_model("spinenet49s_maskrcnn", image_size=64, categories=json.loads(
+        Path(shapes["val"]).read_text())["categories"], **TINY_MODEL)  # fmt: skip
+    save_weights(model, tmp_path / "m.safetensors")
+    boxes_only = json.loads(Path(shapes["val"]).read_text())
+    for ann in boxes_only["annotations"]:
+        del ann["segmentation"]
+    (tmp_path / "boxes.json").write_text(json.dumps(boxes_only))
+    with caplog.at_level("WARNING"):
+        metrics = evaluate(tmp_path / "m.safetensors", tmp_path / "boxes.json", shapes["images"],
+                           device="cpu", workers=0)  # fmt: skip
+    assert set(metrics) == {"bbox"} and "box AP only" in caplog.text
+    full = evaluate(tmp_path / "m.safetensors", shapes["val"], shapes["images"], device="cpu",
+                    workers=0)  # fmt: skip
+    assert set(full) == {"bbox", "segm"} and full["bbox"] == metrics["bbox"]

@@ -133,6 +133,7 @@ class CocoDataset(Dataset):
             raise DataError(
                 f"annotations use unknown category ids {unknown[:10]}", self.annotations
             )
+        self.segmented = not unusable  # every annotation has a mask (crowds aside)
         if self.masks and unusable:
             raise DataError(
                 f"{len(unusable)} annotations (first: {unusable[0]}) have no segmentation; "

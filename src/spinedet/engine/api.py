@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from .evaluate import evaluate_distributed
 from .predict import PredictionReport, collect_inputs, predict_images
 from .runtime import loader_workers
 from .trainer import train
+
+log = logging.getLogger(__name__)
 
 __all__ = ["train", "evaluate", "predict", "resolve_checkpoint", "load_checkpoint"]
 
@@ -78,8 +81,11 @@ def evaluate(
             raise SpinedetError("by_order (--by-order) applies to classifiers only")
         if annotations is None:
             raise SpinedetError(f"{checkpoint} holds a detector: give --annotations (COCO json)")
-        iou_types = ("bbox", "segm") if task.masks else ("bbox",)
-        dataset = CocoDataset(annotations, images, eval_transforms(), masks=task.masks)
+        # COCO's evaluation reads the ground truth from the json: the images are all it needs.
+        dataset = CocoDataset(annotations, images, eval_transforms(), masks=False)
+        iou_types = ("bbox", "segm") if task.masks and dataset.segmented else ("bbox",)
+        if task.masks and not dataset.segmented:
+            log.warning("%s has annotations without segmentation: box AP only", annotations)
         unknown = sorted({c["id"] for c in dataset.categories} - {c["id"] for c in categories})
         if unknown:
             raise SpinedetError(
