@@ -117,6 +117,8 @@ def test_thin_and_tiny_images(predictor, shape):
 def test_bad_inputs_are_one_line_errors(predictor, tmp_path, weights):
     with pytest.raises(SpinedetError, match="expected 3 x H x W"):
         predictor(torch.zeros(4, 8, 8))
+    with pytest.raises(SpinedetError, match="an image of 0 x 0 pixels: empty"):
+        predictor(np.zeros((0, 0, 3), np.uint8))
     with pytest.raises(SpinedetError, match="cannot read an image from a int"):
         predictor(3)
     bad = tmp_path / "bad.png"

@@ -146,6 +146,8 @@ def to_image_tensor(image: ImageInput, bgr: bool = False) -> torch.Tensor:
         tensor = image
     else:
         raise SpinedetError(f"cannot read an image from a {type(image).__name__}")
+    if not tensor[0].numel():
+        raise SpinedetError(f"an image of {tensor.shape[2]} x {tensor.shape[1]} pixels: empty")
     return tensor.flip(0) if bgr else tensor
 
 
