@@ -144,6 +144,9 @@ def test_predict_video_annotation_ids_and_no_draw(checkpoint, shapes, tmp_path):
     names = [r["name"] for r in lines]
     assert names == ["clip/frame_000000", "clip/frame_000002", "clip/frame_000004", image.stem]
     assert lines[0]["height"] == 48 and (out / "clip" / "frame_000002.png").is_file()
+    assert [r.get("frame") for r in lines] == [0, 2, 4, None]
+    frames = {d.get("frame") for d in json.loads((out / "predictions.json").read_text())}
+    assert frames <= {0, 2, 4, None} and frames & {0, 2, 4}  # each detection names its frame
     coco = json.loads(shapes["annotations"].read_text())
     expected = next(im["id"] for im in coco["images"] if Path(im["file_name"]).name == image.name)
     assert lines[-1]["image_id"] == expected

@@ -44,6 +44,7 @@ class InputItem:
 
     path: Path
     name: Path  # relative output path, without suffix
+    frame: int | None = None  # a video's frame, counted from 0
 
     @property
     def is_video(self) -> bool:
@@ -137,7 +138,7 @@ def _frames(item: InputItem, every: int) -> Iterator[tuple[InputItem, torch.Tens
                 if index % every == 0:
                     array = frame.to_ndarray(format="rgb24")
                     name = item.name / f"frame_{index:06d}"
-                    yield InputItem(item.path, name), to_image_tensor(array)
+                    yield InputItem(item.path, name, index), to_image_tensor(array)
     except (av.error.FFmpegError, IndexError) as e:
         raise SpinedetError(f"{item.path}: cannot decode video ({e})") from None
 
@@ -211,11 +212,12 @@ def predict_images(
                 )
             if save_masks:
                 _save_masks(det, out / "masks" / item.name, save_masks)
-            entries = det.to_coco(image_id)
-            for entry in entries:
-                entry["file_name"] = str(item.path)
+            where = {"file_name": str(item.path)}
+            if item.frame is not None:
+                where["frame"] = item.frame
+            entries = [entry | where for entry in det.to_coco(image_id)]
             height, width = det.image_size
-            record = {"file_name": str(item.path), "name": str(item.name), "image_id": image_id,
+            record = {**where, "name": str(item.name), "image_id": image_id,
                       "height": height, "width": width, "detections": entries}  # fmt: skip
             sink.write(json.dumps(record) + "\n")
             sink.flush()
