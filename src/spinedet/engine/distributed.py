@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..predictor import default_device
+from ..device import default_device
 
 __all__ = ["DistInfo", "broadcast_buffers", "exchange", "flush_denormals", "from_main",
            "gather_objects", "gather_to", "is_main", "setup", "teardown"]  # fmt: skip
