@@ -18,6 +18,7 @@ from spinedet.convert.tf_mapping import (
 )
 from spinedet.data import DataError
 from spinedet.engine.api import load_checkpoint
+from spinedet.errors import SpinedetError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tf"
 CONFIG = json.loads((FIXTURE / "fixture.json").read_text())
@@ -144,6 +145,11 @@ def test_maskrcnn_fixture_converts_through_the_cli_and_matches_tensorflow(tmp_pa
     assert len(expected) == 15  # 5 levels x 2 RPN outputs, RoI features x 2, classes, boxes, masks
     for key in expected:
         assert rel_diff(ours[key], MASK_OUTPUTS[key]) < 1e-4, key
+    # A second conversion to the same file is refused before the checkpoint is read.
+    written = out.read_bytes()
+    with pytest.raises(SpinedetError, match="mrcnn.safetensors: exists; pass --overwrite"):
+        convert_tf(tmp_path / "missing", "spinenet49s_maskrcnn", out)
+    assert out.read_bytes() == written
 
 
 def test_maskrcnn_checkpoint_does_not_fit_other_detectors():
@@ -184,7 +190,10 @@ def test_categories_name_converted_classes(tmp_path):
     assert model.class_names == ["unused_1", "bicycle"]
     coco.write_text(json.dumps({"categories": [{"id": 7, "name": "train"}]}))
     with pytest.raises(DataError, match=r"instances.json: category ids \[7\]"):
-        convert_tf(MASK_FIXTURE, "spinenet49s_maskrcnn", out, categories=coco, **mask_kwargs())
+        convert_tf(
+            MASK_FIXTURE, "spinenet49s_maskrcnn", out, categories=coco, overwrite=True,
+            **mask_kwargs(),
+        )  # fmt: skip
 
 
 def test_a_cyclic_object_graph_without_a_backbone_is_refused():

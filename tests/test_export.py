@@ -16,6 +16,7 @@ import spinedet.export as export
 import spinedet.export.graph as graph_module
 from spinedet import create_model, save_weights
 from spinedet.cli.export import add_export_commands
+from spinedet.errors import SpinedetError
 from spinedet.export import ExportError, export_onnx, export_torchscript
 
 onnx = pytest.importorskip("onnx")
@@ -196,6 +197,25 @@ def test_failed_dense_check_writes_nothing(tmp_path, monkeypatch):
         export_onnx(create_model("spinenet49s", **SMALL), out, image_size=64)
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_command_writes_beside_the_weights_and_never_replaces_a_file(retinanet, tmp_path):
+    run = tmp_path / "run"
+    save_weights(retinanet, run / "best.safetensors")
+    parser = argparse.ArgumentParser()
+    add_export_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["export", str(run), "--format", "torchscript", "--no-check"])
+    assert args.func(args) == 0
+    written = (run / "best.pt").read_bytes()
+    assert torch.jit.load(run / "best.pt") is not None
+    with pytest.raises(SpinedetError, match=r"best.pt: exists; pass --overwrite"):
+        args.func(args)
+    assert (run / "best.pt").read_bytes() == written
+    args = parser.parse_args(
+        ["export", str(run), "--format", "onnx", "--out", str(run / "best.pt")]
+    )
+    with pytest.raises(SpinedetError, match=r"best.pt: exists"):
+        args.func(args)  # refused before the export's slow trace and check
 
 
 def test_help_names_run_directories():

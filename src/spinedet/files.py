@@ -14,7 +14,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write"]
+from .errors import SpinedetError
+
+__all__ = ["atomic_write", "refuse_existing"]
 
 
 def _cannot_write(path: Path, error: OSError) -> OSError:
@@ -75,3 +77,12 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
         raise
     with contextlib.suppress(OSError):  # some file systems cannot sync a directory
         _fsync(path.parent, os.O_RDONLY)  # makes the rename itself durable
+
+
+def refuse_existing(path: str | Path, overwrite: bool) -> Path:
+    """``path``, unless something is there and ``overwrite`` is off: then a one-line error, so
+    that a command never replaces a user's file it was not told to."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise SpinedetError(f"{path}: exists; pass --overwrite or choose another --out")
+    return path

@@ -10,7 +10,13 @@ def _cmd_convert_tf(args: argparse.Namespace) -> int:
     from ..convert import convert_tf
 
     summary = convert_tf(
-        args.checkpoint, args.model, args.out, args.num_classes, args.activation, args.categories
+        args.checkpoint,
+        args.model,
+        args.out,
+        args.num_classes,
+        args.activation,
+        args.categories,
+        overwrite=args.overwrite,
     )
     print(summary)
     return 0
@@ -53,4 +59,5 @@ def add_convert_commands(subparsers: argparse._SubParsersAction) -> None:
         "e.g. instances_val2017.json",
     )
     p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=_cmd_convert_tf)

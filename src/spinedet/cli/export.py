@@ -16,14 +16,25 @@ SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
 OWN_DEFAULT = "%(default).0s"
 
 
+def _default_out(checkpoint: str, fmt: str) -> Path:
+    """Beside the weights (``runs/x`` -> ``runs/x/best.onnx``, as the run directory resolves);
+    a model name's random weights go to the current directory."""
+    from ..models.weights import resolve_checkpoint
+
+    path = Path(checkpoint)
+    if path.exists():
+        return resolve_checkpoint(path).with_suffix(SUFFIXES[fmt])
+    return Path(path.name + SUFFIXES[fmt])
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from ..errors import SpinedetError
     from ..export import export_onnx, export_torchscript
 
-    out = args.out or Path(args.checkpoint).with_suffix(SUFFIXES[args.format]).name
+    out = args.out or _default_out(args.checkpoint, args.format)
     options = {
-        "image_size": args.size, "check": not args.no_check,
-        "check_images": args.check_images, "input_dtype": args.input_dtype,
+        "image_size": args.size, "check": not args.no_check, "check_images": args.check_images,
+        "input_dtype": args.input_dtype, "overwrite": args.overwrite,
     }  # fmt: skip
     if args.format == "torchscript":
         if args.dense:
@@ -78,9 +89,10 @@ def add_export_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=sorted(SUFFIXES), default="onnx", help="export format")
     p.add_argument(
         "--out",
-        help=f"output file (default{OWN_DEFAULT}: CHECKPOINT's name with .onnx, or .pt for "
-        "TorchScript)",
+        help=f"output file (default{OWN_DEFAULT}: beside the weights, e.g. RUN/best.onnx, or "
+        "RUN/best.pt for TorchScript; a model name's in the current directory)",
     )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument(
         "--size",
         type=at_least(32),

@@ -11,6 +11,7 @@ from torchvision.models import ResNet50_Weights
 
 from ..data.coco_files import read_json
 from ..data.errors import DataError
+from ..files import refuse_existing
 from ..models.registry import create_model, model_task
 from ..models.weights import save_weights
 from .tf_checkpoint import TensorBundle, TFCheckpoint, open_checkpoint
@@ -205,6 +206,7 @@ def convert_tf(
     num_classes: int | None = None,
     activation: str | None = None,
     categories: str | Path | None = None,
+    overwrite: bool = False,
     **model_kwargs,
 ) -> str:
     """Convert a Model Garden (TF2) or tensorflow/tpu (TF1) checkpoint for ``model_name`` and
@@ -217,8 +219,10 @@ def convert_tf(
     beside the checkpoint, else it must be given. Model Garden's class ``k`` is category id
     ``k`` of its COCO json; given that json as ``categories``, the file records their names
     (else the names are ``"1"``, ...). ``model_kwargs`` are further builder options (e.g.
-    ``filter_scale`` for a checkpoint of a custom scaling). Returns a summary.
+    ``filter_scale`` for a checkpoint of a custom scaling). An existing ``out`` is replaced
+    only with ``overwrite``. Returns a summary.
     """
+    refuse_existing(out, overwrite)
     ckpt = open_checkpoint(checkpoint)
     params = _run_params(ckpt)
     name = model_name.lower()

@@ -12,6 +12,7 @@ from PIL import Image
 
 from ..draw import draw_instances
 from ..errors import SpinedetError
+from ..files import refuse_existing
 from .coco import CocoDataset
 from .coco_files import read_json
 from .transforms import train_transforms
@@ -80,9 +81,8 @@ def show_dataset(
         jobs.append((out / name.with_suffix(".png"), index, -1))
         jobs += [(out / name.with_name(f"{name.stem}_aug{k}.png"), index, k)
                  for k in range(augmented)]  # fmt: skip
-    existing = [str(path) for path, _, _ in jobs if path.exists()]
-    if existing and not overwrite:
-        raise SpinedetError(f"{existing[0]}: exists; pass --overwrite or choose another --out")
+    for path, _, _ in jobs:
+        refuse_existing(path, overwrite)
     for path, index, k in jobs:
         image, target = dataset[index]
         if k >= 0:

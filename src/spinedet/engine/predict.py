@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ..draw import draw_instances
 from ..errors import SpinedetError
-from ..files import atomic_write
+from ..files import atomic_write, refuse_existing
 from ..predictor import Detections, Predictor, to_image_tensor
 
 __all__ = [
@@ -183,9 +183,7 @@ def predict_images(
     lines = out / "predictions.jsonl"
 
     def target(path: Path) -> Path:
-        if path.exists() and not overwrite:
-            raise SpinedetError(f"{path}: exists; pass --overwrite or choose another --out")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        refuse_existing(path, overwrite).parent.mkdir(parents=True, exist_ok=True)
         return path
 
     target(report.path)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..files import atomic_write
+from ..files import atomic_write, refuse_existing
 from ..models import create_model, describe, load_model
 from ..models.weights import resolve_checkpoint
 from .check import check_detector, check_sizes, load_check_images
@@ -167,6 +167,7 @@ def export_onnx(
     dense: bool = False,
     check_images: Sequence[str | Path] | None = None,
     input_dtype: str = "uint8",
+    overwrite: bool = False,
 ) -> dict:
     """Export a model to ONNX at ``out``: the whole detector (see the module docstring), or its
     dense part with ``dense`` (and for backbones and classifiers).
@@ -175,12 +176,14 @@ def export_onnx(
     side of the check images, the square size of the dense export. With ``check``,
     onnxruntime must agree with PyTorch (on ``check_images``, default two images of the
     synthetic shapes set) or :class:`ExportError` is raised and ``out`` is not written.
-    ``input_dtype``: ``"uint8"`` (0..255) or ``"float32"`` (0..1) images.
+    ``input_dtype``: ``"uint8"`` (0..255) or ``"float32"`` (0..1) images. An existing ``out``
+    is replaced only with ``overwrite``.
 
     Returns ``{"path", "kind", "format", "image_size", "outputs", "check"}`` for a detector
     (``check`` holds the largest differences found); see :func:`_export_dense_onnx` for the
     dense part.
     """
+    refuse_existing(out, overwrite)
     _require_onnx()
     if dense or describe(resolve_model(model_or_path)).task in ("backbone", "classifier"):
         return _export_dense_onnx(model_or_path, out, image_size, check, batch_size)
@@ -225,10 +228,13 @@ def export_torchscript(
     check: bool = True,
     check_images: Sequence[str | Path] | None = None,
     input_dtype: str = "uint8",
+    overwrite: bool = False,
 ) -> dict:
     """Export a detector to TorchScript at ``out`` (``torch.jit.load`` it; the metadata of
     :func:`export_metadata` is the archive's ``spinedet.json``), checked like
-    :func:`export_onnx` with the saved module."""
+    :func:`export_onnx` with the saved module; an existing ``out`` is replaced only with
+    ``overwrite``."""
+    refuse_existing(out, overwrite)
     task = describe(resolve_model(model_or_path)).task
     if task in ("backbone", "classifier"):
         raise ExportError(f"TorchScript export covers detectors; a {task} exports to ONNX only")
