@@ -173,7 +173,10 @@ def test_swish_weights_are_refused_by_a_relu_model(tmp_path):
     out = tmp_path / "mrcnn.safetensors"
     convert_tf(MASK_FIXTURE, "spinenet49s_maskrcnn", out, **mask_kwargs())
     relu = {**mask_kwargs(), "activation": "relu"}
-    with pytest.raises(spinedet.models.WeightsError, match="trained with activation=swish"):
+    with pytest.raises(
+        spinedet.models.WeightsError,
+        match="trained with activation='swish', this model uses activation='relu'",
+    ):
         spinedet.create_model("spinenet49s_maskrcnn", 3, weights=out, **relu)
     model = spinedet.create_model("spinenet49s_maskrcnn", 3, weights=out, **mask_kwargs())
     assert isinstance(model.backbone.act, torch.nn.SiLU)

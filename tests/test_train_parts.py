@@ -226,6 +226,31 @@ def test_backbone_weights_load_only_the_backbone(shapes, tmp_path, caplog, sourc
     assert "\n" not in str(err.value) and "other.safetensors" in str(err.value)
 
 
+def test_backbone_weights_keep_the_donors_padding_and_norm(shapes, tmp_path, caplog):
+    """A classifier's backbone (tensorflow/tpu's padding, downsampling and BN epsilon, its
+    defaults, recorded nowhere) computes the same features in the detector built on it; a
+    config that sets another padding is refused instead of loading silently."""
+    torch.manual_seed(3)
+    donor = create_model(
+        "spinenet49s_classifier", num_classes=5, filter_scale=0.25, endpoint_filters=32
+    ).eval()
+    path = tmp_path / "classifier.safetensors"
+    save_weights(donor, path)
+    cfg = tiny_config(shapes)
+    cfg["model"]["backbone_weights"] = str(path)
+    with caplog.at_level(logging.INFO):
+        model = build_model(cfg, [{"id": 1, "name": "a"}]).eval()
+    assert "downsample='tpu'" in caplog.text and "padding='fixed'" in caplog.text
+    images = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        got, want = model.backbone(images), donor.backbone(images)
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+    cfg["model"]["options"]["padding"] = "same"
+    with pytest.raises(SpinedetError, match="classifier.safetensors was trained with .*"
+                       "padding='fixed', this model uses .*padding='same'"):  # fmt: skip
+        build_model(cfg, [{"id": 1, "name": "a"}])
+
+
 def test_strict_json_rows(shapes, tmp_path):
     cfg = tiny_config(shapes, epochs=1)
     cfg["data"]["val"] = {"annotations": str(shapes["val"]), "images": str(shapes["images"])}

@@ -24,7 +24,13 @@ from ..data.transforms import (
 from ..errors import SpinedetError, shorten
 from ..models import create_model
 from ..models.registry import BACKBONE, TASKS, Task, model_task
-from ..models.weights import architecture_options, load_weights, read_weights, restore
+from ..models.weights import (
+    architecture_options,
+    backbone_options,
+    load_weights,
+    read_weights,
+    restore,
+)
 
 __all__ = [
     "DATASET_BUILDERS",
@@ -128,15 +134,20 @@ def build_datasets(cfg: dict) -> tuple[Task, Datasets]:
 
 def build_model(cfg: dict, categories: list[dict[str, Any]]) -> nn.Module:
     """The detector of ``model``: fresh, from ``model.weights`` (fine-tuning keeps the file's
-    architecture unless the config sets an option itself) or on ``model.backbone_weights``."""
+    architecture unless the config sets an option itself) or on ``model.backbone_weights``
+    (whose activation, BN epsilon and padding it keeps alike)."""
     mcfg = cfg["model"]
     options = dict(mcfg["options"])
-    if mcfg["weights"]:
-        inherited = architecture_options(mcfg["weights"], mcfg["name"].lower())
-        options = {**inherited, **options}
+    name = mcfg["name"].lower()
+    for path, inherit in ((mcfg["weights"], architecture_options),
+                          (mcfg["backbone_weights"], backbone_options)):  # fmt: skip
+        inherited = (
+            {k: v for k, v in inherit(path, name).items() if k not in options} if path else {}
+        )
+        options |= inherited
         if inherited:
             shown = ", ".join(f"{k}={v!r}" for k, v in sorted(inherited.items()))
-            log.info("model options from %s: %s", mcfg["weights"], shown)
+            log.info("model options from %s: %s", path, shown)
     model = create_model(mcfg["name"], categories=categories, image_size=mcfg["image_size"],
                          **options)  # fmt: skip
     if mcfg["weights"]:

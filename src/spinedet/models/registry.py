@@ -263,7 +263,9 @@ def create_model(
             options (e.g. ``block_specs``).
         num_classes: detector classes including background (default 91, COCO); inferred from
             ``categories`` or ``class_names`` when given. Not accepted for backbones.
-        weights: a ``.safetensors`` file written by spinedet (training, ``convert-tf``).
+        weights: a ``.safetensors`` file written by spinedet (training, ``convert-tf``); the
+            model takes the architecture options the file records (e.g. a converted
+            checkpoint's padding and head widths) unless ``kwargs`` give them.
         categories: the data set's classes as ``{"id", "name"}`` entries (or
             :class:`Category`), in label order; ``class_names=[...]`` numbers them 1, 2, ...
         **kwargs: builder options, e.g. ``image_size=512``, ``activation="swish"``,
@@ -273,6 +275,10 @@ def create_model(
         >>> model = create_model("spinenet49s_maskrcnn", class_names=["cat", "dog"])
     """
     family, variant, task_name = _lookup(name)
+    if weights is not None:  # built as the file's model was (converted padding, head widths...)
+        from .weights import architecture_options
+
+        kwargs = {**architecture_options(weights, name), **kwargs}
     cats = categories_from(categories) if categories is not None else None
     if task_name == BACKBONE:
         if num_classes is not None or cats is not None or "class_names" in kwargs:

@@ -141,8 +141,11 @@ class ScalePermutedBackbone(nn.Module):
         bn_momentum: float,
         bn_eps: float,
         activation: str,
+        **numerics: str,
     ) -> None:
-        """Validate the output levels and drop rate, and record the pyramid attributes."""
+        """Validate the output levels and drop rate, and record the pyramid attributes and the
+        options under which the same tensors would compute something else (``numerics``:
+        the family's own, such as padding)."""
         if not lowest_level <= min_level <= max_level <= 7:
             raise ModelError(
                 f"need {lowest_level} <= min_level <= max_level <= 7, got {min_level}..{max_level}"
@@ -157,6 +160,8 @@ class ScalePermutedBackbone(nn.Module):
         self.out_channels = endpoint_filters  # torchvision detectors read this attribute
         self.activation = activation  # heads use the backbone's
         self.bn_momentum, self.bn_eps = bn_momentum, bn_eps  # heads normalise alike
+        # Loading weights compares these with the file's: every shape is equal under each.
+        self.numeric_options = {"activation": activation, "bn_eps": bn_eps, **numerics}
 
     def _finish(
         self,
@@ -281,6 +286,8 @@ class SpineNet(ScalePermutedBackbone):
             bn_momentum,
             bn_eps,
             activation,
+            padding=padding,
+            downsample=downsample,
         )
         specs = parse_block_specs(block_specs)
         self.block_specs = specs

@@ -258,6 +258,8 @@ class SpineNetMobile(ScalePermutedBackbone):
             bn_momentum,
             bn_eps,
             activation,
+            padding=padding,
+            squeeze_excite=squeeze_excite,
         )
         specs = parse_block_specs(block_specs, MOBILE_BLOCK_TYPES)
         self.block_specs = specs

@@ -15,12 +15,14 @@ from torch import nn
 from ..errors import SpinedetError, shorten
 from ..files import atomic_write
 from .description import Category, ModelDescription, categories_from
-from .layers import DEFAULT_ACTIVATION
 from .registry import BACKBONE, TASKS, _lookup, build_from_description, describe
 
 __all__ = [
     "WeightsError",
+    "architecture_options",
+    "backbone_options",
     "load_weights",
+    "numeric_options",
     "read_description",
     "read_metadata",
     "read_weights",
@@ -166,6 +168,17 @@ def architecture_options(path: str | Path, model_name: str) -> dict:
     return {k: v for k, v in theirs.options_dict().items() if k not in runtime}
 
 
+def backbone_options(path: str | Path, model_name: str) -> dict:
+    """The backbone options of a weights file's model (see :func:`numeric_options`) for a
+    ``model_name`` of its family to take its backbone with; empty for another family."""
+    if not Path(path).is_file():
+        return {}  # loading reports it
+    theirs = read_description(path)
+    if theirs.family != _lookup(model_name)[0].name:
+        return {}
+    return numeric_options(theirs)
+
+
 def load_weights(
     model: nn.Module, path: str | Path, allow_shape_mismatch: bool = False
 ) -> nn.Module:
@@ -191,15 +204,7 @@ def restore(
     """Load tensors read from ``path`` (described by ``theirs``) into ``model``; see
     :func:`load_weights`."""
     ours = describe(model)
-    # Weights trained with swish are wrong under relu and vice versa, with every shape equal:
-    # refuse the mix instead of loading silently.
-    act = theirs.option("activation", DEFAULT_ACTIVATION)
-    if act != ours.option("activation", DEFAULT_ACTIVATION):
-        raise WeightsError(
-            f"{path} was trained with activation={act}, this model uses "
-            f"{ours.option('activation', DEFAULT_ACTIVATION)}: build it with activation={act!r} "
-            f"(config: --set model.options.activation={act})"
-        )
+    _check_numerics(model, ours, theirs, path)
     target = model
     own = model.state_dict()
     if ours.task != BACKBONE and theirs.task == BACKBONE:
@@ -242,6 +247,38 @@ def restore(
     with torch.no_grad():
         target.load_state_dict(state, strict=True)
     return model
+
+
+def _backbone(model: nn.Module) -> nn.Module:
+    return model if describe(model).task == BACKBONE else model.backbone
+
+
+def numeric_options(description: ModelDescription) -> dict[str, Any]:
+    """The backbone options (activation, BN epsilon, padding, ...) a model built as
+    ``description`` says has: its recorded options over its builders' defaults, which differ
+    by task (a classifier's are tensorflow/tpu's). Builds the model on the meta device."""
+    with torch.device("meta"):
+        return dict(_backbone(build_from_description(description)).numeric_options)
+
+
+def _check_numerics(
+    model: nn.Module, ours: ModelDescription, theirs: ModelDescription, path: str | Path
+) -> None:
+    """Refuse weights trained under other backbone options than ``model`` has: swish weights
+    under relu, or tensorflow/tpu's padding under Model Garden's, compute something else with
+    every shape equal, so they would load silently."""
+    mine = _backbone(model).numeric_options
+    same_defaults = (theirs.family, theirs.task) == (ours.family, ours.task)
+    if same_defaults and all(theirs.option(k) == ours.option(k) for k in mine):
+        return  # the same options over the same defaults: no model to build
+    recorded = numeric_options(theirs)
+    differ = sorted(k for k in recorded.keys() & mine.keys() if recorded[k] != mine[k])
+    if differ:
+        trained = ", ".join(f"{k}={recorded[k]!r}" for k in differ)
+        used = ", ".join(f"{k}={mine[k]!r}" for k in differ)
+        sets = " ".join(f"model.options.{k}={recorded[k]}" for k in differ)
+        raise WeightsError(f"{path} was trained with {trained}, this model uses {used}: build it "
+                           f"with {trained} (config: --set {sets})")  # fmt: skip
 
 
 def _class_dependent(description: ModelDescription, own: dict[str, torch.Tensor]) -> set[str]:
