@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny shapes data set and the options of a tiny, fast detector."""
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,10 @@ def tiny_config(shapes: dict[str, Path], **train) -> dict:
         *(f"train.{k}={v}" for k, v in train.items()),
     ]
     return load_config(None, overrides)
+
+
+def free_port() -> int:
+    """A free TCP port on this machine, for a gloo process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

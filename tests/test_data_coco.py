@@ -272,6 +272,19 @@ def test_collate_returns_lists(dataset_files):
         (lambda d: d["annotations"][0].update(category_id=77), r"unknown category ids \[77\]"),
         (lambda d: d["categories"].append({"id": 5, "name": "again"}), "not unique"),
         (lambda d: d["annotations"][0].pop("segmentation"), "no segmentation"),
+        # A boxes-only export's empty lists, and a crowd without its region (COCO's mask
+        # evaluation reads it): refused before training, not an empty mask or a late crash.
+        (
+            lambda d: [a.update(segmentation=[]) for a in d["annotations"]],
+            r"4 annotations \(first: 1\) have no segmentation; .*train a _fasterrcnn or _retinanet",
+        ),
+        (lambda d: d["annotations"][2].pop("segmentation"), r"\(first: 3\) have no segm"),
+        (
+            lambda d: d["images"].append({**d["images"][0], "file_name": "b.png"}),
+            "image ids are not unique: 40",
+        ),
+        # Names key the class list and the per-class metrics: one would hide the other.
+        (lambda d: d["categories"][0].update(name="early"), "category names are not unique: early"),
     ],
 )
 def test_invalid_json_fails_fast(dataset_files, edit, message):
@@ -281,6 +294,22 @@ def test_invalid_json_fails_fast(dataset_files, edit, message):
     ann.write_text(json.dumps(data))
     with pytest.raises(DataError, match=message):
         CocoDataset(ann, img)
+
+
+def test_a_model_s_categories_number_the_labels_and_others_are_refused(dataset_files):
+    """A validation file listing fewer categories than training's keeps training's labels;
+    one listing a category the model lacks is refused when loaded, not at its first loss."""
+    ann, img, _ = dataset_files
+    model = [{"id": 1, "name": "first"}, {"id": 5, "name": "early"}, {"id": 90, "name": "late"}]
+    ds = CocoDataset(ann, img, categories=model)
+    assert ds.cat_id_to_label == {1: 1, 5: 2, 90: 3} and ds.class_names == [
+        "first",
+        "early",
+        "late",
+    ]
+    assert ds[0][1]["labels"].tolist() == [3, 2, 2]
+    with pytest.raises(DataError, match=r"ann\.json: category ids \[90\] are not among the mod"):
+        CocoDataset(ann, img, categories=model[:2])
 
 
 def test_boxes_only_dataset_needs_no_segmentation(dataset_files):

@@ -4,12 +4,11 @@ validation loss by batch."""
 
 import json
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, free_port
 from test_evaluate import gt_as_results
 
 import spinedet
@@ -21,12 +20,6 @@ from spinedet.engine.evaluate import (
     evaluate_distributed,
     sharded_val_loss,
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(info: DistInfo | None, shapes: dict, weights: str) -> dict:
@@ -66,7 +59,7 @@ def test_two_gloo_processes_give_the_single_process_numbers(shapes, tmp_path):
     weights = str(tmp_path / "weights.pt")
     torch.save(model.state_dict(), weights)
     out = str(tmp_path / "rank")
-    mp.spawn(_worker, (_free_port(), shapes, weights, out), nprocs=2)
+    mp.spawn(_worker, (free_port(), shapes, weights, out), nprocs=2)
     rank0, rank1 = (json.load(open(f"{out}.{r}")) for r in range(2))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

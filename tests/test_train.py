@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,13 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_MODEL, tiny_config
+from conftest import TINY_MODEL, free_port, tiny_config
 from safetensors.torch import load_file
 
 import spinedet
 from spinedet.convert import convert_tf
 from spinedet.data import CocoDataset, DataError, eval_transforms
 from spinedet.engine import TrainingError, evaluate, loop, train
+from spinedet.engine.checkpoint import Checkpointer
 from spinedet.engine.evaluate import flat_metrics, sharded_val_loss
 from spinedet.models import rcnn
 from spinedet.models.weights import save_weights
@@ -100,6 +100,21 @@ def test_a_stop_at_an_epoch_end_is_evaluated_on_resume(shapes, tmp_path, monkeyp
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "stopped" / "curves.png").is_file()
 
+    # A crash in validation (here once its row is logged) comes after the epoch's checkpoint:
+    # resuming loses no step and validates the epoch again, its first row dropped.
+    def crash(self, step):
+        raise RuntimeError("crashed in validation")
+
+    monkeypatch.setattr(Checkpointer, "save_best", crash)
+    with pytest.raises(RuntimeError, match="crashed in validation"):
+        train(config(), tmp_path / "crashed", device="cpu")
+    monkeypatch.undo()
+    assert [r["epoch"] for r in val_rows(tmp_path / "crashed")] == [1]
+    state = torch.load(tmp_path / "crashed" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 3
+    train(config(), tmp_path / "crashed", resume=True, device="cpu")
+    assert val_rows(tmp_path / "crashed") == val_rows(tmp_path / "straight")
+
 
 def test_resume_without_checkpoint_and_reusing_a_run_are_clear_errors(shapes, tmp_path):
     with pytest.raises(ValueError, match="no checkpoint to resume from"):
@@ -139,12 +154,6 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(shapes, tmp_path, 
     assert all(torch.equal(good[k], after[k]) for k in good)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_ddp_on_gloo(shapes, tmp_path):
     """Two processes train, then share the validation loss and COCO evaluation: the logged
     numbers are exactly those of a single-process evaluation of the saved weights."""
@@ -157,7 +166,7 @@ def test_two_process_ddp_on_gloo(shapes, tmp_path):
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
+        f"--master_port={free_port()}",
         "-m",
         "spinedet.cli",
         "train",

@@ -4,14 +4,18 @@ logs, and a backbone started from a weights file."""
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import yaml
-from conftest import TINY_MODEL, tiny_config
+from conftest import TINY_MODEL, free_port, tiny_config
 from safetensors.torch import load_file
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 import spinedet
 from spinedet.cli import main as cli
@@ -71,6 +75,29 @@ def test_non_finite_loss_clears_gradients_and_reports_none():
     assert set(stepper.backward([good], step=0)) == {"loss", "mse", "l1"}
     assert stepper.backward([good, batch], step=1) is None  # one bad micro-batch spoils the step
     assert all(p.grad is None for p in net.parameters())
+
+
+def _stop_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    net = DistributedDataParallel(_Regressor())
+    stepper = Stepper(net, torch.optim.SGD(net.parameters(), lr=0.1), torch.device("cpu"),
+                      DistInfo(rank, rank, 2))  # fmt: skip
+    batch = ([torch.randn(3, 9, 9)], [{"y": torch.tensor(1.0)}])
+    seen = []
+    for step, asked in enumerate([False, rank == 1, False]):  # a signal reaches rank 1 only
+        stepper.backward([batch], step, stop=asked)
+        seen.append(stepper.stopping)
+    Path(f"{out}.{rank}").write_text(json.dumps(seen))
+    dist.destroy_process_group()
+
+
+def test_a_stop_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """Else the signalled rank leaves and the others wait in DDP's next collective."""
+    mp.spawn(_stop_worker, (free_port(), str(tmp_path / "rank")), nprocs=2)
+    seen = [json.loads((tmp_path / f"rank.{r}").read_text()) for r in range(2)]
+    assert seen == [[False, True, False], [False, True, False]]
 
 
 def test_accumulation_scales_steps_and_lr_and_the_logs_say_so(shapes, tmp_path):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ class CocoDataset(Dataset):
         images: str | Path,
         transforms: Callable[[Any, Target], tuple[Any, Target]] | None = None,
         masks: bool = True,
+        categories: Sequence[Mapping[str, Any]] | None = None,
     ) -> None:
         self.annotations = Path(annotations)
         self.images = Path(images)
@@ -62,10 +64,9 @@ class CocoDataset(Dataset):
         self.masks = masks
         dataset = read_json(self.annotations)
         self._validate(dataset)
-        self.categories = sorted(
-            ({"id": c["id"], "name": c["name"]} for c in dataset["categories"]),
-            key=lambda c: c["id"],
-        )
+        own = sorted(({"id": c["id"], "name": c["name"]} for c in dataset["categories"]),
+                     key=lambda c: c["id"])  # fmt: skip
+        self.categories = own if categories is None else self._among(own, categories)
         self.cat_id_to_label = {c["id"]: i + 1 for i, c in enumerate(self.categories)}
         self.label_to_cat_id = {label: cat_id for cat_id, label in self.cat_id_to_label.items()}
         self.class_names = [c["name"] for c in self.categories]
@@ -77,6 +78,19 @@ class CocoDataset(Dataset):
             raise DataError(f"malformed images or annotations {hint}", self.annotations) from e
         self._coco: COCO | None = None
         self._unreadable: set[Any] = set()  # image ids skipped, so each is logged once
+
+    def _among(
+        self, own: list[dict[str, Any]], categories: Sequence[Mapping[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """``categories`` (a model's), refusing a file category outside them: its labels would
+        be another class's, or beyond the class head."""
+        unknown = sorted({c["id"] for c in own} - {c["id"] for c in categories})
+        if unknown:
+            raise DataError(
+                f"category ids {unknown[:10]} are not among the model's categories",
+                self.annotations,
+            )
+        return [{"id": c["id"], "name": c["name"]} for c in categories]
 
     @property
     def coco(self) -> COCO:
@@ -111,17 +125,29 @@ class CocoDataset(Dataset):
             cat_ids = {c["id"] for c in dataset["categories"]}
             anns = dataset.get("annotations", [])
             unknown = sorted({a["category_id"] for a in anns} - cat_ids)
-            unusable = [a["id"] for a in anns if not a.get("iscrowd") and "segmentation" not in a]
+            # Crowds too: COCO's mask evaluation reads their regions.
+            unusable = [a["id"] for a in anns if a.get("segmentation") is None]
+            if anns and all(a.get("segmentation") in ([], None) for a in anns):
+                unusable = [a["id"] for a in anns]  # a boxes-only export's empty lists
+            names = Counter(c["name"] for c in dataset["categories"])
         except (KeyError, TypeError) as e:
             raise DataError(f"malformed categories or annotations {hint}", self.annotations) from e
         if len(cat_ids) != len(dataset["categories"]):
             raise DataError(f"category ids are not unique {hint}", self.annotations)
+        if twice := sorted(str(n) for n, count in names.items() if count > 1):
+            # Names key the per-class metrics and the model's class list.
+            raise DataError(f"category names are not unique: {shorten(twice)} {hint}",
+                            self.annotations)  # fmt: skip
         if not dataset["images"]:
             raise DataError("the data set has no images", self.annotations)
         try:
             escaping = [im["id"] for im in dataset["images"] if leaves_directory(im["file_name"])]
+            image_ids = Counter(im["id"] for im in dataset["images"])
         except (KeyError, TypeError) as e:
             raise DataError(f"malformed images {hint}", self.annotations) from e
+        if twice := [str(i) for i, count in image_ids.items() if count > 1]:
+            # Evaluation would score such an image's detections twice.
+            raise DataError(f"image ids are not unique: {shorten(twice)} {hint}", self.annotations)
         if escaping:
             ids = shorten([str(i) for i in escaping], 10)
             raise DataError(
@@ -133,11 +159,12 @@ class CocoDataset(Dataset):
             raise DataError(
                 f"annotations use unknown category ids {unknown[:10]}", self.annotations
             )
-        self.segmented = not unusable  # every annotation has a mask (crowds aside)
+        self.segmented = not unusable  # every annotation has a mask
         if self.masks and unusable:
             raise DataError(
                 f"{len(unusable)} annotations (first: {unusable[0]}) have no segmentation; "
-                "load with masks=False to train boxes only",
+                "Mask R-CNN needs masks: train a _fasterrcnn or _retinanet model "
+                "for boxes only (in Python: masks=False)",
                 self.annotations,
             )
 

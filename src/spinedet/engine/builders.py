@@ -105,8 +105,10 @@ def build_coco(cfg: dict, task: Task) -> Datasets:
                             task.masks)  # fmt: skip
     val_set = None
     if dcfg["val"]["annotations"]:
+        # The training set's labels: a validation file listing fewer categories would number
+        # them otherwise (a wrong validation loss), one with more would be refused only late.
         val_set = CocoDataset(dcfg["val"]["annotations"], dcfg["val"]["images"],
-                              eval_transforms(), task.masks)  # fmt: skip
+                              eval_transforms(), task.masks, train_set.categories)  # fmt: skip
     return Datasets(train_set, val_set, train_set.categories)
 
 

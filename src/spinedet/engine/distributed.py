@@ -94,6 +94,11 @@ def exchange(parts: list[Any], info: DistInfo) -> list[Any]:
     return received
 
 
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """Whether ``flag`` holds on any rank; every rank gets the same answer."""
+    return any(gather_objects(flag, info))
+
+
 def from_main(obj: Any, info: DistInfo) -> Any:
     """Rank 0's ``obj`` on every rank (e.g. the verdict of a check only rank 0 made)."""
     if not info.enabled:

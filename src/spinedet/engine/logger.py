@@ -49,16 +49,24 @@ class RunLogger:
         self.writer: SummaryWriter | None = None
         self._handler: logging.Handler | None = None
 
-    def open(self, resume_step: int | None, early: Iterable[logging.LogRecord] = ()) -> None:
+    def open(
+        self,
+        resume_step: int | None,
+        early: Iterable[logging.LogRecord] = (),
+        epoch_pending: bool = False,
+    ) -> None:
         """Start (or, at ``resume_step``, continue) the logs: rows after the checkpoint's step
-        (written before a crash) are dropped, so the log reads as one uninterrupted run.
+        (written before a crash) are dropped, so the log reads as one uninterrupted run, and
+        with ``epoch_pending`` (the epoch's end is done again) its validation rows too.
         ``early``: records from before (:func:`held_records`), written to log.txt first."""
         if not self.main:
             return
         if resume_step is None:
             self.metrics.unlink(missing_ok=True)
         else:
-            kept = [r for r in read_metrics(self.metrics) if r["step"] <= resume_step]
+            redone = {"val"} if epoch_pending else set()
+            kept = [r for r in read_metrics(self.metrics) if r["step"] < resume_step
+                    or (r["step"] == resume_step and r["kind"] not in redone)]  # fmt: skip
             text = "".join(strict_json(r) + "\n" for r in kept)
             atomic_write(self.metrics, lambda tmp: Path(tmp).write_text(text))
         self.writer = SummaryWriter(self.out / "tb")

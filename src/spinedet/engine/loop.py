@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -55,7 +56,9 @@ def amp_mode(setting: str, device: torch.device) -> tuple[torch.dtype | None, bo
 
 
 class StopSignal:
-    """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step boundary and exits."""
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step boundary and exits. A
+    second signal stops at once (e.g. in a long validation pass, which the epoch's checkpoint
+    precedes), leaving the checkpoint on disk as it is."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
@@ -70,7 +73,12 @@ class StopSignal:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt("stopped at once on a second signal; the last checkpoint "
+                                    "stands: continue with --resume")  # fmt: skip
         self.signal = signum
+        # os.write, not print or logging: safe inside a signal handler.
+        os.write(2, b"\nstopping at the next step boundary (signal again to stop at once)\n")
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
@@ -92,6 +100,7 @@ class Stepper:
         self.clip_grad, self.seed = clip_grad, seed
         self.amp_dtype, use_scaler = amp_mode(amp, device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+        self.stopping = False
 
     def _to_device(self, batch: Batch) -> Batch:
         images, targets = batch
@@ -100,9 +109,13 @@ class Stepper:
                    for t in targets]  # fmt: skip
         return images, targets
 
-    def backward(self, batches: Sequence[Batch], step: int) -> dict[str, float] | None:
+    def backward(
+        self, batches: Sequence[Batch], step: int, stop: bool = False
+    ) -> dict[str, float] | None:
         """Accumulate the gradients of ``batches``; None (gradients cleared) when a loss on any
-        rank was not finite. The mean losses otherwise.
+        rank was not finite. The mean losses otherwise. ``stop``: this rank was asked to stop;
+        afterwards :attr:`stopping` says whether any rank was, the same on every rank, so all
+        stop after the same step and none waits in a collective for one that left.
 
         The losses reach the host once per step, after every backward pass is queued: a check
         after each forward would stall a GPU's queue (a non-finite loss only makes the
@@ -125,14 +138,17 @@ class Stepper:
             for key, value in {"loss": loss, **losses}.items():
                 totals[key] = totals.get(key, 0.0) + value.detach().float() / len(batches)
         values = torch.stack(list(totals.values()))
-        finite = torch.isfinite(values).all().float().view(1)
-        if self.info.enabled:  # every rank skips together, or DDP would hang
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        host = torch.cat([finite, values]).tolist()
-        if host[0] != 1:
+        # [any loss not finite, asked to stop]; torch.full is a fill, no copy to the device.
+        flags = torch.cat([(~torch.isfinite(values).all()).float().view(1),
+                           torch.full((1,), float(stop), device=values.device)])  # fmt: skip
+        if self.info.enabled:  # every rank skips (and stops) together, or DDP would hang
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        host = torch.cat([flags, values]).tolist()
+        self.stopping = host[1] == 1
+        if host[0] == 1:
             self.optimizer.zero_grad(set_to_none=True)
             return None
-        return dict(zip(totals, host[1:], strict=True))
+        return dict(zip(totals, host[2:], strict=True))
 
     def step(self) -> None:
         """Clip (when set) and apply the accumulated gradients."""

@@ -298,7 +298,7 @@ class Trainer:
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.out / "config.yaml")
-        self.logger.open(self.step if resume else None, self.early_records)
+        self.logger.open(self.step if resume else None, self.early_records, self.epoch_pending)
         try:
             return self._run()
         finally:
@@ -322,7 +322,7 @@ class Trainer:
                 batches = iter(self._loader(epoch, skip))
                 for group in zip(*[batches] * self.accumulate, strict=False):
                     interval.data_done()
-                    stats = self.stepper.backward(group, self.step)
+                    stats = self.stepper.backward(group, self.step, stop.signal is not None)
                     if stats is not None:
                         self.stepper.step()
                     self.step += 1
@@ -336,21 +336,31 @@ class Trainer:
                     else:
                         nonfinite = 0
                         self._log_step(epoch, stats, bar, interval)
-                    if stop.signal is not None or self.step >= end:
+                    if self.stepper.stopping or self.step >= end:
                         break
-                if stop.signal is not None:
-                    self._save(epoch_ended=self.step % self.steps_per_epoch != 0)
-                    bar.close()
-                    raise KeyboardInterrupt(
-                        f"interrupted at step {self.step}; checkpoint saved to "
-                        f"{self.checkpoint_path}: continue with --resume"
-                    )
-                if self.step % self.steps_per_epoch == 0:
+                # The ranks agree on a stop in each step's backward; a signal since then, before
+                # an epoch's validation or during it, is agreed on here.
+                epoch_end = self.step % self.steps_per_epoch == 0
+                if self.stepper.stopping or (
+                    epoch_end and distributed.any_rank(stop.signal is not None, self.info)
+                ):
+                    self._interrupt(bar, epoch_ended=not epoch_end)
+                if epoch_end:
                     self._end_epoch(self.step // self.steps_per_epoch)
+                    if distributed.any_rank(stop.signal is not None, self.info):
+                        self._interrupt(bar, epoch_ended=True)
                 elif self.step >= end:
                     self._save()
         bar.close()
         return {"step": self.step, "best": self.best, "out": str(self.out)}
+
+    def _interrupt(self, bar: tqdm, epoch_ended: bool) -> None:
+        self._save(epoch_ended=epoch_ended)
+        bar.close()
+        raise KeyboardInterrupt(
+            f"interrupted at step {self.step}; checkpoint saved to {self.checkpoint_path}: "
+            "continue with --resume"
+        )
 
     def _log_step(self, epoch: int, stats: dict, bar: tqdm, interval: _Interval) -> None:
         lr = self.optimizer.param_groups[0]["lr"]
@@ -379,9 +389,15 @@ class Trainer:
     def _end_epoch(self, epoch: int) -> None:
         tcfg = self.cfg["train"]
         last = epoch == tcfg["epochs"]
-        if self.val_set is not None and (epoch % tcfg["eval_every"] == 0 or last):
+        evaluate = self.val_set is not None and (epoch % tcfg["eval_every"] == 0 or last)
+        save = epoch % tcfg["checkpoint_every"] == 0 or last
+        if evaluate and save:
+            # The epoch's training reaches the disk before validation: a crash, a kill or a
+            # second Ctrl-C in it loses no step, and resuming validates the epoch first.
+            self._save(epoch_ended=False)
+        if evaluate:
             self._evaluate(epoch)
-        if epoch % tcfg["checkpoint_every"] == 0 or last:
+        if save:
             self._save()
         if self.main:
             plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")

@@ -267,7 +267,9 @@ def _check_numerics(
     """Refuse weights trained under other backbone options than ``model`` has: swish weights
     under relu, or tensorflow/tpu's padding under Model Garden's, compute something else with
     every shape equal, so they would load silently."""
-    mine = _backbone(model).numeric_options
+    mine = getattr(_backbone(model), "numeric_options", None)
+    if not mine:
+        return  # not a spinedet backbone: nothing to compare
     same_defaults = (theirs.family, theirs.task) == (ours.family, ours.task)
     if same_defaults and all(theirs.option(k) == ours.option(k) for k in mine):
         return  # the same options over the same defaults: no model to build
