@@ -12,7 +12,7 @@ from pycocotools import mask as mask_utils
 
 import spinedet
 from spinedet.errors import SpinedetError
-from spinedet.predictor import default_device
+from spinedet.predictor import default_device, to_image_tensor
 
 CATEGORIES = [{"id": 3, "name": "circle"}, {"id": 7, "name": "square"}]
 
@@ -61,6 +61,47 @@ def test_every_input_type_gives_the_same_detections(predictor, image, tmp_path):
     batch = predictor([path, image, chw])
     assert len(batch) == 3
     assert all(torch.allclose(d.boxes, ref.boxes, atol=1e-4) for d in batch)
+
+
+def test_image_dtypes_are_converted_or_refused_in_one_line(predictor, image, recwarn):
+    ref = predictor(image)
+    chw = torch.from_numpy(image).permute(2, 0, 1)
+    same = {
+        "float64 array": image / 255,
+        "float64 tensor": chw.double() / 255,
+        "int64 array": image.astype(np.int64),
+        "int32 tensor": chw.int(),
+        "uint16 array": image.astype(np.uint16) * 257,  # 16 bit: 65535 is white
+        "read-only array": np.asarray(Image.fromarray(image)),
+    }
+    for name, x in same.items():
+        got = predictor(x)
+        assert len(got) == len(ref), name
+        assert torch.allclose(got.scores, ref.scores, atol=1e-4), name
+    # Half precision rounds the pixels (and so the random model's detections): compare inputs.
+    for half in ((image / 255).astype(np.float16), (chw.float() / 255).bfloat16()):
+        got = to_image_tensor(half)
+        assert got.dtype == torch.float32 and torch.allclose(got, chw / 255, atol=4e-3)
+    assert not [w for w in recwarn if "not writable" in str(w.message)]
+    with pytest.raises(
+        SpinedetError, match=r"float image with values 0\.\.255: pass uint8 0\.\.255"
+    ):
+        predictor(image.astype(np.float32))
+    with pytest.raises(SpinedetError, match=r"torch.int64 image with values -1\.\.255"):
+        predictor(np.concatenate([image.astype(np.int64), np.full((1, 64, 3), -1)]))
+    with pytest.raises(SpinedetError, match="numpy image of dtype bool"):
+        predictor(image > 128)
+    with pytest.raises(SpinedetError, match="image of dtype torch.bool"):
+        predictor(chw > 128)
+
+
+def test_16_bit_pil_image_is_scaled_like_a_16_bit_file(tmp_path):
+    values = np.array([[0, 257, 32896, 65535]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "g16.png")
+    pil = to_image_tensor(Image.fromarray(values))
+    assert torch.equal(pil, to_image_tensor(tmp_path / "g16.png"))
+    assert pil[0].tolist() == [[0, 1, 128, 255]]
+    assert torch.allclose(to_image_tensor(values) * 255, pil.float())
 
 
 def test_category_ids_names_and_masks(predictor, image, weights):

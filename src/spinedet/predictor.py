@@ -21,6 +21,7 @@ from torch.nn import functional as nnf
 from torchvision.transforms.v2 import functional as F
 
 from .data import load_image
+from .data.coco_files import to_rgb
 from .data.transforms import classification_eval_transforms
 from .device import default_device
 from .errors import SpinedetError
@@ -106,19 +107,26 @@ def _encode(mask: torch.Tensor) -> dict[str, Any]:
 
 
 def to_image_tensor(image: ImageInput, bgr: bool = False) -> torch.Tensor:
-    """A (3, H, W) uint8 or float tensor of an image path, PIL image, HWC uint8 array or CHW
-    tensor (uint8, or float in [0, 1]). ``bgr``: the array or tensor's channels are in
-    OpenCV's BGR order."""
+    """A (3, H, W) uint8 or float32 tensor of an image path, PIL image, HWC array or CHW tensor.
+
+    Arrays and tensors may be uint8 (0..255), float (0..1, any precision), uint16 (0..65535,
+    scaled as 16-bit image files are) or another integer type holding 0..255. ``bgr``: the
+    array or tensor's channels are in OpenCV's BGR order."""
     if isinstance(image, str | Path):
         image = load_image(image)
     if isinstance(image, Image.Image):
-        return F.pil_to_tensor(image.convert("RGB"))
+        return F.pil_to_tensor(to_rgb(image))
     if isinstance(image, np.ndarray):
         if image.ndim == 2:
             image = np.repeat(image[:, :, None], 3, axis=2)
         if image.ndim != 3 or image.shape[2] not in (3, 4):
             raise SpinedetError(f"numpy image of shape {image.shape}: expected H x W x 3 (uint8)")
-        tensor = torch.from_numpy(np.ascontiguousarray(image[:, :, :3])).permute(2, 0, 1)
+        if image.dtype.kind not in "uif":  # bool, complex, object: torch cannot take all
+            raise SpinedetError(f"numpy image of dtype {image.dtype}: {_DTYPES}")
+        array = np.ascontiguousarray(image[:, :, :3])
+        # np.asarray(PIL image) is read-only, and torch warns about sharing it on every call.
+        tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
+        tensor = tensor.permute(2, 0, 1)
     elif isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] != 3:
             raise SpinedetError(f"tensor image of shape {tuple(image.shape)}: expected 3 x H x W")
@@ -127,16 +135,44 @@ def to_image_tensor(image: ImageInput, bgr: bool = False) -> torch.Tensor:
         raise SpinedetError(f"cannot read an image from a {type(image).__name__}")
     if not tensor[0].numel():
         raise SpinedetError(f"an image of {tensor.shape[2]} x {tensor.shape[1]} pixels: empty")
+    tensor = _to_model_dtype(tensor)
     return tensor.flip(0) if bgr else tensor
+
+
+_DTYPES = "pass uint8 0..255 or float 0..1"
+
+
+def _to_model_dtype(tensor: torch.Tensor) -> torch.Tensor:
+    """uint8 as it is, float32 in [0, 1] otherwise; anything the model would misread (values
+    outside the range its dtype implies, bool) is an error rather than silently no detections."""
+    if tensor.dtype == torch.uint8:
+        return tensor
+    if tensor.dtype == torch.uint16:  # 16-bit images: the full range, like I;16 image files
+        return tensor.float() / 65535
+    if tensor.dtype == torch.bool or tensor.is_complex():
+        raise SpinedetError(f"image of dtype {tensor.dtype}: {_DTYPES}")
+    # torch has no aminmax for uint32/uint64; float64 tells 0..255 apart exactly.
+    wide = tensor.dtype in (torch.uint32, torch.uint64)
+    low, high = (tensor.double() if wide else tensor).aminmax()
+    if tensor.is_floating_point():
+        if not 0 <= float(low) <= float(high) <= 1:  # also false for NaN
+            raise SpinedetError(
+                f"float image with values {float(low):g}..{float(high):g}: {_DTYPES}"
+            )
+        return tensor.float()
+    if not 0 <= int(low) <= int(high) <= 255:
+        raise SpinedetError(f"{tensor.dtype} image with values {int(low)}..{int(high)}: {_DTYPES}")
+    return tensor.to(torch.uint8)
 
 
 class Predictor:
     """A detector (or classifier) ready for inference on images of any kind.
 
     ``Predictor(weights)`` loads a spinedet ``.safetensors`` file or run directory (or takes a
-    model); calling it on an image path, a PIL image, a numpy array (H x W x 3 uint8, RGB unless
-    ``bgr=True`` as OpenCV reads them), a (3, H, W) tensor (uint8, or float in [0, 1]) returns a
-    :class:`Detections`; on a list of them, a list, run ``batch_size`` images at a time.
+    model); calling it on an image path, a PIL image, a numpy array (H x W x 3, RGB unless
+    ``bgr=True`` as OpenCV reads them) or a (3, H, W) tensor, either uint8 or float in [0, 1]
+    (see :func:`to_image_tensor`), returns a :class:`Detections`; on a list of them, a list,
+    run ``batch_size`` images at a time.
 
     ``device`` defaults to CUDA when present. ``optimize`` (default) runs the model with
     BatchNorm folded, channels-last and oneDNN on CPU (:func:`optimize_for_inference`), equal to

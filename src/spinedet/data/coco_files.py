@@ -76,7 +76,8 @@ def _high_bit_depth_to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB: 16/32-bit grey scaled (not clipped), transparency composited on black."""
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
         image = _high_bit_depth_to_8bit(image)
     if image.mode == "P" and "transparency" in image.info:
@@ -105,7 +106,7 @@ def load_image(path: str | Path, size: tuple[int, int] | None = None) -> Image.I
                     raise DataError(problem, path)
                 if image.size != tuple(size):
                     image = stored.copy()
-            return _to_rgb(image)
+            return to_rgb(image)
     except DataError:
         raise
     except FileNotFoundError as e:
