@@ -154,6 +154,21 @@ def test_fine_tuning_inherits_architecture_not_runtime_options(tmp_path):
     assert architecture_options(path, "spinenet49s_retinanet") == {}
 
 
+def test_load_model_takes_a_run_directory(tmp_path):
+    torch.manual_seed(0)
+    best, last = small("spinenet49s_retinanet"), small("spinenet49s_retinanet")
+    spinedet.save_weights(last, tmp_path / "last.safetensors")
+    for weights in (last, best):  # its best weights, else its last
+        again = spinedet.load_model(tmp_path).state_dict()
+        assert all(torch.equal(again[k], v) for k, v in weights.state_dict().items())
+        spinedet.save_weights(best, tmp_path / "best.safetensors")
+    key = "head.classification_head.cls_logits.weight"
+    assert not torch.equal(best.state_dict()[key], last.state_dict()[key])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SpinedetError, match="empty: run directory holds no best/last"):
+        spinedet.load_model(tmp_path / "empty")
+
+
 def test_malformed_description_is_one_clear_error(tmp_path):
     path = tmp_path / "bad.safetensors"
     meta = {"description": {"family": "spinenet", "variant": 49, "task": "backbone"}}

@@ -13,7 +13,6 @@ from torchvision.models.detection.roi_heads import RoIHeads
 
 from .config import CONFIG_DIR, load_config, resolve_config_path
 from .models import create_model, describe, load_model
-from .models.weights import resolve_checkpoint
 
 __all__ = ["count_params", "count_macs", "model_info", "module_table", "resolve_source"]
 
@@ -90,7 +89,7 @@ def resolve_source(source: str | Path, num_classes: int | None = None) -> nn.Mod
 
     path = Path(source)
     if path.is_dir() or path.suffix == ".safetensors":
-        return load_model(resolve_checkpoint(path))
+        return load_model(path)
     if path.suffix in (".yaml", ".yml") or (CONFIG_DIR / f"{path.name}.yaml").is_file():
         resolve_config_path(path)  # a one-line error for a missing file
         model_config = load_config(path)["model"]

@@ -27,7 +27,6 @@ from .device import default_device
 from .errors import SpinedetError
 from .models import describe, load_model
 from .models.registry import task_of
-from .models.weights import resolve_checkpoint
 from .optimize import optimize_for_inference
 
 __all__ = ["Classes", "Detections", "ImageInput", "Predictor", "default_device", "to_image_tensor"]
@@ -193,9 +192,7 @@ class Predictor:
         masks: Literal["binary", "rle"] = "binary",
         top_k: int = 5,
     ) -> None:
-        model = (
-            weights if isinstance(weights, nn.Module) else load_model(resolve_checkpoint(weights))
-        )
+        model = weights if isinstance(weights, nn.Module) else load_model(weights)
         if task_of(model) is None:
             raise SpinedetError(f"{weights}: holds a backbone; Predictor needs a detector")
         if masks not in ("binary", "rle"):

@@ -26,7 +26,6 @@ from torch import nn
 
 from ..files import atomic_write, refuse_existing
 from ..models import create_model, describe, load_model
-from ..models.weights import resolve_checkpoint
 from .check import check_detector, check_sizes, load_check_images
 from .dense import DenseOutputs, ExportError
 from .graph import DetectorGraph
@@ -53,7 +52,7 @@ def resolve_model(model_or_path: nn.Module | str | Path, **overrides) -> nn.Modu
     if isinstance(model_or_path, nn.Module):
         return model_or_path
     if Path(model_or_path).exists():
-        return load_model(resolve_checkpoint(model_or_path), **overrides)
+        return load_model(model_or_path, **overrides)
     return create_model(str(model_or_path), **overrides)
 
 

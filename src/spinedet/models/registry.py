@@ -313,10 +313,13 @@ def build_from_description(description: ModelDescription, **overrides: Any) -> n
 def load_model(path: str | Path, **overrides: Any) -> nn.Module:
     """Rebuild the model a spinedet ``.safetensors`` file was saved from and load its weights.
 
-    ``overrides`` replace builder options, e.g. ``box_score_thresh=0.3`` for prediction.
+    ``path`` is the file or a run directory (its ``best.safetensors``, else its
+    ``last.safetensors``). ``overrides`` replace builder options, e.g. ``box_score_thresh=0.3``
+    for prediction.
     """
-    from .weights import read_weights, restore
+    from .weights import read_weights, resolve_checkpoint, restore
 
+    path = resolve_checkpoint(path)
     description, tensors, _ = read_weights(path)
     model = build_from_description(description, **overrides)
     return restore(model, tensors, description, path)
