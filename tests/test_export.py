@@ -218,6 +218,18 @@ def test_command_writes_beside_the_weights_and_never_replaces_a_file(retinanet, 
         args.func(args)  # refused before the export's slow trace and check
 
 
+def test_a_missing_file_is_no_such_file_not_an_unknown_model(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default output lands here
+    parser = argparse.ArgumentParser()
+    add_export_commands(parser.add_subparsers(dest="command"))
+    for missing in ("runs/q20/nonexist.safetensors", "nonexist.safetensors", "runs/q20"):
+        args = parser.parse_args(["export", missing, "--no-check"])
+        with pytest.raises(SpinedetError, match=rf"^{missing}: no such file$"):
+            args.func(args)
+    with pytest.raises(SpinedetError, match="unknown model 'spinenet49x'"):
+        export.resolve_model("spinenet49x")
+
+
 def test_help_names_run_directories():
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")

@@ -25,6 +25,14 @@ def test_info_on_weights_run_directory_and_recipe(tmp_path, capsys):
     assert info["model"] == "spinenet49s_maskrcnn" and info["image_size"] == [64, 64]
 
 
+def test_info_on_a_missing_file_is_no_such_file_not_an_unknown_model(tmp_path, capsys):
+    for missing in (tmp_path / "nonexist.safetensors", tmp_path / "run", "x.pt"):
+        assert main(["info", str(missing)]) == 2
+        assert f"{missing}: no such file" in capsys.readouterr().err
+    assert main(["info", "spinenet49x"]) == 2
+    assert "unknown model 'spinenet49x'" in capsys.readouterr().err
+
+
 def test_module_table_adds_up():
     model = spinedet.create_model("spinenet49s_maskrcnn", num_classes=3, **TINY_MODEL)
     rows = module_table(model, (64, 96), depth=1)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .errors import SpinedetError
 
-__all__ = ["atomic_write", "refuse_existing"]
+__all__ = ["atomic_write", "refuse_existing", "refuse_missing_path"]
 
 
 def _cannot_write(path: Path, error: OSError) -> OSError:
@@ -86,3 +86,14 @@ def refuse_existing(path: str | Path, overwrite: bool) -> Path:
     if path.exists() and not overwrite:
         raise SpinedetError(f"{path}: exists; pass --overwrite or choose another --out")
     return path
+
+
+def refuse_missing_path(source: str | Path) -> None:
+    """A one-line error when a model argument that was not found looks like a path (it has a
+    suffix or a directory separator, which registry and recipe names never have), so that a
+    mistyped file is not reported as an unknown model name."""
+    text = str(source)
+    if Path(text).exists():
+        return
+    if Path(text).suffix or os.sep in text or (os.altsep and os.altsep in text):
+        raise SpinedetError(f"{text}: no such file")

@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.detection.roi_heads import RoIHeads
 
 from .config import CONFIG_DIR, load_config, resolve_config_path
+from .files import refuse_missing_path
 from .models import create_model, describe, load_model
 
 __all__ = ["count_params", "count_macs", "model_info", "module_table", "resolve_source"]
@@ -88,7 +89,7 @@ def resolve_source(source: str | Path, num_classes: int | None = None) -> nn.Mod
     shipped recipe name (built as training would, with random weights)."""
 
     path = Path(source)
-    if path.is_dir() or path.suffix == ".safetensors":
+    if path.is_dir() or (path.suffix == ".safetensors" and path.exists()):
         return load_model(path)
     if path.suffix in (".yaml", ".yml") or (CONFIG_DIR / f"{path.name}.yaml").is_file():
         resolve_config_path(path)  # a one-line error for a missing file
@@ -97,6 +98,7 @@ def resolve_source(source: str | Path, num_classes: int | None = None) -> nn.Mod
         if num_classes is not None:
             options["num_classes"] = num_classes
         return create_model(model_config["name"], image_size=model_config["image_size"], **options)
+    refuse_missing_path(source)
     return create_model(str(source), num_classes=num_classes)
 
 

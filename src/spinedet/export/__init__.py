@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..files import atomic_write, refuse_existing
+from ..files import atomic_write, refuse_existing, refuse_missing_path
 from ..models import create_model, describe, load_model
 from .check import check_detector, check_sizes, load_check_images
 from .dense import DenseOutputs, ExportError
@@ -53,6 +53,7 @@ def resolve_model(model_or_path: nn.Module | str | Path, **overrides) -> nn.Modu
         return model_or_path
     if Path(model_or_path).exists():
         return load_model(model_or_path, **overrides)
+    refuse_missing_path(model_or_path)
     return create_model(str(model_or_path), **overrides)
 
 
