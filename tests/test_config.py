@@ -115,6 +115,16 @@ def test_validate_config_checks_a_dict_built_in_python():
         validate_config(cfg)
 
 
+def test_a_partial_dict_is_merged_over_the_defaults_and_validated():
+    cfg = load_config({"train": {"epochs": 3.0}, "data": {"train": {"images": "img"}}})
+    assert cfg == load_config(None, ["train.epochs=3", "data.train.images=img"])
+    assert type(cfg["train"]["epochs"]) is int
+    with pytest.raises(ConfigError, match=r"^config: train\.amp='fp8': expected one of auto"):
+        load_config({"train": {"amp": "fp8"}})
+    with pytest.raises(ConfigError, match=r"^config: unknown config key 'trian'"):
+        load_config({"trian": {}})
+
+
 def test_a_new_key_needs_only_its_default_and_optionally_a_rule(monkeypatch):
     monkeypatch.setitem(config.DEFAULTS["train"], "ema_every", 1)
     assert load_config(None, ["train.ema_every=3"])["train"]["ema_every"] == 3

@@ -14,9 +14,10 @@ from conftest import TINY_MODEL, free_port, tiny_config
 from safetensors.torch import load_file
 
 import spinedet
+from spinedet.config import ConfigError, load_config
 from spinedet.convert import convert_tf
 from spinedet.data import CocoDataset, DataError, eval_transforms
-from spinedet.engine import TrainingError, evaluate, loop, train
+from spinedet.engine import TrainingError, evaluate, loop, train, trainer
 from spinedet.engine.checkpoint import Checkpointer
 from spinedet.engine.evaluate import flat_metrics, sharded_val_loss
 from spinedet.models import rcnn
@@ -114,6 +115,32 @@ def test_a_stop_at_an_epoch_end_is_evaluated_on_resume(shapes, tmp_path, monkeyp
     assert state["step"] == 3
     train(config(), tmp_path / "crashed", resume=True, device="cpu")
     assert val_rows(tmp_path / "crashed") == val_rows(tmp_path / "straight")
+
+
+def test_train_takes_a_recipe_name_a_yaml_file_or_a_partial_dict(tmp_path, monkeypatch):
+    seen = []
+
+    class Recorder:  # the config the run would get, without training
+        def __init__(self, config: dict, *args) -> None:
+            seen.append(config)
+
+        def run(self, resume: bool) -> dict:
+            return {}
+
+    monkeypatch.setattr(trainer, "Trainer", Recorder)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  epochs: 7\n")
+    partial = {"train": {"epochs": 3}, "model": {"options": {"fc_dim": 64}}}
+    for config in ("quickstart", recipe, partial):
+        train(config, tmp_path / "run", device="cpu")
+    assert seen[0] == load_config("quickstart")
+    assert seen[1] == load_config(None, ["train.epochs=7"])
+    assert seen[2] == load_config(None, ["train.epochs=3", "model.options={fc_dim: 64}"])
+    assert partial == {"train": {"epochs": 3}, "model": {"options": {"fc_dim": 64}}}
+    with pytest.raises(ConfigError, match=r"^config: train\.epochs=0: expected an integer >= 1$"):
+        train({"train": {"epochs": 0}}, tmp_path / "run", device="cpu")
+    with pytest.raises(ConfigError, match="unknown config key 'train.epoch'"):
+        train({"train": {"epoch": 3}}, tmp_path / "run", device="cpu")
 
 
 def test_resume_without_checkpoint_and_reusing_a_run_are_clear_errors(shapes, tmp_path):

@@ -273,10 +273,16 @@ def resolve_config_path(name: str | Path) -> Path:
     raise ConfigError(f"{name}: no such config file (shipped recipes: {recipes})")
 
 
-def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> dict[str, Any]:
-    """Defaults, updated by a YAML file (path or shipped recipe name), then ``key=value`` pairs."""
+def load_config(
+    path: str | Path | dict[str, Any] | None = None, overrides: Iterable[str] = ()
+) -> dict[str, Any]:
+    """Defaults, updated by a YAML file (path or shipped recipe name) or a dict of the same
+    sections (any subset of them), then ``key=value`` pairs; every value validated."""
     config = copy.deepcopy(DEFAULTS)
-    if path is not None:
+    if isinstance(path, dict):
+        _merge(config, copy.deepcopy(path), "", "config")
+        validate_config(config, "config: ")
+    elif path is not None:
         path = resolve_config_path(path)
         try:
             loaded = _parse_yaml(path.read_text()) or {}

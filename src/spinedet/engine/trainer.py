@@ -5,7 +5,6 @@ accumulation, AMP on CUDA, DDP under torchrun, atomic checkpoints and exact resu
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from contextlib import nullcontext
@@ -443,16 +442,19 @@ class _Interval:
 
 
 def train(
-    config: dict, out_dir: str | Path, resume: bool = False, device: str | None = None
+    config: dict | str | Path, out_dir: str | Path, resume: bool = False, device: str | None = None
 ) -> dict:
     """Train a detector as ``config`` says, writing checkpoints, logs and curves to ``out_dir``.
 
+    ``config`` is a recipe name (``"quickstart"``), a YAML file, or a dict of any of its
+    sections and keys (e.g. ``{"data": {...}, "train": {"epochs": 12}}``), merged over the
+    defaults and validated as ``spinedet train`` does (:func:`spinedet.config.load_config`).
     Runs single-process, or as one of many processes when launched by ``torchrun`` (DDP; SyncBN
     on GPUs). ``resume`` continues from ``out_dir/checkpoints/last.pt``; ``config`` may then
     differ from the run's ``config.yaml`` only in :data:`RESUME_MAY_CHANGE`. Rank 0 holds a
     lock on ``out_dir`` for the whole run.
     """
-    config = copy.deepcopy(config)
+    config = load_config(config)
     out = Path(out_dir)
     info = distributed.setup(device, config["train"]["dist_timeout_min"])
     lock = RunLock(out) if distributed.is_main(info) else nullcontext()
