@@ -395,3 +395,10 @@ def test_checkpoint_and_model_must_fit(tmp_path):
     with pytest.raises(ConversionError, match=r"646 mis-shaped: .* \(32,\) -> backbone.stem"):
         convert_tf(CLASSIFIER, "spinenet49_classifier", out)  # full width: another scaling
     assert not out.exists()
+
+
+def test_help_says_mask_rcnn_converts_whole(capsys):
+    with pytest.raises(SystemExit):
+        main(["convert-tf", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "backbone only" not in text and "Mask R-CNN (backbone, RPN, box and mask heads)" in text

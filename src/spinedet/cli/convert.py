@@ -30,7 +30,8 @@ def add_convert_commands(subparsers: argparse._SubParsersAction) -> None:
         "safetensors",
         description="Read, without TensorFlow, a Model Garden (TF2) checkpoint of a SpineNet or "
         "SpineNet-Mobile backbone, RetinaNet, Faster R-CNN or Mask R-CNN, or a tensorflow/tpu "
-        "(TF1) checkpoint of a SpineNet classifier, RetinaNet, or (backbone only) Mask R-CNN. "
+        "(TF1) checkpoint of a SpineNet classifier, RetinaNet or Mask R-CNN (backbone, RPN, box "
+        "and mask heads). "
         "Give a checkpoint prefix (ckpt-N, model.ckpt-N), one of its files, or its directory.",
     )
     p.add_argument("checkpoint", help="ckpt-N prefix, one of its files, or its directory")
