@@ -3,6 +3,8 @@ at two sizes and batch sizes other than the traced one; the dense part still exp
 
 import argparse
 import json
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -228,6 +230,24 @@ def test_a_missing_file_is_no_such_file_not_an_unknown_model(tmp_path, monkeypat
             args.func(args)
     with pytest.raises(SpinedetError, match="unknown model 'spinenet49x'"):
         export.resolve_model("spinenet49x")
+
+
+def test_torchscript_loads_with_torchvision_and_without_spinedet(retinanet, tmp_path, capsys):
+    save_weights(retinanet, tmp_path / "best.safetensors")
+    parser = argparse.ArgumentParser()
+    add_export_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["export", str(tmp_path), "--format", "torchscript", "--no-check"])
+    assert args.func(args) == 0
+    assert "load: import torchvision" in capsys.readouterr().out
+    # A fresh process, as a user's: torch.jit.load alone does not know torchvision::nms.
+    load = (
+        "import sys, torch\n{}m = torch.jit.load(sys.argv[1])\nassert 'spinedet' not in sys.modules"
+    )
+    for imports, ok in (("", False), ("import torchvision\n", True)):
+        command = [sys.executable, "-W", "ignore", "-c", load.format(imports)]
+        run = subprocess.run([*command, str(tmp_path / "best.pt")], capture_output=True, text=True)
+        assert (run.returncode == 0) == ok, run.stderr
+        assert ok or "Unknown builtin op: torchvision::nms" in run.stderr
 
 
 def test_help_names_run_directories():

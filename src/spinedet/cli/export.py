@@ -57,6 +57,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
           f"{result['image_size']}")  # fmt: skip
     for name, what in result["outputs"].items():
         print(f"  {name}: {what}")
+    if args.format == "torchscript":  # torch.jit.load alone fails: torchvision::nms unknown
+        print("  load: import torchvision (its NMS and RoIAlign ops), then torch.jit.load; "
+              "spinedet is not needed")  # fmt: skip
     stats = result["check"]
     if stats:
         runtime = "onnxruntime" if args.format == "onnx" else "TorchScript"

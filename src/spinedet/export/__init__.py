@@ -230,7 +230,8 @@ def export_torchscript(
     input_dtype: str = "uint8",
     overwrite: bool = False,
 ) -> dict:
-    """Export a detector to TorchScript at ``out`` (``torch.jit.load`` it; the metadata of
+    """Export a detector to TorchScript at ``out`` (``import torchvision`` for its NMS and
+    RoIAlign ops, then ``torch.jit.load`` it; spinedet is not needed; the metadata of
     :func:`export_metadata` is the archive's ``spinedet.json``), checked like
     :func:`export_onnx` with the saved module; an existing ``out`` is replaced only with
     ``overwrite``."""
