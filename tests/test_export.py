@@ -264,3 +264,42 @@ def test_torchscript_from_a_file_at_another_size_as_onnx_does(retinanet, tmp_pat
     for write, suffix in ((export_torchscript, "pt"), (export_onnx, "onnx")):
         result = write(weights, tmp_path / f"r96.{suffix}", image_size=96, check=False)
         assert result["image_size"] == 96, suffix
+
+
+def test_classifier_exports_at_its_own_size_with_its_classes(tmp_path, capsys):
+    model = create_model("spinenet49s_classifier", class_names=["a", "b"], image_size=32, **SMALL)
+    weights = tmp_path / "run" / "best.safetensors"
+    save_weights(model, weights)
+    parser = argparse.ArgumentParser()
+    add_export_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["export", str(weights.parent)])
+    assert args.func(args) == 0
+    assert "exported classifier at 32 px" in capsys.readouterr().out  # was 640
+    out = weights.with_suffix(".onnx")
+    proto = onnx.load(str(out))
+    dims = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 3, 32, 32]
+    meta = {p.key: json.loads(p.value) for p in proto.metadata_props}
+    assert meta["class_names"] == ["a", "b"] and meta["category_ids"] == [0, 1]
+    assert meta["spinedet_description"]["task"] == "classifier"
+    assert meta["input"]["image_size"] == 32 and meta["input"]["dtype"] == "float32"
+    assert meta["input"]["normalisation"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert set(meta["outputs"]) == {"logits"} and "(1, 2)" in meta["outputs"]["logits"]
+    images = torch.randn(1, 3, 32, 32)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"images": images.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, model.eval()(images).numpy(), atol=1e-4)
+
+
+def test_dense_detector_and_backbone_metadata(tmp_path):
+    model = create_model("spinenet49s_retinanet", categories=CATEGORIES, image_size=64, **SMALL)
+    export_onnx(model, tmp_path / "d.onnx", dense=True, check=False)
+    meta = {p.key: json.loads(p.value) for p in onnx.load(str(tmp_path / "d.onnx")).metadata_props}
+    assert meta["category_ids"] == [3, 7] and meta["input"]["range"] == [0.0, 1.0]
+    assert meta["input"]["normalisation"]["applied"] == "inside the graph"
+    assert "label 0 the background" in meta["outputs"]["cls_logits"]
+    export_onnx(create_model("spinenet49s", **SMALL), tmp_path / "b.onnx", image_size=64)
+    meta = {p.key: json.loads(p.value) for p in onnx.load(str(tmp_path / "b.onnx")).metadata_props}
+    assert "class_names" not in meta and set(meta["outputs"]) == {f"p{i}" for i in range(3, 8)}
+    assert "stride 8" in meta["outputs"]["p3"]

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..data.transforms import CENTER_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD
 from ..files import atomic_write, refuse_existing, refuse_missing_path
 from ..models import create_model, describe, load_model
 from .check import check_detector, check_sizes, load_check_images
@@ -59,14 +60,89 @@ def resolve_model(model_or_path: nn.Module | str | Path, **overrides) -> nn.Modu
 
 def _default_size(model: nn.Module) -> int:
     transform = getattr(model, "transform", None)
-    return int(transform.max_size) if transform is not None else 640
+    if transform is not None:
+        return int(transform.max_size)
+    # A classifier keeps the square size it was built for; a bare backbone has none.
+    return int(getattr(model, "image_size", 640))
 
 
-def export_metadata(graph: DetectorGraph, image_size: int) -> dict[str, str]:
-    """What an exported detector carries (ONNX ``metadata_props``, TorchScript's
-    ``spinedet.json``): JSON strings of the model description, class names, category ids, and
-    the input and output contract."""
-    description = describe(graph.model)
+def _normalisation(graph: DetectorGraph | DenseOutputs) -> dict | str:
+    """How the input is normalised: inside the graph (detectors), by the caller (classifiers
+    read normalised images), or not at all (a backbone takes its input as given)."""
+    kind = graph.kind if isinstance(graph, DenseOutputs) else graph.task
+    if kind == "backbone":
+        return "none: the input is used as given"
+    if kind == "classifier":
+        return {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                "applied": "by the caller: feed (x - mean) / std of RGB x in [0, 1]"}  # fmt: skip
+    return {"mean": graph.mean.flatten().tolist(), "std": graph.std.flatten().tolist(),
+            "applied": "inside the graph"}  # fmt: skip
+
+
+def _dense_contract(
+    graph: DenseOutputs, size: int, shapes: Mapping[str, Sequence[int]]
+) -> tuple[dict, dict[str, str]]:
+    """The dense part's input contract and what each of its outputs (of ``shapes``) holds."""
+    if graph.description.background:
+        labels = "label i + 1 is class i of class_names / category_ids, label 0 the background"
+    else:
+        labels = "label i is class i of class_names / category_ids"
+    meaning = {
+        "logits": f"per label; {labels}",
+        "cls_logits": f"per anchor and label; {labels}",
+        "bbox_regression": "per anchor, deltas to decode against anchors (BoxCoder weights 1)",
+        "objectness": "per anchor, the RPN's objectness logit",
+        "rpn_bbox_regression": "per anchor, the RPN's deltas against anchors",
+        "anchors": f"xyxy pixels of the {size} x {size} input, the same for every image",
+    }
+    outputs = {}
+    for name, shape in shapes.items():
+        what = meaning.get(name) or f"features at stride {2 ** int(name[1:])}"  # p3 .. p7
+        outputs[name] = f"{tuple(shape)} float32 {what}"
+    if graph.kind == "classifier":
+        resize = (f"short side to round({size} / {CENTER_CROP_FRACTION}), centre {size} x "
+                  f"{size} crop (spinedet's classification_eval_transforms)")  # fmt: skip
+    elif graph.kind == "backbone":
+        resize = "none"
+    else:
+        resize = f"resize so the longer side is {size}, zero-pad to {size} x {size}"
+    batch = next(iter(shapes.values()))[0] if shapes else "N"
+    contract = {
+        "name": "images",
+        "shape": [batch, 3, size, size],
+        "dtype": "float32",
+        "range": [0.0, 1.0] if graph.kind in ("retinanet", "rcnn") else "normalised",
+        "channels": "RGB",
+        "image_size": size,
+        "resize": resize,
+        "normalisation": _normalisation(graph),
+    }
+    return contract, outputs
+
+
+def export_metadata(
+    graph: DetectorGraph | DenseOutputs,
+    image_size: int,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+) -> dict[str, str]:
+    """What an exported model carries (ONNX ``metadata_props``, TorchScript's
+    ``spinedet.json``): JSON strings of the model description, class names and category ids
+    (not for a backbone), and the input and output contract. ``shapes``: the dense part's
+    output shapes, as exported."""
+    if isinstance(graph, DenseOutputs):
+        description = graph.description
+        contract, outputs = _dense_contract(graph, image_size, shapes or {})
+    else:
+        description = describe(graph.model)
+        contract, outputs = _detector_contract(graph, image_size)
+    meta = {"spinedet_description": json.dumps(description.to_json())}
+    if description.task != "backbone":
+        meta["class_names"] = json.dumps(description.class_names)
+        meta["category_ids"] = json.dumps([c.id for c in description.categories])
+    return meta | {"input": json.dumps(contract), "outputs": json.dumps(outputs)}
+
+
+def _detector_contract(graph: DetectorGraph, image_size: int) -> tuple[dict, dict[str, str]]:
     dtype = "uint8" if graph.dtype == torch.uint8 else "float32"
     k = graph.max_detections
     outputs = {
@@ -86,14 +162,9 @@ def export_metadata(graph: DetectorGraph, image_size: int) -> dict[str, str]:
         "image_size": image_size,
         "resize": f"none inside: resize so the longer side is {image_size} (the model's size); "
         "any H and W work, padded inside to a multiple of 32",
+        "normalisation": _normalisation(graph),
     }
-    return {
-        "spinedet_description": json.dumps(description.to_json()),
-        "class_names": json.dumps(description.class_names),
-        "category_ids": json.dumps([c.id for c in description.categories]),
-        "input": json.dumps(contract),
-        "outputs": json.dumps(outputs),
-    }
+    return contract, outputs
 
 
 def _require_onnx() -> None:
@@ -136,6 +207,16 @@ def _result(graph: DetectorGraph, out: str | Path, fmt: str, size: int) -> dict:
         "outputs": json.loads(export_metadata(graph, size)["outputs"]),
         "check": None,
     }
+
+
+def _add_onnx_metadata(path: str, metadata: dict[str, str]) -> None:
+    import onnx
+
+    proto = onnx.load(path)
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, path)
 
 
 def _trace(graph: DetectorGraph, example: torch.Tensor) -> torch.jit.ScriptModule:
@@ -195,7 +276,6 @@ def export_onnx(
         axes["masks"] = {0: "N", 2: "H", 3: "W"}
 
     def write(tmp: str) -> None:
-        import onnx
         import onnxruntime as ort
 
         with torch.no_grad(), warnings.catch_warnings():
@@ -204,11 +284,7 @@ def export_onnx(
                 _trace(graph, example), (example,), tmp, dynamo=False, opset_version=OPSET,
                 input_names=["images"], output_names=names, dynamic_axes=axes,
             )  # fmt: skip
-        proto = onnx.load(tmp)
-        for key, value in export_metadata(graph, size).items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
-        onnx.save(proto, tmp)
+        _add_onnx_metadata(tmp, export_metadata(graph, size))
         if check:
             session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
 
@@ -271,7 +347,9 @@ def _export_dense_onnx(
     check: bool,
     batch_size: int,
 ) -> dict:
-    """The dense part (:class:`DenseOutputs`) for an ``(batch_size, 3, S, S)`` float input.
+    """The dense part (:class:`DenseOutputs`) for an ``(batch_size, 3, S, S)`` float input, ``S``
+    by default the size the model was built for, with :func:`export_metadata`'s
+    ``metadata_props`` (for a classifier: its class names and the normalisation it expects).
 
     With ``check``, onnxruntime runs the file on a random image and every output must be within
     ``1e-4 * max(1, max|output|)`` of PyTorch's (float32 rounding is relative to the outputs'
@@ -301,6 +379,7 @@ def _export_dense_onnx(
                 graph, (images,), tmp, dynamo=False, opset_version=OPSET,
                 input_names=["images"], output_names=graph.output_names,
             )  # fmt: skip
+        _add_onnx_metadata(tmp, export_metadata(graph, size, result["outputs"]))
         if check:
             result["max_abs_diff"] = _check_dense(tmp, images, graph.output_names, expected)
 

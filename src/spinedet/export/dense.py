@@ -42,9 +42,10 @@ class DenseOutputs(nn.Module):
         super().__init__()
         self.image_size = image_size
         try:
-            task = describe(model).task
+            self.description = describe(model)  # for the export's metadata
         except SpinedetError as e:
             raise ExportError(f"cannot export: {e}") from None
+        task = self.description.task
         if task in ("backbone", "classifier"):  # the input is used as given (normalised)
             self.kind, self.backbone, self.model = task, getattr(model, "backbone", model), model
             return
