@@ -158,6 +158,37 @@ def test_predict_video_annotation_ids_and_no_draw(checkpoint, shapes, tmp_path):
     ]
 
 
+def test_predict_annotation_ids_by_path_then_unique_base_name(
+    checkpoint, shapes, tmp_path, capsys, caplog
+):
+    source = sorted(shapes["images"].iterdir())[0].read_bytes()
+    for name in ("a/x.png", "b/x.png", "c/x.png", "d/u.png", "new.png"):
+        (tmp_path / "pimg" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "pimg" / name).write_bytes(source)
+    ann = tmp_path / "ann.json"
+    images = [{"id": 101, "file_name": "a/x.png"}, {"id": 202, "file_name": "b/x.png"},
+              {"id": 2, "file_name": "other/u.png"}]  # fmt: skip
+    ann.write_text(json.dumps({"images": images, "annotations": [], "categories": []}))
+    pimg, out = tmp_path / "pimg", tmp_path / "out"
+    inputs = [str(pimg / "[ab]" / "x.png"), str(pimg / "new.png"), str(pimg / "d" / "u.png")]
+    argv = ["predict", str(checkpoint), *inputs, "--out", str(out), "--annotations", str(ann),
+            "--no-draw"]  # fmt: skip
+    assert main(argv) == 0
+    lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    ids = {Path(r["file_name"]).relative_to(pimg).as_posix(): r["image_id"] for r in lines}
+    # By path (was: both 202), by unique base name, the rest above the json's ids (was 2: u's).
+    assert ids == {"a/x.png": 101, "b/x.png": 202, "d/u.png": 2, "new.png": 203}
+    assert "1 of 4 input(s) not in" in caplog.text and "numbered from image id 203" in caplog.text
+    # A base name of several entries that no path tells apart is refused.
+    argv = ["predict", str(checkpoint), str(pimg / "c" / "x.png"), "--out", str(tmp_path / "o2"),
+            "--annotations", str(ann), "--no-draw"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        f"{pimg / 'c' / 'x.png'}: its base name matches 2 images of {ann} (a/x.png, b/x.png)" in err
+    )
+
+
 def test_help_shows_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["predict", "--help"])

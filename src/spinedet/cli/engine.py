@@ -118,8 +118,9 @@ def add_engine_commands(sub: argparse._SubParsersAction) -> None:
                    help="write masks as PNGs under OUT/masks: one per instance (0/255), "
                    "or one per image (pixel i = instance i, 0 = none)")  # fmt: skip
     p.add_argument("--annotations", default=None,
-                   help="COCO json whose image ids (matched by file name) go into the JSON; "
-                   "otherwise images are numbered in order")  # fmt: skip
+                   help="COCO json whose image ids go into the JSON, matched by the end of "
+                   "each file's path, else by a base name only one of its images has; other "
+                   "images are numbered above its ids (otherwise all in order from 0)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--top-k", type=at_least(1), default=5,
                    help="classifiers: how many of the most probable classes are printed and "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from torch import nn
 
 from ..data import CocoDataset, ImageFolderDataset
 from ..data.transforms import classification_eval_transforms, eval_transforms
-from ..errors import SpinedetError
+from ..errors import SpinedetError, shorten
 from ..files import atomic_write
 from ..models import describe, load_model
 from ..models.registry import task_of
@@ -24,7 +25,7 @@ from .analysis import write_analysis
 from .classification import evaluate_classifier
 from .distributed import flush_denormals
 from .evaluate import evaluate_distributed
-from .predict import PredictionReport, collect_inputs, predict_images
+from .predict import InputItem, PredictionReport, collect_inputs, predict_images
 from .runtime import loader_workers
 from .trainer import train
 
@@ -153,7 +154,8 @@ def predict(
     A classifier's records hold its ``top_k`` classes and probabilities instead of detections
     (no drawings). Raises :class:`PredictError` after writing everything else when inputs were
     unreadable,
-    naming them; with ``annotations`` (a COCO file), image ids are that file's.
+    naming them; with ``annotations`` (a COCO file), image ids are that file's (see
+    :func:`_image_ids`), and the others' are above all of them.
     """
     flush_denormals()
     predictor = Predictor(checkpoint, device, score_threshold, optimize, batch_size, "binary",
@@ -161,9 +163,10 @@ def predict(
     items, skipped = collect_inputs(inputs, exclude=out_dir)
     if not items and not skipped:
         raise SpinedetError(f"no images or videos found in {', '.join(map(str, inputs))}")
-    image_ids = _image_ids(annotations) if annotations is not None else None
-    report = predict_images(predictor, items, out_dir, image_ids=image_ids, every=every,
-                            draw=draw, save_masks=save_masks, overwrite=overwrite)  # fmt: skip
+    image_ids, first_id = _image_ids(annotations, items) if annotations is not None else ({}, 0)
+    report = predict_images(predictor, items, out_dir, image_ids=image_ids, first_id=first_id,
+                            every=every, draw=draw, save_masks=save_masks,
+                            overwrite=overwrite)  # fmt: skip
     report.skipped[:0] = skipped
     if report.skipped:
         listed = "; ".join(f"{path} ({why})" for path, why in report.skipped)
@@ -174,11 +177,45 @@ def predict(
     return report
 
 
-def _image_ids(annotations: str | Path) -> dict[str, int]:
-    """COCO file name (and base name) -> image id."""
+def _image_ids(annotations: str | Path, items: Sequence[InputItem]) -> tuple[dict[Path, int], int]:
+    """The COCO image id of each input image found in ``annotations`` (by its path), and the
+    first id above all of the file's, from which the others are numbered.
+
+    An entry's ``file_name`` is relative to the data set's image directory, so a file matches
+    the entry whose whole ``file_name`` ends its path (the longest, when several do); failing
+    that, by base name, only where one entry has it: a base name that several share and no path
+    tells apart is an error (any of them could be meant).
+    """
     try:
         images = json.loads(Path(annotations).read_text())["images"]
-        ids = {str(im["file_name"]): int(im["id"]) for im in images}
+        ids = {Path(os.path.normpath(str(im["file_name"]))).parts: int(im["id"]) for im in images}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SpinedetError(f"{annotations}: not a COCO annotation file ({e})") from None
-    return {**{Path(name).name: i for name, i in ids.items()}, **ids}
+    by_base: dict[str, list[tuple[str, ...]]] = {}
+    for parts in filter(None, ids):  # an empty file_name names no file
+        by_base.setdefault(parts[-1], []).append(parts)
+    found: dict[Path, int] = {}
+    unmatched = 0
+    for item in items:
+        parts = Path(os.path.abspath(item.path)).parts
+        path_match = next((parts[-n:] for n in range(len(parts), 0, -1) if parts[-n:] in ids), None)
+        same_base = by_base.get(parts[-1], [])
+        if item.is_video:
+            unmatched += 1  # its frames are not the json's images
+        elif path_match is not None:
+            found[item.path] = ids[path_match]
+        elif len(same_base) == 1:
+            found[item.path] = ids[same_base[0]]
+        elif same_base:
+            names = shorten(sorted("/".join(c) for c in same_base))
+            raise SpinedetError(
+                f"{item.path}: its base name matches {len(same_base)} images of {annotations} "
+                f"({names}) but its path none: give the folder their file names are relative to"
+            )
+        else:
+            unmatched += 1
+    first = max(ids.values(), default=-1) + 1
+    if unmatched:
+        log.warning("%d of %d input(s) not in %s: numbered from image id %d",
+                    unmatched, len(items), annotations, first)  # fmt: skip
+    return found, first

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import glob
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,7 +165,8 @@ def predict_images(
     items: Sequence[InputItem],
     out_dir: str | Path,
     *,
-    image_ids: dict[str, int] | None = None,
+    image_ids: Mapping[Path, int] | None = None,
+    first_id: int = 0,
     every: int = 1,
     draw: bool = True,
     save_masks: str | None = None,
@@ -174,8 +175,9 @@ def predict_images(
     """Run ``predictor`` on the inputs in batches; draw into ``out_dir/<name>.png``, save masks
     under ``out_dir/masks/`` and write ``predictions.jsonl`` and ``predictions.json``.
 
-    ``image_ids`` maps file names (as in a COCO file: relative path or base name) to image ids;
-    other images are numbered in order. Existing files are never replaced unless ``overwrite``.
+    ``image_ids`` maps input image files (:attr:`InputItem.path`) to image ids; the other
+    images and video frames are numbered in order from ``first_id``. Existing files are never
+    replaced unless ``overwrite``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -191,7 +193,8 @@ def predict_images(
         if draw and not item.is_video and not predictor.classifier:
             target(out / item.name.with_suffix(".png"))
     results: list[dict] = []
-    counter = 0
+    counter = first_id
+    ids = image_ids or {}
     num_classes = len(predictor.description.categories)
 
     def finish(batch: list[tuple[InputItem, torch.Tensor]], sink) -> None:
@@ -199,10 +202,9 @@ def predict_images(
         for (item, image), det in zip(
             batch, predictor.predict_batch([b[1] for b in batch]), strict=True
         ):
-            ids = image_ids or {}
-            relative = str(item.name.with_suffix(item.path.suffix))
-            image_id = ids.get(relative, ids.get(item.path.name, counter))
-            counter += 1
+            image_id = ids.get(item.path) if item.frame is None else None
+            if image_id is None:
+                image_id, counter = counter, counter + 1
             if draw and not predictor.classifier:  # a classifier has no boxes to draw
                 drawn = draw_detections(image, det, num_classes)
                 Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(
