@@ -1,22 +1,29 @@
 """Fast paths compute what the plain ones do: host-counted BatchNorm, batched head outputs and
-losses, level-sorted RoIAlign, RoIAlign as matrix products for CPU training. Each is compared
+losses, level-sorted RoIAlign, RoIAlign as matrix products for CPU training, box coding and
+normalisation with constants copied to the device once. Each is compared
 with the plain computation (torchvision's where it has one, else the per-level / per-image loop
 written out here)."""
 
 import copy
+import traceback
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.retinanet import (
     RetinaNetClassificationHead,
     RetinaNetRegressionHead,
 )
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import roi_align
 
 import spinedet
 from spinedet.models.heads import PyramidRoIAlign, _per_anchor
+from spinedet.models.host_data import DeviceBoxCoder
 from spinedet.models.layers import BatchNorm2d
+from spinedet.models.pixel_boxes import PixelBoxCoder
 from spinedet.models.separable_roi_align import separable_roi_align
 
 
@@ -197,3 +204,84 @@ def test_separable_roi_align_equals_torchvision(sampling_ratio):
     (fast_grad,) = torch.autograd.grad((fast * weights).sum(), features)
     assert close(fast_grad, grad) and fast_grad[1].abs().max() == 0
     assert separable_roi_align(features, rois[:0], size, scale, 1).shape == (0, 5, 7, 6)
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)])
+def test_device_box_coder_equals_torchvision(weights, device):
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(50, 2, generator=g) * 100
+    boxes = torch.cat([xy, xy + 1 + torch.rand(50, 2, generator=g) * 60], 1).to(device)
+    gt = boxes.flip(0) + torch.rand(50, 4, generator=g).to(device)
+    codes = (torch.randn(50, 4 * 3, generator=g) * 3).to(device)  # 3 classes, some clipped
+    plain, fast = BoxCoder(weights), DeviceBoxCoder(weights)
+    assert torch.equal(fast.encode_single(gt, boxes), plain.encode_single(gt, boxes))
+    assert torch.equal(fast.decode_single(codes, boxes), plain.decode_single(codes, boxes))
+    half = codes.to(torch.bfloat16)
+    assert torch.equal(fast.decode_single(half, boxes), plain.decode_single(half, boxes))
+
+    # tensorflow/tpu's pixel-index boxes: torchvision's coder on boxes one pixel longer.
+    pixel = PixelBoxCoder(weights)
+    unit = torch.tensor([0.0, 0.0, 1.0, 1.0], device=device)
+    encoded = plain.encode_single(gt + unit, boxes + unit)
+    assert torch.equal(pixel.encode_single(gt, boxes), encoded)
+    decoded = plain.decode_single(codes, boxes + unit) - unit.repeat(3)
+    assert torch.equal(pixel.decode_single(codes, boxes), decoded)
+
+
+def test_detection_transform_normalizes_as_torchvision(device):
+    model = spinedet.create_model("spinenet49s_retinanet", num_classes=3, filter_scale=0.25)
+    image = torch.rand(3, 20, 30, device=device)
+    plain = GeneralizedRCNNTransform.normalize(model.transform, image)
+    assert torch.equal(model.transform.normalize(image), plain)
+    double = image.double()  # a constant per dtype
+    plain = GeneralizedRCNNTransform.normalize(model.transform, double)
+    assert torch.equal(model.transform.normalize(double), plain)
+
+
+class _HostWaits(TorchDispatchMode):
+    """Records the ops of a step that wait for a GPU: values read back, and tensors made from
+    Python data other than by ``host_data.device_tensor`` (which queues its copy)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+        self.copies: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in ("_local_scalar_dense", "nonzero"):
+            self.reads.append(name)
+        if name in ("lift_fresh", "lift_fresh_copy"):
+            frames = traceback.extract_stack()
+            if not any(f.name == "device_tensor" and f.filename.endswith("host_data.py")
+                       for f in frames):  # fmt: skip
+                self.copies.append(" <- ".join(f"{f.name}:{f.lineno}" for f in frames[-4:-1]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    "name,options",
+    [
+        ("spinenet49s_retinanet", {}),
+        ("spinenet49s_maskrcnn", {}),
+        ("spinenet49s_maskrcnn", {"box_convention": "tpu"}),
+    ],
+)
+def test_training_step_copies_to_the_device_without_waiting(name, options):
+    """On a GPU ``torch.tensor(values, device=...)`` waits for everything queued before it; a
+    training step makes none of those (after its first, which caches the constants). A
+    RetinaNet step reads nothing back but torchvision's check of each image's boxes."""
+    torch.manual_seed(0)
+    model = spinedet.create_model(name, num_classes=4, filter_scale=0.25, image_size=64, **options)
+    model.train()
+    images = [torch.rand(3, 64, 64) for _ in range(2)]
+    boxes = torch.tensor([[4.0, 6.0, 40.0, 30.0], [20.0, 10.0, 60.0, 58.0]])
+    masks = torch.zeros(2, 64, 64, dtype=torch.uint8)
+    masks[0, 6:30, 4:40] = masks[1, 10:58, 20:60] = 1
+    targets = [{"boxes": boxes, "labels": torch.tensor([1, 3]), "masks": masks}] * 2
+    sum(model(images, targets).values()).backward()  # constants cached
+    with _HostWaits() as waits:
+        sum(model(images, targets).values()).backward()
+    assert waits.copies == []
+    if "retinanet" in name:
+        assert waits.reads == ["_local_scalar_dense"] * len(images)

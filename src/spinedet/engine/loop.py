@@ -105,8 +105,9 @@ class Stepper:
     def _to_device(self, batch: Batch) -> Batch:
         images, targets = batch
         images = [img.to(self.device, non_blocking=True) for img in images]
-        targets = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()}
-                   for t in targets]  # fmt: skip
+        # Queued, not waited for: the loader pins the batch on a GPU, so the copies overlap.
+        targets = [{k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+                    for k, v in t.items()} for t in targets]  # fmt: skip
         return images, targets
 
     def backward(

@@ -13,6 +13,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 
 from ..errors import ModelError
@@ -25,6 +26,7 @@ from .heads import (
     rcnn_mask_predictor,
     retinanet_head,
 )
+from .host_data import DeviceBoxCoder
 from .layers import ACTIVATIONS, make_norm
 from .matching import match, pad_boxes, pairwise_iou
 from .pixel_boxes import BOX_CONVENTIONS, PixelBoxCoder, corner_boxes, use_pixel_boxes
@@ -98,10 +100,14 @@ def _finish(
         raise ModelError(
             f"unknown box_convention {box_convention!r}; expected one of {BOX_CONVENTIONS}"
         )
-    # Whole-batch selection and mask pasting (the same detections, see models.postprocess).
+    # Whole-batch selection and mask pasting (the same detections, see models.postprocess),
+    # and box coders that copy their weights to the device once (models.host_data).
     model.transform.__class__ = DetectionTransform
     if hasattr(model, "roi_heads"):
         model.rpn.__class__, model.roi_heads.__class__ = BatchedRPN, BatchedRoIHeads
+    for module in model.modules():
+        if type(getattr(module, "box_coder", None)) is BoxCoder:
+            module.box_coder.__class__ = DeviceBoxCoder
     if box_convention == "tpu":
         use_pixel_boxes(model)
     if getattr(model.backbone, "downsample", None) == "tpu":

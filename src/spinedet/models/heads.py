@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from functools import partial
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign, roi_align, sigmoid_focal_loss
 from torchvision.ops.misc import Conv2dNormActivation
 
+from .host_data import device_tensor
 from .separable_roi_align import separable_pays, separable_roi_align
 
 
@@ -205,11 +207,9 @@ def _per_anchor_targets(
     """
     matched = torch.stack(matched_idxs)
     values = [t[key] for t in targets]
-    starts = [0]
-    for v in values:
-        starts.append(starts[-1] + len(v))
+    starts = [0, *accumulate(len(v) for v in values)]
     pool = torch.cat([*values, filler[None].to(values[0].dtype)])
-    offsets = torch.tensor(starts[:-1], device=matched.device)[:, None]
+    offsets = device_tensor(starts[:-1], matched.device)[:, None]
     index = torch.where(matched >= 0, matched + offsets, starts[-1])
     return matched, pool[index]
 
@@ -314,7 +314,7 @@ class TowerRegressionHead(RetinaNetRegressionHead):
             return super().compute_loss(targets, head_outputs, anchors, matched_idxs)
         regression = head_outputs["bbox_regression"]
         # Anchors without a target are encoded against a unit box (finite, then masked out).
-        unit = torch.tensor([0.0, 0.0, 1.0, 1.0], device=regression.device)
+        unit = device_tensor([0.0, 0.0, 1.0, 1.0], regression.device)
         matched, boxes = _per_anchor_targets(targets, matched_idxs, "boxes", unit)
         n, a = matched.shape
         target_regression = self.box_coder.encode_single(

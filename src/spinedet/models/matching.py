@@ -16,6 +16,8 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from torchvision.models.detection._utils import Matcher
 
+from .host_data import device_tensor
+
 __all__ = ["balanced_sample", "match", "pad_boxes", "pad_rows", "pairwise_iou"]
 
 
@@ -24,13 +26,12 @@ def pad_rows(rows: list[Tensor]) -> tuple[Tensor, Tensor]:
     rows are real, (B, N)."""
     lengths = [len(r) for r in rows]
     width = max([*lengths, 1])  # from Python ints: no host read of a tensor
-    counts = torch.tensor(lengths)
     padded = pad_sequence(rows, batch_first=True)
     padded = torch.nn.functional.pad(
         padded, (0, 0) * (padded.dim() - 2) + (0, width - padded.shape[1])
     )
-    real = torch.arange(width)[None] < counts[:, None]
-    return padded, real.to(padded.device, non_blocking=True)
+    counts = device_tensor(lengths, padded.device)
+    return padded, torch.arange(width, device=padded.device) < counts[:, None]
 
 
 def pad_boxes(boxes: list[Tensor]) -> tuple[Tensor, Tensor]:

@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.image_list import ImageList
-from torchvision.ops import batched_nms, clip_boxes_to_image
+from torchvision.ops import clip_boxes_to_image
 
-from .postprocess import DetectionTransform
+from .host_data import DeviceBoxCoder, device_tensor
+from .postprocess import DetectionTransform, nms_by_group
 from .rcnn import BatchedRoIHeads, BatchedRPN
 
 __all__ = [
@@ -43,12 +44,18 @@ __all__ = [
 BOX_CONVENTIONS = ("torchvision", "tpu")
 
 
+def _shift_ends(boxes: Tensor, delta: float) -> Tensor:
+    """(..., 4k) boxes with every box's far corner (x1, y1) moved by ``delta``."""
+    corners = boxes.reshape(*boxes.shape[:-1], -1, 4)  # not unflatten: ONNX export
+    return torch.cat([corners[..., :2], corners[..., 2:] + delta], -1).reshape(boxes.shape)
+
+
 def _extent(boxes: Tensor) -> Tensor:
     """Pixel-index corners -> continuous ones: the box ends after its last pixel."""
-    return boxes + boxes.new_tensor([0.0, 0.0, 1.0, 1.0])
+    return _shift_ends(boxes, 1.0)
 
 
-class PixelBoxCoder(BoxCoder):
+class PixelBoxCoder(DeviceBoxCoder):
     """torchvision's box coder on pixel-index boxes: tensorflow/tpu's ``encode_boxes`` and
     ``decode_boxes`` (same weights and clip of the size deltas)."""
 
@@ -57,9 +64,7 @@ class PixelBoxCoder(BoxCoder):
 
     def decode_single(self, rel_codes: Tensor, boxes: Tensor) -> Tensor:
         decoded = super().decode_single(rel_codes, _extent(boxes.to(rel_codes.dtype)))
-        # Every 4th pair of values (one box per class) ends on its last pixel.
-        ends = decoded.new_tensor([0.0, 0.0, 1.0, 1.0]).repeat(decoded.shape[-1] // 4)
-        return decoded - ends
+        return _shift_ends(decoded, -1.0)  # each class's box ends on its last pixel
 
 
 class PixelBoxTransform(DetectionTransform):
@@ -112,7 +117,7 @@ class PixelBoxRPN(BatchedRPN):
         num_anchors_per_level: list[int],
     ) -> tuple[list[Tensor], list[Tensor]]:
         probs = torch.sigmoid(objectness.detach().reshape(len(proposals), -1))
-        counts = torch.tensor(num_anchors_per_level, device=probs.device)
+        counts = device_tensor(num_anchors_per_level, probs.device)
         levels = torch.repeat_interleave(torch.arange(len(counts), device=probs.device), counts)
         per_level = torch.arange(len(levels), device=probs.device).split(num_anchors_per_level)
         size = self.post_nms_top_n()
@@ -123,7 +128,7 @@ class PixelBoxRPN(BatchedRPN):
                 [level[_descending(scores[level])[: self.pre_nms_top_n()]] for level in per_level]
             )
             keep = keep[self.selectable(boxes[keep])]
-            keep = keep[batched_nms(boxes[keep], scores[keep], levels[keep], self.nms_thresh)]
+            keep = keep[nms_by_group(boxes[keep], scores[keep], levels[keep], self.nms_thresh)]
             keep = keep[_descending(scores[keep])[:size]]
             pad = size - len(keep)
             all_boxes.append(F.pad(boxes[keep], (0, 0, 0, pad)))

@@ -22,6 +22,8 @@ from torchvision.models.detection._utils import BoxCoder, _topk_min
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import batched_nms, nms
 
+from .host_data import cached_constant, device_tensor
+
 __all__ = [
     "DetectionTransform",
     "best_detections",
@@ -41,8 +43,11 @@ def clip_to(boxes: Tensor, limits: Tensor) -> Tensor:
 
 
 def image_limits(image_shapes: list[tuple[int, int]], like: Tensor) -> Tensor:
-    """(N, 1, 4) clipping limits (w, h, w, h) of each image."""
-    return like.new_tensor([[[w, h, w, h]] for h, w in image_shapes])
+    """(N, 1, 4) clipping limits (w, h, w, h) of each image, ``like``'s dtype and device."""
+    limits = [[[w, h, w, h]] for h, w in image_shapes]
+    if torchvision._is_tracing():  # traced sizes are tensors: stay symbolic
+        return like.new_tensor(limits)
+    return device_tensor(limits, like.device, like.dtype)
 
 
 def large_enough(boxes: Tensor, min_size: float) -> Tensor:
@@ -107,15 +112,17 @@ def class_candidates(
 
 
 def nms_by_group(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
-    """Class-wise NMS. On a GPU always one kernel with the groups moved apart (torchvision's
-    ``batched_nms`` loops over the groups past 25,000 boxes, one NMS and one host wait each);
-    on a CPU torchvision's choice, whose per-group loop is the faster there."""
+    """Class-wise NMS: one NMS with the groups moved apart, as torchvision's ``batched_nms``
+    does up to 1,000 boxes on a CPU (past them its per-group loop is the faster there, and
+    taken here too). On a GPU always one (torchvision loops past 25,000 boxes, one NMS and one
+    host wait per group); the shift is made on the device (torchvision copies its 1 there, a
+    wait for the device)."""
     if not len(boxes):
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
-    if boxes.is_cuda:
-        offsets = groups.to(boxes.dtype) * (boxes.max() + 1)
-        return nms(boxes + offsets[:, None], scores, iou_threshold)
-    return batched_nms(boxes, scores, groups, iou_threshold)
+    if not boxes.is_cuda and len(boxes) > 1000 and not torchvision._is_tracing():
+        return batched_nms(boxes, scores, groups, iou_threshold)
+    offsets = groups.to(boxes.dtype) * (boxes.max() + 1)
+    return nms(boxes + offsets[:, None], scores, iou_threshold)
 
 
 def select_detections(
@@ -225,8 +232,16 @@ def split_detections(index: Tensor, found: Tensor, **values: Tensor) -> list[dic
 
 class DetectionTransform(GeneralizedRCNNTransform):
     """torchvision's detector transform, which leaves images already at their size as they
-    are and pastes an image's masks with one batched product (:func:`paste_masks`) instead of
-    one resize and copy per mask."""
+    are, normalises with mean and std copied to the device once (not twice per image, each a
+    wait for it) and pastes an image's masks with one batched product (:func:`paste_masks`)
+    instead of one resize and copy per mask."""
+
+    def normalize(self, image: Tensor) -> Tensor:
+        if not image.is_floating_point():
+            return super().normalize(image)  # torchvision's error
+        mean = cached_constant(self, "mean", self.image_mean, image)[:, None, None]
+        std = cached_constant(self, "std", self.image_std, image)[:, None, None]
+        return (image - mean) / std
 
     def resize(
         self, image: Tensor, target: dict[str, Tensor] | None = None

@@ -12,6 +12,8 @@ every pair across images), on each image's best candidates first
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -20,6 +22,7 @@ from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, mask
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import roi_align
 
+from .host_data import device_tensor
 from .matching import balanced_sample, match, pad_boxes, pad_rows, pairwise_iou
 from .postprocess import (
     best_detections,
@@ -92,7 +95,7 @@ class BatchedRPN(RegionProposalNetwork):
         objectness = objectness.detach().reshape(n, -1)
         top = self._get_top_n_idx(objectness, num_anchors_per_level)
         # The level of each anchor index: how many level ends it has passed.
-        ends = torch.tensor(num_anchors_per_level).cumsum(0).to(top.device)
+        ends = device_tensor(list(accumulate(num_anchors_per_level)), top.device)
         levels = torch.bucketize(top, ends, right=True)
         scores = objectness.gather(1, top).sigmoid()
         boxes = proposals.gather(1, top[..., None].expand(-1, -1, 4))
@@ -137,7 +140,7 @@ class BatchedRoIHeads(RoIHeads):
         labels = torch.cat(labels)
         image = torch.repeat_interleave(
             torch.arange(len(proposals), device=labels.device),
-            torch.tensor([len(p) for p in proposals], device=labels.device),
+            device_tensor([len(p) for p in proposals], labels.device),
             output_size=len(labels),
         )[positive]
         counts = torch.bincount(image, minlength=len(proposals)).tolist()
@@ -258,7 +261,7 @@ def _mask_loss(
             [t["labels"] for t in targets],
             list(matched.split(counts)),
         )
-    starts = torch.tensor([0] + [len(m) for m in masks][:-1], device=boxes.device).cumsum(0)
+    starts = device_tensor([0, *accumulate(len(m) for m in masks[:-1])], boxes.device)
     index = starts[image] + matched  # the matched mask among all images' masks
     if not len(index):
         return logits.sum() * 0
