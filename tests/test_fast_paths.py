@@ -1,6 +1,7 @@
 """Fast paths compute what the plain ones do: host-counted BatchNorm, batched head outputs and
 losses, level-sorted RoIAlign, RoIAlign as matrix products for CPU training, box coding and
-normalisation with constants copied to the device once. Each is compared
+normalisation with constants copied to the device once, the mask head on RoI batches
+padded to a few sizes. Each is compared
 with the plain computation (torchvision's where it has one, else the per-level / per-image loop
 written out here)."""
 
@@ -9,6 +10,7 @@ import traceback
 
 import pytest
 import torch
+from test_matching import batch, small
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models.detection._utils import BoxCoder
@@ -20,10 +22,11 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import roi_align
 
 import spinedet
-from spinedet.models.heads import PyramidRoIAlign, _per_anchor
+from spinedet.models.heads import PyramidRoIAlign, _per_anchor, conv_tower, rcnn_mask_predictor
 from spinedet.models.host_data import DeviceBoxCoder
 from spinedet.models.layers import BatchNorm2d
 from spinedet.models.pixel_boxes import PixelBoxCoder
+from spinedet.models.row_buckets import bucket_size, bucketed
 from spinedet.models.separable_roi_align import separable_roi_align
 
 
@@ -285,3 +288,76 @@ def test_training_step_copies_to_the_device_without_waiting(name, options):
     assert waits.copies == []
     if "retinanet" in name:
         assert waits.reads == ["_local_scalar_dense"] * len(images)
+
+
+def test_bucket_sizes_are_four_an_octave():
+    assert [bucket_size(n) for n in (0, 1, 4, 5, 9, 100, 1000)] == [0, 4, 4, 5, 10, 112, 1024]
+    for n in range(1, 5000):  # the smallest m * 2**k holding n: at most 25% more from 4 up
+        size = bucket_size(n)
+        assert size == min(m << k for m in (4, 5, 6, 7) for k in range(14) if m << k >= n)
+        assert size <= max(4, 1.25 * n)
+
+
+def _rows_seen(*modules: nn.Module) -> list[list[int]]:
+    """The batch sizes each of ``modules`` is called on, recorded as the calls come."""
+    seen = [[] for _ in modules]
+    for m, rows in zip(modules, seen, strict=True):
+        m.register_forward_pre_hook(lambda _, args, rows=rows: rows.append(len(args[0])))
+    return seen
+
+
+def test_bucketed_mask_head_trains_like_the_plain_one(device, monkeypatch):
+    """Padded, the mask head's convolutions see a bucket's rows and its BatchNorms the real
+    ones: the same losses, gradients and running statistics as unpadded."""
+    if device.type == "cuda":  # TF32 convolutions round by algorithm, chosen per batch size
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    model = small("spinenet49s_maskrcnn").to(device)
+    images, targets = batch(device)
+    results = []
+    for on in (False, True):
+        m = copy.deepcopy(model)
+        m.roi_heads.bucket_mask_rois = on
+        first = m.roi_heads.mask_head[0]  # conv, norm, activation
+        seen = _rows_seen(first[0], first[1], m.roi_heads.mask_predictor.norm)
+        torch.manual_seed(1)
+        losses = m(images, targets)
+        sum(losses.values()).backward()
+        grads = {k: p.grad for k, p in m.named_parameters() if p.grad is not None}
+        results.append((losses, grads, m.state_dict(), seen))
+    (losses, grads, state, seen), (fast_losses, fast_grads, fast_state, fast_seen) = results
+    (n,), (bucket,) = seen[0], fast_seen[0][0:1]
+    assert bucket == bucket_size(n) > n  # padded...
+    assert seen == [[n]] * 3 and fast_seen == [[bucket], [n], [n]]  # ...but not for the norms
+    tol = 1e-5 if device.type == "cpu" else 1e-4  # CUDA: RoIAlign's atomic adds
+    assert losses.keys() == fast_losses.keys()
+    assert all(close(fast_losses[k], losses[k], tol) for k in losses)
+    assert grads.keys() == fast_grads.keys() and "roi_heads.mask_head.0.0.weight" in grads
+    assert all(close(fast_grads[k], grads[k], tol) for k in grads), "gradients"
+    assert state.keys() == fast_state.keys()
+    assert all(close(fast_state[k].float(), state[k].float(), tol) for k in state), "statistics"
+
+
+def test_bucketed_runs_unpadded_what_it_cannot_walk():
+    """A chain with a module that is not a plain sequence of convolutions, norms and
+    activations (a norm per level, a dropout, a hooked container) runs as called."""
+    torch.manual_seed(0)
+    x = torch.randn(9, 8, 6, 6)
+    assert bucketed(x[:0], nn.Conv2d(8, 4, 1), enabled=True).shape == (0, 4, 6, 6)
+    hooked = conv_tower(8, 1, BatchNorm2d, nn.ReLU)
+    hooked.register_forward_hook(lambda *_: None)
+    for chain in (
+        conv_tower(8, 1, BatchNorm2d, nn.ReLU, num_levels=2),
+        nn.Sequential(nn.Conv2d(8, 8, 1), nn.Dropout()),
+        hooked,
+    ):
+        conv = next(m for m in chain.modules() if isinstance(m, nn.Conv2d))
+        seen = _rows_seen(conv)
+        bucketed(x, chain, enabled=True)
+        assert seen == [[9]]
+    chain = (
+        conv_tower(8, 2, BatchNorm2d, nn.ReLU),
+        rcnn_mask_predictor(8, 3, BatchNorm2d, nn.ReLU),
+    )
+    seen = _rows_seen(chain[0][0][0])
+    out = bucketed(x, *chain, enabled=True)
+    assert seen == [[10]] and out.shape == (9, 3, 12, 12)

@@ -33,6 +33,7 @@ from .postprocess import (
     large_enough,
     split_detections,
 )
+from .row_buckets import bucketed
 
 __all__ = ["BatchedRPN", "BatchedRoIHeads"]
 
@@ -146,13 +147,18 @@ class BatchedRoIHeads(RoIHeads):
         counts = torch.bincount(image, minlength=len(proposals)).tolist()
         boxes = torch.cat(proposals)[positive]
         crops = self.mask_roi_pool(features, list(boxes.split(counts)), image_shapes)
-        mask_logits = self.mask_predictor(self.mask_head(crops))
+        mask_logits = bucketed(
+            crops, self.mask_head, self.mask_predictor, enabled=self.bucket_mask_rois
+        )
         matched = torch.cat(matched)[positive]
         loss_mask = _mask_loss(mask_logits, boxes, counts, image, matched, targets)
         losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
         return [], losses | {"loss_mask": loss_mask}
 
     mask_samples_per_image: int | None = None
+    # Training, the mask head's batch (the positives) padded to a few sizes (row_buckets); None:
+    # on a GPU only. Inference runs torchvision's forward, unpadded.
+    bucket_mask_rois: bool | None = None
 
     def mask_samples(self, labels: list[Tensor]) -> Tensor:
         """Which of the sampled boxes (each image's, concatenated) train the mask head: every
