@@ -221,6 +221,7 @@ def test_device_box_coder_equals_torchvision(weights, device):
     assert torch.equal(fast.decode_single(codes, boxes), plain.decode_single(codes, boxes))
     half = codes.to(torch.bfloat16)
     assert torch.equal(fast.decode_single(half, boxes), plain.decode_single(half, boxes))
+    assert fast.decode_single(codes[:0], boxes[:0]).shape == (0, 12)  # no boxes
 
     # tensorflow/tpu's pixel-index boxes: torchvision's coder on boxes one pixel longer.
     pixel = PixelBoxCoder(weights)

@@ -50,7 +50,8 @@ class DeviceBoxCoder(BoxCoder):
         boxes = boxes.to(rel_codes.dtype)
         size = (boxes[:, 2:] - boxes[:, :2])[:, None]  # (N, 1, 2): width, height
         centre = boxes[:, None, :2] + 0.5 * size
-        codes = rel_codes.reshape(rel_codes.shape[0], -1, 4) / cached_constant(
+        n, classes = rel_codes.shape[0], rel_codes.shape[1] // 4
+        codes = rel_codes.reshape(n, classes, 4) / cached_constant(
             self, "weights", self.weights, rel_codes
         )
         shift = codes[..., :2] * size + centre

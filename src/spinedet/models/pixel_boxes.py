@@ -46,7 +46,8 @@ BOX_CONVENTIONS = ("torchvision", "tpu")
 
 def _shift_ends(boxes: Tensor, delta: float) -> Tensor:
     """(..., 4k) boxes with every box's far corner (x1, y1) moved by ``delta``."""
-    corners = boxes.reshape(*boxes.shape[:-1], -1, 4)  # not unflatten: ONNX export
+    # Sizes spelled out: unflatten does not export to ONNX, -1 is ambiguous for no boxes.
+    corners = boxes.reshape(*boxes.shape[:-1], boxes.shape[-1] // 4, 4)
     return torch.cat([corners[..., :2], corners[..., 2:] + delta], -1).reshape(boxes.shape)
 
 
