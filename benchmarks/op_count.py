@@ -75,11 +75,13 @@ def _queued() -> bool:
 
 def _kind(func, args: tuple) -> str:
     name = func.overloadpacket.__name__
+    if name in FROM_PYTHON:  # an alias of the new tensor, so before the views
+        return "view" if _queued() else "sync"
     if func.is_view:
         return "view"
     if name in ALLOCATIONS:
         return "allocation"
-    if name in SYNCS or (name in FROM_PYTHON and not _queued()):
+    if name in SYNCS:
         return "sync"
     if name in MASKED_INDEXING and any(
         isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1]
