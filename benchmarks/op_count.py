@@ -7,9 +7,9 @@ costs in proportion to them. Every op the dispatcher runs in a step (forward, ba
 update) is counted by a ``TorchDispatchMode``; view ops (``view``, ``permute``, ``slice``, ...)
 launch no kernel and are counted apart. Host syncs are the ops that wait for a GPU: reading a
 value back, and making a tensor from Python data (``torch.tensor(..., device=...)`` copies it
-and waits), except through ``spinedet.models.host_data.device_tensor``, which queues the copy. ``--baseline REV`` also measures spinedet as of the git
-revision ``REV`` (its ``src`` in a subprocess) beside this tree, each against torchvision
-measured in the same process.
+and waits), except through ``spinedet.models.host_data.device_tensor``, which queues the copy.
+``--baseline REV`` also measures spinedet as of the git revision ``REV`` (its ``src`` in a
+subprocess) beside this tree, each against torchvision measured in the same process.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import json
 import os
 import subprocess
 import sys
-from types import CodeType
 import tarfile
 import tempfile
 from collections import Counter
 from io import BytesIO
 from pathlib import Path
+from types import CodeType
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
