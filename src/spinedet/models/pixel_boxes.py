@@ -119,8 +119,11 @@ class PixelBoxRPN(BatchedRPN):
     ) -> tuple[list[Tensor], list[Tensor]]:
         probs = torch.sigmoid(objectness.detach().reshape(len(proposals), -1))
         counts = device_tensor(num_anchors_per_level, probs.device)
-        levels = torch.repeat_interleave(torch.arange(len(counts), device=probs.device), counts)
-        per_level = torch.arange(len(levels), device=probs.device).split(num_anchors_per_level)
+        total = sum(num_anchors_per_level)  # known here: repeat_interleave would read it back
+        levels = torch.repeat_interleave(
+            torch.arange(len(counts), device=probs.device), counts, output_size=total
+        )
+        per_level = torch.arange(total, device=probs.device).split(num_anchors_per_level)
         size = self.post_nms_top_n()
         all_boxes, all_scores = [], []
         for boxes, scores, shape in zip(proposals, probs, image_shapes, strict=True):
