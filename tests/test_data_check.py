@@ -18,9 +18,12 @@ def _write_images(folder, names, size=(W, H)):
         Image.new("RGB", size, (90, 20, 200)).save(folder / name)
 
 
+POLYGON = [[1, 1, 10, 1, 10, 10]]
+
+
 def _ann(ann_id, image_id=1, category_id=1, bbox=(1, 1, 10, 10), **extra):
     return {"id": ann_id, "image_id": image_id, "category_id": category_id, "bbox": list(bbox),
-            "area": 100, "iscrowd": 0, **extra}  # fmt: skip
+            "area": 100, "iscrowd": 0, "segmentation": POLYGON, **extra}  # fmt: skip
 
 
 @pytest.fixture
@@ -43,7 +46,7 @@ def broken(tmp_path):
             {"id": 7, "file_name": "ok.png", "width": W, "height": H},
         ],
         "annotations": [
-            _ann(10, segmentation=[[1, 1, 10, 1, 10, 10]]),  # fine
+            _ann(10),  # fine
             _ann(11, bbox=(60, 40, 10, 10)),  # outside
             _ann(12, bbox=(5, 5, 0, 4)),  # zero width
             _ann(13, bbox=(5, 5, -2, 4)),  # negative width
@@ -60,7 +63,7 @@ def broken(tmp_path):
             _ann(23, bbox="big"),
             _ann(24, segmentation="nope"),
             _ann(25, iscrowd=2),
-            {"image_id": 1, "category_id": 1, "bbox": [1, 1, 2, 2]},
+            {"image_id": 1, "category_id": 1, "bbox": [1, 1, 2, 2], "segmentation": POLYGON},
             "not an object",
         ],
     }
@@ -240,7 +243,7 @@ def test_categories_without_images_or_annotations_are_a_problem(tmp_path):
     data = {"categories": [{"id": 1, "name": "a"}], "images": [], "annotations": []}
     (tmp_path / "a.json").write_text(json.dumps(data))
     (problem,) = check_dataset(tmp_path / "a.json", tmp_path)
-    assert (problem.kind, problem.message) == ("empty", "the data set has categories but no images")
+    assert (problem.kind, problem.message) == ("empty", "the data set has no images")
     data["images"] = [{"id": 1, "file_name": "a.png", "width": W, "height": H}]
     data["annotations"] = [_ann(1, image_id=7)]  # on no known image: nothing to learn from
     (tmp_path / "a.json").write_text(json.dumps(data))
@@ -348,3 +351,149 @@ def test_unreadable_cache_is_checked_again_and_replaced(clean, tmp_path, caplog)
     assert check.check_dataset_cached(ann, images, run) == []
     assert "ignoring the data check cache" in caplog.text
     assert len(json.loads((run / check.CHECK_CACHE).read_text())["passed"]) == 1
+
+
+# What the loader refuses, data check reports as an error: both from the same rules
+# (coco_files), each case asserted on both sides so that they cannot drift apart.
+
+
+def _valid(tmp_path):
+    """A data set both `data check --masks` and CocoDataset accept, and its image folder."""
+    images = tmp_path / "images"
+    _write_images(images, ["a.png", "b.png"])
+    data = {
+        "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+        "images": [
+            {"id": 1, "file_name": "a.png", "width": W, "height": H},
+            {"id": 2, "file_name": "b.png", "width": W, "height": H},
+        ],
+        "annotations": [_ann(1), _ann(2, 2, 2)],
+    }
+    return data, images
+
+
+def _size(key, value):
+    return lambda d: d["images"][1].update({key: value})
+
+
+def _crowd_without_region(d):
+    crowd = _ann(3, iscrowd=1)
+    del crowd["segmentation"]  # COCO's mask evaluation reads a crowd's region
+    d["annotations"].append(crowd)
+
+
+REFUSED = [
+    (_crowd_without_region,
+     "1 annotations (ids 3) have no segmentation; Mask R-CNN needs masks", None),
+    (lambda d: [a.update(segmentation=[]) for a in d["annotations"]],  # a boxes-only export
+     "2 annotations (ids 1, 2) have no segmentation; Mask R-CNN needs masks", None),
+    (lambda d: d["annotations"][1].pop("segmentation"),
+     "1 annotations (ids 2) have no segmentation", None),
+    (lambda d: d["categories"][1].update(name="a"),
+     "category name 'a' is used 2 times (ids 1, 2)", "category names are not unique: a"),
+    (lambda d: d["categories"][1].update(id=1),
+     "category id 1 is used 2 times", "category ids are not unique: 1"),
+    (lambda d: d["images"][1].update(id=1),
+     "image 1: image id 1 is used 2 times", "image ids are not unique: 1"),
+    (lambda d: d.update(images=[], annotations=[]), "the data set has no images", None),
+    (lambda d: d.update(images=[], annotations=[], categories=[]),
+     "the data set has no images", None),
+    (lambda d: d["images"][1].update(file_name="../b.png"),
+     "image 2: file_name '../b.png' points outside",
+     "1 images (ids 2) have file names outside the image directory"),
+    (lambda d: d["annotations"][1].update(category_id=7),
+     "category id 7 is not defined", "annotations use unknown category ids [7]"),
+    (_size("width", 64.5), "width must be a positive whole number of pixels, not 64.5", None),
+    (_size("width", 0), "width must be a positive whole number of pixels, not 0", None),
+    (_size("height", -48), "height must be a positive whole number of pixels, not -48", None),
+    (_size("height", "48"), "height must be a positive whole number of pixels, not '48'", None),
+    (_size("width", True), "width must be a positive whole number of pixels, not True", None),
+    (lambda d: d["images"][1].pop("height"), "missing height", None),
+    (lambda d: d["annotations"][1].update(area=None),
+     "annotation 2 (image 2): area is not a number: None",
+     "1 annotations (ids 2): area is not a number"),
+]  # fmt: skip
+
+
+REFUSED_IDS = ["crowd-without-region", "all-segmentations-empty", "no-segmentation",
+               "category-names", "category-ids", "image-ids", "no-images", "nothing",
+               "outside-folder", "unknown-category", "fractional-size", "zero-size",
+               "negative-size", "text-size", "boolean-size", "missing-size", "area"]  # fmt: skip
+
+
+@pytest.mark.parametrize(("edit", "checked", "refused"), REFUSED, ids=REFUSED_IDS)
+def test_what_the_loader_refuses_data_check_reports_as_an_error(tmp_path, edit, checked, refused):
+    from spinedet.data import CocoDataset, DataError
+
+    data, images = _valid(tmp_path)
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(data))
+    assert check_dataset(path, images, masks=True) == []
+    assert len(CocoDataset(path, images)) == 2
+    edit(data)
+    path.write_text(json.dumps(data))
+
+    found = [p for p in check_dataset(path, images, masks=True) if checked in str(p)]
+    assert [p.severity for p in found] == ["error"], format_report(check_dataset(path, images))
+    assert str(found[0]).startswith(f"{path}: ")
+    with pytest.raises(DataError) as refusal:
+        CocoDataset(path, images)
+    assert str(refusal.value).startswith(f"{path}: ")
+    assert (refused or checked.removeprefix("image 2: ")) in str(refusal.value)
+
+
+def test_a_bad_image_size_names_the_image_and_its_annotations_are_not_unknown(tmp_path):
+    data, images = _valid(tmp_path)
+    data["images"][1]["width"] = 64.5
+    (tmp_path / "a.json").write_text(json.dumps(data))
+    (problem,) = check_dataset(tmp_path / "a.json", images)
+    assert str(problem) == (
+        f"{tmp_path / 'a.json'}: image 2: width must be a positive whole number of pixels, not 64.5"
+    )
+    from spinedet.data import CocoDataset, DataError
+
+    with pytest.raises(DataError, match=r"1 images \(ids 2\) have no usable size \(image 2: wi"):
+        CocoDataset(tmp_path / "a.json", images)
+
+
+def test_whole_float_sizes_are_accepted_by_check_and_loader_alike(tmp_path):
+    from spinedet.data import CocoDataset
+
+    data, images = _valid(tmp_path)
+    for image in data["images"]:
+        image.update(width=float(W), height=float(H))  # as some tools write them
+    data["annotations"][1]["bbox"] = [50, 40, 20, 20]  # outside: checked against the size
+    (tmp_path / "a.json").write_text(json.dumps(data))
+    (problem,) = check_dataset(tmp_path / "a.json", images, masks=True)
+    assert problem.message == "box [50, 40, 20, 20] lies outside the 64x48 image"
+    image, target = CocoDataset(tmp_path / "a.json", images)[0]
+    assert image.shape == (3, H, W) and target["masks"].shape == (1, H, W)
+
+
+def test_missing_segmentation_is_an_error_only_for_mask_rcnn(tmp_path, capsys):
+    from spinedet.cli.data import add_data_commands
+    from spinedet.data import CocoDataset
+
+    data, images = _valid(tmp_path)
+    for ann in data["annotations"]:
+        del ann["segmentation"]  # boxes only: RetinaNet and Faster R-CNN train on it
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(data))
+    assert len(CocoDataset(path, images, masks=False)) == 2
+    (warning,) = check_dataset(path, images)
+    assert (warning.kind, warning.severity) == ("no segmentation", "warning")
+    assert check_dataset(path, images, masks=False) == []
+    assert [p.severity for p in check_dataset(path, images, masks=True)] == ["error"]
+    assert check.check_dataset_cached(path, images, tmp_path / "run") == []  # training's check
+
+    parser = argparse.ArgumentParser()
+    add_data_commands(parser.add_subparsers(dest="command"))
+    command = ["data", "check", str(path), "--images", str(images)]
+    args = parser.parse_args(command)
+    assert args.func(args) == 0  # warnings alone pass
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2] == f"{path}: warning: {warning.message}"
+    assert out[-1] == "1 problem (1 warning): 1 no segmentation"
+    args = parser.parse_args([*command, "--masks"])
+    assert args.func(args) == 1
+    assert capsys.readouterr().out.splitlines()[-1] == "1 problem: 1 no segmentation"

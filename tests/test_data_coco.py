@@ -276,9 +276,9 @@ def test_collate_returns_lists(dataset_files):
         # evaluation reads it): refused before training, not an empty mask or a late crash.
         (
             lambda d: [a.update(segmentation=[]) for a in d["annotations"]],
-            r"4 annotations \(first: 1\) have no segmentation; .*train a _fasterrcnn or _retinanet",
+            r"4 annotations \(ids 1, 2, 3, 4\) have no segmentation; .*train a _fasterrcnn or _ret",
         ),
-        (lambda d: d["annotations"][2].pop("segmentation"), r"\(first: 3\) have no segm"),
+        (lambda d: d["annotations"][2].pop("segmentation"), r"\(ids 3\) have no segm"),
         (
             lambda d: d["images"].append({**d["images"][0], "file_name": "b.png"}),
             "image ids are not unique: 40",

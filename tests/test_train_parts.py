@@ -121,7 +121,7 @@ def test_empty_data_set_and_zero_steps_are_refused(shapes, tmp_path):
     empty.write_text(json.dumps({**data, "images": [], "annotations": []}))
     cfg = tiny_config(shapes)
     cfg["data"]["train"]["annotations"] = str(empty)
-    with pytest.raises(SpinedetError, match=r"empty.json: the data set has categories but no"):
+    with pytest.raises(SpinedetError, match=r"empty.json: the data set has no images"):
         train(cfg, tmp_path / "a", device="cpu")
     cfg["data"]["check"] = False  # the trainer refuses it by itself too
     with pytest.raises(SpinedetError, match=r"empty.json: the data set has no images"):

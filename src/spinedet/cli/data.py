@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from spinedet.data.check import format_report, inspect_dataset
+from spinedet.data.check import errors, format_report, inspect_dataset
 from spinedet.data.errors import DataError
 from spinedet.data.shapes import MAX_INSTANCES, make_shape_classes, make_shapes
 from spinedet.data.split import split_parts, split_table, write_split
@@ -25,13 +25,12 @@ def _size(text: str) -> int | tuple[int, int]:
 
 
 def _check(args: argparse.Namespace) -> int:
-    problems, table = inspect_dataset(
-        args.annotations, args.images, full=args.full, workers=args.workers
-    )
+    problems, table = inspect_dataset(args.annotations, args.images, full=args.full,
+                                      workers=args.workers, masks=args.masks or None)  # fmt: skip
     if table:
         print(table)
     print(format_report(problems))
-    return 1 if problems else 0
+    return 1 if errors(problems) else 0  # warnings alone pass
 
 
 def _split(args: argparse.Namespace) -> int:
@@ -82,6 +81,9 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     check.add_argument("--images", type=Path, required=True, help="image directory")
     check.add_argument("--full", action="store_true", help="decode every image completely")
     check.add_argument("--workers", type=at_least(1), default=8, help="threads reading images")
+    check.add_argument("--masks", action="store_true",
+                       help="for a Mask R-CNN: annotations without segmentation are errors, not "
+                       "warnings")  # fmt: skip
     check.set_defaults(func=_check, uses_torch=False)
 
     split = commands.add_parser("split", help="split into image-disjoint, class-balanced parts")

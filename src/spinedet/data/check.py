@@ -16,18 +16,26 @@ from PIL import Image
 from tqdm import tqdm
 
 from spinedet.data.coco_files import (
+    AREA,
     EXIF_ORIENTATION,
+    NO_IMAGES,
     ROTATING_ORIENTATIONS,
+    bad_areas,
+    image_size,
     is_number,
     leaves_directory,
     load_image,
+    no_segmentation,
     polygon_problem,
     read_json,
+    repeated,
     rle_problem,
     size_mismatch,
+    unsegmented,
 )
 from spinedet.data.errors import DataError
 from spinedet.data.stats import format_class_counts
+from spinedet.errors import shorten
 from spinedet.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -41,21 +49,32 @@ CACHE_ENTRIES = 16  # kept in it (train and val, a few edits of each)
 
 @dataclass(frozen=True)
 class Problem:
-    """One problem: where it is (file, image id, annotation id), what it is, and its kind."""
+    """One problem: where it is (file, image id, annotation id), what it is, and its kind.
+
+    An ``"error"`` makes training refuse the data set; a ``"warning"`` is data that only some
+    models refuse (Mask R-CNN: annotations without segmentation), said so in its message.
+    """
 
     file: str
     image_id: int | None
     ann_id: int | None
     message: str
     kind: str
+    severity: str = "error"
 
     def __str__(self) -> str:
+        message = f"warning: {self.message}" if self.severity == "warning" else self.message
         if self.ann_id is not None:
             image = "" if self.image_id is None else f" (image {self.image_id})"
-            return f"{self.file}: annotation {self.ann_id}{image}: {self.message}"
+            return f"{self.file}: annotation {self.ann_id}{image}: {message}"
         if self.image_id is not None:
-            return f"{self.file}: image {self.image_id}: {self.message}"
-        return f"{self.file}: {self.message}"
+            return f"{self.file}: image {self.image_id}: {message}"
+        return f"{self.file}: {message}"
+
+
+def errors(problems: list[Problem]) -> list[Problem]:
+    """The problems that make training refuse the data set (warnings left out)."""
+    return [p for p in problems if p.severity == "error"]
 
 
 def _is_id(value: Any) -> bool:
@@ -95,6 +114,8 @@ class _Checker:
         self.problems: list[Problem] = []
         self.cat_ids: set[Any] = set()
         self.images: dict[int, dict[str, Any]] = {}  # valid entries, first of duplicated ids
+        self.image_ids: set[int] = set()  # every integer id, valid entry or not
+        self.no_images = False  # an empty 'images' list
         self.category_entries: list[dict[str, Any]] = []  # valid, first of duplicated ids
         self.counted: list[dict[str, Any]] = []  # annotations of a known image and category
 
@@ -105,6 +126,7 @@ class _Checker:
         image_id: Any = None,
         ann_id: Any = None,
         file: str | None = None,
+        severity: str = "error",
     ) -> None:
         self.problems.append(
             Problem(
@@ -113,6 +135,7 @@ class _Checker:
                 ann_id if _is_id(ann_id) else None,
                 message,
                 kind,
+                severity,
             )
         )
 
@@ -130,15 +153,13 @@ class _Checker:
         return [entry for entry in dataset[key] if isinstance(entry, dict)]
 
     def duplicates(self, entries: list[dict[str, Any]], what: str) -> None:
-        counts = Counter(e["id"] for e in entries if _is_id(e.get("id")))
-        for value, count in counts.items():
-            if count > 1:
-                self.report(
-                    "duplicate id",
-                    f"{what} id {value} is used {count} times",
-                    image_id=value if what == "image" else None,
-                    ann_id=value if what == "annotation" else None,
-                )
+        for value, count in repeated(e["id"] for e in entries if _is_id(e.get("id"))).items():
+            self.report(
+                "duplicate id",
+                f"{what} id {value} is used {count} times",
+                image_id=value if what == "image" else None,
+                ann_id=value if what == "annotation" else None,
+            )
 
     def categories(self, categories: list[dict[str, Any]]) -> None:
         for index, cat in enumerate(categories):
@@ -151,6 +172,12 @@ class _Checker:
                 self.category_entries.append(cat)
             self.cat_ids.add(cat["id"])
         self.duplicates(categories, "category")
+        named = [c for c in categories if _is_id(c.get("id")) and isinstance(c.get("name"), str)]
+        for name, count in repeated(c["name"] for c in named).items():
+            # Names key the per-class metrics and the model's class list.
+            ids = shorten([str(c["id"]) for c in named if c["name"] == name])
+            message = f"category name {name!r} is used {count} times (ids {ids})"
+            self.report("duplicate name", message)
 
     def image_entries(self, images: list[dict[str, Any]]) -> None:
         for index, image in enumerate(images):
@@ -158,14 +185,18 @@ class _Checker:
             if not _is_id(image_id):
                 self.report("schema", f"images[{index}] has no integer 'id'")
                 continue
-            missing = [
-                key for key in ("width", "height") if not _is_id(image.get(key)) or image[key] <= 0
-            ]
+            self.image_ids.add(image_id)
+            invalid = []
             if not isinstance(image.get("file_name"), str) or not image["file_name"]:
-                missing.insert(0, "file_name")
-            if missing:
-                self.report("schema", f"missing or invalid {', '.join(missing)}", image_id)
+                invalid.append("missing or invalid file_name")
+            try:
+                width, height = image_size(image)
+            except ValueError as e:
+                invalid.append(str(e))
+            if invalid:
+                self.report("schema", "; ".join(invalid), image_id)
                 continue
+            image = {**image, "width": width, "height": height}  # 640.0 -> 640
             if leaves_directory(image["file_name"]):
                 self.report(
                     "path outside images",
@@ -190,13 +221,15 @@ class _Checker:
             self.report(kind, message, image_id, ann_id)
 
         image = self.images.get(image_id) if _is_id(image_id) else None
-        if image is None:
+        if image is None and not (_is_id(image_id) and image_id in self.image_ids):
             report("unknown image", f"refers to unknown image id {image_id!r}")
         category_id = ann.get("category_id")
         if not _is_id(category_id) or category_id not in self.cat_ids:
             report("unknown category", f"category id {category_id!r} is not defined")
         elif image is not None:
             self.counted.append(ann)
+        if bad_areas([ann]):
+            report("schema", f"{AREA}: {ann['area']!r}")
         if ann.get("iscrowd", 0) not in (0, 1):
             report("schema", f"iscrowd must be 0 or 1, not {ann['iscrowd']!r}")
 
@@ -248,13 +281,17 @@ class _Checker:
         problem = size_mismatch(stored, oriented, (image["width"], image["height"]))
         return ("image size", problem) if problem else None
 
+    def segmentations(self, anns: list[dict[str, Any]], masks: bool | None) -> None:
+        """Annotations Mask R-CNN refuses: an error for it (``masks``), else a warning."""
+        if masks is not False and (ids := unsegmented(anns)):
+            severity = "error" if masks else "warning"
+            self.report("no segmentation", no_segmentation(ids), severity=severity)
+
     def emptiness(self) -> None:
-        """A data set with classes must have images, and annotations on them, to be used."""
-        if not self.cat_ids:
-            return
-        if not self.images:
-            self.report("empty", "the data set has categories but no images")
-        elif not self.counted:
+        """A data set must have images and, with classes, annotations on them, to be used."""
+        if self.no_images:
+            self.report("empty", NO_IMAGES)
+        elif self.cat_ids and self.images and not self.counted:
             self.report("empty", "no image has an annotation: nothing to train or evaluate on")
 
     def image_files(self, full: bool, progress: bool | None, workers: int) -> None:
@@ -285,14 +322,18 @@ def check_dataset(
     full: bool = False,
     progress: bool | None = None,
     workers: int = 8,
+    masks: bool | None = None,
 ) -> list[Problem]:
     """Report every problem of a COCO dataset: json, ids, boxes, segmentations, image files.
 
-    Image files are checked for existence, header integrity, completeness and size; a file
-    name leaving ``images`` is a problem and never read. ``full=True`` decodes every pixel
-    (slow on large sets). ``progress=None`` shows a bar only on a terminal.
+    Whatever makes :class:`~spinedet.data.CocoDataset` refuse the file is an error here, by the
+    same rules. Image files are checked for existence, header integrity, completeness and size;
+    a file name leaving ``images`` is a problem and never read. ``full=True`` decodes every
+    pixel (slow on large sets). ``progress=None`` shows a bar only on a terminal. Annotations
+    without segmentation are an error with ``masks=True`` (a Mask R-CNN will train), a warning
+    with ``None`` (unknown model) and not reported with ``False`` (boxes only).
     """
-    return inspect_dataset(annotations, images, full, progress, workers)[0]
+    return inspect_dataset(annotations, images, full, progress, workers, masks)[0]
 
 
 def file_sha256(path: str | Path) -> str:
@@ -323,24 +364,33 @@ def check_dataset_cached(
     full: bool = False,
     progress: bool | None = None,
     workers: int = 8,
+    masks: bool | None = None,
 ) -> list[Problem]:
-    """:func:`check_dataset`, skipped when ``cache_dir`` records that the same check passed.
+    """:func:`check_dataset`'s errors, skipped when ``cache_dir`` records that the same check
+    passed; its warnings are logged.
 
     The record is keyed by the SHA-256 of the annotation file's bytes, the resolved image
-    directory and the mode (a passed full check also stands for a quick one), so an edited file
-    is checked again. Only clean results are recorded: a problem may be fixed in the image
-    directory, which the key does not see. The record is written atomically.
+    directory and the mode (a passed full check also stands for a quick one, a check with
+    ``masks=True`` for one without), so an edited file is checked again. Only results without
+    errors are recorded: a problem may be fixed in the image directory, which the key does not
+    see. The record is written atomically.
     """
     try:
         key = {"sha256": file_sha256(annotations), "images": str(Path(images).resolve())}
-    except OSError:
-        return check_dataset(annotations, images, full, progress, workers)  # it reports why
+    except OSError:  # it reports why
+        return errors(check_dataset(annotations, images, full, progress, workers, masks))
+    if masks:
+        key["masks"] = True
     cache = Path(cache_dir) / CHECK_CACHE
     passed = _passed_checks(cache)
     for entry in passed:
         if {k: entry.get(k) for k in key} == key and entry.get("full", False) >= full:
             return []
-    problems = check_dataset(annotations, images, full, progress, workers)
+    problems = check_dataset(annotations, images, full, progress, workers, masks)
+    for warning in problems:
+        if warning.severity != "error":
+            log.warning("%s", warning)
+    problems = errors(problems)
     if not problems:
         passed = [*passed, {**key, "full": full, "annotations": str(annotations)}]
 
@@ -358,6 +408,7 @@ def inspect_dataset(
     full: bool = False,
     progress: bool | None = None,
     workers: int = 8,
+    masks: bool | None = None,
 ) -> tuple[list[Problem], str]:
     """:func:`check_dataset`'s problems and a table of instances and images per class."""
     checker = _Checker(Path(annotations), Path(images))
@@ -372,10 +423,12 @@ def inspect_dataset(
 
     checker.categories(checker.entries(dataset, "categories"))
     checker.image_entries(checker.entries(dataset, "images"))
+    checker.no_images = dataset.get("images") == []
     anns = checker.entries(dataset, "annotations")
     for index, ann in enumerate(anns):
         checker.annotation(index, ann)
     checker.duplicates(anns, "annotation")
+    checker.segmentations(anns, masks)
     checker.emptiness()
     checker.image_files(full, progress, workers)
     table = format_class_counts(
@@ -385,10 +438,12 @@ def inspect_dataset(
 
 
 def format_report(problems: list[Problem]) -> str:
-    """All problems, one per line, followed by a count per kind."""
+    """All problems, one per line, followed by a count per kind (and of warnings, if any)."""
     if not problems:
         return "no problems found"
     counts = Counter(p.kind for p in problems)
     summary = ", ".join(f"{count} {kind}" for kind, count in counts.most_common())
     noun = "problem" if len(problems) == 1 else "problems"
+    if warnings := len(problems) - len(errors(problems)):
+        noun += f" ({warnings} warning{'s' if warnings > 1 else ''})"
     return "\n".join([*map(str, problems), f"{len(problems)} {noun}: {summary}"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,11 +17,19 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from spinedet.data.coco_files import (
+    AREA,
+    NO_IMAGES,
+    bad_areas,
     decode_segmentation,
     image_path,
+    image_size_problem,
     leaves_directory,
     load_image,
+    no_segmentation,
     read_json,
+    repeated,
+    some_ids,
+    unsegmented,
 )
 from spinedet.data.errors import DataError, UnreadableImage
 from spinedet.data.index import AnnotationIndex
@@ -115,7 +122,8 @@ class CocoDataset(Dataset):
         return {**self.__dict__, "_coco": None}
 
     def _validate(self, dataset: Any) -> None:
-        """Fail fast on what would otherwise break mid-training; ``data check`` says more."""
+        """Fail fast on what would otherwise break mid-training; ``data check`` reports the same
+        rules (``coco_files``), every instance of each."""
         hint = "(run `spinedet data check` for details)"
         if not isinstance(dataset, dict) or not all(
             isinstance(dataset.get(key), list) for key in ("images", "categories")
@@ -123,49 +131,56 @@ class CocoDataset(Dataset):
             raise DataError(f"needs 'images' and 'categories' lists {hint}", self.annotations)
         try:
             cat_ids = {c["id"] for c in dataset["categories"]}
+            twice = repeated(c["id"] for c in dataset["categories"])
             anns = dataset.get("annotations", [])
             unknown = sorted({a["category_id"] for a in anns} - cat_ids)
-            # Crowds too: COCO's mask evaluation reads their regions.
-            unusable = [a["id"] for a in anns if a.get("segmentation") is None]
-            if anns and all(a.get("segmentation") in ([], None) for a in anns):
-                unusable = [a["id"] for a in anns]  # a boxes-only export's empty lists
-            names = Counter(c["name"] for c in dataset["categories"])
+            unusable = unsegmented(anns)
+            areas = bad_areas(anns)
+            names = repeated(c["name"] for c in dataset["categories"])
         except (KeyError, TypeError) as e:
             raise DataError(f"malformed categories or annotations {hint}", self.annotations) from e
-        if len(cat_ids) != len(dataset["categories"]):
-            raise DataError(f"category ids are not unique {hint}", self.annotations)
-        if twice := sorted(str(n) for n, count in names.items() if count > 1):
+        if twice:
+            ids = shorten([str(i) for i in twice])
+            raise DataError(f"category ids are not unique: {ids} {hint}", self.annotations)
+        if names:
             # Names key the per-class metrics and the model's class list.
-            raise DataError(f"category names are not unique: {shorten(twice)} {hint}",
-                            self.annotations)  # fmt: skip
+            twice = shorten(sorted(str(n) for n in names))
+            raise DataError(f"category names are not unique: {twice} {hint}", self.annotations)
         if not dataset["images"]:
-            raise DataError("the data set has no images", self.annotations)
+            raise DataError(NO_IMAGES, self.annotations)
         try:
             escaping = [im["id"] for im in dataset["images"] if leaves_directory(im["file_name"])]
-            image_ids = Counter(im["id"] for im in dataset["images"])
+            image_ids = repeated(im["id"] for im in dataset["images"])
+            unsized = {im["id"]: image_size_problem(im) for im in dataset["images"]}
         except (KeyError, TypeError) as e:
             raise DataError(f"malformed images {hint}", self.annotations) from e
-        if twice := [str(i) for i, count in image_ids.items() if count > 1]:
+        if image_ids:
             # Evaluation would score such an image's detections twice.
-            raise DataError(f"image ids are not unique: {shorten(twice)} {hint}", self.annotations)
+            ids = shorten([str(i) for i in image_ids])
+            raise DataError(f"image ids are not unique: {ids} {hint}", self.annotations)
         if escaping:
-            ids = shorten([str(i) for i in escaping], 10)
             raise DataError(
-                f"{len(escaping)} images (ids {ids}) have file names outside the image directory "
+                f"{some_ids('images', escaping)} have file names outside the image directory "
                 f"{self.images}; use paths relative to it",
+                self.annotations,
+            )
+        if unsized := {i: problem for i, problem in unsized.items() if problem}:
+            first, problem = next(iter(unsized.items()))
+            raise DataError(
+                f"{some_ids('images', list(unsized))} have no usable size "
+                f"(image {first}: {problem})",
                 self.annotations,
             )
         if unknown:
             raise DataError(
                 f"annotations use unknown category ids {unknown[:10]}", self.annotations
             )
+        if areas:
+            raise DataError(f"{some_ids('annotations', areas)}: {AREA}", self.annotations)
         self.segmented = not unusable  # every annotation has a mask
         if self.masks and unusable:
             raise DataError(
-                f"{len(unusable)} annotations (first: {unusable[0]}) have no segmentation; "
-                "Mask R-CNN needs masks: train a _fasterrcnn or _retinanet model "
-                "for boxes only (in Python: masks=False)",
-                self.annotations,
+                f"{no_segmentation(unusable)} (in Python: masks=False)", self.annotations
             )
 
     def __len__(self) -> int:

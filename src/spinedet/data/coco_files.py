@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from PIL import Image, ImageOps
 from pycocotools import mask as mask_utils
 
 from spinedet.data.errors import DataError, UnreadableImage
+from spinedet.errors import shorten
 from spinedet.files import atomic_write
 
 EXIF_ORIENTATION = 0x0112
@@ -46,6 +49,72 @@ def write_json(path: str | Path, content: Any) -> None:
 def is_number(value: Any) -> bool:
     """True for finite ints and floats (JSON booleans excluded)."""
     return type(value) in (int, float) and math.isfinite(value)  # exact types: bool is an int
+
+
+NO_IMAGES = "the data set has no images"
+AREA = "area is not a number"
+
+
+# The rules below are shared by ``CocoDataset``, which refuses a file on the first one broken,
+# and ``data check``, which reports every one: the two cannot disagree about a file.
+
+
+def repeated(values: Iterable[Any]) -> dict[Any, int]:
+    """The values occurring more than once, with their counts, in order of first occurrence."""
+    return {value: count for value, count in Counter(values).items() if count > 1}
+
+
+def image_size(image: Mapping[str, Any]) -> tuple[int, int]:
+    """An image entry's ``(width, height)`` as ints; ``ValueError`` saying why it has none.
+
+    Each must be a positive whole number of pixels. Whole floats (``640.0``, as some tools
+    write) are accepted; fractions, zero, negatives, text, booleans and absence are not.
+    """
+    size = []
+    for key in ("width", "height"):
+        if key not in image:
+            raise ValueError(f"missing {key}")
+        value = image[key]
+        if not is_number(value) or value <= 0 or value != int(value):
+            raise ValueError(f"{key} must be a positive whole number of pixels, not {value!r}")
+        size.append(int(value))
+    return size[0], size[1]
+
+
+def image_size_problem(image: Mapping[str, Any]) -> str | None:
+    """Why an image entry has no usable size (see :func:`image_size`), or None."""
+    try:
+        image_size(image)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def bad_areas(annotations: list[Mapping[str, Any]]) -> list[Any]:
+    """Ids of the annotations whose ``area`` is there but not a number (it may be left out)."""
+    return [a.get("id") for a in annotations if "area" in a and not is_number(a["area"])]
+
+
+def unsegmented(annotations: list[Mapping[str, Any]]) -> list[Any]:
+    """Ids of the annotations Mask R-CNN can neither train nor be evaluated on: those without a
+    segmentation (crowds too: COCO's mask evaluation reads their regions), and all of them when
+    every segmentation is missing or empty (a boxes-only export's empty lists)."""
+    if annotations and all(a.get("segmentation") in ([], None) for a in annotations):
+        return [a.get("id") for a in annotations]
+    return [a.get("id") for a in annotations if a.get("segmentation") is None]
+
+
+def some_ids(what: str, ids: list[Any]) -> str:
+    """``3 annotations (ids 4, 7, 9)``: a count and the first few ids, for a one-line message."""
+    return f"{len(ids)} {what} (ids {shorten([str(i) for i in ids])})"
+
+
+def no_segmentation(ids: list[Any]) -> str:
+    """The problem with the annotations :func:`unsegmented` finds."""
+    return (
+        f"{some_ids('annotations', ids)} have no segmentation; Mask R-CNN needs masks: "
+        "train a _fasterrcnn or _retinanet model for boxes only"
+    )
 
 
 def size_mismatch(
