@@ -118,6 +118,23 @@ def test_show_draws_ground_truth_and_augmentations(tmp_path, capsys):
     assert "no image with id 999" in capsys.readouterr().err
 
 
+def test_show_draws_boxes_where_the_loader_takes_no_masks(tmp_path, capsys):
+    """A crowd without its region: the loader refuses its masks, so show draws boxes only."""
+    import json
+
+    data = tmp_path / "shapes"
+    assert _run("shapes", "--out", str(data), "--num-images", "2", "--size", "64") == 0
+    ann = data / "annotations.json"
+    content = json.loads(ann.read_text())
+    crowd = {**content["annotations"][0], "id": 999, "iscrowd": 1}
+    del crowd["segmentation"]
+    content["annotations"].append(crowd)
+    ann.write_text(json.dumps(content))
+    out = tmp_path / "show"
+    assert _run("show", str(ann), "--images", str(data / "images"), "--out", str(out)) == 0
+    assert "drew 2 image(s)" in capsys.readouterr().out
+
+
 def test_every_option_has_help():
     from spinedet.cli import build_parser
 

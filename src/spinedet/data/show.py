@@ -14,16 +14,16 @@ from ..draw import draw_instances
 from ..errors import SpinedetError
 from ..files import refuse_existing
 from .coco import CocoDataset
-from .coco_files import read_json
+from .coco_files import read_json, unsegmented
 from .transforms import train_transforms
 
 __all__ = ["show_dataset"]
 
 
 def _has_masks(annotations: str | Path) -> bool:
-    """Whether every trainable annotation has a segmentation (then masks are drawn)."""
+    """Whether the loader takes the annotations' masks (then they are drawn): its own rule."""
     anns = read_json(annotations).get("annotations") or []
-    return bool(anns) and all("segmentation" in a for a in anns if not a.get("iscrowd"))
+    return bool(anns) and not unsegmented(anns)
 
 
 def _pick(dataset: CocoDataset, num: int, image_ids: Sequence[Any] | None, seed: int) -> list[int]:
