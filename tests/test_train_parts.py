@@ -26,6 +26,7 @@ from spinedet.engine.checkpoint import Checkpointer, RunLock
 from spinedet.engine.distributed import DistInfo
 from spinedet.engine.loop import Stepper
 from spinedet.engine.plots import read_metrics
+from spinedet.engine.trainer import _check_data
 from spinedet.errors import SpinedetError
 from spinedet.models import create_model
 from spinedet.models.weights import save_weights
@@ -129,6 +130,23 @@ def test_empty_data_set_and_zero_steps_are_refused(shapes, tmp_path):
     with pytest.raises(SpinedetError, match=r"6 training images make no step of 8 images"):
         train(tiny_config(shapes, batch_size=4, accumulate=2), tmp_path / "b", device="cpu")
     assert not (tmp_path / "a" / "checkpoints").exists()
+
+
+def test_boxes_only_data_is_refused_by_the_check_for_a_mask_model_only(shapes, tmp_path):
+    data = json.loads(shapes["train"].read_text())
+    for a in data["annotations"]:
+        a["segmentation"] = []
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps(data))
+    cfg = tiny_config(shapes)
+    cfg["data"]["train"]["annotations"] = str(boxes)
+    # The data check refuses it before a model is built (it used to pass it, with a warning).
+    with pytest.raises(SpinedetError, match=r"boxes.json: the data set has problems(.|\n)*"
+                       r"have no segmentation; Mask R-CNN needs masks"):  # fmt: skip
+        train(cfg, tmp_path / "a", device="cpu")
+    assert not (tmp_path / "a" / "checkpoints").exists()
+    cfg["model"]["name"] = "spinenet49s_retinanet"  # boxes are all a RetinaNet needs
+    assert _check_data(cfg, tmp_path / "b") is None
 
 
 def test_second_writer_is_refused_with_the_holders_pid_and_stale_temps_go(shapes, tmp_path):

@@ -20,7 +20,7 @@ from ..config import ConfigError, load_config, save_config
 from ..cuda_graphs import pad_to_square, use_cuda_graphs
 from ..data import DataError, check_dataset_cached, check_image_folder, collate, format_report
 from ..errors import SpinedetError, shorten
-from ..models import describe, model_task
+from ..models import TASKS, describe, model_task
 from . import distributed
 from .builders import build_datasets, build_model, build_optimizer, data_source, effective_lr
 from .checkpoint import Checkpointer, RunLock, remove_stale_temps
@@ -76,7 +76,9 @@ def _check_data(cfg: dict, out: Path) -> str | None:
     """``data check`` of the training and validation sets: the report, or None when clean. A
     clean COCO result is cached in the run directory, so a resume does not read every image
     again; a classifier's ImageFolder trees get a header check of every image."""
-    classifier = model_task(cfg["model"]["name"]) == "classifier"
+    task = model_task(cfg["model"]["name"])
+    classifier = task == "classifier"
+    masks = task is not None and TASKS[task].masks  # a Mask R-CNN refuses boxes-only data
     for split in ("train", "val"):
         spec = cfg["data"][split]
         source = data_source(cfg, split)
@@ -86,7 +88,9 @@ def _check_data(cfg: dict, out: Path) -> str | None:
             if classifier:
                 problems = check_image_folder(source)
             else:
-                problems = check_dataset_cached(spec["annotations"], spec["images"], out)
+                problems = check_dataset_cached(
+                    spec["annotations"], spec["images"], out, masks=masks
+                )
         except DataError as e:  # not an ImageFolder tree: said on every rank, not raised on one
             return str(e)
         if problems:
