@@ -48,6 +48,15 @@ def test_eval_writes_metrics_and_results(checkpoint, shapes, tmp_path, capsys):
     for name in ("pr_curve_segm.png", "confusion_bbox.csv", "per_class.csv"):
         assert (tmp_path / name).stat().st_size > 0, name
     assert "per-class segm AP" in capsys.readouterr().out
+    # A second evaluation into the same folder is refused before it runs, unless told.
+    (tmp_path / "metrics.json").write_text("{}")
+    argv = ["eval", str(checkpoint.parent), "--annotations", str(shapes["val"]),
+            "--images", str(shapes["images"]), "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) != 0
+    assert "metrics.json: exists; pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "metrics.json").read_text() == "{}"
+    assert main([*argv, "--overwrite"]) == 0
+    assert set(json.loads((tmp_path / "metrics.json").read_text())) == {"bbox", "segm"}
 
 
 @pytest.mark.parametrize(

@@ -35,7 +35,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     metrics = evaluate(args.checkpoint, args.annotations, args.images, args.out,
                        args.batch_size, args.device, args.workers,
-                       optimize=not args.no_optimize, by_order=args.by_order)  # fmt: skip
+                       optimize=not args.no_optimize, by_order=args.by_order,
+                       overwrite=args.overwrite)  # fmt: skip
     if int(os.environ.get("RANK", "0")) == 0:
         classifier = "top1" in metrics
         print(format_classification(metrics) if classifier else format_metrics(metrics))
@@ -88,6 +89,8 @@ def add_engine_commands(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="write metrics.json, results.json, PR curves, confusion matrix and per_class.csv",
     )
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier evaluation's files in --out")  # fmt: skip
     p.add_argument("--batch-size", type=at_least(1), default=2, help="images per forward pass")
     p.add_argument("--workers", type=at_least(0), default=None,
                    help="data loading processes (default: on a CPU none up to 4 cores, else 2; "

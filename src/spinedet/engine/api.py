@@ -14,7 +14,7 @@ from torch import nn
 from ..data import CocoDataset, ImageFolderDataset
 from ..data.transforms import classification_eval_transforms, eval_transforms
 from ..errors import SpinedetError, shorten
-from ..files import atomic_write
+from ..files import atomic_write, refuse_existing
 from ..models import describe, load_model
 from ..models.registry import task_of
 from ..models.weights import resolve_checkpoint
@@ -53,6 +53,7 @@ def evaluate(
     workers: int | None = None,
     optimize: bool = True,
     by_order: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """COCO AP (box, and mask for Mask R-CNN) of a checkpoint on a COCO json data set; for a
     classifier (``annotations`` None), top-1/top-5 and per-class accuracy on the ImageFolder
@@ -67,7 +68,11 @@ def evaluate(
     the plain model up to float rounding (on CPUs with AMX, bfloat16 convolutional parts:
     close, not equal). ``by_order``: a classifier's class folders are its classes in sorted
     order, whatever their names (see :class:`~spinedet.data.ImageFolderDataset`).
+    ``overwrite``: replace an earlier evaluation's ``metrics.json`` in ``out_dir`` (else
+    refused before evaluating).
     """
+    if out_dir is not None:  # before the pass, which may take hours, not after it
+        refuse_existing(Path(out_dir) / "metrics.json", overwrite)
     info = distributed.setup(device)
     workers = loader_workers(workers, info.device)
     try:
