@@ -2,22 +2,27 @@
 by image, COCO evaluation by category (each rank holding its categories' detections only), the
 validation loss by batch."""
 
+import importlib
 import json
 import os
+from functools import partial
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import TINY_MODEL, free_port
 from test_evaluate import gt_as_results
+from torch.utils.data import Subset
 
 import spinedet
 from spinedet.data import CocoDataset, eval_transforms
 from spinedet.engine.distributed import DistInfo, exchange
 from spinedet.engine.evaluate import (
+    EvaluationStopped,
     coco_evaluate,
     eval_mode_for_losses,
     evaluate_distributed,
+    run_inference,
     sharded_val_loss,
 )
 
@@ -40,13 +45,35 @@ def _run(info: DistInfo | None, shapes: dict, weights: str) -> dict:
     fixed_metrics = coco_evaluate(train.coco, mine, ("bbox", "segm"), info=info)
     received = exchange([[f"{rank}->{dst}"] for dst in range(ranks)], info or DistInfo())
     return {"metrics": metrics, "results": results, "loss": loss, "fixed": fixed_metrics,
-            "training": model.training, "received": received}  # fmt: skip
+            "training": model.training, "received": received,
+            "stopped": _stops(model, val, info or DistInfo())}  # fmt: skip
+
+
+def _stops(model: torch.nn.Module, val: CocoDataset, info: DistInfo) -> list[str]:
+    """Where inference and the validation loss give up: with no stop over 5 images (shards of
+    3 and 2 batches: rank 0's third has no agreement, else the ranks' collectives would pair
+    wrongly from there on), then when rank 1 alone is asked to stop."""
+    cpu, stopped = torch.device("cpu"), []
+    evaluations = (
+        partial(run_inference, label_to_cat_id=val.label_to_cat_id, device=cpu, info=info,
+                batch_size=1, progress=False),
+        partial(sharded_val_loss, batch_size=1, device=cpu, info=info),
+    )  # fmt: skip
+    for data, stop in ((Subset(val, range(5)), lambda: False), (val, lambda: info.rank == 1)):
+        for evaluation in evaluations:
+            try:
+                evaluation(model, data, stop=stop)
+            except EvaluationStopped as e:
+                stopped.append(str(e))
+    return stopped
 
 
 def _worker(rank: int, port: int, shapes: dict, weights: str, out: str) -> None:
     torch.set_num_threads(1)  # the arithmetic of the single-process run
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
+    # Agree on a stop after every batch (a training run: every 8), so 3 batches a rank test it.
+    importlib.import_module("spinedet.engine.evaluate").STOP_CHECK_EVERY = 1
     record = _run(DistInfo(rank, rank, 2), shapes, weights)
     with open(f"{out}.{rank}", "w") as f:
         json.dump(record, f, allow_nan=False)
@@ -77,6 +104,9 @@ def test_two_gloo_processes_give_the_single_process_numbers(shapes, tmp_path):
         assert rank["fixed"] == single["fixed"]
         assert abs(rank["loss"] - single["loss"]) <= 1e-12 * abs(single["loss"])
         assert rank["training"] is True  # the mode the model came in with
+        # Rank 0 gives up with rank 1, after the same batch, and no rank waits for another.
+        assert rank["stopped"] == ["gave up after batch 1"] * 2
+    assert single["stopped"] == []
     assert 0.2 < single["fixed"]["bbox"]["AP"] < 0.95  # category shares of a non-trivial case
     assert single["loss"] > 0
 

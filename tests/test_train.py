@@ -1,5 +1,6 @@
 """Training: loss goes down, exact resume, DDP on gloo, clear stops on bad data or NaN."""
 
+import importlib
 import json
 import os
 import signal
@@ -66,16 +67,34 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(shapes, tmp_pat
     assert _losses(tmp_path / "straight") == _losses(tmp_path / "resumed")
 
 
-def test_a_stop_at_an_epoch_end_is_evaluated_on_resume(shapes, tmp_path, monkeypatch):
+def _validated(shapes):
+    """2 epochs of 3 steps, each validated (3 + 3 batches of the 6 validation images)."""
+    cfg = tiny_config(shapes, epochs=2)
+    cfg["data"]["val"] = {"annotations": str(shapes["val"]), "images": str(shapes["images"])}
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def straight(shapes, tmp_path_factory):
+    """The run of ``_validated`` never stopped, which every stopped and resumed one must equal."""
+    run = tmp_path_factory.mktemp("straight")
+    train(_validated(shapes), run, device="cpu")
+    return run
+
+
+def _val_rows(run):
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "time"} for r in rows if r["kind"] == "val"]
+
+
+def _same_weights(run, other, name):
+    a, b = (load_file(r / name) for r in (run, other))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_stop_at_an_epoch_end_is_evaluated_on_resume(shapes, straight, tmp_path, monkeypatch):
     """Stopped on an epoch's last step, before its evaluation: resuming evaluates that epoch
     first, so the metrics and the best weights are those of the run never stopped."""
-
-    def config():
-        cfg = tiny_config(shapes, epochs=2)  # 3 steps per epoch
-        cfg["data"]["val"] = {"annotations": str(shapes["val"]), "images": str(shapes["images"])}
-        return cfg
-
-    train(config(), tmp_path / "straight", device="cpu")
     steps, original = [], loop.Stepper.step
 
     def step_then_stop(self):
@@ -86,19 +105,13 @@ def test_a_stop_at_an_epoch_end_is_evaluated_on_resume(shapes, tmp_path, monkeyp
 
     monkeypatch.setattr(loop.Stepper, "step", step_then_stop)
     with pytest.raises(KeyboardInterrupt, match="interrupted at step 3"):
-        train(config(), tmp_path / "stopped", device="cpu")
+        train(_validated(shapes), tmp_path / "stopped", device="cpu")
     monkeypatch.setattr(loop.Stepper, "step", original)
     assert not (tmp_path / "stopped" / "best.safetensors").exists()
-    train(config(), tmp_path / "stopped", resume=True, device="cpu")
-
-    def val_rows(run):
-        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in r.items() if k != "time"} for r in rows if r["kind"] == "val"]
-
-    assert [r["epoch"] for r in val_rows(tmp_path / "stopped")] == [1, 2]
-    assert val_rows(tmp_path / "stopped") == val_rows(tmp_path / "straight")
-    a, b = (load_file(tmp_path / run / "best.safetensors") for run in ("straight", "stopped"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    train(_validated(shapes), tmp_path / "stopped", resume=True, device="cpu")
+    assert [r["epoch"] for r in _val_rows(tmp_path / "stopped")] == [1, 2]
+    assert _val_rows(tmp_path / "stopped") == _val_rows(straight)
+    assert _same_weights(tmp_path / "stopped", straight, "best.safetensors")
     assert (tmp_path / "stopped" / "curves.png").is_file()
 
     # A crash in validation (here once its row is logged) comes after the epoch's checkpoint:
@@ -108,13 +121,43 @@ def test_a_stop_at_an_epoch_end_is_evaluated_on_resume(shapes, tmp_path, monkeyp
 
     monkeypatch.setattr(Checkpointer, "save_best", crash)
     with pytest.raises(RuntimeError, match="crashed in validation"):
-        train(config(), tmp_path / "crashed", device="cpu")
+        train(_validated(shapes), tmp_path / "crashed", device="cpu")
     monkeypatch.undo()
-    assert [r["epoch"] for r in val_rows(tmp_path / "crashed")] == [1]
+    assert [r["epoch"] for r in _val_rows(tmp_path / "crashed")] == [1]
     state = torch.load(tmp_path / "crashed" / "checkpoints" / "last.pt", weights_only=True)
     assert state["step"] == 3
-    train(config(), tmp_path / "crashed", resume=True, device="cpu")
-    assert val_rows(tmp_path / "crashed") == val_rows(tmp_path / "straight")
+    train(_validated(shapes), tmp_path / "crashed", resume=True, device="cpu")
+    assert _val_rows(tmp_path / "crashed") == _val_rows(straight)
+
+
+def test_a_stop_during_validation_gives_it_up_and_resume_validates_again(
+    shapes, straight, tmp_path, monkeypatch
+):
+    """A first signal in an epoch's validation (an hour on a large validation set) stops after
+    the current batch: no row of that epoch, the checkpoint written before validation (epoch not
+    ended) stands, and resuming validates the epoch again and ends as the run never stopped."""
+    evaluation = importlib.import_module("spinedet.engine.evaluate")  # the package's is a function
+    batches, original = [], evaluation.collate
+
+    def collate_then_stop(samples):
+        batches.append(len(samples))
+        if len(batches) == 2:
+            signal.raise_signal(signal.SIGINT)  # what Ctrl-C during the second batch does
+        return original(samples)
+
+    monkeypatch.setattr(evaluation, "collate", collate_then_stop)
+    with pytest.raises(KeyboardInterrupt, match="validation of epoch 1 interrupted at step 3"):
+        train(_validated(shapes), tmp_path, device="cpu")
+    monkeypatch.undo()
+    assert len(batches) == 2  # of 6: the validation loss's 3 and the COCO evaluation's 3
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 3 and state["epoch_ended"] is False
+    assert _val_rows(tmp_path) == [] and not (tmp_path / "best.safetensors").exists()
+    train(_validated(shapes), tmp_path, resume=True, device="cpu")
+    assert _val_rows(tmp_path) == _val_rows(straight)
+    assert _same_weights(tmp_path, straight, "best.safetensors")
+    assert _same_weights(tmp_path, straight, "last.safetensors")
+    assert _losses(tmp_path) == _losses(straight)
 
 
 def test_train_takes_a_recipe_name_a_yaml_file_or_a_partial_dict(tmp_path, monkeypatch):

@@ -3,7 +3,7 @@ ranks of a distributed run by image."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from ..models import describe
 from .distributed import DistInfo, gather_objects
-from .evaluate import shard_loader
+from .evaluate import check_stop, shard_batches, shard_loader
 
 __all__ = [
     "classification_metrics",
@@ -54,23 +54,27 @@ def evaluate_classifier(
     batch_size: int = 32,
     workers: int = 0,
     progress: bool = True,
+    stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """:func:`classification_metrics` of ``model`` (in eval mode) on a dataset of ``(image,
     {"labels"})`` samples labelled as the model's classes. Each rank runs every
     ``world_size``-th image and gets every image's top 5, label and loss (the model's own:
-    cross-entropy with its label smoothing), so the metrics are the same on every rank."""
+    cross-entropy with its label smoothing), so the metrics are the same on every rank.
+    ``stop``: see :func:`~spinedet.engine.evaluate.run_inference`."""
     info = info or DistInfo()
     loader = shard_loader(dataset, info, batch_size, workers, device)
+    common = shard_batches(dataset, info, batch_size)
     was_training = model.training
     model.eval()
     parts: list[tuple[torch.Tensor, ...]] = []
     bar = tqdm(loader, desc="evaluate", unit="batch", disable=not progress or info.rank != 0)
-    for images, targets in bar:
+    for done, (images, targets) in enumerate(bar, 1):
         logits = model(torch.stack(images).to(device, non_blocking=True)).float()
         labels = torch.stack([t["labels"] for t in targets]).to(device)
         k = min(TOP_K, logits.shape[1])
         losses = model.loss(logits, labels, reduction="none")
         parts.append((logits.topk(k).indices.cpu(), labels.cpu(), losses.cpu()))
+        check_stop(stop, done, common, info)
     model.train(was_training)
     gathered = [p for rank_parts in gather_objects(parts, info) for p in rank_parts]
     if gathered:

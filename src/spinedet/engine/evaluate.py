@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,13 +23,16 @@ from torchvision.ops import StochasticDepth
 from tqdm import tqdm
 
 from ..data import collate
-from .distributed import DistInfo, exchange, gather_objects, gather_to
+from .distributed import DistInfo, any_rank, exchange, gather_objects, gather_to
 
 __all__ = [
     "STAT_NAMES",
+    "STOP_CHECK_EVERY",
     "Accumulated",
+    "EvaluationStopped",
     "accumulate",
     "category_owners",
+    "check_stop",
     "coco_evaluate",
     "eval_mode_for_losses",
     "evaluate_distributed",
@@ -40,6 +43,7 @@ __all__ = [
     "merge",
     "run_inference",
     "shard_loader",
+    "shard_batches",
     "sharded_val_loss",
     "summarize",
     "to_coco_results",
@@ -51,6 +55,33 @@ STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
 
 # faster-coco-eval logs every load and index build at INFO; spinedet prints its own summary.
 logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
+
+
+# Batches between the ranks' agreements on a stop (distributed.any_rank): each waits for the
+# GPU and for the slowest rank, which after every batch would stall the queue of the validation
+# loss (which has no other host sync) and pace every rank to the slowest one; 8 batches are
+# seconds of a large validation pass. One process needs no agreement and checks every batch.
+STOP_CHECK_EVERY = 8
+
+
+class EvaluationStopped(Exception):
+    """An evaluation gave up on a stop request; every rank of a distributed run raises it after
+    the same batch."""
+
+
+def check_stop(stop: Callable[[], bool] | None, done: int, common: int, info: DistInfo) -> None:
+    """Raise :class:`EvaluationStopped` after ``done`` batches when ``stop()`` (this rank was
+    asked to stop) holds: after every batch in one process; on any rank, every
+    ``STOP_CHECK_EVERY`` batches within the ``common`` ones every rank has, so none waits in a
+    collective for a rank that finished or left."""
+    if stop is None:
+        return
+    if info.enabled:
+        stopped = done % STOP_CHECK_EVERY == 0 and done <= common and any_rank(stop(), info)
+    else:
+        stopped = stop()
+    if stopped:
+        raise EvaluationStopped(f"gave up after batch {done}")
 
 
 def _quiet(*_args: Any, **_kwargs: Any) -> None:
@@ -97,6 +128,11 @@ def shard_loader(
                       generator=torch.Generator())  # fmt: skip
 
 
+def shard_batches(dataset: Dataset, info: DistInfo, batch_size: int) -> int:
+    """The number of :func:`shard_loader` batches every rank has (the smallest shard's)."""
+    return -(-(len(dataset) // info.world_size) // batch_size)
+
+
 @torch.no_grad()
 def run_inference(
     model: nn.Module,
@@ -107,19 +143,23 @@ def run_inference(
     batch_size: int = 2,
     workers: int = 0,
     progress: bool = True,
+    stop: Callable[[], bool] | None = None,
 ) -> list[dict[str, Any]]:
     """COCO results of ``model`` on this rank's images of ``dataset``: every ``world_size``-th
-    (loaded by ``workers`` DataLoader processes), all of them when not distributed."""
+    (loaded by ``workers`` DataLoader processes), all of them when not distributed. ``stop``:
+    whether this rank was asked to stop, checked between batches (see :func:`check_stop`)."""
     info = info or DistInfo()
     loader = shard_loader(dataset, info, batch_size, workers, device)
+    common = shard_batches(dataset, info, batch_size)
     was_training = model.training
     model.eval()
     results: list[dict[str, Any]] = []
     bar = tqdm(loader, desc="evaluate", unit="batch", disable=not progress or info.rank != 0)
-    for images, targets in bar:
+    for done, (images, targets) in enumerate(bar, 1):
         outputs = model([img.to(device, non_blocking=True) for img in images])
         for out, target in zip(outputs, targets, strict=True):
             results.extend(to_coco_results(out, int(target["image_id"]), label_to_cat_id))
+        check_stop(stop, done, common, info)
     model.train(was_training)
     return results
 
@@ -284,14 +324,15 @@ def evaluate_distributed(
     workers: int = 0,
     progress: bool = True,
     collect: bool = True,
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
     """Inference sharded by image, COCO evaluation sharded by category: no rank waits for
     another, or holds another's detections, beyond its share. Returns (metrics, results): the
     metrics identical on every rank and equal to the single-process numbers; the results (COCO
     detections of every image) on rank 0 when ``collect``, else and elsewhere ``[]``.
-    ``dataset`` needs a ``coco`` attribute (a CocoDataset)."""
+    ``dataset`` needs a ``coco`` attribute (a CocoDataset). ``stop``: see :func:`run_inference`."""
     results = run_inference(model, dataset, label_to_cat_id, device, info, batch_size, workers,
-                            progress)  # fmt: skip
+                            progress, stop)  # fmt: skip
     info = info or DistInfo()
     metrics = coco_evaluate(dataset.coco, results, iou_types, info=info)
     gathered = gather_to(results, 0, info) if collect else None
@@ -315,6 +356,7 @@ def sharded_val_loss(
     info: DistInfo | None = None,
     workers: int = 0,
     seed: int = 0,
+    stop: Callable[[], bool] | None = None,
 ) -> float:
     """Mean loss per image over ``dataset``, in :func:`eval_mode_for_losses`.
 
@@ -322,6 +364,7 @@ def sharded_val_loss(
     the sums all-reduced; each batch seeds the detector's proposal sampling with
     ``seed + batch index``, so the value depends neither on the number of ranks nor on the
     training RNG (which it leaves untouched). Pass the bare model, not the DDP wrapper.
+    ``stop``: see :func:`run_inference`.
     """
     info = info or DistInfo()
     device = torch.device(device)
@@ -335,7 +378,7 @@ def sharded_val_loss(
     eval_mode_for_losses(model)
     total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, images
     cuda = [device.index or 0] if device.type == "cuda" else []
-    for index, (images, targets) in zip(mine, loader, strict=True):
+    for done, (index, (images, targets)) in enumerate(zip(mine, loader, strict=True), 1):
         with torch.random.fork_rng(devices=cuda):
             torch.default_generator.manual_seed(seed + index)
             if cuda:
@@ -347,6 +390,7 @@ def sharded_val_loss(
             )  # fmt: skip
         total[0] += sum(losses.values()).double() * len(images)
         total[1] += len(images)
+        check_stop(stop, done, len(batches) // info.world_size, info)
     if info.enabled:
         dist.all_reduce(total)
     model.train(was_training)

@@ -56,9 +56,10 @@ def amp_mode(setting: str, device: torch.device) -> tuple[torch.dtype | None, bo
 
 
 class StopSignal:
-    """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step boundary and exits. A
-    second signal stops at once (e.g. in a long validation pass, which the epoch's checkpoint
-    precedes), leaving the checkpoint on disk as it is."""
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step boundary and exits, or
+    gives up validation after the current batch (the epoch's checkpoint precedes it, and
+    resuming validates that epoch again). A second signal stops at once, leaving the checkpoint
+    on disk as it is."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
@@ -78,7 +79,12 @@ class StopSignal:
                                     "stands: continue with --resume")  # fmt: skip
         self.signal = signum
         # os.write, not print or logging: safe inside a signal handler.
-        os.write(2, b"\nstopping at the next step boundary (signal again to stop at once)\n")
+        os.write(2, b"\nstopping after the current step or validation batch (signal again to "
+                 b"stop at once)\n")  # fmt: skip
+
+    def requested(self) -> bool:
+        """Whether a signal has come (on this rank)."""
+        return self.signal is not None
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():

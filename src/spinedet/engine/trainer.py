@@ -25,7 +25,13 @@ from . import distributed
 from .builders import build_datasets, build_model, build_optimizer, data_source, effective_lr
 from .checkpoint import Checkpointer, RunLock, remove_stale_temps
 from .classification import evaluate_classifier, flat_classification, format_classification
-from .evaluate import evaluate_distributed, flat_metrics, format_metrics, sharded_val_loss
+from .evaluate import (
+    EvaluationStopped,
+    evaluate_distributed,
+    flat_metrics,
+    format_metrics,
+    sharded_val_loss,
+)
 from .logger import RunLogger, held_records
 from .loop import SeededSamples, Stepper, StopSignal, epoch_order
 from .plots import plot_curves
@@ -239,15 +245,16 @@ class Trainer:
         ])  # fmt: skip
 
     # ----- evaluation --------------------------------------------------------------------
-    def _evaluate(self, epoch: int) -> dict:
+    def _evaluate(self, epoch: int, stop: StopSignal) -> dict:
         """Validation loss and metrics (COCO AP, or a classifier's accuracy), each shared by all
         ranks (identical results on every rank); rank 0 logs them and keeps the best weights
-        (by mask AP, else box AP, or top-1 accuracy)."""
+        (by mask AP, else box AP, or top-1 accuracy). Raises :class:`EvaluationStopped`, on
+        every rank and before logging anything, when ``stop`` is signalled."""
         distributed.broadcast_buffers(self.model, self.info)
         if self.task.name == "classifier":
-            val_loss, primary, flat, text, metrics = self._classifier_metrics()
+            val_loss, primary, flat, text, metrics = self._classifier_metrics(stop)
         else:
-            val_loss, primary, flat, text, metrics = self._coco_metrics()
+            val_loss, primary, flat, text, metrics = self._coco_metrics(stop)
         self.net.train()
         row = {"kind": "val", "epoch": epoch, "step": self.step, "val_loss": val_loss}
         self.logger.row(row | flat)
@@ -258,24 +265,26 @@ class Trainer:
         self.logger.text(f"epoch {epoch}: val loss {val_loss:.4f}\n{text}")
         return metrics
 
-    def _coco_metrics(self) -> tuple[float, float | None, dict, str, dict]:
+    def _coco_metrics(self, stop: StopSignal) -> tuple[float, float | None, dict, str, dict]:
         """(val loss, primary AP, flat metrics, text, metrics) of a detector."""
         val_loss = sharded_val_loss(self.model, self.val_set, self.batch, self.device, self.info,
-                                    workers=self.workers, seed=self.seed)  # fmt: skip
+                                    workers=self.workers, seed=self.seed,
+                                    stop=stop.requested)  # fmt: skip
         iou_types = ("bbox", "segm") if self.task.masks else ("bbox",)
         label_to_cat = describe(self.model).label_to_category_id()
         metrics, _ = evaluate_distributed(self.model, self.val_set, label_to_cat, self.device,
                                           self.info, iou_types, self.batch, workers=self.workers,
-                                          progress=self.main, collect=False)  # fmt: skip
+                                          progress=self.main, collect=False,
+                                          stop=stop.requested)  # fmt: skip
         primary = metrics["segm" if "segm" in metrics else "bbox"]["AP"]
         return val_loss, primary, flat_metrics(metrics), format_metrics(metrics, worst=10), metrics
 
-    def _classifier_metrics(self) -> tuple[float, float | None, dict, str, dict]:
+    def _classifier_metrics(self, stop: StopSignal) -> tuple[float, float | None, dict, str, dict]:
         """(val loss, top-1, flat metrics, text, metrics) of a classifier: one pass in eval
         mode gives the loss and the accuracies."""
         metrics = evaluate_classifier(self.model, self.val_set, self.device, self.info,
                                       self.batch, self.workers,
-                                      progress=self.main)  # fmt: skip
+                                      progress=self.main, stop=stop.requested)  # fmt: skip
         flat, text = flat_classification(metrics), format_classification(metrics, worst=10)
         return metrics["loss"], metrics["top1"], flat, text, metrics
 
@@ -316,16 +325,16 @@ class Trainer:
                    disable=not self.main, dynamic_ncols=True)  # fmt: skip
         nonfinite = 0
         interval = _Interval(self.device)
-        if self.epoch_pending:
-            self._end_epoch(self.step // self.steps_per_epoch)
         with StopSignal() as stop:
+            if self.epoch_pending:
+                self._end_epoch(self.step // self.steps_per_epoch, stop, bar)
             while self.step < end:
                 epoch, skip = divmod(self.step, self.steps_per_epoch)
                 interval.tick()  # after an evaluation: the loader's start is data time
                 batches = iter(self._loader(epoch, skip))
                 for group in zip(*[batches] * self.accumulate, strict=False):
                     interval.data_done()
-                    stats = self.stepper.backward(group, self.step, stop.signal is not None)
+                    stats = self.stepper.backward(group, self.step, stop.requested())
                     if stats is not None:
                         self.stepper.step()
                     self.step += 1
@@ -341,27 +350,31 @@ class Trainer:
                         self._log_step(epoch, stats, bar, interval)
                     if self.stepper.stopping or self.step >= end:
                         break
-                # The ranks agree on a stop in each step's backward; a signal since then, before
-                # an epoch's validation or during it, is agreed on here.
+                # The ranks agree on a stop in each step's backward and between validation
+                # batches; a signal since then, before an epoch's validation or after its last
+                # check, is agreed on here.
                 epoch_end = self.step % self.steps_per_epoch == 0
                 if self.stepper.stopping or (
-                    epoch_end and distributed.any_rank(stop.signal is not None, self.info)
+                    epoch_end and distributed.any_rank(stop.requested(), self.info)
                 ):
                     self._interrupt(bar, epoch_ended=not epoch_end)
                 if epoch_end:
-                    self._end_epoch(self.step // self.steps_per_epoch)
-                    if distributed.any_rank(stop.signal is not None, self.info):
+                    self._end_epoch(self.step // self.steps_per_epoch, stop, bar)
+                    if distributed.any_rank(stop.requested(), self.info):
                         self._interrupt(bar, epoch_ended=True)
                 elif self.step >= end:
                     self._save()
         bar.close()
         return {"step": self.step, "best": self.best, "out": str(self.out)}
 
-    def _interrupt(self, bar: tqdm, epoch_ended: bool) -> None:
-        self._save(epoch_ended=epoch_ended)
+    def _interrupt(self, bar: tqdm, epoch_ended: bool, save: bool = True,
+                   what: str = "interrupted") -> None:  # fmt: skip
+        """Stop, every rank together; ``save`` False keeps the checkpoint on disk."""
+        if save:
+            self._save(epoch_ended=epoch_ended)
         bar.close()
         raise KeyboardInterrupt(
-            f"interrupted at step {self.step}; checkpoint saved to {self.checkpoint_path}: "
+            f"{what} at step {self.step}; checkpoint saved to {self.checkpoint_path}: "
             "continue with --resume"
         )
 
@@ -389,17 +402,23 @@ class Trainer:
             f"{where}. Lower train.base_lr or check the data."
         )
 
-    def _end_epoch(self, epoch: int) -> None:
+    def _end_epoch(self, epoch: int, stop: StopSignal, bar: tqdm) -> None:
         tcfg = self.cfg["train"]
         last = epoch == tcfg["epochs"]
         evaluate = self.val_set is not None and (epoch % tcfg["eval_every"] == 0 or last)
         save = epoch % tcfg["checkpoint_every"] == 0 or last
         if evaluate and save:
             # The epoch's training reaches the disk before validation: a crash, a kill or a
-            # second Ctrl-C in it loses no step, and resuming validates the epoch first.
+            # stop in it loses no step, and resuming validates the epoch first.
             self._save(epoch_ended=False)
         if evaluate:
-            self._evaluate(epoch)
+            try:
+                self._evaluate(epoch, stop)
+            except EvaluationStopped:
+                # Nothing of the epoch is logged and the checkpoint says it has not ended (the
+                # one written before validation stands, else one is now): resuming validates it.
+                self._interrupt(bar, epoch_ended=False, save=not save,
+                                what=f"validation of epoch {epoch} interrupted")  # fmt: skip
         if save:
             self._save()
         if self.main:
