@@ -129,7 +129,7 @@ def test_train_a_classifier_and_evaluate_it_the_same(shapes, tmp_path, capsys):
     (tmp_path / "odd" / "hexagon").mkdir(parents=True)
     star = next((shapes["val"] / "star").iterdir())
     (tmp_path / "odd" / "hexagon" / "a.png").write_bytes(star.read_bytes())
-    argv[3] = str(tmp_path / "odd")
+    argv[3], argv[5] = str(tmp_path / "odd"), str(tmp_path / "odd_eval")  # out: a new folder
     capsys.readouterr()
     assert main(argv) == 2
     error = capsys.readouterr().err
