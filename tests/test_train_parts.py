@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -177,6 +178,32 @@ def test_checkpointer_never_saves_non_finite_weights(tmp_path):
     after = load_file(tmp_path / "last.safetensors")
     assert all(torch.equal(good[k], after[k]) for k in good)
     assert torch.load(ckpt.path, weights_only=True)["step"] == 1
+
+
+def test_a_second_save_at_a_step_writes_its_counters_alone(tmp_path):
+    model = create_model("spinenet49s_retinanet", num_classes=2, **{"filter_scale": 0.25})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    parts = {"optimizer": opt, "scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1)}
+    ckpt = Checkpointer(tmp_path, model, parts, {})
+    assert ckpt.save({"step": 4, "epoch": 1, "best": None, "epoch_ended": False})
+    stamps = {p: p.stat().st_mtime_ns for p in (ckpt.path, tmp_path / "last.safetensors")}
+    time.sleep(0.01)
+    # After validation: the same step, new counters; the state and weights are not rewritten.
+    assert ckpt.save({"step": 4, "epoch": 1, "best": 0.5, "epoch_ended": True})
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert torch.load(ckpt.path, weights_only=True)["epoch_ended"] is False
+    fresh = Checkpointer(tmp_path, model, parts, {})
+    assert fresh.load() == {"step": 4, "epoch": 1, "best": 0.5, "epoch_ended": True}
+    # A later step writes everything; counters left from an earlier step never override it.
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    assert ckpt.save({"step": 5, "epoch": 1, "best": 0.5, "epoch_ended": False})
+    assert ckpt.path.stat().st_mtime_ns != stamps[ckpt.path]
+    ckpt.counters_path.write_text('{"step": 4, "epoch": 1, "best": 0.9, "epoch_ended": true}')
+    assert Checkpointer(tmp_path, model, parts, {}).load()["best"] == 0.5
+    ckpt.counters_path.write_text("{")
+    with pytest.raises(SpinedetError, match=r"last.json: unreadable .*delete it"):
+        Checkpointer(tmp_path, model, parts, {}).load()
 
 
 def test_torn_metrics_line_is_dropped_and_a_bad_line_is_named(tmp_path, caplog):

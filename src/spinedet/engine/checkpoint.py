@@ -4,6 +4,7 @@ only one run writes a directory; only finite weights are ever saved."""
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 from pathlib import Path
@@ -111,15 +112,28 @@ class RunLock:
 
 class Checkpointer:
     """``RUN/checkpoints/last.pt`` (everything needed to resume) beside ``RUN/last.safetensors``
-    and ``RUN/best.safetensors`` (weights for eval/predict/export). Saves only finite weights."""
+    and ``RUN/best.safetensors`` (weights for eval/predict/export). Saves only finite weights.
+
+    The counters (step, epoch, best, whether the epoch's end was handled) also go to
+    ``checkpoints/last.json``, which holds the newer ones when its step is the state's: the
+    tensors change only with the step, so a save at the step already written (after an epoch's
+    validation, or a stop right after an epoch's save) writes the counters alone, not the whole
+    state again (gigabytes for the large models, with their optimizer state)."""
 
     def __init__(self, out: Path, model: nn.Module, parts: dict[str, Any], meta: dict) -> None:
         self.out, self.model, self.parts, self.meta = out, model, parts, meta
         self.path = out / "checkpoints" / "last.pt"
+        self.counters_path = self.path.with_suffix(".json")
+        self.written: dict[str, Any] | None = None  # the counters on disk, as this process knows
 
     def save(self, counters: dict[str, Any]) -> bool:
-        """Write the state and the weights; False (nothing written) when any tensor of the
-        model is not finite, so a good checkpoint is never replaced by a broken one."""
+        """Write the state and the weights, or only the counters where the state of their step
+        is on disk already; False (nothing written) when any tensor of the model is not finite,
+        so a good checkpoint is never replaced by a broken one."""
+        if self.written is not None and counters["step"] == self.written["step"]:
+            if counters != self.written:
+                self._write_counters(counters)
+            return True
         if not all_finite(self.model):
             log.warning("weights at step %s are not finite: %s not updated", counters["step"],
                         self.path)  # fmt: skip
@@ -128,7 +142,13 @@ class Checkpointer:
                  **{k: v.state_dict() for k, v in self.parts.items()}, **counters}  # fmt: skip
         save_state(state, self.path)
         save_weights(self.model, self.out / "last.safetensors", self._meta(counters["step"]))
+        self._write_counters(counters)
         return True
+
+    def _write_counters(self, counters: dict[str, Any]) -> None:
+        text = json.dumps(counters)
+        atomic_write(self.counters_path, lambda tmp: Path(tmp).write_text(text))
+        self.written = dict(counters)
 
     def save_best(self, step: int) -> None:
         if all_finite(self.model):
@@ -158,4 +178,23 @@ class Checkpointer:
         for key, part in self.parts.items():
             if key in state:
                 part.load_state_dict(state[key])
-        return {k: v for k, v in state.items() if k != "model" and k not in self.parts}
+        counters = {k: v for k, v in state.items() if k != "model" and k not in self.parts}
+        newer = self._read_counters()
+        if newer is not None and newer.get("step") == counters["step"]:  # else: older, stale
+            counters |= newer
+        self.written = dict(counters)
+        return counters
+
+    def _read_counters(self) -> dict[str, Any] | None:
+        if not self.counters_path.is_file():
+            return None  # a run from before it, or a crash before its first write
+        try:
+            counters = json.loads(self.counters_path.read_text())
+        except (OSError, ValueError) as e:
+            raise TrainingStateError(
+                f"{self.counters_path}: unreadable ({e}); delete it to resume from the "
+                f"counters in {self.path.name}"
+            ) from None
+        if not isinstance(counters, dict):
+            raise TrainingStateError(f"{self.counters_path}: not a JSON object")
+        return counters
