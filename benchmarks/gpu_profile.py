@@ -1,7 +1,8 @@
 """Where a GPU training step goes (torch.profiler, one bf16 step at 640 x 640): step time, GPU
 busy time, CUDA kernels launched, and the top kernels, spinedet vs torchvision's R50-FPN
-counterpart. A launch-bound step shows many kernels and a GPU busy a small share of it.
-Prints a skip line without CUDA."""
+counterpart. A launch-bound step shows many kernels and a GPU busy a small share of it; the
+host's waits for the GPU are counted by call site (``host_data.gpu_waits``). Prints a skip
+line without CUDA."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from gpu_throughput import (  # noqa: E402
 )
 
 from spinedet import create_model  # noqa: E402
+from spinedet.models.host_data import gpu_waits  # noqa: E402
 from spinedet.optimize import optimize_for_inference  # noqa: E402
 
 
@@ -60,7 +62,7 @@ def main() -> int:
     images, targets = detection_batch(SIZE, args.batch, NUM_CLASSES)
     images = [i.cuda() for i in images]
     targets = [{k: v.cuda() for k, v in t.items()} for t in targets]
-    rows, tops, hosts = [], {}, {}
+    rows, tops, hosts, waits = [], {}, {}, {}
 
     runs = []  # (label, builder, layout and CUDA graphs or None), graphs captured in warm-up
     for name in ("spinenet49s_retinanet", "spinenet49s_maskrcnn"):
@@ -80,6 +82,7 @@ def main() -> int:
         print(" | ".join(rows[-1]), flush=True)  # what a time limit leaves
         tops[label] = top
         hosts[label] = host
+        waits[label] = gpu_waits(step)
         del step, model
         torch.cuda.empty_cache()
     print(table(["model", "ms/step", "GPU busy ms", "busy share", "CUDA kernels"], rows))
@@ -93,6 +96,7 @@ def main() -> int:
         inference.append([label, f"{wall:.1f}", f"{busy:.1f}", f"{busy / wall:.0%}", f"{count:,}"])
         print(" | ".join(inference[-1]), flush=True)
         hosts[f"{label}, inference"] = host
+        waits[f"{label}, inference"] = gpu_waits(run)
         del ours, run
         torch.cuda.empty_cache()
     print(f"\n## Inference, batch {args.batch} (optimize_for_inference)\n")
@@ -105,6 +109,12 @@ def main() -> int:
             print(f"\n## Top host ops (self CPU time), {label}\n")
             rows = [[n[:60], c, f"{t:.2f}"] for n, c, t in host]
             print(table(["op", "calls/step", "ms/step"], rows))
+    print("\n## Host waits for the GPU per step, by call site (torch.cuda sync debug mode)\n")
+    print(table(["run", "waits"], [[label, sum(w.values())] for label, w in waits.items()]))
+    for label, sites in waits.items():
+        if "CUDA graphs" in label or "optimised" in label:
+            print(f"\n### Where {label} waits\n")
+            print(table(["call site", "waits/step"], [[s, n] for s, n in sites.most_common(12)]))
     return 0
 
 

@@ -6,7 +6,9 @@ with the plain computation (torchvision's where it has one, else the per-level /
 written out here)."""
 
 import copy
+import inspect
 import traceback
+import warnings
 
 import pytest
 import torch
@@ -23,7 +25,7 @@ from torchvision.ops import roi_align
 
 import spinedet
 from spinedet.models.heads import PyramidRoIAlign, _per_anchor, conv_tower, rcnn_mask_predictor
-from spinedet.models.host_data import DeviceBoxCoder
+from spinedet.models.host_data import DeviceBoxCoder, device_tensor, gpu_waits
 from spinedet.models.layers import BatchNorm2d
 from spinedet.models.pixel_boxes import PixelBoxCoder
 from spinedet.models.row_buckets import bucket_size, bucketed
@@ -263,6 +265,16 @@ class _HostWaits(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _step_batch(device: torch.device) -> tuple[list[torch.Tensor], list[dict]]:
+    """Two 64 x 64 images with two boxes and masks each."""
+    images = [torch.rand(3, 64, 64, device=device) for _ in range(2)]
+    boxes = torch.tensor([[4.0, 6.0, 40.0, 30.0], [20.0, 10.0, 60.0, 58.0]], device=device)
+    masks = torch.zeros(2, 64, 64, dtype=torch.uint8, device=device)
+    masks[0, 6:30, 4:40] = masks[1, 10:58, 20:60] = 1
+    labels = torch.tensor([1, 3], device=device)
+    return images, [{"boxes": boxes, "labels": labels, "masks": masks}] * 2
+
+
 @pytest.mark.parametrize(
     "name,options",
     [
@@ -278,17 +290,60 @@ def test_training_step_copies_to_the_device_without_waiting(name, options):
     torch.manual_seed(0)
     model = spinedet.create_model(name, num_classes=4, filter_scale=0.25, image_size=64, **options)
     model.train()
-    images = [torch.rand(3, 64, 64) for _ in range(2)]
-    boxes = torch.tensor([[4.0, 6.0, 40.0, 30.0], [20.0, 10.0, 60.0, 58.0]])
-    masks = torch.zeros(2, 64, 64, dtype=torch.uint8)
-    masks[0, 6:30, 4:40] = masks[1, 10:58, 20:60] = 1
-    targets = [{"boxes": boxes, "labels": torch.tensor([1, 3]), "masks": masks}] * 2
+    images, targets = _step_batch(torch.device("cpu"))
     sum(model(images, targets).values()).backward()  # constants cached
     with _HostWaits() as waits:
         sum(model(images, targets).values()).backward()
     assert waits.copies == []
     if "retinanet" in name:
         assert waits.reads == ["_local_scalar_dense"] * len(images)
+
+
+def test_gpu_waits_names_the_innermost_spinedet_or_torchvision_frame(monkeypatch):
+    """Sync debug mode's warnings counted by where they come from; other warnings pass on."""
+    modes, passed = [], []
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    monkeypatch.setattr(warnings, "showwarning", lambda message, *a, **k: passed.append(message))
+
+    def read_back() -> None:  # stands for torch's warning at a wait
+        warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+
+    made = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: read_back() or made(*a, **k))
+
+    def step() -> None:
+        warnings.warn("an unrelated warning", stacklevel=1)
+        for _ in range(3):
+            device_tensor([1.0], torch.device("cpu"))  # spinedet's frame, innermost of ours
+        read_back()  # no spinedet frame: the innermost frame
+
+    waits = gpu_waits(step)
+    lines, first = inspect.getsourcelines(device_tensor)
+    line = first + next(i for i, text in enumerate(lines) if "return torch.tensor(" in text)
+    own = read_back.__code__.co_firstlineno + 1
+    assert waits == {
+        f"spinedet/models/host_data.py:{line} device_tensor": 3,
+        f"{__file__}:{own} read_back": 1,
+    }
+    assert modes == ["warn", 0]  # the mode found is restored
+    assert [str(m) for m in passed] == ["an unrelated warning"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_retinanet_training_step_waits_for_the_gpu_only_at_torchvisions_check():
+    """torch's own count of the waits in a CUDA RetinaNet training step (what a CPU run cannot
+    see: copies that synchronise): torchvision's check of each image's boxes, nothing else."""
+    torch.manual_seed(0)
+    model = spinedet.create_model("spinenet49s_retinanet", num_classes=4, filter_scale=0.25)
+    model.cuda().train()
+    images, targets = _step_batch(torch.device("cuda"))
+    step = lambda: sum(model(images, targets).values()).backward()  # noqa: E731
+    step()  # constants cached
+    waits = gpu_waits(step)
+    check = "torchvision/models/detection/retinanet.py:"
+    assert all(site.startswith(check) for site in waits), waits
+    assert sum(waits.values()) == len(images), waits
 
 
 def test_bucket_sizes_are_four_an_octave():

@@ -11,13 +11,18 @@ copied without the wait, and the constants are made once per device and dtype.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import traceback
+import warnings
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
+import torchvision
 from torch import Tensor
 from torchvision.models.detection._utils import BoxCoder, encode_boxes
 
-__all__ = ["DeviceBoxCoder", "cached_constant", "device_tensor"]
+__all__ = ["DeviceBoxCoder", "cached_constant", "device_tensor", "gpu_waits"]
 
 
 def device_tensor(
@@ -26,6 +31,48 @@ def device_tensor(
     """``torch.tensor(values, dtype=dtype, device=device)`` without waiting for the device: the
     copy is queued (CUDA stages pageable memory before the call returns)."""
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
+# Where a wait is counted: the innermost frame in these packages' files.
+_ROOTS = (Path(__file__).resolve().parents[1], Path(torchvision.__file__).resolve().parent)
+
+
+def _site(frame: traceback.FrameSummary) -> str | None:
+    path = Path(frame.filename).resolve()
+    root = next((r for r in _ROOTS if path.is_relative_to(r)), None)
+    return root and f"{path.relative_to(root.parent)}:{frame.lineno} {frame.name}"
+
+
+def gpu_waits(fn: Callable[[], object]) -> Counter[str]:
+    """Where ``fn()`` makes the host wait for the GPU, with how many waits each: torch's sync
+    debug mode warns at every wait it makes (a value read back, a copy that synchronises),
+    counted here by the innermost spinedet or torchvision frame under ``fn`` (``path:line
+    function``), else the innermost frame. Needs CUDA."""
+    sites: Counter[str] = Counter()
+    show = warnings.showwarning
+
+    def note(message: Warning | str, *args: object, **kwargs: object) -> None:
+        if "synchronizing" not in str(message):
+            show(message, *args, **kwargs)
+            return
+        stack = traceback.extract_stack()
+        stack = stack[max(i for i, f in enumerate(stack) if f.name == "gpu_waits") + 1 :]
+        while stack[-1].filename in (__file__, warnings.__file__):  # this hook, its caller
+            stack.pop()
+        inner = stack[-1]
+        ours = (_site(f) for f in reversed(stack))
+        sites[next(filter(None, ours), f"{inner.filename}:{inner.lineno} {inner.name}")] += 1
+
+    mode = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = note
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+    return sites
 
 
 def cached_constant(owner: object, name: str, values: Sequence[float], like: Tensor) -> Tensor:
