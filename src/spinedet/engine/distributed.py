@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from ..device import default_device
 
-__all__ = ["DistInfo", "broadcast_buffers", "exchange", "flush_denormals", "from_main",
+__all__ = ["DistInfo", "any_rank", "broadcast_buffers", "exchange", "flush_denormals", "from_main",
            "gather_objects", "gather_to", "is_main", "setup", "teardown"]  # fmt: skip
 
 
@@ -95,8 +95,13 @@ def exchange(parts: list[Any], info: DistInfo) -> list[Any]:
 
 
 def any_rank(flag: bool, info: DistInfo) -> bool:
-    """Whether ``flag`` holds on any rank; every rank gets the same answer."""
-    return any(gather_objects(flag, info))
+    """Whether ``flag`` holds on any rank; every rank gets the same answer. One all-reduce of a
+    number on the group's device: no pickling, as ``all_gather_object`` would (twice)."""
+    if not info.enabled:
+        return flag
+    value = torch.full((1,), float(flag), device=info.device)  # a fill: no copy that waits
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def from_main(obj: Any, info: DistInfo) -> Any:
