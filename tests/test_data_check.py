@@ -92,6 +92,8 @@ def test_every_problem_is_reported_with_file_and_ids(broken):
     assert "2 points" in _find(problems, ann_id=14, kind="polygon").message
     assert "odd number" in _find(problems, ann_id=15, kind="polygon").message
     assert "zero area" in _find(problems, ann_id=16, kind="polygon").message
+    left_out = _find(problems, kind="no region")  # all three: no polygon of theirs is usable
+    assert left_out.severity == "warning" and "(ids 14, 15, 16)" in left_out.message
     assert "cover 10 pixels" in _find(problems, ann_id=17, kind="rle").message
     assert "malformed" in _find(problems, ann_id=18, kind="rle").message
     assert "does not match" in _find(problems, ann_id=19, kind="rle").message
@@ -116,7 +118,7 @@ def test_every_problem_is_reported_with_file_and_ids(broken):
     small = _find(problems, image_id=4, kind="image size")
     assert small.message == "image is 63x48 but the annotations say 64x48"
     assert not [p for p in problems if p.ann_id == 10]
-    assert len(problems) == 24  # nothing reported twice, nothing spurious
+    assert len(problems) == 25  # nothing reported twice, nothing spurious
 
 
 def test_report_has_one_line_per_problem_and_a_summary(broken):
@@ -124,7 +126,7 @@ def test_report_has_one_line_per_problem_and_a_summary(broken):
     problems = check_dataset(ann, images, progress=False)
     lines = format_report(problems).splitlines()
     assert lines[:-1] == [str(p) for p in problems]
-    assert lines[-1].startswith("24 problems: ") and "3 polygon" in lines[-1]
+    assert lines[-1].startswith("25 problems (1 warning): ") and "3 polygon" in lines[-1]
     assert format_report([]) == "no problems found"
     assert format_report(problems[:1]).splitlines()[-1] == f"1 problem: 1 {problems[0].kind}"
 
@@ -497,3 +499,55 @@ def test_missing_segmentation_is_an_error_only_for_mask_rcnn(tmp_path, capsys):
     args = parser.parse_args([*command, "--masks"])
     assert args.func(args) == 1
     assert capsys.readouterr().out.splitlines()[-1] == "1 problem: 1 no segmentation"
+
+
+def test_annotations_without_a_usable_polygon_are_a_warning_the_loader_agrees_with(
+    tmp_path, capsys, caplog
+):
+    """``[]`` or only broken polygons: Mask R-CNN leaves the annotation out, and says so."""
+    from spinedet.cli.data import add_data_commands
+    from spinedet.data import CocoDataset
+
+    data, images = _valid(tmp_path)
+    data["annotations"] += [
+        _ann(3, segmentation=[]),
+        _ann(4, iscrowd=1, segmentation=[]),  # never a training target
+    ]
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(data))
+    message = (
+        "1 annotations (ids 3) have a segmentation without a usable polygon: they are left out "
+        "of Mask R-CNN training"
+    )
+    for masks in (True, None):
+        (warning,) = check_dataset(path, images, masks=masks)
+        assert (warning.kind, warning.severity, warning.message) == (
+            "no region",
+            "warning",
+            message,
+        )
+    assert check_dataset(path, images, masks=False) == []
+    with caplog.at_level("WARNING", logger="spinedet.data.coco"):
+        assert CocoDataset(path, images)[0][1]["labels"].tolist() == [1]
+    assert [r.getMessage() for r in caplog.records] == [f"{path}: {message}"]
+
+    parser = argparse.ArgumentParser()
+    add_data_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["data", "check", str(path), "--images", str(images), "--masks"])
+    assert args.func(args) == 0  # warnings alone pass
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2:] == [f"{path}: warning: {message}", "1 problem (1 warning): 1 no region"]
+
+    data["annotations"].append(_ann(5, segmentation=[[1, 1, 5, 5]]))  # two points: an error too
+    path.write_text(json.dumps(data))
+    problems = check_dataset(path, images, masks=True)
+    assert [(p.kind, p.severity) for p in problems] == [
+        ("polygon", "error"),
+        ("no region", "warning"),
+    ]
+    assert problems[1].message.startswith("2 annotations (ids 3, 5) have a segmentation without")
+
+    for ann in data["annotations"]:
+        ann["segmentation"] = []  # a boxes-only export: refused, not left out
+    path.write_text(json.dumps(data))
+    assert [p.kind for p in check_dataset(path, images, masks=True)] == ["no segmentation"]

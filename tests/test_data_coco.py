@@ -17,7 +17,12 @@ from spinedet.data import (
     load_image,
     train_transforms,
 )
-from spinedet.data.coco_files import _rle_string_counts, decode_segmentation, rle_problem
+from spinedet.data.coco_files import (
+    _rle_string_counts,
+    decode_segmentation,
+    regionless,
+    rle_problem,
+)
 
 
 def _rgb(path):
@@ -245,6 +250,34 @@ def test_degenerate_boxes_are_not_targets(dataset_files):
     assert target["labels"].tolist() == [1, 1] and target["masks"].shape[0] == 2
 
 
+def test_annotations_without_a_usable_polygon_are_left_out_of_mask_targets(dataset_files, caplog):
+    """An empty mask would teach Mask R-CNN that the object has no pixels: such annotations
+    are dropped whole (box, label, area, mask), said once when the data set is built."""
+    ann, img, _ = dataset_files
+    data = json.loads(ann.read_text())
+    data["annotations"][1]["segmentation"] = []  # id 2
+    data["annotations"][3]["segmentation"] = [[1, 1, 5, 5]]  # id 4: two points
+    ann.write_text(json.dumps(data))
+    with caplog.at_level("WARNING", logger="spinedet.data.coco"):
+        ds = CocoDataset(ann, img)
+        _, target = ds[0]
+        ds[0]
+    (record,) = caplog.records  # once, when built
+    assert record.getMessage() == (
+        f"{ann}: 2 annotations (ids 2, 4) have a segmentation without a usable polygon: they "
+        "are left out of Mask R-CNN training"
+    )
+    assert target["labels"].tolist() == [2] and target["area"].tolist() == [16]
+    assert target["boxes"].tolist() == [[0, 0, 4, 4]] and target["iscrowd"].tolist() == [0]
+    assert target["masks"].shape == (1, 6, 8) and target["masks"][0].sum() == 16
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="spinedet.data.coco"):
+        _, target = CocoDataset(ann, img, masks=False)[0]
+    assert not caplog.records  # boxes-only models train on every box
+    assert target["labels"].tolist() == [2, 1, 1] and "masks" not in target
+
+
 def test_transforms_are_applied(dataset_files):
     ann, img, _ = dataset_files
     calls = []
@@ -421,7 +454,11 @@ def _reference_target(ds, index):
     image_id = ds.ids[index]
     info = ds.coco.imgs[image_id]
     height, width = info["height"], info["width"]
-    anns = [a for a in ds.coco.imgToAnns[image_id] if not a.get("iscrowd", 0)]
+    anns = [
+        a
+        for a in ds.coco.imgToAnns[image_id]
+        if not a.get("iscrowd", 0) and not regionless(a["segmentation"])
+    ]
     boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
     boxes[:, 2:] += boxes[:, :2]
     boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
@@ -464,7 +501,7 @@ def test_samples_match_pycocotools_index_with_rle_crowd_and_odd_polygons(dataset
     odd = [
         [[1, 1, 5, 1, 5, 5, 1, 5], [0, 0, 1, 1, 2, 2]],  # second polygon has no area: skipped
         [[1.25, 0.5, 7.75, 0.5, 7.75, 5.5], [True, 0, 3, 0, 3, 3]],  # a boolean: not a number
-        [],  # no polygon at all
+        [],  # no polygon at all: left out
     ]
     for k, segmentation in enumerate(odd):
         data["annotations"].append(
@@ -474,7 +511,7 @@ def test_samples_match_pycocotools_index_with_rle_crowd_and_odd_polygons(dataset
     ann.write_text(json.dumps(data))
     ds = CocoDataset(ann, img)
     _assert_same_targets(ds)
-    assert [len(ds[i][1]["labels"]) for i in range(2)] == [3, 3]
+    assert [len(ds[i][1]["labels"]) for i in range(2)] == [3, 2]
 
 
 def test_index_holds_no_per_annotation_python_objects(tmp_path):

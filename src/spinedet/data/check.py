@@ -25,9 +25,11 @@ from spinedet.data.coco_files import (
     is_number,
     leaves_directory,
     load_image,
+    no_region,
     no_segmentation,
     polygon_problem,
     read_json,
+    regionless,
     repeated,
     rle_problem,
     size_mismatch,
@@ -52,7 +54,8 @@ class Problem:
     """One problem: where it is (file, image id, annotation id), what it is, and its kind.
 
     An ``"error"`` makes training refuse the data set; a ``"warning"`` is data that only some
-    models refuse (Mask R-CNN: annotations without segmentation), said so in its message.
+    models refuse or leave out (Mask R-CNN: annotations without segmentation, or without a
+    usable polygon), said so in its message.
     """
 
     file: str
@@ -282,10 +285,20 @@ class _Checker:
         return ("image size", problem) if problem else None
 
     def segmentations(self, anns: list[dict[str, Any]], masks: bool | None) -> None:
-        """Annotations Mask R-CNN refuses: an error for it (``masks``), else a warning."""
-        if masks is not False and (ids := unsegmented(anns)):
+        """Annotations Mask R-CNN refuses: an error for it (``masks``), else a warning; and
+        those it leaves out, a warning."""
+        if masks is False:
+            return
+        if ids := unsegmented(anns):
             severity = "error" if masks else "warning"
             self.report("no segmentation", no_segmentation(ids), severity=severity)
+        left_out = [
+            a.get("id")
+            for a in anns
+            if not a.get("iscrowd", 0) and regionless(a.get("segmentation"))
+        ]
+        if left_out and len(ids) < len(anns):  # all of them: a boxes-only export, said above
+            self.report("no region", no_region(left_out), severity="warning")
 
     def emptiness(self) -> None:
         """A data set must have images and, with classes, annotations on them, to be used."""
@@ -331,7 +344,9 @@ def check_dataset(
     a file name leaving ``images`` is a problem and never read. ``full=True`` decodes every
     pixel (slow on large sets). ``progress=None`` shows a bar only on a terminal. Annotations
     without segmentation are an error with ``masks=True`` (a Mask R-CNN will train), a warning
-    with ``None`` (unknown model) and not reported with ``False`` (boxes only).
+    with ``None`` (unknown model) and not reported with ``False`` (boxes only); non-crowd ones
+    whose segmentation has no usable polygon, which Mask R-CNN training leaves out, are a
+    warning unless ``False``.
     """
     return inspect_dataset(annotations, images, full, progress, workers, masks)[0]
 

@@ -25,6 +25,7 @@ from spinedet.data.coco_files import (
     image_size_problem,
     leaves_directory,
     load_image,
+    no_region,
     no_segmentation,
     read_json,
     repeated,
@@ -53,7 +54,8 @@ class CocoDataset(Dataset):
     """Instances from a COCO json file, as ``(tv_tensors.Image, target)`` pairs for torchvision.
 
     Category ids may be arbitrary; they map to contiguous labels ``1..K`` (0 is background).
-    Crowd annotations stay in ``coco`` for evaluation but are never training targets. Samples
+    Crowd annotations stay in ``coco`` for evaluation but are never training targets; with
+    ``masks``, neither are annotations whose polygons give no region (logged once). Samples
     come from a compact :class:`AnnotationIndex`, so memory stays flat in loader workers.
     """
 
@@ -83,6 +85,8 @@ class CocoDataset(Dataset):
         except (KeyError, TypeError, ValueError) as e:
             hint = "(run `spinedet data check` for details)"
             raise DataError(f"malformed images or annotations {hint}", self.annotations) from e
+        if masks and (ids := self.index.ann_ids[~self.index.regions].tolist()):
+            log.warning("%s: %s", self.annotations, no_region(ids))
         self._coco: COCO | None = None
         self._unreadable: set[Any] = set()  # image ids skipped, so each is logged once
 
@@ -212,6 +216,8 @@ class CocoDataset(Dataset):
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
         # Degenerate boxes would crash torchvision's detectors; `data check` reports them.
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        if self.masks:  # an empty mask would teach the mask head that the object has no pixels
+            keep &= torch.tensor(self.index.regions[rows])
 
         target: Target = {
             "boxes": tv_tensors.BoundingBoxes(

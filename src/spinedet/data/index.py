@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-NUMBERS = frozenset({int, float})  # exact types of polygon coordinates; JSON booleans are not
+from spinedet.data.coco_files import NUMBERS, regionless
 
 
 @contextlib.contextmanager
@@ -66,7 +66,8 @@ class AnnotationIndex:
 
     Duplicated image ids resolve to the last entry, as pycocotools' index does. Polygons are
     stored as float64 (exactly the JSON's values); any other segmentation (RLE, or anything
-    malformed that decoding must report) as its JSON text.
+    malformed that decoding must report) as its JSON text. ``regions`` tells, per annotation,
+    whether its segmentation can have a region (not :func:`regionless`).
     """
 
     def __init__(
@@ -123,6 +124,9 @@ class AnnotationIndex:
         )
         self.other_starts = np.cumsum(other_sizes)  # per annotation, into others
         self.others = np.frombuffer(b"".join(others), dtype=np.uint8)
+        self.regions = np.fromiter(
+            (not regionless(s) for s in segmentations), dtype=bool, count=len(segmentations)
+        )
 
     def __len__(self) -> int:
         return len(self.ids)
