@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 import spinedet
 from spinedet.cli import main as cli
 from spinedet.config import load_config
-from spinedet.engine import train
+from spinedet.engine import checkpoint, train
 from spinedet.engine.builders import build_model, build_optimizer, lr_lambda
 from spinedet.engine.checkpoint import Checkpointer, RunLock
 from spinedet.engine.distributed import DistInfo, any_rank
@@ -30,7 +30,7 @@ from spinedet.engine.plots import read_metrics
 from spinedet.engine.trainer import _check_data
 from spinedet.errors import SpinedetError
 from spinedet.models import create_model
-from spinedet.models.weights import save_weights
+from spinedet.models.weights import read_metadata, save_weights
 
 
 class _Regressor(nn.Module):
@@ -206,6 +206,32 @@ def test_a_second_save_at_a_step_writes_its_counters_alone(tmp_path):
     ckpt.counters_path.write_text("{")
     with pytest.raises(SpinedetError, match=r"last.json: unreadable .*delete it"):
         Checkpointer(tmp_path, model, parts, {}).load()
+
+
+def test_a_kill_between_the_state_and_the_weights_is_made_good_on_resume(tmp_path, monkeypatch):
+    model = create_model("spinenet49s_retinanet", num_classes=2, **{"filter_scale": 0.25})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    parts = {"optimizer": opt, "scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1)}
+    ckpt = Checkpointer(tmp_path, model, parts, {})
+    assert ckpt.save({"step": 3, "epoch": 1, "best": -1.0, "epoch_ended": True})
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    # Killed after last.pt of step 6, before last.safetensors and last.json.
+    monkeypatch.setattr(checkpoint, "save_weights", _killed)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save({"step": 6, "epoch": 2, "best": -1.0, "epoch_ended": False})
+    monkeypatch.undo()
+    fresh = Checkpointer(tmp_path, model, parts, {})
+    assert fresh.load()["step"] == 6
+    # The saves at step 6 (before and after its validation) write the counters alone.
+    assert fresh.save({"step": 6, "epoch": 2, "best": 0.5, "epoch_ended": True})
+    assert read_metadata(tmp_path / "last.safetensors")["step"] == 6
+    weights = load_file(tmp_path / "last.safetensors")
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+def _killed(*args) -> None:
+    raise KeyboardInterrupt
 
 
 def test_torn_metrics_line_is_dropped_and_a_bad_line_is_named(tmp_path, caplog):

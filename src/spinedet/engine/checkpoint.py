@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import SpinedetError, shorten
 from ..files import atomic_write
-from ..models.weights import save_weights
+from ..models.weights import read_metadata, save_weights
 
 __all__ = [
     "CheckpointError",
@@ -182,8 +182,19 @@ class Checkpointer:
         newer = self._read_counters()
         if newer is not None and newer.get("step") == counters["step"]:  # else: older, stale
             counters |= newer
+        if self._weights_step() != counters["step"]:
+            # A kill between last.pt and last.safetensors left the weights a save behind, and
+            # saves at this step write the counters alone: bring them level now.
+            save_weights(self.model, self.out / "last.safetensors", self._meta(counters["step"]))
         self.written = dict(counters)
         return counters
+
+    def _weights_step(self) -> int | None:
+        """The step of ``last.safetensors``; None when it is missing or unreadable."""
+        try:
+            return read_metadata(self.out / "last.safetensors").get("step")
+        except SpinedetError:
+            return None
 
     def _read_counters(self) -> dict[str, Any] | None:
         if not self.counters_path.is_file():
