@@ -9,6 +9,7 @@ from PIL import Image
 
 import spinedet
 from spinedet.cli import main
+from spinedet.engine import api
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,28 @@ def test_eval_writes_metrics_and_results(checkpoint, shapes, tmp_path, capsys):
     assert (tmp_path / "metrics.json").read_text() == "{}"
     assert main([*argv, "--overwrite"]) == 0
     assert set(json.loads((tmp_path / "metrics.json").read_text())) == {"bbox", "segm"}
+
+
+def test_eval_out_is_checked_before_the_pass_and_metrics_json_comes_last(
+    checkpoint, shapes, tmp_path, capsys, monkeypatch
+):
+    argv = ["eval", str(checkpoint), "--annotations", str(shapes["val"]),
+            "--images", str(shapes["images"]), "--out"]  # fmt: skip
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(api, "evaluate_distributed", lambda *a, **k: pytest.fail("evaluated first"))
+    assert main([*argv, str(tmp_path / "file")]) == 2
+    assert "file: exists and is not a folder" in capsys.readouterr().err
+    monkeypatch.undo()
+
+    # Killed while writing the analysis: no metrics.json, so a rerun is not refused.
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "write_analysis", killed)
+    assert main([*argv, str(tmp_path / "run")]) == 130
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    monkeypatch.undo()
+    assert main([*argv, str(tmp_path / "run")]) == 0
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .errors import SpinedetError
 
-__all__ = ["atomic_write", "refuse_existing", "refuse_missing_path"]
+__all__ = ["atomic_write", "refuse_existing", "refuse_missing_path", "writable_folder"]
 
 
 def _cannot_write(path: Path, error: OSError) -> OSError:
@@ -77,6 +77,20 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
         raise
     with contextlib.suppress(OSError):  # some file systems cannot sync a directory
         _fsync(path.parent, os.O_RDONLY)  # makes the rename itself durable
+
+
+def writable_folder(path: str | Path) -> Path:
+    """``path``, created where missing, once a file could be made in it: a command that writes
+    at the end of hours of work finds a read-only or misnamed folder before that work."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SpinedetError(f"{path}: exists and is not a folder; choose another --out")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise _cannot_write(path, e) from e
+    return path
 
 
 def refuse_existing(path: str | Path, overwrite: bool) -> Path:

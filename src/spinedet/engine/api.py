@@ -14,7 +14,7 @@ from torch import nn
 from ..data import CocoDataset, ImageFolderDataset
 from ..data.transforms import classification_eval_transforms, eval_transforms
 from ..errors import SpinedetError, shorten
-from ..files import atomic_write, refuse_existing
+from ..files import atomic_write, refuse_existing, writable_folder
 from ..models import describe, load_model
 from ..models.registry import task_of
 from ..models.weights import resolve_checkpoint
@@ -72,7 +72,7 @@ def evaluate(
     refused before evaluating).
     """
     if out_dir is not None:  # before the pass, which may take hours, not after it
-        refuse_existing(Path(out_dir) / "metrics.json", overwrite)
+        refuse_existing(writable_folder(out_dir) / "metrics.json", overwrite)
     info = distributed.setup(device)
     workers = loader_workers(workers, info.device)
     try:
@@ -102,11 +102,11 @@ def evaluate(
         )  # fmt: skip
         if out_dir is not None and distributed.is_main(info):
             out = Path(out_dir)
-            out.mkdir(parents=True, exist_ok=True)
             text = json.dumps(metrics, indent=1, allow_nan=False)
-            atomic_write(out / "metrics.json", lambda t: Path(t).write_text(text))
             atomic_write(out / "results.json", lambda t: Path(t).write_text(json.dumps(results)))
             write_analysis(dataset.coco, results, iou_types, out)
+            # Last: it marks a finished evaluation, which a second one into out_dir refuses.
+            atomic_write(out / "metrics.json", lambda t: Path(t).write_text(text))
         return metrics
     finally:
         distributed.teardown()
@@ -126,10 +126,8 @@ def _evaluate_classifier(model: nn.Module, images: str | Path, out_dir: str | Pa
     metrics = evaluate_classifier(model, dataset, info.device, info, batch_size, workers,
                                   progress=distributed.is_main(info))  # fmt: skip
     if out_dir is not None and distributed.is_main(info):
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         text = json.dumps(metrics, indent=1, allow_nan=False)
-        atomic_write(out / "metrics.json", lambda t: Path(t).write_text(text))
+        atomic_write(Path(out_dir) / "metrics.json", lambda t: Path(t).write_text(text))
     return metrics
 
 
