@@ -168,6 +168,12 @@ def test_second_writer_is_refused_with_the_holders_pid_and_stale_temps_go(shapes
     assert not any(p.exists() for p in stale)
 
 
+def test_an_out_that_is_a_file_is_named_as_such(shapes, tmp_path):
+    (tmp_path / "run").write_text("")
+    with pytest.raises(SpinedetError, match=r"run: exists and is not a folder"):
+        train(tiny_config(shapes, max_steps=1), tmp_path / "run", device="cpu")
+
+
 def test_checkpointer_never_saves_non_finite_weights(tmp_path):
     model = create_model("spinenet49s_retinanet", num_classes=2, **{"filter_scale": 0.25})
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import SpinedetError, shorten
-from ..files import atomic_write
+from ..files import atomic_write, writable_folder
 from ..models.weights import read_metadata, save_weights
 
 __all__ = [
@@ -87,7 +87,7 @@ class RunLock:
         self._file: Any = None
 
     def __enter__(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        writable_folder(self.path.parent)
         handle = open(self.path, "a+")  # noqa: SIM115 - held open for the run
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
