@@ -1,6 +1,7 @@
 """The trainer's parts one at a time: accumulation, guards on the run directory, resume rules,
 logs, and a backbone started from a weights file."""
 
+import errno
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ from spinedet.engine import checkpoint, train
 from spinedet.engine.builders import build_model, build_optimizer, lr_lambda
 from spinedet.engine.checkpoint import Checkpointer, RunLock
 from spinedet.engine.distributed import DistInfo, any_rank
+from spinedet.engine.logger import RunLogger
 from spinedet.engine.loop import Stepper
 from spinedet.engine.plots import read_metrics
 from spinedet.engine.trainer import _check_data
@@ -249,6 +251,30 @@ def test_torn_metrics_line_is_dropped_and_a_bad_line_is_named(tmp_path, caplog):
     path.write_text('{"kind": "train", "step": 1}\nnot json\n{"step": 2}\n')
     with pytest.raises(SpinedetError, match=r"metrics.jsonl:2: not a JSON line"):
         read_metrics(path)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_disk_under_the_logs_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    logger = RunLogger(tmp_path, main=True)
+    logger.open(None)
+    try:
+        for name, write in [("metrics.jsonl", lambda: logger.row({"kind": "train", "step": 1})),
+                            ("log.txt", lambda: logger.text("epoch 1"))]:  # fmt: skip
+            (tmp_path / name).unlink(missing_ok=True)
+            (tmp_path / name).symlink_to("/dev/full")  # every write: no space left
+            with pytest.raises(OSError, match=rf"{name}: cannot write \(No space left on device\)"):
+                write()
+            (tmp_path / name).unlink()
+        # TensorBoard's writer thread fails alone; its next call raises the thread's error.
+        monkeypatch.setattr(logger.writer, "add_scalar", _no_space)
+        with pytest.raises(OSError, match=r"tb: cannot write \(No space left on device\)"):
+            logger.row({"kind": "train", "step": 1, "loss": 1.0})
+    finally:
+        logger.close()
+
+
+def _no_space(*args) -> None:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def test_resume_from_the_run_alone_and_refused_changes_write_nothing(shapes, tmp_path, capsys):

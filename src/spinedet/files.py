@@ -11,12 +11,12 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import SpinedetError
 
-__all__ = ["atomic_write", "refuse_existing", "refuse_missing_path", "writable_folder"]
+__all__ = ["atomic_write", "refuse_existing", "refuse_missing_path", "writable_folder", "writing"]
 
 
 def _cannot_write(path: Path, error: OSError) -> OSError:
@@ -45,6 +45,16 @@ def _disk_full(folder: Path) -> bool:
         return shutil.disk_usage(folder).free < DISK_FULL_BYTES
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """An OSError inside the block (a full disk, ...) becomes the one-line
+    ``OSError("<path>: cannot write (<reason>)")``: a write's own error names no file."""
+    try:
+        yield
+    except OSError as e:
+        raise _cannot_write(Path(path), e) from e
 
 
 def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
@@ -85,11 +95,9 @@ def writable_folder(path: str | Path) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise SpinedetError(f"{path}: exists and is not a folder; choose another --out")
-    try:
+    with writing(path):
         path.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()
-    except OSError as e:
-        raise _cannot_write(path, e) from e
     return path
 
 

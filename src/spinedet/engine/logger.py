@@ -15,7 +15,7 @@ from typing import Any
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from ..files import atomic_write
+from ..files import atomic_write, writing
 from .plots import read_metrics
 
 __all__ = ["RunLogger", "held_records", "strict_json"]
@@ -82,23 +82,34 @@ class RunLogger:
         if not self.main:
             return
         tqdm.write(message)
-        with open(self.out / "log.txt", "a") as f:
-            f.write(message + "\n")
+        self.line(message)
+
+    def line(self, message: str) -> None:
+        """A line of log.txt alone (the console has the progress bar)."""
+        if self.main:
+            _append(self.out / "log.txt", message + "\n")
 
     def row(self, row: dict[str, Any]) -> None:
         """One metrics row (``kind``, ``step`` and numbers); None values skip TensorBoard."""
         if not self.main:
             return
-        with open(self.metrics, "a") as f:
-            f.write(strict_json(row) + "\n")
-        for key, value in row.items():
-            if isinstance(value, int | float) and key not in ("step", "epoch"):
-                if math.isfinite(value):
-                    self.writer.add_scalar(f"{row['kind']}/{key}", value, row["step"])
+        _append(self.metrics, strict_json(row) + "\n")
+        # TensorBoard writes from a thread of its own, and raises its errors at the next call.
+        with writing(self.out / "tb"):
+            for key, value in row.items():
+                if isinstance(value, int | float) and key not in ("step", "epoch"):
+                    if math.isfinite(value):
+                        self.writer.add_scalar(f"{row['kind']}/{key}", value, row["step"])
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            with writing(self.out / "tb"):
+                self.writer.close()
         if self._handler is not None:
             logging.getLogger("spinedet").removeHandler(self._handler)
             self._handler.close()
+
+
+def _append(path: Path, text: str) -> None:
+    with writing(path), open(path, "a") as f:
+        f.write(text)

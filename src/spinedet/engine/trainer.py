@@ -386,11 +386,9 @@ class Trainer:
         row = {"kind": "train", "epoch": epoch, "step": self.step, "lr": lr, **stats,
                **interval.report()}  # fmt: skip
         self.logger.row(row)
-        if self.main:
-            speed = f"{row['images_per_s']:.1f} img/s"
-            with open(self.out / "log.txt", "a") as f:  # the console has the bar
-                f.write(f"step {self.step}/{self.total_steps} epoch {epoch} loss "
-                        f"{stats['loss']:.4f} lr {lr:.4g} {speed}\n")  # fmt: skip
+        speed = f"{row['images_per_s']:.1f} img/s"
+        self.logger.line(f"step {self.step}/{self.total_steps} epoch {epoch} loss "
+                         f"{stats['loss']:.4f} lr {lr:.4g} {speed}")  # fmt: skip
 
     def _stop_nonfinite(self, count: int) -> None:
         """Stop; the checkpoint on disk holds the last weights that were all finite."""
