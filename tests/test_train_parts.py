@@ -253,6 +253,25 @@ def test_torn_metrics_line_is_dropped_and_a_bad_line_is_named(tmp_path, caplog):
         read_metrics(path)
 
 
+def test_tensorboard_drops_the_steps_a_resume_trains_again(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def attempt(resume_step, steps, loss):
+        logger = RunLogger(tmp_path, main=True)
+        logger.open(resume_step)
+        for step in steps:
+            logger.row({"kind": "train", "step": step, "loss": loss})
+        logger.close()
+
+    attempt(None, [1, 2], 9.0)  # killed before its first checkpoint: the run starts over
+    attempt(None, [1, 2, 3, 4, 5], 1.0)  # killed at step 5, its checkpoint at step 3
+    attempt(3, [4, 5, 6], 2.0)
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    loss = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert loss == [(1, 1.0), (2, 1.0), (3, 1.0), (4, 2.0), (5, 2.0), (6, 2.0)]
+
+
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
 def test_a_full_disk_under_the_logs_is_one_line_naming_the_file(tmp_path, monkeypatch):
     logger = RunLogger(tmp_path, main=True)

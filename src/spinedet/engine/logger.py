@@ -69,7 +69,10 @@ class RunLogger:
                     or (r["step"] == resume_step and r["kind"] not in redone)]  # fmt: skip
             text = "".join(strict_json(r) + "\n" for r in kept)
             atomic_write(self.metrics, lambda tmp: Path(tmp).write_text(text))
-        self.writer = SummaryWriter(self.out / "tb")
+        # TensorBoard hides the events of earlier files from this step on, as dropped above
+        # (a redone validation's second point lies on its first: the same weights).
+        purge = 0 if resume_step is None else resume_step + 1
+        self.writer = SummaryWriter(self.out / "tb", purge_step=purge)
         # Every spinedet log record (fresh tensors, skipped images, ...) also goes to log.txt.
         self._handler = logging.FileHandler(self.out / "log.txt")
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
