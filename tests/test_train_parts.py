@@ -317,6 +317,13 @@ def test_resume_from_the_run_alone_and_refused_changes_write_nothing(shapes, tmp
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3]
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["train"]["max_steps"] == 3 and saved["train"]["cuda_graphs"] is False
+    # a length short of the steps trained would make config.yaml say a shorter run
+    config = (run / "config.yaml").read_text()
+    capsys.readouterr()
+    code = cli(["train", "--resume", "--out", str(run), "--device", "cpu",
+                "--set", "train.max_steps=2"])  # fmt: skip
+    assert code == 2 and "is at step 3, past the 2 steps" in capsys.readouterr().err
+    assert (run / "config.yaml").read_text() == config
 
 
 def test_resume_with_other_classes_names_the_checkpoint_and_tensors(shapes, tmp_path, capsys):

@@ -304,9 +304,19 @@ class Trainer:
             prefetch_factor=2 if self.workers else None,
         )
 
+    @property
+    def end_step(self) -> int:
+        return min(self.cfg["train"]["max_steps"] or self.total_steps, self.total_steps)
+
     def run(self, resume: bool = False) -> dict:
         if resume:
             self.resume()  # before anything is written: a refused resume leaves the run as it was
+            if self.step > self.end_step:  # config.yaml would say a shorter run than was trained
+                raise SpinedetError(
+                    f"{self.checkpoint_path} is at step {self.step}, past the {self.end_step} "
+                    "steps that train.epochs and train.max_steps now give; a resume may "
+                    "shorten a run only to where it is"
+                )
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.out / "config.yaml")
@@ -320,7 +330,7 @@ class Trainer:
         tcfg = self.cfg["train"]
         self.logger.text(self._summary())
         self.net.train()
-        end = min(tcfg["max_steps"] or self.total_steps, self.total_steps)
+        end = self.end_step
         bar = tqdm(total=end, initial=self.step, desc="train", unit="step",
                    disable=not self.main, dynamic_ncols=True)  # fmt: skip
         nonfinite = 0
