@@ -163,7 +163,9 @@ def test_second_writer_is_refused_with_the_holders_pid_and_stale_temps_go(shapes
         ):
             train(tiny_config(shapes, max_steps=1), tmp_path, device="cpu")
     (tmp_path / "checkpoints").mkdir()
-    stale = [tmp_path / "checkpoints" / ".last.pt.x1y2", tmp_path / ".last.safetensors.abc"]
+    stale = [tmp_path / "checkpoints" / ".last.pt.x1y2", tmp_path / ".last.safetensors.abc",
+             tmp_path / "checkpoints" / ".last.json.q", tmp_path / ".metrics.jsonl.q",
+             tmp_path / ".curves.png.q", tmp_path / ".data_check.json.q"]  # fmt: skip
     for path in stale:
         path.write_bytes(b"half")
     train(tiny_config(shapes, max_steps=1), tmp_path, device="cpu")

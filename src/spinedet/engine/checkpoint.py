@@ -71,7 +71,9 @@ def all_finite(model: nn.Module) -> bool:
 def remove_stale_temps(out: Path) -> list[Path]:
     """Delete the temp files ``atomic_write`` (prefix ``.<name>.``) left behind by a killed run."""
     stale = [*out.glob(".*.safetensors.*"), *out.glob(".config.yaml.*"),
-             *(out / "checkpoints").glob(".last.pt.*")]  # fmt: skip
+             *out.glob(".metrics.jsonl.*"), *out.glob(".curves.png.*"),
+             *out.glob(".data_check.json.*"), *(out / "checkpoints").glob(".last.pt.*"),
+             *(out / "checkpoints").glob(".last.json.*")]  # fmt: skip
     for path in stale:
         path.unlink(missing_ok=True)
         log.info("removed %s, left by an interrupted write", path)
