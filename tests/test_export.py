@@ -3,6 +3,9 @@ at two sizes and batch sizes other than the traced one; the dense part still exp
 
 import argparse
 import json
+import os
+import resource
+import signal
 import subprocess
 import sys
 import zipfile
@@ -248,6 +251,26 @@ def test_torchscript_loads_with_torchvision_and_without_spinedet(retinanet, tmp_
         run = subprocess.run([*command, str(tmp_path / "best.pt")], capture_output=True, text=True)
         assert (run.returncode == 0) == ok, run.stderr
         assert ok or "Unknown builtin op: torchvision::nms" in run.stderr
+
+
+def test_torchscript_on_a_full_disk_is_one_line_and_leaves_no_temp_file(retinanet, tmp_path):
+    save_weights(retinanet, tmp_path / "best.safetensors")
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def small_files() -> None:  # the file system refuses what passes 64 kB, as a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead
+
+    command = [sys.executable, "-m", "spinedet.cli", "export", str(tmp_path), "--format",
+               "torchscript", "--no-check", "--out", str(out / "m.pt")]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, preexec_fn=small_files,
+                         env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})  # fmt: skip
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.stderr.strip().splitlines()[-1] == (
+        f"spinedet: error: {out / 'm.pt'}: cannot write (File too large)"
+    )
+    assert list(out.iterdir()) == []
 
 
 def test_help_names_run_directories():

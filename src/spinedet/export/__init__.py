@@ -15,6 +15,7 @@ checked output by output); backbones and classifiers are always exported that wa
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -325,7 +326,11 @@ def export_torchscript(
         traced = _trace(graph, example)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still here
-            torch.jit.save(traced, tmp, _extra_files=files)
+            # Through memory: torch's file writer aborts the process on a full disk (an
+            # exception in a C++ destructor), leaving the temp file; Python's write raises.
+            archive = io.BytesIO()
+            torch.jit.save(traced, archive, _extra_files=files)
+            Path(tmp).write_bytes(archive.getbuffer())
             loaded = torch.jit.load(tmp) if check else None
         if check:
 
