@@ -28,7 +28,7 @@ from spinedet.engine.checkpoint import Checkpointer, RunLock
 from spinedet.engine.distributed import DistInfo, any_rank
 from spinedet.engine.logger import RunLogger
 from spinedet.engine.loop import Stepper
-from spinedet.engine.plots import read_metrics
+from spinedet.engine.plots import plot_curves, read_metrics
 from spinedet.engine.trainer import _check_data
 from spinedet.errors import SpinedetError
 from spinedet.models import create_model
@@ -296,6 +296,16 @@ def test_a_full_disk_under_the_logs_is_one_line_naming_the_file(tmp_path, monkey
 
 def _no_space(*args) -> None:
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_curves_are_written_atomically(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 2.0}\n')
+    # Written in place, the new curves would go through the link into the full device.
+    (tmp_path / "curves.png").symlink_to("/dev/full")
+    plot_curves(tmp_path / "metrics.jsonl", tmp_path / "curves.png")
+    assert not (tmp_path / "curves.png").is_symlink()
+    assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_resume_from_the_run_alone_and_refused_changes_write_nothing(shapes, tmp_path, capsys):

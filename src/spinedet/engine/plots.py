@@ -71,8 +71,7 @@ def plot_curves(metrics_file: str | Path, out: str | Path) -> Path:
         ax_ap.legend()
     fig.tight_layout()
     out = Path(out)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    save_figure(fig, out)  # a kill or a full disk mid-write leaves the last curves whole
     return out
 
 
