@@ -38,6 +38,21 @@ def test_predict_draws_images_and_writes_user_ids(checkpoint, shapes, tmp_path):
     assert {"bbox", "score", "segmentation", "file_name"} <= set(results[0])
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_predict_on_a_full_disk_names_the_file_and_cuts_no_drawing(checkpoint, shapes, tmp_path,
+                                                                    capsys):  # fmt: skip
+    image = sorted(shapes["images"].iterdir())[0]
+    argv = ["predict", str(checkpoint), str(image), "--out", str(tmp_path), "--overwrite"]
+    # Drawn in place, the new drawing would go through the link into the full device.
+    (tmp_path / f"{image.stem}.png").symlink_to("/dev/full")
+    assert main(argv) == 0
+    assert Image.open(tmp_path / f"{image.stem}.png").size == Image.open(image).size
+    (tmp_path / "predictions.jsonl").unlink()
+    (tmp_path / "predictions.jsonl").symlink_to("/dev/full")  # every write: no space left
+    assert main(argv) == 2
+    assert "predictions.jsonl: cannot write (No space left on device)" in capsys.readouterr().err
+
+
 def test_eval_writes_metrics_and_results(checkpoint, shapes, tmp_path, capsys):
     code = main(["eval", str(checkpoint.parent), "--annotations", str(shapes["val"]),
                  "--images", str(shapes["images"]), "--out", str(tmp_path)])  # fmt: skip

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ..draw import draw_instances
 from ..errors import SpinedetError
-from ..files import atomic_write, refuse_existing
+from ..files import atomic_write, refuse_existing, writing
 from ..predictor import Detections, Predictor, to_image_tensor
 
 __all__ = [
@@ -151,13 +151,18 @@ def _save_masks(detections: Detections, target: Path, mode: str) -> None:
     if mode == "instance":
         for i, mask in enumerate(masks):
             path = target.with_name(f"{target.name}_{i:03d}.png")
-            Image.fromarray(mask.numpy().astype(np.uint8) * 255).save(path)
+            _save_png(Image.fromarray(mask.numpy().astype(np.uint8) * 255), path)
         return
     # One image per input: pixel value i + 1 is instance i (later instances on top), 0 none.
     index = np.zeros(detections.image_size, dtype=np.uint16 if len(masks) > 255 else np.uint8)
     for i, mask in enumerate(masks):
         index[mask.numpy()] = i + 1
-    Image.fromarray(index).save(target.with_suffix(".png"))
+    _save_png(Image.fromarray(index), target.with_suffix(".png"))
+
+
+def _save_png(image: Image.Image, path: Path) -> None:
+    """Atomically: a kill or a full disk leaves no cut-off image, and the error names it."""
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def predict_images(
@@ -207,9 +212,8 @@ def predict_images(
                 image_id, counter = counter, counter + 1
             if draw and not predictor.classifier:  # a classifier has no boxes to draw
                 drawn = draw_detections(image, det, num_classes)
-                Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(
-                    target(out / item.name.with_suffix(".png"))
-                )
+                _save_png(Image.fromarray(drawn.permute(1, 2, 0).numpy()),
+                          target(out / item.name.with_suffix(".png")))  # fmt: skip
             if save_masks:
                 _save_masks(det, out / "masks" / item.name, save_masks)
             where = {"file_name": str(item.path)}
@@ -219,8 +223,8 @@ def predict_images(
             height, width = det.image_size
             record = {**where, "name": str(item.name), "image_id": image_id,
                       "height": height, "width": width, "detections": entries}  # fmt: skip
-            sink.write(json.dumps(record) + "\n")
-            sink.flush()
+            with writing(lines):
+                sink.write((json.dumps(record) + "\n").encode())
             results.extend(entries)
             report.images += 1
             report.detections += len(entries)
@@ -232,7 +236,9 @@ def predict_images(
             except SpinedetError as e:
                 report.skipped.append((str(item.path), str(e).removeprefix(f"{item.path}: ")))
 
-    with open(target(lines), "w") as sink:
+    # Unbuffered: each record is in the file once written, and a failed write is not tried again
+    # (with a second, unnamed error) when the file closes.
+    with open(target(lines), "wb", buffering=0) as sink:
         batch: list[tuple[InputItem, torch.Tensor]] = []
         for frame in readable():
             batch.append(frame)
