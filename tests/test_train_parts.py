@@ -231,6 +231,9 @@ def test_a_kill_between_the_state_and_the_weights_is_made_good_on_resume(tmp_pat
     with pytest.raises(KeyboardInterrupt):
         ckpt.save({"step": 6, "epoch": 2, "best": -1.0, "epoch_ended": False})
     monkeypatch.undo()
+    # A rank other than 0 writes nothing.
+    assert Checkpointer(tmp_path, model, parts, {}).load(repair=False)["step"] == 6
+    assert read_metadata(tmp_path / "last.safetensors")["step"] == 3
     fresh = Checkpointer(tmp_path, model, parts, {})
     assert fresh.load()["step"] == 6
     # The saves at step 6 (before and after its validation) write the counters alone.

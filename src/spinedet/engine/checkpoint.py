@@ -159,9 +159,11 @@ class Checkpointer:
     def _meta(self, step: int) -> dict:
         return {"step": step, **self.meta}
 
-    def load(self) -> dict[str, Any]:
+    def load(self, repair: bool = True) -> dict[str, Any]:
         """Restore model and parts from ``last.pt``; returns its counters. A checkpoint of
-        another model or other classes is one line naming the file and the tensors."""
+        another model or other classes is one line naming the file and the tensors.
+        ``repair``: rewrite ``last.safetensors`` where it lags ``last.pt`` (False on the ranks
+        that write nothing)."""
         state = load_state(self.path)
         own = self.model.state_dict()
         theirs = state["model"]
@@ -184,7 +186,7 @@ class Checkpointer:
         newer = self._read_counters()
         if newer is not None and newer.get("step") == counters["step"]:  # else: older, stale
             counters |= newer
-        if self._weights_step() != counters["step"]:
+        if repair and self._weights_step() != counters["step"]:
             # A kill between last.pt and last.safetensors left the weights a save behind, and
             # saves at this step write the counters alone: bring them level now.
             save_weights(self.model, self.out / "last.safetensors", self._meta(counters["step"]))

@@ -221,7 +221,7 @@ class Trainer:
         return self.checkpointer.save(counters)
 
     def resume(self) -> None:
-        counters = self.checkpointer.load()
+        counters = self.checkpointer.load(repair=self.main)
         self.step, self.best = counters["step"], counters["best"]
         self.epoch_pending = not counters.get("epoch_ended", True)
         log.info("resumed %s at step %d", self.checkpoint_path, self.step)
