@@ -230,6 +230,9 @@ def test_weights_round_trip_and_mismatch(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not a file at all")
     with pytest.raises(spinedet.models.WeightsError, match="bad.safetensors: not a readable"):
         spinedet.create_model("spinenet49s", weights=tmp_path / "bad.safetensors")
+    torch.save({"model": model.state_dict()}, tmp_path / "last.pt")  # a run's checkpoint
+    with pytest.raises(spinedet.models.WeightsError, match="last.pt: a torch.save file .* run"):
+        spinedet.create_model("spinenet49s_retinanet", weights=tmp_path / "last.pt", **SMALL)
 
 
 def test_backbone_weights_load_into_detector(tmp_path):

@@ -15,6 +15,7 @@ from conftest import TINY_MODEL, free_port, tiny_config
 from safetensors.torch import load_file
 
 import spinedet
+from spinedet.cli import main as cli_main
 from spinedet.config import ConfigError, load_config
 from spinedet.convert import convert_tf
 from spinedet.data import CocoDataset, DataError, eval_transforms
@@ -186,12 +187,15 @@ def test_train_takes_a_recipe_name_a_yaml_file_or_a_partial_dict(tmp_path, monke
         train({"train": {"epoch": 3}}, tmp_path / "run", device="cpu")
 
 
-def test_resume_without_checkpoint_and_reusing_a_run_are_clear_errors(shapes, tmp_path):
+def test_resume_without_checkpoint_and_reusing_a_run_are_clear_errors(shapes, tmp_path, capsys):
     with pytest.raises(ValueError, match="no checkpoint to resume from"):
         train(tiny_config(shapes), tmp_path, resume=True, device="cpu")
     train(tiny_config(shapes, max_steps=1), tmp_path, device="cpu")
     with pytest.raises(ValueError, match="already holds a run; continue it with --resume"):
         train(tiny_config(shapes), tmp_path, device="cpu")
+    (tmp_path / "config.yaml").write_text("")  # damaged: the defaults must not stand in for it
+    assert cli_main(["train", "--resume", "--out", str(tmp_path)]) == 2
+    assert "config.yaml: empty; give the run's config" in capsys.readouterr().err
 
 
 def test_training_stops_on_broken_data_with_the_report(shapes, tmp_path):

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from spinedet.engine.builders import build_model, build_optimizer, lr_lambda
 from spinedet.engine.checkpoint import Checkpointer, RunLock
 from spinedet.engine.distributed import DistInfo, any_rank
 from spinedet.engine.logger import RunLogger
-from spinedet.engine.loop import Stepper
+from spinedet.engine.loop import Stepper, StopSignal
 from spinedet.engine.plots import plot_curves, read_metrics
 from spinedet.engine.trainer import _check_data
 from spinedet.errors import SpinedetError
@@ -464,3 +465,19 @@ def test_optimizer_choice_keeps_the_lr_scaling_and_kernel_only_decay():
     assert sgd.defaults["fused"]
     with pytest.raises(SpinedetError, match="train.optimizer"):
         load_config(None, ["train.optimizer=adam"])
+
+
+def test_a_forked_loader_worker_leaves_signals_to_the_training_process(capfd):
+    """Ctrl-C reaches the whole process group; DataLoader workers forked with the handler
+    neither announce the stop nor count it."""
+    with StopSignal() as stop:
+        pid = os.fork()
+        if pid == 0:  # a worker
+            os.kill(os.getpid(), signal.SIGINT)
+            os._exit(3 if stop.requested() else 0)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert "stopping" not in capfd.readouterr().err
+        os.kill(os.getpid(), signal.SIGINT)  # the training process itself
+        assert stop.requested()
+    assert "stopping after the current step" in capfd.readouterr().err

@@ -21,6 +21,9 @@ def _train(args: argparse.Namespace) -> int:
         config_file = Path(args.out) / "config.yaml"
         if not config_file.is_file():
             raise ConfigError(f"{config_file}: no run to resume in {args.out}")
+        if not config_file.read_text().strip():  # damaged: the defaults would stand in for it
+            raise ConfigError(f"{config_file}: empty; give the run's config: spinedet train "
+                              f"CONFIG --resume --out {args.out}")  # fmt: skip
     config = load_config(config_file, args.set)
     result = train(config, args.out, resume=args.resume, device=args.device)
     if int(os.environ.get("RANK", "0")) == 0:

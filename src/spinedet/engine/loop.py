@@ -66,6 +66,7 @@ class StopSignal:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignal:
+        self._pid = os.getpid()
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -74,9 +75,13 @@ class StopSignal:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:
+            return  # a loader worker forked with the handler: the training process decides
         if self.signal is not None:
-            raise KeyboardInterrupt("stopped at once on a second signal; the last checkpoint "
-                                    "stands: continue with --resume")  # fmt: skip
+            raise KeyboardInterrupt(
+                "stopped at once on a second signal; a checkpoint on disk stands: continue "
+                "with --resume where there is one"
+            )
         self.signal = signum
         # os.write, not print or logging: safe inside a signal handler.
         os.write(2, b"\nstopping after the current step or validation batch (signal again to "

@@ -89,6 +89,12 @@ def read_metadata(path: str | Path) -> dict:
     return _read(path, tensors=False)[0]
 
 
+def _is_torch_save(path: Path) -> bool:
+    """Whether ``path`` is a ``torch.save`` archive (a zip file)."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
 def _read(path: str | Path, tensors: bool) -> tuple[dict, dict[str, torch.Tensor]]:
     """The file's spinedet metadata and (if asked) its tensors, from one opening."""
     path = Path(path)
@@ -99,6 +105,11 @@ def _read(path: str | Path, tensors: bool) -> tuple[dict, dict[str, torch.Tensor
             raw = (f.metadata() or {}).get("spinedet")
             state = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except (OSError, SafetensorError) as e:
+        if _is_torch_save(path):  # what a user given a run directory may pick: last.pt
+            raise WeightsError(
+                f"{path}: a torch.save file (a run's checkpoints/last.pt is one), not "
+                "safetensors weights: give the run directory or its last.safetensors"
+            ) from None
         raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
     if not raw:
         return {}, state
