@@ -3,6 +3,7 @@
 import importlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -192,6 +193,9 @@ def test_resume_without_checkpoint_and_reusing_a_run_are_clear_errors(shapes, tm
         train(tiny_config(shapes), tmp_path, resume=True, device="cpu")
     train(tiny_config(shapes, max_steps=1), tmp_path, device="cpu")
     with pytest.raises(ValueError, match="already holds a run; continue it with --resume"):
+        train(tiny_config(shapes), tmp_path, device="cpu")
+    shutil.rmtree(tmp_path / "checkpoints")  # to start over; the weights stay
+    with pytest.raises(ValueError, match="holds an earlier run's last.safetensors; remove"):
         train(tiny_config(shapes), tmp_path, device="cpu")
     (tmp_path / "config.yaml").write_text("")  # damaged: the defaults must not stand in for it
     assert cli_main(["train", "--resume", "--out", str(tmp_path)]) == 2

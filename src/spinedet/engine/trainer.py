@@ -148,6 +148,11 @@ class Trainer:
             elif checkpoint.exists():
                 problem = (f"{self.out} already holds a run; continue it with --resume or pick "
                            "another --out")  # fmt: skip
+            elif weights := [n for n in ("last.safetensors", "best.safetensors")
+                             if (self.out / n).exists()]:  # fmt: skip
+                # Its checkpoint deleted: eval and predict would still pick an old best.
+                problem = (f"{self.out} holds an earlier run's {' and '.join(weights)}; remove "
+                           "them or pick another --out")  # fmt: skip
         _raise_together(problem, info)
         torch.manual_seed(self.seed)
         if config["data"]["check"]:
