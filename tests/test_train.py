@@ -69,6 +69,32 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(shapes, tmp_pat
     assert _losses(tmp_path / "straight") == _losses(tmp_path / "resumed")
 
 
+def test_a_crash_within_an_epoch_resumes_from_its_last_step_checkpoint(
+    shapes, tmp_path, monkeypatch
+):
+    """``train.checkpoint_steps``: a crash mid-epoch loses the steps since the last multiple,
+    not the epoch, and the resumed run equals the uninterrupted one."""
+    cfg = tiny_config(shapes, epochs=2, checkpoint_steps=2)  # 2 epochs of 3 steps
+    train(cfg, tmp_path / "straight", device="cpu")
+    calls, original = [], loop.Stepper.step
+
+    def crash_at_step_five(self):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("the machine went away")
+        original(self)
+
+    monkeypatch.setattr(loop.Stepper, "step", crash_at_step_five)
+    with pytest.raises(RuntimeError, match="went away"):
+        train(cfg, tmp_path / "crashed", device="cpu")
+    monkeypatch.undo()
+    counters = json.loads((tmp_path / "crashed" / "checkpoints" / "last.json").read_text())
+    assert counters["step"] == 4  # within the second epoch
+    train(cfg, tmp_path / "crashed", resume=True, device="cpu")
+    assert _same_weights(tmp_path / "straight", tmp_path / "crashed", "last.safetensors")
+    assert _losses(tmp_path / "straight") == _losses(tmp_path / "crashed")
+
+
 def _validated(shapes):
     """2 epochs of 3 steps, each validated (3 + 3 batches of the 6 validation images)."""
     cfg = tiny_config(shapes, epochs=2)

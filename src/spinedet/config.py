@@ -67,6 +67,7 @@ DEFAULTS: dict[str, Any] = {
         "seed": 0,
         "eval_every": 1,  # epochs between COCO evaluations on data.val
         "checkpoint_every": 1,
+        "checkpoint_steps": None,  # also checkpoint every N steps within an epoch (long epochs)
         "log_every": 10,  # steps between metric log lines
         "max_nonfinite": 5,  # stop after this many non-finite losses in a row
         "max_steps": None,  # stop early (tests, smoke runs)
@@ -136,6 +137,7 @@ RULES: dict[str, Rule] = {
     "train.seed": Rule(low=0),
     "train.eval_every": Rule(low=1),
     "train.checkpoint_every": Rule(low=1),
+    "train.checkpoint_steps": Rule(low=1, type=int),
     "train.log_every": Rule(low=1),
     "train.max_nonfinite": Rule(low=1),
     "train.max_steps": Rule(low=1, type=int),

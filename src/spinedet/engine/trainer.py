@@ -44,8 +44,9 @@ log = logging.getLogger(__name__)
 # Keys a resumed run may change: its length, and how it logs, checks and loads data.
 RESUME_MAY_CHANGE = frozenset({
     "train.epochs", "train.max_steps", "train.log_every", "train.eval_every",
-    "train.checkpoint_every", "train.max_nonfinite", "train.dist_timeout_min", "data.workers",
-    "data.check", "train.cuda_graphs", "train.channels_last",
+    "train.checkpoint_every", "train.checkpoint_steps", "train.max_nonfinite",
+    "train.dist_timeout_min", "data.workers", "data.check", "train.cuda_graphs",
+    "train.channels_last",
 })  # fmt: skip
 
 
@@ -365,6 +366,11 @@ class Trainer:
                         self._log_step(epoch, stats, bar, interval)
                     if self.stepper.stopping or self.step >= end:
                         break
+                    every = tcfg["checkpoint_steps"]
+                    if every and self.step % every == 0 and self.step % self.steps_per_epoch:
+                        # Within an epoch (its end is saved below): a crash or a kill loses at
+                        # most ``every`` steps of a long epoch, not the whole of it.
+                        self._save()
                 # The ranks agree on a stop in each step's backward and between validation
                 # batches; a signal since then, before an epoch's validation or after its last
                 # check, is agreed on here.
