@@ -555,3 +555,14 @@ def test_malformed_box_fails_fast_naming_the_file(dataset_files):
     ann.write_text(json.dumps(data))
     with pytest.raises(DataError, match=r"ann\.json: malformed images or annotations \(run"):
         CocoDataset(ann, img)
+
+
+def test_a_category_the_model_names_otherwise_is_refused(dataset_files):
+    """Evaluating a model on a file whose ids mean other classes would silently score one
+    class's detections against another's objects; an unnamed model's names (its ids) match."""
+    ann, img, _ = dataset_files
+    swapped = [{"id": 5, "name": "late"}, {"id": 90, "name": "early"}]
+    with pytest.raises(DataError, match=r"5 is 'early' here but 'late' in the model, 90 is"):
+        CocoDataset(ann, img, categories=swapped)
+    unnamed = [{"id": 5, "name": "5"}, {"id": 90, "name": "90"}]
+    assert CocoDataset(ann, img, categories=unnamed).class_names == ["5", "90"]

@@ -94,13 +94,24 @@ class CocoDataset(Dataset):
         self, own: list[dict[str, Any]], categories: Sequence[Mapping[str, Any]]
     ) -> list[dict[str, Any]]:
         """``categories`` (a model's), refusing a file category outside them: its labels would
-        be another class's, or beyond the class head."""
-        unknown = sorted({c["id"] for c in own} - {c["id"] for c in categories})
+        be another class's, or beyond the class head; and one the model names otherwise."""
+        names = {c["id"]: str(c["name"]) for c in categories}
+        unknown = sorted({c["id"] for c in own} - set(names))
         if unknown:
             raise DataError(
                 f"category ids {unknown[:10]} are not among the model's categories",
                 self.annotations,
             )
+        # The same id for another class would score one class's detections against another's
+        # objects; a model's name that is only its id (an unnamed model's) says nothing.
+        renamed = [
+            f"{c['id']} is {c['name']!r} here but {names[c['id']]!r} in the model"
+            for c in own
+            if names[c["id"]] not in (str(c["name"]), str(c["id"]))
+        ]
+        if renamed:
+            raise DataError(f"categories named otherwise than the model's: {shorten(renamed)}",
+                            self.annotations)  # fmt: skip
         return [{"id": c["id"], "name": c["name"]} for c in categories]
 
     @property
