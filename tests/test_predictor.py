@@ -183,3 +183,17 @@ def test_default_device_names_a_device_this_machine_lacks_in_one_line():
             default_device("cuda")
     with pytest.raises(SpinedetError, match="device 'cuda:99'"):
         default_device("cuda:99")
+
+
+def test_a_threshold_below_the_model_s_own_keeps_those_detections(image):
+    """A fresh RetinaNet scores about 0.01 (its prior), below torchvision's 0.05: asked for
+    scores from 0, the Predictor returns them instead of silently none."""
+    torch.manual_seed(0)
+    model = spinedet.create_model("spinenet49s_retinanet", categories=CATEGORIES, image_size=64,
+                                  filter_scale=0.25, endpoint_filters=32)  # fmt: skip
+    det = spinedet.Predictor(model, device="cpu", score_threshold=0.0, optimize=False)(image)
+    assert len(det) > 0 and float(det.scores.max()) < 0.05
+    assert len(spinedet.Predictor(model, device="cpu", score_threshold=0.05)(image)) == 0
+    for bad in (1.5, -0.1, float("nan")):
+        with pytest.raises(SpinedetError, match="use a score in 0..1"):
+            spinedet.Predictor(model, device="cpu", score_threshold=bad)

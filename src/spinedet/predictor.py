@@ -179,7 +179,9 @@ class Predictor:
     bfloat16 (close, not equal). Images larger than the model's size are resized to it
     before the model sees them (so memory stays bounded) and thin ones padded to the largest
     stride; the detections are mapped back to the image as given. ``masks``: ``"binary"`` (bool
-    tensors at image size) or ``"rle"`` (COCO RLE dicts).
+    tensors at image size) or ``"rle"`` (COCO RLE dicts). ``score_threshold`` (0..1) below the
+    detector's own (torchvision's 0.05) lowers that one in the model run: a model given and not
+    optimized is changed.
     """
 
     def __init__(
@@ -197,9 +199,16 @@ class Predictor:
             raise SpinedetError(f"{weights}: holds a backbone; Predictor needs a detector")
         if masks not in ("binary", "rle"):
             raise SpinedetError(f"masks={masks!r}: use 'binary' or 'rle'")
+        if not 0 <= score_threshold <= 1:  # also NaN: no detection would pass, silently
+            raise SpinedetError(f"score threshold {score_threshold}: use a score in 0..1")
         self.device = default_device(device)
         model = model.eval().to(self.device)
         self.model = optimize_for_inference(model) if optimize else model
+        heads = getattr(self.model, "roi_heads", self.model)
+        if hasattr(heads, "score_thresh"):
+            # The detector's own threshold (torchvision's 0.05) would silently drop the
+            # detections a lower one asks for.
+            heads.score_thresh = min(heads.score_thresh, score_threshold)
         self.description = describe(model)
         self.score_threshold = score_threshold
         self.batch_size = batch_size
