@@ -170,6 +170,11 @@ def test_broken_postprocessing_fails_the_check_and_writes_nothing(retinanet, tmp
 def test_float_input_and_size_mismatch(retinanet, tmp_path):
     result = export_torchscript(retinanet, tmp_path / "f.pt", input_dtype="float32")
     assert result["check"]["detections"] >= 60
+    # A trace takes any dtype: uint8 images would be read as 0..1 and silently find nothing.
+    loaded = torch.jit.load(tmp_path / "f.pt")
+    assert int(loaded(torch.rand(1, 3, 64, 48))[3][0]) > 0
+    with pytest.raises(torch.jit.Error, match=r"images must be float32 0\.\.1"):
+        loaded(torch.zeros(1, 3, 64, 48, dtype=torch.uint8))
     with pytest.raises(ExportError, match="image_size 128 differs from the model's 64"):
         export_onnx(retinanet, tmp_path / "r.onnx", image_size=128)
 

@@ -226,6 +226,36 @@ def _trace(graph: DetectorGraph, example: torch.Tensor) -> torch.jit.ScriptModul
         return torch.jit.trace(graph, (example,), check_trace=False)
 
 
+class _DtypeCheck(nn.Module):
+    """The traced detector behind a check of its input's dtype: a trace takes any (ONNX's typed
+    input refuses the others), and reads uint8 as 0..1 or float as 0..255, finding nothing."""
+
+    def __init__(self, traced: torch.jit.ScriptModule, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.traced = traced
+        self.dtype = dtype
+        name = {torch.uint8: "uint8 0..255", torch.float32: "float32 0..1"}[dtype]
+        self.message = f"images must be {name} (this export's input dtype)"
+
+    def check(self, images: torch.Tensor) -> None:
+        if images.dtype != self.dtype:
+            raise RuntimeError(self.message)
+
+
+class _CheckedBoxes(_DtypeCheck):
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                      torch.Tensor]:  # fmt: skip
+        self.check(images)
+        return self.traced(images)
+
+
+class _CheckedMasks(_DtypeCheck):
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                      torch.Tensor, torch.Tensor]:  # fmt: skip
+        self.check(images)
+        return self.traced(images)
+
+
 def _run_check(
     run: Callable[[torch.Tensor], dict[str, np.ndarray]],
     model: nn.Module,
@@ -326,6 +356,8 @@ def export_torchscript(
         traced = _trace(graph, example)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still here
+            checked = _CheckedMasks if graph.with_masks else _CheckedBoxes
+            traced = torch.jit.script(checked(traced, graph.dtype))
             # Through memory: torch's file writer aborts the process on a full disk (an
             # exception in a C++ destructor), leaving the temp file; Python's write raises.
             archive = io.BytesIO()
