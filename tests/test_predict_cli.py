@@ -154,6 +154,20 @@ def test_predict_skips_unreadable_and_keeps_relative_paths(checkpoint, shapes, t
     assert results == [d for r in lines for d in r["detections"]]
 
 
+def test_predict_keeps_every_dot_of_a_file_name(checkpoint, shapes, tmp_path):
+    images = sorted(shapes["images"].iterdir())
+    for name, source in (("photo.v1.png", images[0]), ("photo.v2.png", images[1])):
+        (tmp_path / "in").mkdir(exist_ok=True)
+        (tmp_path / "in" / name).write_bytes(source.read_bytes())
+    out = tmp_path / "out"
+    code = main(["predict", str(checkpoint), str(tmp_path / "in"), "--out", str(out),
+                 "--score-threshold", "0", "--save-masks", "image"])  # fmt: skip
+    assert code == 0  # both were drawn to photo.png: the second refused as existing
+    for name in ("photo.v1.png", "photo.v2.png"):
+        assert (out / name).is_file() and (out / "masks" / name).is_file()
+    assert not (out / "photo.png").exists()
+
+
 def test_predict_never_overwrites_inputs(checkpoint, shapes, tmp_path, capsys):
     images = _tree(shapes, tmp_path)
     before = (tmp_path / "a" / "img.png").read_bytes()

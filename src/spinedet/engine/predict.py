@@ -157,7 +157,13 @@ def _save_masks(detections: Detections, target: Path, mode: str) -> None:
     index = np.zeros(detections.image_size, dtype=np.uint16 if len(masks) > 255 else np.uint8)
     for i, mask in enumerate(masks):
         index[mask.numpy()] = i + 1
-    _save_png(Image.fromarray(index), target.with_suffix(".png"))
+    _save_png(Image.fromarray(index), _png(target))
+
+
+def _png(name: Path) -> Path:
+    """``name`` + ``.png``: an output name keeps every dot of its input's (``with_suffix`` would
+    turn ``photo.v1`` and ``photo.v2`` both into ``photo.png``)."""
+    return name.with_name(f"{name.name}.png")
 
 
 def _save_png(image: Image.Image, path: Path) -> None:
@@ -196,7 +202,7 @@ def predict_images(
     target(report.path)
     for item in items:
         if draw and not item.is_video and not predictor.classifier:
-            target(out / item.name.with_suffix(".png"))
+            target(_png(out / item.name))
     results: list[dict] = []
     counter = first_id
     ids = image_ids or {}
@@ -213,7 +219,7 @@ def predict_images(
             if draw and not predictor.classifier:  # a classifier has no boxes to draw
                 drawn = draw_detections(image, det, num_classes)
                 _save_png(Image.fromarray(drawn.permute(1, 2, 0).numpy()),
-                          target(out / item.name.with_suffix(".png")))  # fmt: skip
+                          target(_png(out / item.name)))  # fmt: skip
             if save_masks:
                 _save_masks(det, out / "masks" / item.name, save_masks)
             where = {"file_name": str(item.path)}
