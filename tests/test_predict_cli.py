@@ -75,6 +75,17 @@ def test_eval_writes_metrics_and_results(checkpoint, shapes, tmp_path, capsys):
     assert set(json.loads((tmp_path / "metrics.json").read_text())) == {"bbox", "segm"}
 
 
+def test_eval_refuses_images_without_a_file(checkpoint, shapes, tmp_path, capsys):
+    # Scored as blank images, their objects would all count as missed: a wrong --images
+    # gave AP near 0 and exit 0.
+    argv = ["eval", str(checkpoint), "--annotations", str(shapes["val"]), "--out",
+            str(tmp_path / "out")]  # fmt: skip
+    assert main([*argv, "--images", str(tmp_path)]) == 2
+    count = len(json.loads(shapes["val"].read_text())["images"])
+    assert f"{count} images (ids " in capsys.readouterr().err
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
 def test_eval_out_is_checked_before_the_pass_and_metrics_json_comes_last(
     checkpoint, shapes, tmp_path, capsys, monkeypatch
 ):

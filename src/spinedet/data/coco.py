@@ -201,6 +201,11 @@ class CocoDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
+    def missing_images(self) -> list[Any]:
+        """The ids of the images whose files are not in the image directory."""
+        return [self.index.image_id(i) for i in range(len(self))
+                if not image_path(self.images, self.index.image(i)[0]).is_file()]  # fmt: skip
+
     def __getitem__(self, index: int) -> tuple[tv_tensors.Image, Target]:
         """The image and its targets. An image that is missing or cannot be decoded does not
         stop a run: it is logged (once per image and process) and stands as a black image with

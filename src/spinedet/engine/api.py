@@ -12,6 +12,8 @@ from typing import Any
 from torch import nn
 
 from ..data import CocoDataset, ImageFolderDataset
+from ..data.coco_files import some_ids
+from ..data.errors import DataError
 from ..data.transforms import classification_eval_transforms, eval_transforms
 from ..errors import SpinedetError, shorten
 from ..files import atomic_write, refuse_existing, writable_folder
@@ -89,6 +91,13 @@ def evaluate(
             raise SpinedetError(f"{checkpoint} holds a detector: give --annotations (COCO json)")
         # COCO's evaluation reads the ground truth from the json: the images are all it needs.
         dataset = CocoDataset(annotations, images, eval_transforms(), False, categories)
+        # Training's loader stands a missing image in as blank; here that would report an AP
+        # lowered by its missed objects (every one of them, for a wrong --images).
+        if missing := dataset.missing_images():
+            raise DataError(
+                f"{some_ids('images', missing)} of {len(dataset)} have no file in {images}",
+                annotations,
+            )
         iou_types = ("bbox", "segm") if task.masks and dataset.segmented else ("bbox",)
         if task.masks and not dataset.segmented:
             log.warning("%s has annotations without segmentation: box AP only", annotations)
