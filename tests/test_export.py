@@ -94,6 +94,21 @@ def test_retinanet_command_exports_onnx_with_metadata(retinanet, tmp_path, capsy
         assert (boxes[i, :n, 2:] <= [64, 50]).all() and (boxes[i, :n] >= 0).all()
 
 
+def test_a_check_that_compared_no_detections_says_so(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = create_model("spinenet49s_retinanet", categories=CATEGORIES, image_size=64,
+                         score_thresh=0.999, **SMALL).eval()  # fmt: skip
+    weights = tmp_path / "none.safetensors"
+    save_weights(model, weights)
+    parser = argparse.ArgumentParser()
+    add_export_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["export", str(weights), "--out", str(tmp_path / "none.onnx")])
+    assert args.func(args) == 0
+    captured = capsys.readouterr()
+    assert ": 0 detections" in captured.out
+    assert "the check compared no detections" in captured.err
+
+
 def test_maskrcnn_exports_to_onnx_and_torchscript(maskrcnn, tmp_path):
     out = tmp_path / "mask.onnx"
     result = export_onnx(maskrcnn, out)

@@ -4,6 +4,7 @@ checked against PyTorch first."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from .types import at_least
@@ -68,6 +69,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
         print(f"{runtime} matches PyTorch on {stats['images']} images (batches of 2, {sizes}): "
               f"{stats['detections']} detections, max box diff {stats['box']:.1e} px, "
               f"max score diff {stats['score']:.1e}{masks}")  # fmt: skip
+        if not stats["detections"]:  # agreeing on nothing shows nothing
+            print("  warning: the check compared no detections: the model found nothing above "
+                  "its score threshold on the check images; give --check-images with objects it "
+                  "finds", file=sys.stderr)  # fmt: skip
     return 0
 
 
