@@ -104,6 +104,16 @@ def test_16_bit_pil_image_is_scaled_like_a_16_bit_file(tmp_path):
     assert torch.allclose(to_image_tensor(values) * 255, pil.float())
 
 
+def test_rgba_array_is_composited_on_black_like_an_rgba_file(tmp_path):
+    rgba = np.random.default_rng(0).integers(0, 256, (5, 6, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    from_file = to_image_tensor(tmp_path / "a.png")
+    assert torch.equal(to_image_tensor(rgba), from_file)
+    assert torch.equal(to_image_tensor(rgba[:, :, [2, 1, 0, 3]], bgr=True), from_file)
+    floats = to_image_tensor(rgba.astype(np.float32) / 255)
+    assert (floats * 255 - from_file.float()).abs().max() <= 0.5 + 1e-4  # PIL rounds
+
+
 def test_category_ids_names_and_masks(predictor, image, weights):
     det = predictor(image)
     assert set(det.category_ids) <= {3, 7}

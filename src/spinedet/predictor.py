@@ -122,7 +122,7 @@ def to_image_tensor(image: ImageInput, bgr: bool = False) -> torch.Tensor:
             raise SpinedetError(f"numpy image of shape {image.shape}: expected H x W x 3 (uint8)")
         if image.dtype.kind not in "uif":  # bool, complex, object: torch cannot take all
             raise SpinedetError(f"numpy image of dtype {image.dtype}: {_DTYPES}")
-        array = np.ascontiguousarray(image[:, :, :3])
+        array = np.ascontiguousarray(image[:, :, :3] if image.shape[2] == 3 else _on_black(image))
         # np.asarray(PIL image) is read-only, and torch warns about sharing it on every call.
         tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
         tensor = tensor.permute(2, 0, 1)
@@ -139,6 +139,18 @@ def to_image_tensor(image: ImageInput, bgr: bool = False) -> torch.Tensor:
 
 
 _DTYPES = "pass uint8 0..255 or float 0..1"
+
+
+def _on_black(image: np.ndarray) -> np.ndarray:
+    """An H x W x 4 array's colour composited on black by its alpha, as an RGBA file is
+    (:func:`to_rgb`; uint8 through the same PIL call, so equal to the file's pixels)."""
+    if image.dtype == np.uint8:  # the order of the colours does not matter: BGRA works too
+        return np.asarray(to_rgb(Image.fromarray(np.ascontiguousarray(image), "RGBA")))
+    opaque = 1.0 if image.dtype.kind == "f" else 65535.0 if image.dtype == np.uint16 else 255.0
+    composited = image[:, :, :3] * (image[:, :, 3:] / opaque)
+    if image.dtype.kind != "f":
+        composited = np.rint(composited)
+    return composited.astype(image.dtype)
 
 
 def _to_model_dtype(tensor: torch.Tensor) -> torch.Tensor:
