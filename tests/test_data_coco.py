@@ -566,3 +566,6 @@ def test_a_category_the_model_names_otherwise_is_refused(dataset_files):
         CocoDataset(ann, img, categories=swapped)
     unnamed = [{"id": 5, "name": "5"}, {"id": 90, "name": "90"}]
     assert CocoDataset(ann, img, categories=unnamed).class_names == ["5", "90"]
+    renumbered = [{"id": 6, "name": "early"}, {"id": 91, "name": "late"}]
+    with pytest.raises(DataError, match=r"numbers them otherwise \('early' is 6, 'late' is 91"):
+        CocoDataset(ann, img, categories=renumbered)

@@ -98,8 +98,12 @@ class CocoDataset(Dataset):
         names = {c["id"]: str(c["name"]) for c in categories}
         unknown = sorted({c["id"] for c in own} - set(names))
         if unknown:
+            ids = {name: i for i, name in names.items()}
+            moved = [f"{c['name']!r} is {ids[str(c['name'])]}" for c in own
+                     if c["id"] in unknown and str(c["name"]) in ids]  # fmt: skip
+            hint = f"; the model numbers them otherwise ({shorten(moved)})" if moved else ""
             raise DataError(
-                f"category ids {unknown[:10]} are not among the model's categories",
+                f"category ids {unknown[:10]} are not among the model's categories{hint}",
                 self.annotations,
             )
         # The same id for another class would score one class's detections against another's
