@@ -61,6 +61,11 @@ def test_every_input_type_gives_the_same_detections(predictor, image, tmp_path):
     batch = predictor([path, image, chw])
     assert len(batch) == 3
     assert all(torch.allclose(d.boxes, ref.boxes, atol=1e-4) for d in batch)
+    # Stacked batches (a DataLoader's NCHW tensor, an NHWC array): one result per image.
+    for stacked in (torch.stack([chw, chw.flip(2)]), np.stack([image, image[:, ::-1]])):
+        first, flipped = predictor(stacked)
+        assert torch.allclose(first.boxes, ref.boxes, atol=1e-4)
+        assert flipped.image_size == ref.image_size
 
 
 def test_image_dtypes_are_converted_or_refused_in_one_line(predictor, image, recwarn):

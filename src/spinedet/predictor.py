@@ -182,8 +182,8 @@ class Predictor:
     ``Predictor(weights)`` loads a spinedet ``.safetensors`` file or run directory (or takes a
     model); calling it on an image path, a PIL image, a numpy array (H x W x 3, RGB unless
     ``bgr=True`` as OpenCV reads them) or a (3, H, W) tensor, either uint8 or float in [0, 1]
-    (see :func:`to_image_tensor`), returns a :class:`Detections`; on a list of them, a list,
-    run ``batch_size`` images at a time.
+    (see :func:`to_image_tensor`), returns a :class:`Detections`; on a list of them or a
+    batch ((N, 3, H, W) tensor, (N, H, W, 3) array), a list, run ``batch_size`` images at a time.
 
     ``device`` defaults to CUDA when present. ``optimize`` (default) runs the model with
     BatchNorm folded, channels-last and oneDNN on CPU (:func:`optimize_for_inference`), equal to
@@ -238,6 +238,8 @@ class Predictor:
     def __call__(
         self, images: ImageInput | Sequence[ImageInput], bgr: bool = False
     ) -> Detections | list[Detections]:
+        if isinstance(images, np.ndarray | torch.Tensor) and images.ndim == 4:
+            images = list(images)  # a batch, as a DataLoader or a video reader stacks it
         if isinstance(images, list | tuple):
             out: list[Detections] = []
             for start in range(0, len(images), self.batch_size):
