@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -296,6 +297,23 @@ def test_a_full_disk_under_the_logs_is_one_line_naming_the_file(tmp_path, monkey
             logger.row({"kind": "train", "step": 1, "loss": 1.0})
     finally:
         logger.close()
+
+
+def test_tensorboard_s_writer_thread_leaves_its_error_to_the_one_line(tmp_path, monkeypatch):
+    """The thread's traceback would precede the line the next call raises."""
+    seen = []
+    monkeypatch.setattr(threading, "excepthook", seen.append)  # what prints tracebacks
+    logger = RunLogger(tmp_path, main=True)
+    logger.open(None)
+    records = logger.writer._get_file_writer().event_writer._async_writer._writer
+    records.write = _no_space  # the disk fills under the thread
+    with pytest.raises(OSError, match=r"tb: cannot write \(No space left on device\)"):
+        try:
+            logger.row({"kind": "train", "step": 1, "loss": 1.0})
+        finally:
+            logger.close()  # the thread's error surfaces at the row or here
+    assert seen == []
+    assert threading.excepthook == seen.append  # restored
 
 
 def _no_space(*args) -> None:

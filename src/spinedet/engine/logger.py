@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from logging.handlers import BufferingHandler
@@ -48,6 +49,7 @@ class RunLogger:
         self.metrics = out / "metrics.jsonl"
         self.writer: SummaryWriter | None = None
         self._handler: logging.Handler | None = None
+        self._excepthook: Any = None  # threading's, while the writer is open
 
     def open(
         self,
@@ -73,6 +75,7 @@ class RunLogger:
         # (a redone validation's second point lies on its first: the same weights).
         purge = 0 if resume_step is None else resume_step + 1
         self.writer = SummaryWriter(self.out / "tb", purge_step=purge)
+        self._excepthook, threading.excepthook = threading.excepthook, self._thread_error
         # Every spinedet log record (fresh tensors, skipped images, ...) also goes to log.txt.
         self._handler = logging.FileHandler(self.out / "log.txt")
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -104,13 +107,23 @@ class RunLogger:
                     if math.isfinite(value):
                         self.writer.add_scalar(f"{row['kind']}/{key}", value, row["step"])
 
+    def _thread_error(self, args: threading.ExceptHookArgs) -> None:
+        # TensorBoard's writer thread keeps its error for the next call, which names the
+        # folder in one line (row, close): its own traceback would only precede that line.
+        if type(args.thread).__name__ != "_AsyncWriterThread":
+            self._excepthook(args)
+
     def close(self) -> None:
-        if self.writer is not None:
-            with writing(self.out / "tb"):
-                self.writer.close()
-        if self._handler is not None:
-            logging.getLogger("spinedet").removeHandler(self._handler)
-            self._handler.close()
+        try:
+            if self.writer is not None:
+                with writing(self.out / "tb"):
+                    self.writer.close()
+        finally:
+            if self._excepthook is not None:
+                threading.excepthook, self._excepthook = self._excepthook, None
+            if self._handler is not None:
+                logging.getLogger("spinedet").removeHandler(self._handler)
+                self._handler.close()
 
 
 def _append(path: Path, text: str) -> None:
