@@ -73,6 +73,15 @@ def test_eval_writes_metrics_and_results(checkpoint, shapes, tmp_path, capsys):
     assert (tmp_path / "metrics.json").read_text() == "{}"
     assert main([*argv, "--overwrite"]) == 0
     assert set(json.loads((tmp_path / "metrics.json").read_text())) == {"bbox", "segm"}
+    # The confusion matrix's operating point: this model scores under 0.5, every detection
+    # counts at 0.
+    default = (tmp_path / "confusion_bbox.csv").read_text()
+    assert default.endswith("background,0,0,0,0,0\n")
+    assert main([*argv, "--overwrite", "--confusion-score", "0"]) == 0
+    assert not (tmp_path / "confusion_bbox.csv").read_text().endswith("background,0,0,0,0,0\n")
+    with pytest.raises(SystemExit):
+        main([*argv, "--overwrite", "--confusion-score", "nan"])
+    assert "expected a score in 0..1, got nan" in capsys.readouterr().err
 
 
 def test_eval_refuses_images_without_a_file(checkpoint, shapes, tmp_path, capsys):

@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from .types import at_least
+from .types import at_least, score
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -39,7 +39,8 @@ def _eval(args: argparse.Namespace) -> int:
     metrics = evaluate(args.checkpoint, args.annotations, args.images, args.out,
                        args.batch_size, args.device, args.workers,
                        optimize=not args.no_optimize, by_order=args.by_order,
-                       overwrite=args.overwrite)  # fmt: skip
+                       overwrite=args.overwrite,
+                       confusion_score=args.confusion_score)  # fmt: skip
     if int(os.environ.get("RANK", "0")) == 0:
         classifier = "top1" in metrics
         print(format_classification(metrics) if classifier else format_metrics(metrics))
@@ -94,6 +95,8 @@ def add_engine_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier evaluation's files in --out")  # fmt: skip
+    p.add_argument("--confusion-score", type=score, default=0.5,
+                   help="the confusion matrix counts detections scoring this or more")  # fmt: skip
     p.add_argument("--batch-size", type=at_least(1), default=2, help="images per forward pass")
     p.add_argument("--workers", type=at_least(0), default=None,
                    help="data loading processes (default: on a CPU none up to 4 cores, else 2; "
@@ -116,7 +119,7 @@ def add_engine_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help=".safetensors file or run directory")
     p.add_argument("inputs", nargs="+", help="image or video files, directories or globs")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--score-threshold", type=float, default=0.5, help="keep detections above")
+    p.add_argument("--score-threshold", type=score, default=0.5, help="keep detections above")
     p.add_argument("--batch-size", type=at_least(1), default=4, help="images per forward pass")
     p.add_argument("--every", type=at_least(1), default=1, help="every N-th frame of a video")
     p.add_argument("--no-draw", action="store_true", help="write JSON only, no drawings")

@@ -20,3 +20,14 @@ def at_least(low: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def score(text: str) -> float:
+    """A score option's type: a number in 0..1 (NaN refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a score in 0..1, got {text}")
+    return value

@@ -56,14 +56,16 @@ def evaluate(
     optimize: bool = True,
     by_order: bool = False,
     overwrite: bool = False,
+    confusion_score: float = 0.5,
 ) -> dict[str, dict[str, Any]]:
     """COCO AP (box, and mask for Mask R-CNN) of a checkpoint on a COCO json data set; for a
     classifier (``annotations`` None), top-1/top-5 and per-class accuracy on the ImageFolder
     tree ``images`` (see :func:`~spinedet.engine.classification.classification_metrics`).
 
     With ``out_dir``, writes ``metrics.json``, the COCO results file ``results.json`` and the
-    analysis (precision-recall curves, confusion matrix, ``per_class.csv``). Under ``torchrun``
-    every process takes a share of the images and of the classes; rank 0 writes the files.
+    analysis (precision-recall curves, confusion matrix of the detections scoring at least
+    ``confusion_score``, ``per_class.csv``). Under ``torchrun`` every process takes a share
+    of the images and of the classes; rank 0 writes the files.
     ``device`` defaults to CUDA when present, ``workers`` (DataLoader processes) to
     :func:`~spinedet.engine.runtime.loader_workers`'s choice for it; ``optimize`` runs the
     model optimised for inference (BatchNorm folded, channels-last, oneDNN on CPU), equal to
@@ -113,7 +115,7 @@ def evaluate(
             out = Path(out_dir)
             text = json.dumps(metrics, indent=1, allow_nan=False)
             atomic_write(out / "results.json", lambda t: Path(t).write_text(json.dumps(results)))
-            write_analysis(dataset.coco, results, iou_types, out)
+            write_analysis(dataset.coco, results, iou_types, out, score_threshold=confusion_score)
             # Last: it marks a finished evaluation, which a second one into out_dir refuses.
             atomic_write(out / "metrics.json", lambda t: Path(t).write_text(text))
         return metrics
