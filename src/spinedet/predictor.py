@@ -25,7 +25,7 @@ from .data.coco_files import to_rgb
 from .data.transforms import classification_eval_transforms
 from .device import default_device
 from .errors import SpinedetError
-from .models import describe, load_model
+from .models import describe, detection_selection, load_model
 from .models.registry import task_of
 from .optimize import optimize_for_inference
 
@@ -216,8 +216,8 @@ class Predictor:
         self.device = default_device(device)
         model = model.eval().to(self.device)
         self.model = optimize_for_inference(model) if optimize else model
-        heads = getattr(self.model, "roi_heads", self.model)
-        if hasattr(heads, "score_thresh"):
+        heads = detection_selection(self.model)
+        if hasattr(heads, "score_thresh"):  # a classifier has none
             # The detector's own threshold (torchvision's 0.05) would silently drop the
             # detections a lower one asks for.
             heads.score_thresh = min(heads.score_thresh, score_threshold)

@@ -19,7 +19,7 @@ from torch import nn
 from torchvision.transforms.v2 import functional as F
 
 from ..data import load_image, make_shapes
-from ..models import describe
+from ..models import describe, detection_selection
 from .dense import ExportError
 
 __all__ = ["check_detector", "check_sizes", "load_check_images"]
@@ -75,8 +75,7 @@ def check_detector(
 
 
 def _score_threshold(model: nn.Module) -> float:
-    heads = getattr(model, "roi_heads", model)
-    return float(heads.score_thresh)
+    return float(detection_selection(model).score_thresh)
 
 
 def _compare(

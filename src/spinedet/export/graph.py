@@ -17,7 +17,7 @@ from torch import nn
 from torchvision.models.detection._utils import _topk_min
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 
-from ..models import describe
+from ..models import describe, detection_selection
 from ..models.pixel_boxes import PixelBoxTransform
 from ..models.postprocess import (
     class_candidates,
@@ -66,8 +66,7 @@ class DetectorGraph(nn.Module):
         for label, category in description.label_to_category_id().items():
             table[label] = category
         self.register_buffer("category_ids", torch.tensor(table))
-        heads = getattr(model, "roi_heads", model)
-        self.max_detections = int(heads.detections_per_img)
+        self.max_detections = int(detection_selection(model).detections_per_img)
 
     @property
     def output_names(self) -> list[str]:

@@ -2,7 +2,12 @@
 
 from .classifier import SpineNetClassifier, spinenet_classifier
 from .description import Category, ModelDescription
-from .detectors import spinenet_fasterrcnn, spinenet_maskrcnn, spinenet_retinanet
+from .detectors import (
+    detection_selection,
+    spinenet_fasterrcnn,
+    spinenet_maskrcnn,
+    spinenet_retinanet,
+)
 from .registry import FAMILIES, TASKS, create_model, describe, list_models, load_model, model_task
 from .specs import (
     MOBILE_SCALING,
@@ -24,6 +29,7 @@ __all__ = [
     "ModelDescription",
     "TASKS",
     "describe",
+    "detection_selection",
     "read_description",
     "MOBILE_SCALING",
     "MobileScaling",

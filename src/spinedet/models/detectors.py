@@ -42,7 +42,7 @@ from .registry import check_option_types, register_task, resolve_variant
 from .spinenet import ScalePermutedBackbone, build_variant
 from .spinenet_mobile import SPINENET_MOBILE  # noqa: F401 - registers the Mobile family
 
-__all__ = ["spinenet_retinanet", "spinenet_fasterrcnn", "spinenet_maskrcnn"]
+__all__ = ["detection_selection", "spinenet_retinanet", "spinenet_fasterrcnn", "spinenet_maskrcnn"]
 
 
 def _check_num_classes(num_classes: int, class_names: Sequence[str] | None) -> int:
@@ -120,6 +120,12 @@ def _finish(
         list(class_names) if class_names is not None else [str(i) for i in range(1, num_classes)]
     )
     return model
+
+
+def detection_selection(model: nn.Module) -> nn.Module:
+    """The module whose ``score_thresh`` and ``detections_per_img`` select a detector's
+    detections: an R-CNN's ``roi_heads``, a RetinaNet itself."""
+    return getattr(model, "roi_heads", model)
 
 
 # Options of torchvision's detector classes (thresholds, proposal counts, sizes) leave the
