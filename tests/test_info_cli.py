@@ -78,6 +78,10 @@ def test_out_of_range_option_values_are_usage_errors_naming_the_option(capsys):
             "--top-k: expected an integer, got 'x'",
         ),
         (
+            ["predict", "run", "a.png", "--out", "o", "--max-detections", "0"],
+            "--max-detections: expected an integer >= 1, got 0",
+        ),
+        (
             ["data", "show", "a.json", "--images", "i", "--out", "o", "--num", "-1"],
             "--num: expected",
         ),

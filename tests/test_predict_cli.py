@@ -38,6 +38,17 @@ def test_predict_draws_images_and_writes_user_ids(checkpoint, shapes, tmp_path):
     assert {"bbox", "score", "segmentation", "file_name"} <= set(results[0])
 
 
+def test_predict_max_detections(checkpoint, shapes, tmp_path):
+    images = [str(p) for p in sorted(shapes["images"].iterdir())[:2]]
+    argv = ["predict", str(checkpoint), *images, "--score-threshold", "0", "--no-draw"]
+    assert main([*argv, "--out", str(tmp_path / "all")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "two"), "--max-detections", "2"]) == 0
+    every, two = ([json.loads(line) for line in (tmp_path / out / "predictions.jsonl").open()]
+                  for out in ("all", "two"))  # fmt: skip
+    for record, best in zip(every, two, strict=True):
+        assert len(record["detections"]) > 2 and best["detections"] == record["detections"][:2]
+
+
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
 def test_predict_on_a_full_disk_names_the_file_and_cuts_no_drawing(checkpoint, shapes, tmp_path,
                                                                     capsys):  # fmt: skip

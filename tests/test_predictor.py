@@ -200,15 +200,38 @@ def test_default_device_names_a_device_this_machine_lacks_in_one_line():
         default_device("cuda:99")
 
 
+def _retinanet(**options):
+    torch.manual_seed(0)
+    return spinedet.create_model("spinenet49s_retinanet", categories=CATEGORIES, image_size=64,
+                                 filter_scale=0.25, endpoint_filters=32, **options)  # fmt: skip
+
+
 def test_a_threshold_below_the_model_s_own_keeps_those_detections(image):
     """A fresh RetinaNet scores about 0.01 (its prior), below torchvision's 0.05: asked for
     scores from 0, the Predictor returns them instead of silently none."""
-    torch.manual_seed(0)
-    model = spinedet.create_model("spinenet49s_retinanet", categories=CATEGORIES, image_size=64,
-                                  filter_scale=0.25, endpoint_filters=32)  # fmt: skip
+    model = _retinanet()
     det = spinedet.Predictor(model, device="cpu", score_threshold=0.0, optimize=False)(image)
     assert len(det) > 0 and float(det.scores.max()) < 0.05
     assert len(spinedet.Predictor(model, device="cpu", score_threshold=0.05)(image)) == 0
     for bad in (1.5, -0.1, float("nan")):
         with pytest.raises(SpinedetError, match="use a score in 0..1"):
             spinedet.Predictor(model, device="cpu", score_threshold=bad)
+
+
+def test_max_detections_keeps_the_best_under_or_over_the_model_s_own_cap(image):
+    model = _retinanet(detections_per_img=50)  # of 181 detections at a threshold of 0
+
+    def run(**options) -> spinedet.Detections:
+        predictor = spinedet.Predictor(model, device="cpu", score_threshold=0.0, optimize=False,
+                                       **options)  # fmt: skip
+        return predictor(image)
+
+    own = run()
+    assert len(own) == 50
+    few, more = run(max_detections=3), run(max_detections=150)
+    assert torch.equal(few.scores, own.scores[:3]) and torch.equal(few.boxes, own.boxes[:3])
+    assert len(more) == 150 and torch.equal(more.scores[:50], own.scores)
+    assert model.detections_per_img == 50  # a model given is left as it was
+    for bad in (0, -2, 2.5, True, "3"):
+        with pytest.raises(SpinedetError, match="max_detections=.*: use a positive integer"):
+            spinedet.Predictor(model, device="cpu", max_detections=bad)

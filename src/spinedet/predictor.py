@@ -25,7 +25,7 @@ from .data.coco_files import to_rgb
 from .data.transforms import classification_eval_transforms
 from .device import default_device
 from .errors import SpinedetError
-from .models import describe, detection_selection, load_model
+from .models import describe, detection_selection, load_model, selecting
 from .models.registry import task_of
 from .optimize import optimize_for_inference
 
@@ -193,7 +193,9 @@ class Predictor:
     stride; the detections are mapped back to the image as given. ``masks``: ``"binary"`` (bool
     tensors at image size) or ``"rle"`` (COCO RLE dicts). ``score_threshold`` (0..1) below the
     detector's own (torchvision's 0.05) lowers that one in the model run: a model given and not
-    optimized is changed.
+    optimized is changed. ``max_detections`` (a positive integer) caps the detections kept per
+    image, the best first; default: the detector's own ``detections_per_img`` (torchvision's 300
+    for a RetinaNet, 100 for an R-CNN, unless built otherwise).
     """
 
     def __init__(
@@ -205,6 +207,8 @@ class Predictor:
         batch_size: int = 4,
         masks: Literal["binary", "rle"] = "binary",
         top_k: int = 5,
+        *,
+        max_detections: int | None = None,
     ) -> None:
         model = weights if isinstance(weights, nn.Module) else load_model(weights)
         if task_of(model) is None:
@@ -213,6 +217,13 @@ class Predictor:
             raise SpinedetError(f"masks={masks!r}: use 'binary' or 'rle'")
         if not 0 <= score_threshold <= 1:  # also NaN: no detection would pass, silently
             raise SpinedetError(f"score threshold {score_threshold}: use a score in 0..1")
+        whole = isinstance(max_detections, int | np.integer) and not isinstance(
+            max_detections, bool
+        )
+        if max_detections is not None and not (whole and max_detections >= 1):
+            raise SpinedetError(f"max_detections={max_detections!r}: use a positive integer")
+        if max_detections is not None and describe(model).task == "classifier":
+            raise SpinedetError("max_detections: a classifier gives its top_k classes instead")
         self.device = default_device(device)
         model = model.eval().to(self.device)
         self.model = optimize_for_inference(model) if optimize else model
@@ -228,6 +239,7 @@ class Predictor:
         self._label_to_cat = self.description.label_to_category_id()
         self._name_of = {c.id: c.name for c in self.description.categories}
         self.classifier = self.description.task == "classifier"
+        self.max_detections = None if max_detections is None else int(max_detections)
         if self.classifier:  # resized, centre-cropped and normalised as in evaluation
             self.top_k = min(top_k, len(self.description.categories))
             self.transform = classification_eval_transforms(model.image_size)
@@ -285,7 +297,8 @@ class Predictor:
         for image in images:
             shapes.append(tuple(image.shape[-2:]))
             inputs.append(self.prepare(image.to(self.device)))
-        outputs = self.model(inputs)
+        with selecting(self.model, self.max_detections):
+            outputs = self.model(inputs)
         return [self._finish(o, x, s) for o, x, s in zip(outputs, inputs, shapes, strict=True)]
 
     def _classes(self, scores: torch.Tensor, labels: torch.Tensor,

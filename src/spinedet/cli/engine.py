@@ -57,7 +57,7 @@ def _predict(args: argparse.Namespace) -> int:
                      batch_size=args.batch_size, every=args.every, draw=not args.no_draw,
                      save_masks=args.save_masks, annotations=args.annotations,
                      overwrite=args.overwrite, optimize=not args.no_optimize,
-                     top_k=args.top_k)  # fmt: skip
+                     top_k=args.top_k, max_detections=args.max_detections)  # fmt: skip
     records = [json.loads(line) for line in open(report.path.with_suffix(".jsonl"))]
     if records and records[0]["detections"] and "bbox" not in records[0]["detections"][0]:
         for record in records:  # a classifier: its top-k classes per image
@@ -120,6 +120,10 @@ def add_engine_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", help="image or video files, directories or globs")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--score-threshold", type=score, default=0.5, help="keep detections above")
+    p.add_argument("--max-detections", type=at_least(1), default=None,
+                   help="keep at most this many detections per image, the best (default: the "
+                   "model's own cap, as torchvision's 300 for a RetinaNet and 100 for an "
+                   "R-CNN unless built otherwise)")  # fmt: skip
     p.add_argument("--batch-size", type=at_least(1), default=4, help="images per forward pass")
     p.add_argument("--every", type=at_least(1), default=1, help="every N-th frame of a video")
     p.add_argument("--no-draw", action="store_true", help="write JSON only, no drawings")

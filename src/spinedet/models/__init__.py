@@ -4,6 +4,7 @@ from .classifier import SpineNetClassifier, spinenet_classifier
 from .description import Category, ModelDescription
 from .detectors import (
     detection_selection,
+    selecting,
     spinenet_fasterrcnn,
     spinenet_maskrcnn,
     spinenet_retinanet,
@@ -31,6 +32,7 @@ __all__ = [
     "describe",
     "detection_selection",
     "read_description",
+    "selecting",
     "MOBILE_SCALING",
     "MobileScaling",
     "SCALING",

@@ -7,7 +7,8 @@ RetinaNet, Faster R-CNN and Mask R-CNN without an FPN neck.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -42,7 +43,13 @@ from .registry import check_option_types, register_task, resolve_variant
 from .spinenet import ScalePermutedBackbone, build_variant
 from .spinenet_mobile import SPINENET_MOBILE  # noqa: F401 - registers the Mobile family
 
-__all__ = ["detection_selection", "spinenet_retinanet", "spinenet_fasterrcnn", "spinenet_maskrcnn"]
+__all__ = [
+    "detection_selection",
+    "selecting",
+    "spinenet_retinanet",
+    "spinenet_fasterrcnn",
+    "spinenet_maskrcnn",
+]
 
 
 def _check_num_classes(num_classes: int, class_names: Sequence[str] | None) -> int:
@@ -126,6 +133,24 @@ def detection_selection(model: nn.Module) -> nn.Module:
     """The module whose ``score_thresh`` and ``detections_per_img`` select a detector's
     detections: an R-CNN's ``roi_heads``, a RetinaNet itself."""
     return getattr(model, "roi_heads", model)
+
+
+@contextmanager
+def selecting(model: nn.Module, max_detections: int | None = None) -> Iterator[None]:
+    """Within the block, ``model`` keeps at most ``max_detections`` detections an image; None
+    leaves the model's own (its ``detections_per_img``). The model is as before after it, so
+    that a caller's model is never left changed."""
+    heads = detection_selection(model)
+    given = {"detections_per_img": max_detections}
+    changes = {name: value for name, value in given.items() if value is not None}
+    own = {name: getattr(heads, name) for name in changes}
+    for name, value in changes.items():
+        setattr(heads, name, value)
+    try:
+        yield
+    finally:
+        for name, value in own.items():
+            setattr(heads, name, value)
 
 
 # Options of torchvision's detector classes (thresholds, proposal counts, sizes) leave the
