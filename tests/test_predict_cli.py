@@ -49,6 +49,21 @@ def test_predict_max_detections(checkpoint, shapes, tmp_path):
         assert len(record["detections"]) > 2 and best["detections"] == record["detections"][:2]
 
 
+def test_predict_classes_by_name_or_id(checkpoint, shapes, tmp_path, capsys):
+    image = str(sorted(shapes["images"].iterdir())[0])
+    argv = ["predict", str(checkpoint), image, "--score-threshold", "0", "--no-draw",
+            "--max-detections", "5"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "a"), "--classes", "star, 3"]) == 0
+    results = json.loads((tmp_path / "a" / "predictions.json").read_text())
+    assert len(results) == 5 and {r["category_name"] for r in results} <= {"star", "circle"}
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "b"), "--classes", "dog"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("class 'dog': not one of the model's categories: circle (3), "
+                        "square (7), triangle (11), star (20)")  # fmt: skip
+    assert len(err.splitlines()) == 1
+
+
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
 def test_predict_on_a_full_disk_names_the_file_and_cuts_no_drawing(checkpoint, shapes, tmp_path,
                                                                     capsys):  # fmt: skip

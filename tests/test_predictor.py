@@ -12,6 +12,7 @@ from pycocotools import mask as mask_utils
 
 import spinedet
 from spinedet.errors import SpinedetError
+from spinedet.models import Category, ModelDescription
 from spinedet.predictor import default_device, to_image_tensor
 
 CATEGORIES = [{"id": 3, "name": "circle"}, {"id": 7, "name": "square"}]
@@ -235,3 +236,69 @@ def test_max_detections_keeps_the_best_under_or_over_the_model_s_own_cap(image):
     for bad in (0, -2, 2.5, True, "3"):
         with pytest.raises(SpinedetError, match="max_detections=.*: use a positive integer"):
             spinedet.Predictor(model, device="cpu", max_detections=bad)
+
+
+def test_a_class_filter_acts_before_the_cap_of_detections_per_image(weights, image):
+    """The random Mask R-CNN's best 23 detections are circles: capped at 10, squares come only
+    from a filter applied before the cap, and then they are the best 10 squares."""
+    model = spinedet.load_model(weights)
+
+    def run(**options) -> spinedet.Detections:
+        predictor = spinedet.Predictor(model, device="cpu", score_threshold=0.0, optimize=False,
+                                       **options)  # fmt: skip
+        return predictor(image)
+
+    every = run()
+    squares = [i for i, c in enumerate(every.category_ids) if c == 7][:10]
+    assert len(squares) == 10 and squares[0] >= 10 and 7 not in run(max_detections=10).category_ids
+    for classes in (["square"], [7], "7", np.int64(7), ("7", "square")):
+        got = run(classes=classes, max_detections=10)
+        assert got.category_ids == [7] * 10 and got.names == ["square"] * 10, classes
+        assert torch.equal(got.scores, every.scores[squares])
+        assert torch.equal(got.boxes, every.boxes[squares])
+        assert torch.equal(got.masks, every.masks[squares])
+    assert model.roi_heads.kept_labels is None  # a model given is left as it was
+    message = r"class {}: not one of the model's categories: circle \(3\), square \(7\)$"
+    for unknown in ("triangle", "4", 4):
+        with pytest.raises(SpinedetError, match=message.format(repr(unknown))):
+            spinedet.Predictor(model, device="cpu", classes=[unknown])
+    with pytest.raises(SpinedetError, match="classes: none given"):
+        spinedet.Predictor(model, device="cpu", classes=[])
+
+
+def test_a_retinanet_s_class_filter_acts_before_its_best_candidates_per_level(image):
+    """A RetinaNet keeps each level's best ``topk_candidates`` (class, anchor) scores before
+    NMS: the classes left out must not take those places either."""
+    model = _retinanet(topk_candidates=10)
+    every = spinedet.Predictor(model, device="cpu", score_threshold=0.0, optimize=False)(image)
+    circles = spinedet.Predictor(model, device="cpu", score_threshold=0.0, optimize=False,
+                                 classes="circle")(image)  # fmt: skip
+    assert set(circles.names) == {"circle"}
+    assert len(circles) > every.names.count("circle")
+
+
+def test_classes_are_names_or_ids_and_one_that_is_both_is_refused():
+    named = ModelDescription("spinenet", "49s", "retinanet",
+                             categories=[Category(3, "7"), Category(7, "square")])  # fmt: skip
+    assert named.labels_of([7, "3", "square", "square"]) == [2, 1]
+    with pytest.raises(SpinedetError, match="class '7': the name of category 3 and the id of "
+                       "category 7 \\('square'\\); give 3 or 'square'"):  # fmt: skip
+        named.labels_of(["7"])
+    unnamed = ModelDescription("spinenet", "49s", "retinanet",
+                               categories=[Category(1, "1"), Category(2, "2")])  # fmt: skip
+    assert unnamed.labels_of(["2", 1]) == [2, 1]
+    with pytest.raises(SpinedetError, match="class True: not one"):
+        unnamed.labels_of([True])
+
+
+def test_a_classifier_s_top_k_of_chosen_classes():
+    torch.manual_seed(0)
+    model = spinedet.create_model("spinenet49s_classifier", categories=CATEGORIES, image_size=32,
+                                  filter_scale=0.25, endpoint_filters=32)  # fmt: skip
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    both = spinedet.Predictor(model, device="cpu", optimize=False)(image)
+    worse = both.names[1]
+    only = spinedet.Predictor(model, device="cpu", optimize=False, classes=[worse])(image)
+    assert only.names == [worse] and torch.equal(only.scores, both.scores[1:])
+    with pytest.raises(SpinedetError, match="max_detections: a classifier gives its top_k"):
+        spinedet.Predictor(model, device="cpu", max_detections=3)

@@ -7,7 +7,7 @@ names (the model's description), and masks as binary images or COCO RLE.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +25,7 @@ from .data.coco_files import to_rgb
 from .data.transforms import classification_eval_transforms
 from .device import default_device
 from .errors import SpinedetError
-from .models import describe, detection_selection, load_model, selecting
+from .models import ModelDescription, describe, detection_selection, load_model, selecting
 from .models.registry import task_of
 from .optimize import optimize_for_inference
 
@@ -176,6 +176,18 @@ def _to_model_dtype(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.uint8)
 
 
+def _kept_labels(
+    description: ModelDescription, classes: str | int | Iterable[str | int] | None
+) -> torch.Tensor | None:
+    """Which of the model's class outputs ``classes`` keeps, as a bool mask (None: all)."""
+    if classes is None:
+        return None
+    one = isinstance(classes, str | int | np.integer)
+    kept = torch.zeros(description.num_classes, dtype=torch.bool)
+    kept[description.labels_of([classes] if one else classes)] = True
+    return kept
+
+
 class Predictor:
     """A detector (or classifier) ready for inference on images of any kind.
 
@@ -195,7 +207,10 @@ class Predictor:
     detector's own (torchvision's 0.05) lowers that one in the model run: a model given and not
     optimized is changed. ``max_detections`` (a positive integer) caps the detections kept per
     image, the best first; default: the detector's own ``detections_per_img`` (torchvision's 300
-    for a RetinaNet, 100 for an R-CNN, unless built otherwise).
+    for a RetinaNet, 100 for an R-CNN, unless built otherwise). ``classes``: only detections of
+    these categories, each a name or data set id (see
+    :meth:`~spinedet.models.ModelDescription.labels_of`), dropped before any cap so that other
+    classes never take their places; a classifier's top ``top_k`` are those classes' best.
     """
 
     def __init__(
@@ -209,6 +224,7 @@ class Predictor:
         top_k: int = 5,
         *,
         max_detections: int | None = None,
+        classes: str | int | Iterable[str | int] | None = None,
     ) -> None:
         model = weights if isinstance(weights, nn.Module) else load_model(weights)
         if task_of(model) is None:
@@ -222,9 +238,12 @@ class Predictor:
         )
         if max_detections is not None and not (whole and max_detections >= 1):
             raise SpinedetError(f"max_detections={max_detections!r}: use a positive integer")
-        if max_detections is not None and describe(model).task == "classifier":
+        self.description = describe(model)
+        if max_detections is not None and self.description.task == "classifier":
             raise SpinedetError("max_detections: a classifier gives its top_k classes instead")
+        kept = _kept_labels(self.description, classes)  # refused before the model is optimised
         self.device = default_device(device)
+        self.kept_labels = None if kept is None else kept.to(self.device)
         model = model.eval().to(self.device)
         self.model = optimize_for_inference(model) if optimize else model
         heads = detection_selection(self.model)
@@ -232,7 +251,6 @@ class Predictor:
             # The detector's own threshold (torchvision's 0.05) would silently drop the
             # detections a lower one asks for.
             heads.score_thresh = min(heads.score_thresh, score_threshold)
-        self.description = describe(model)
         self.score_threshold = score_threshold
         self.batch_size = batch_size
         self.masks = masks
@@ -241,7 +259,7 @@ class Predictor:
         self.classifier = self.description.task == "classifier"
         self.max_detections = None if max_detections is None else int(max_detections)
         if self.classifier:  # resized, centre-cropped and normalised as in evaluation
-            self.top_k = min(top_k, len(self.description.categories))
+            self.top_k = min(top_k, len(self._name_of) if kept is None else int(kept.sum()))
             self.transform = classification_eval_transforms(model.image_size)
             return
         self.image_size = int(model.transform.max_size)
@@ -289,15 +307,17 @@ class Predictor:
         as one batch."""
         if self.classifier:
             batch = torch.stack([self.transform(image) for image in images]).to(self.device)
-            probs = self.model(batch).float().softmax(dim=1).cpu()
-            scores, labels = probs.topk(self.top_k, dim=1)
+            probs = self.model(batch).float().softmax(dim=1)
+            if self.kept_labels is not None:  # the best of those classes, probabilities of all
+                probs = probs.where(self.kept_labels, -1.0)
+            scores, labels = probs.cpu().topk(self.top_k, dim=1)
             return [self._classes(s, lab, tuple(image.shape[-2:]))
                     for s, lab, image in zip(scores, labels, images, strict=True)]  # fmt: skip
         inputs, shapes = [], []
         for image in images:
             shapes.append(tuple(image.shape[-2:]))
             inputs.append(self.prepare(image.to(self.device)))
-        with selecting(self.model, self.max_detections):
+        with selecting(self.model, self.max_detections, self.kept_labels):
             outputs = self.model(inputs)
         return [self._finish(o, x, s) for o, x, s in zip(outputs, inputs, shapes, strict=True)]
 

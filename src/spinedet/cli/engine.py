@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from .types import at_least, score
+from .types import at_least, items, score
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -57,7 +57,8 @@ def _predict(args: argparse.Namespace) -> int:
                      batch_size=args.batch_size, every=args.every, draw=not args.no_draw,
                      save_masks=args.save_masks, annotations=args.annotations,
                      overwrite=args.overwrite, optimize=not args.no_optimize,
-                     top_k=args.top_k, max_detections=args.max_detections)  # fmt: skip
+                     top_k=args.top_k, max_detections=args.max_detections,
+                     classes=args.classes)  # fmt: skip
     records = [json.loads(line) for line in open(report.path.with_suffix(".jsonl"))]
     if records and records[0]["detections"] and "bbox" not in records[0]["detections"][0]:
         for record in records:  # a classifier: its top-k classes per image
@@ -120,6 +121,10 @@ def add_engine_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", help="image or video files, directories or globs")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--score-threshold", type=score, default=0.5, help="keep detections above")
+    p.add_argument("--classes", type=items, action="extend", default=None, metavar="NAMES",
+                   help="keep only these categories, names or ids, comma-separated (e.g. "
+                   "person,car or 1,3; repeatable), before --max-detections takes the "
+                   "best")  # fmt: skip
     p.add_argument("--max-detections", type=at_least(1), default=None,
                    help="keep at most this many detections per image, the best (default: the "
                    "model's own cap, as torchvision's 300 for a RetinaNet and 100 for an "

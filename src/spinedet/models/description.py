@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from numbers import Integral
 from typing import Any
 
 from ..errors import SpinedetError
@@ -86,6 +87,16 @@ def categories_from(
     return ()
 
 
+def _integer(item: object) -> int | None:
+    """``item`` as an integer: an int (not a bool), or a string of one; else None."""
+    if isinstance(item, Integral) and not isinstance(item, bool):
+        return int(item)
+    try:
+        return int(item) if isinstance(item, str) else None
+    except ValueError:
+        return None
+
+
 @dataclass(frozen=True)
 class ModelDescription:
     """One model: which family, variant and task it is, how it was built, and its classes.
@@ -136,6 +147,33 @@ class ModelDescription:
 
     def category_id_to_label(self) -> dict[int, int]:
         return {cat: label for label, cat in self.label_to_category_id().items()}
+
+    def labels_of(self, classes: Iterable[str | int]) -> list[int]:
+        """The labels of ``classes``, each a category name or id (an int, or a string of one,
+        as a command line gives it). As evaluation does, a string that names one category and
+        is the id of another is refused (either could be meant; an unnamed model's name that
+        is its own id is not); so is an unknown one, listing the categories."""
+        label_of = self.category_id_to_label()
+        by_name = {c.name: c.id for c in self.categories}
+        name_of = {c.id: c.name for c in self.categories}
+        labels: list[int] = []
+        for item in classes:
+            named = by_name.get(item) if isinstance(item, str) else None
+            number = _integer(item)
+            number = number if number in label_of else None
+            if named is not None and number is not None and named != number:
+                raise SpinedetError(
+                    f"class {item!r}: the name of category {named} and the id of category "
+                    f"{number} ({name_of[number]!r}); give {named} or {name_of[number]!r}"
+                )
+            chosen = named if named is not None else number
+            if chosen is None:
+                known = ", ".join(f"{c.name} ({c.id})" for c in self.categories)
+                raise SpinedetError(f"class {item!r}: not one of the model's categories: {known}")
+            labels.append(label_of[chosen])
+        if not labels:
+            raise SpinedetError("classes: none given; name categories, or give None for all")
+        return list(dict.fromkeys(labels))
 
     def option(self, key: str, default: Any = None) -> Any:
         return _thaw(self.options.get(key, default))

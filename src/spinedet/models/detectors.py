@@ -136,12 +136,18 @@ def detection_selection(model: nn.Module) -> nn.Module:
 
 
 @contextmanager
-def selecting(model: nn.Module, max_detections: int | None = None) -> Iterator[None]:
-    """Within the block, ``model`` keeps at most ``max_detections`` detections an image; None
-    leaves the model's own (its ``detections_per_img``). The model is as before after it, so
-    that a caller's model is never left changed."""
+def selecting(
+    model: nn.Module, max_detections: int | None = None, kept_labels: Tensor | None = None
+) -> Iterator[None]:
+    """Within the block, ``model`` keeps at most ``max_detections`` detections an image, only of
+    the labels where ``kept_labels`` (a bool tensor over its class outputs, on its device) is
+    true; None leaves the model's own (its ``detections_per_img``, every label). The model is
+    as before after it, so that a caller's model is never left changed.
+
+    The labels left out are dropped before any cap (a RetinaNet's best candidates per level,
+    the best ``detections_per_img``): other classes never crowd out those kept."""
     heads = detection_selection(model)
-    given = {"detections_per_img": max_detections}
+    given = {"detections_per_img": max_detections, "kept_labels": kept_labels}
     changes = {name: value for name, value in given.items() if value is not None}
     own = {name: getattr(heads, name) for name in changes}
     for name, value in changes.items():
@@ -169,6 +175,8 @@ class BackgroundFreeRetinaNet(RetinaNet):
     (:mod:`spinedet.models.matching`, :mod:`spinedet.models.postprocess`), as torchvision does
     image by image and level by level."""
 
+    kept_labels: Tensor | None = None  # the labels reported, all where None (see selecting)
+
     def compute_loss(
         self,
         targets: list[dict[str, Tensor]],
@@ -187,8 +195,11 @@ class BackgroundFreeRetinaNet(RetinaNet):
         anchors: list[list[Tensor]],
         image_shapes: list[tuple[int, int]],
     ) -> list[dict[str, Tensor]]:
+        logits = head_outputs["cls_logits"]
+        if self.kept_labels is not None:  # before each level's best candidates are taken
+            logits = [x.masked_fill(~self.kept_labels, float("-inf")) for x in logits]
         # Every image of a batch has the anchors of the batch's padded size.
-        outputs = head_outputs["cls_logits"], head_outputs["bbox_regression"], anchors[0]
+        outputs = logits, head_outputs["bbox_regression"], anchors[0]
         boxes, scores, labels = retinanet_candidates(
             zip(*outputs, strict=True),
             self.box_coder,

@@ -117,6 +117,8 @@ class BatchedRoIHeads(RoIHeads):
     detections (inference, :func:`~spinedet.models.postprocess.best_detections`) for the batch
     at once."""
 
+    kept_labels: Tensor | None = None  # the labels reported, all where None (see selecting)
+
     def forward(
         self,
         features: dict[str, Tensor],
@@ -227,6 +229,8 @@ class BatchedRoIHeads(RoIHeads):
             self.box_coder,
         )
         keep = (scores > self.score_thresh) & self.selectable(boxes)
+        if self.kept_labels is not None:  # before the best detections_per_img are taken
+            keep = keep & self.kept_labels[labels]
         if ragged:
             real = (
                 torch.arange(r, device=keep.device)
