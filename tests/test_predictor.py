@@ -2,6 +2,7 @@
 thin images."""
 
 import json
+from itertools import count, islice
 
 import numpy as np
 import pytest
@@ -302,3 +303,24 @@ def test_a_classifier_s_top_k_of_chosen_classes():
     assert only.names == [worse] and torch.equal(only.scores, both.scores[1:])
     with pytest.raises(SpinedetError, match="max_detections: a classifier gives its top_k"):
         spinedet.Predictor(model, device="cpu", max_detections=3)
+
+
+def test_any_iterable_is_a_list_of_images_and_stream_reads_it_as_it_goes(predictor, image):
+    ref = predictor(image)
+    asked = []
+
+    def frames():  # endless, as a camera; reading all of it would be a fault
+        for i in count():
+            assert i < 100, "read far ahead"
+            asked.append(i)
+            yield image
+
+    listed = predictor(islice(frames(), 6))
+    assert len(listed) == 6 and all(torch.allclose(d.boxes, ref.boxes, atol=1e-4) for d in listed)
+    asked.clear()
+    results = predictor.stream(frames())
+    assert not asked  # nothing is read before the first result is asked for
+    first = next(results)
+    assert len(asked) == predictor.batch_size and torch.allclose(first.boxes, ref.boxes, atol=1e-4)
+    assert [len(d) for d in predictor.stream(map(np.copy, [image] * 5))] == [len(ref)] * 5
+    assert len(list(predictor.stream(image))) == 1 and predictor([]) == []

@@ -7,8 +7,9 @@ names (the model's description), and masks as binary images or COCO RLE.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
 
@@ -188,14 +189,26 @@ def _kept_labels(
     return kept
 
 
+def _one_image(images: Any) -> bool:
+    """Whether ``images`` is one image rather than an iterable of them: a stacked batch (an
+    (N, 3, H, W) tensor, an (N, H, W, 3) array, as a DataLoader or a video reader stacks them)
+    is the latter; anything iterable but a path is too."""
+    if isinstance(images, np.ndarray | torch.Tensor):
+        return images.ndim < 4
+    return isinstance(images, str) or not isinstance(images, Iterable)
+
+
 class Predictor:
     """A detector (or classifier) ready for inference on images of any kind.
 
     ``Predictor(weights)`` loads a spinedet ``.safetensors`` file or run directory (or takes a
     model); calling it on an image path, a PIL image, a numpy array (H x W x 3, RGB unless
     ``bgr=True`` as OpenCV reads them) or a (3, H, W) tensor, either uint8 or float in [0, 1]
-    (see :func:`to_image_tensor`), returns a :class:`Detections`; on a list of them or a
-    batch ((N, 3, H, W) tensor, (N, H, W, 3) array), a list, run ``batch_size`` images at a time.
+    (see :func:`to_image_tensor`), returns a :class:`Detections`; on any iterable of them (a
+    list, a generator, a batch: an (N, 3, H, W) tensor or (N, H, W, 3) array), a list, run
+    ``batch_size`` images at a time. :meth:`stream` yields the results one by one instead,
+    reading the images as it goes (a video's frames, an endless camera: Ultralytics'
+    ``stream=True``).
 
     ``device`` defaults to CUDA when present. ``optimize`` (default) runs the model with
     BatchNorm folded, channels-last and oneDNN on CPU (:func:`optimize_for_inference`), equal to
@@ -266,17 +279,22 @@ class Predictor:
         self.min_stride = 2 ** min(model.backbone.levels)
 
     def __call__(
-        self, images: ImageInput | Sequence[ImageInput], bgr: bool = False
-    ) -> Detections | list[Detections]:
-        if isinstance(images, np.ndarray | torch.Tensor) and images.ndim == 4:
-            images = list(images)  # a batch, as a DataLoader or a video reader stacks it
-        if isinstance(images, list | tuple):
-            out: list[Detections] = []
-            for start in range(0, len(images), self.batch_size):
-                batch = images[start : start + self.batch_size]
-                out += self.predict_batch([to_image_tensor(x, bgr) for x in batch])
-            return out
-        return self.predict_batch([to_image_tensor(images, bgr)])[0]
+        self, images: ImageInput | Iterable[ImageInput], bgr: bool = False
+    ) -> Detections | Classes | list[Detections] | list[Classes]:
+        """The result for one image; for an iterable of them, the list of results."""
+        if _one_image(images):
+            return self.predict_batch([to_image_tensor(images, bgr)])[0]
+        return list(self.stream(images, bgr))
+
+    def stream(
+        self, images: Iterable[ImageInput], bgr: bool = False
+    ) -> Iterator[Detections | Classes]:
+        """Each image's result in turn, reading ``images`` (any iterable of them: a generator of
+        video frames, a list, a stacked batch) only ``batch_size`` at a time, as it goes: an
+        endless stream never ends up held in memory, results and masks included."""
+        images = iter([images] if _one_image(images) else images)
+        while batch := list(islice(images, self.batch_size)):
+            yield from self.predict_batch([to_image_tensor(x, bgr) for x in batch])
 
     def prepare(self, image: torch.Tensor) -> torch.Tensor:
         """The float [0, 1] image given to the model: at most the model's size (antialiased
