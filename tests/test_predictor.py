@@ -324,3 +324,16 @@ def test_any_iterable_is_a_list_of_images_and_stream_reads_it_as_it_goes(predict
     assert len(asked) == predictor.batch_size and torch.allclose(first.boxes, ref.boxes, atol=1e-4)
     assert [len(d) for d in predictor.stream(map(np.copy, [image] * 5))] == [len(ref)] * 5
     assert len(list(predictor.stream(image))) == 1 and predictor([]) == []
+
+
+def test_a_thin_image_batched_with_a_larger_one_is_padded_to_its_size_on_a_cpu(
+    predictor, image, monkeypatch
+):
+    """As documented: its detections can change with its batch mates; alone they do not."""
+    thin = image[:16]
+    alone = predictor(thin)
+    for batch_size, same in ((1, True), (2, False)):
+        monkeypatch.setattr(predictor, "batch_size", batch_size)
+        got = predictor([thin, image])[0]
+        equal = len(got) == len(alone) and torch.allclose(got.scores, alone.scores, atol=1e-5)
+        assert equal == same, batch_size

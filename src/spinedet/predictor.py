@@ -208,7 +208,12 @@ class Predictor:
     list, a generator, a batch: an (N, 3, H, W) tensor or (N, H, W, 3) array), a list, run
     ``batch_size`` images at a time. :meth:`stream` yields the results one by one instead,
     reading the images as it goes (a video's frames, an endless camera: Ultralytics'
-    ``stream=True``).
+    ``stream=True``). On a CPU (or with ``optimize=False``), images run in one batch are padded
+    to a common size, as in evaluation (see "What rank 0 does, and what every rank does" in
+    ``docs/training_at_scale.md``): a thin image can then give slightly different detections
+    than alone, and ``batch_size=1`` gives each image its own. On a GPU the optimised model pads
+    every image to its square size (:func:`~spinedet.cuda_graphs.pad_to_square`), so batches
+    do not matter there.
 
     ``device`` defaults to CUDA when present. ``optimize`` (default) runs the model with
     BatchNorm folded, channels-last and oneDNN on CPU (:func:`optimize_for_inference`), equal to
