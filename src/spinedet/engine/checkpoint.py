@@ -23,6 +23,7 @@ __all__ = [
     "RunLock",
     "TrainingStateError",
     "all_finite",
+    "last_checkpoint",
     "load_state",
     "remove_stale_temps",
     "save_state",
@@ -66,6 +67,20 @@ def all_finite(model: nn.Module) -> bool:
     return all(
         bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point()
     )
+
+
+def last_checkpoint(out: Path) -> tuple[Path, int | None] | None:
+    """The run's ``checkpoints/last.pt`` and its step, or None when the run wrote none. The
+    step is read from ``last.json`` (None where it is missing or damaged), not from the
+    checkpoint: that holds the optimizer state too, gigabytes for the large models."""
+    path = out / "checkpoints" / "last.pt"
+    if not path.is_file():
+        return None
+    try:
+        step = json.loads(path.with_suffix(".json").read_text())["step"]
+    except (OSError, ValueError, TypeError, KeyError):
+        step = None
+    return path, step
 
 
 def remove_stale_temps(out: Path) -> list[Path]:

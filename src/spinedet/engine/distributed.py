@@ -13,7 +13,7 @@ import torch.distributed as dist
 from ..device import default_device
 
 __all__ = ["DistInfo", "any_rank", "broadcast_buffers", "exchange", "flush_denormals", "from_main",
-           "gather_objects", "gather_to", "is_main", "setup", "teardown"]  # fmt: skip
+           "gather_objects", "gather_to", "is_main", "lost_peer", "setup", "teardown"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,17 @@ def broadcast_buffers(model: torch.nn.Module, info: DistInfo) -> None:
     if info.enabled:
         for buffer in model.buffers():
             dist.broadcast(buffer.data, src=0)
+
+
+def lost_peer(error: BaseException) -> str | None:
+    """gloo's reason, in a few words, where ``error`` is its connection to another rank failing
+    (the rank died, its machine left the network, or it did not answer within the timeout);
+    None for any other error. gloo raises a plain RuntimeError whose text starts with the
+    ``[.../gloo/transport/...]`` source line, then the reason and a paragraph of advice."""
+    text = str(error)
+    if not isinstance(error, RuntimeError) or "/gloo/transport/" not in text:
+        return None
+    return text.split("] ", 1)[-1].split(". ", 1)[0]
 
 
 def is_main(info: DistInfo) -> bool:

@@ -23,7 +23,7 @@ from ..errors import SpinedetError, shorten
 from ..models import TASKS, describe, model_task
 from . import distributed
 from .builders import build_datasets, build_model, build_optimizer, data_source, effective_lr
-from .checkpoint import Checkpointer, RunLock, remove_stale_temps
+from .checkpoint import Checkpointer, RunLock, last_checkpoint, remove_stale_temps
 from .classification import evaluate_classifier, flat_classification, format_classification
 from .evaluate import (
     EvaluationStopped,
@@ -37,7 +37,8 @@ from .loop import SeededSamples, Stepper, StopSignal, epoch_order
 from .plots import plot_curves
 from .runtime import loader_workers
 
-__all__ = ["RESUME_MAY_CHANGE", "Trainer", "TrainingError", "config_changes", "train"]
+__all__ = ["RESUME_MAY_CHANGE", "PeerLostError", "Trainer", "TrainingError", "config_changes",
+           "train"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,20 @@ RESUME_MAY_CHANGE = frozenset({
 
 class TrainingError(SpinedetError, RuntimeError):
     """Training cannot go on (e.g. the loss stays non-finite)."""
+
+
+class PeerLostError(TrainingError):
+    """Another process of a distributed run ended or lost its connection."""
+
+
+def _on_disk(out: Path) -> str:
+    """What a run that ends now leaves to continue from, and how to continue."""
+    saved = last_checkpoint(out)
+    if saved is None:
+        return "no checkpoint was written: start the run again"
+    path, step = saved
+    at = "" if step is None else f" (step {step})"
+    return f"the last checkpoint is {path}{at}: continue with train --resume --out {out}"
 
 
 def _raise_together(message: str | None, info: distributed.DistInfo, kind: type = SpinedetError):
@@ -513,5 +528,15 @@ def train(
             return Trainer(config, out, info, resume).run(resume)
         finally:
             lock.__exit__(None, None, None)
+    except RuntimeError as e:
+        # A rank that died takes its end of every connection with it: the others fail in their
+        # next collective with gloo's traceback, which says neither what was saved nor how on.
+        reason = distributed.lost_peer(e) if info.enabled else None
+        if reason is None:
+            raise
+        raise PeerLostError(
+            f"rank {info.rank}: another process of the run ended or lost its connection "
+            f"({reason}); {_on_disk(out)}, launched as before"
+        ) from None
     finally:
         distributed.teardown()
