@@ -138,6 +138,7 @@ def test_eval_out_is_checked_before_the_pass_and_metrics_json_comes_last(
 
     monkeypatch.setattr(api, "write_analysis", killed)
     assert main([*argv, str(tmp_path / "run")]) == 130
+    assert capsys.readouterr().err.endswith("spinedet: interrupted\n")
     assert not (tmp_path / "run" / "metrics.json").exists()
     monkeypatch.undo()
     assert main([*argv, str(tmp_path / "run")]) == 0

@@ -198,7 +198,7 @@ def test_train_takes_a_recipe_name_a_yaml_file_or_a_partial_dict(tmp_path, monke
         def __init__(self, config: dict, *args) -> None:
             seen.append(config)
 
-        def run(self, resume: bool) -> dict:
+        def run(self, stop, resume: bool) -> dict:
             return {}
 
     monkeypatch.setattr(trainer, "Trainer", Recorder)
@@ -367,6 +367,54 @@ def test_sigint_checkpoints_and_resume_finishes_the_run(shapes, tmp_path):
     code = subprocess.run([*cmd, "--resume"], capture_output=True, timeout=600).returncode
     assert code == 0
     assert len(_losses(run)) == 20 * 3
+
+
+# Runs the CLI with SIG sent to itself when HOOK (module:function) is first called.
+_SIGNAL_AT = """
+import importlib, os, signal, sys
+from spinedet.cli import main
+module, name = os.environ["HOOK"].split(":")
+module = importlib.import_module(module)
+original = getattr(module, name)
+def signal_then_call(*args, **kwargs):
+    os.kill(os.getpid(), getattr(signal, os.environ["SIG"]))
+    return original(*args, **kwargs)
+setattr(module, name, signal_then_call)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_signal_before_training_stops_at_once_in_one_line(shapes, tmp_path):
+    """SIGTERM in a run's first seconds (torch loading, data check, model building) was a silent
+    kill: it now says, as SIGINT does, that training had not begun and what is on disk."""
+    cfg_file = tmp_path / "cfg.yaml"
+    spinedet.config.save_config(tiny_config(shapes, epochs=2), cfg_file)
+    resumed = tmp_path / "resumed"
+    train(tiny_config(shapes, epochs=1), resumed, device="cpu")
+    runs = {  # run directory: (hook, signal, --resume, exit code, the line said)
+        tmp_path / "fresh": ("spinedet.engine.runtime:configure_cpu_threads", "SIGTERM", False,
+                             143, "stopped before training began; nothing was written"),
+        tmp_path / "built": ("spinedet.engine.trainer:build_model", "SIGTERM", False, 143,
+                             "stopped before training began; no checkpoint was written: start "
+                             "the run again"),
+        resumed: ("spinedet.engine.trainer:build_model", "SIGINT", True, 130,
+                  f"stopped before training began; the last checkpoint is {resumed}/checkpoints"
+                  f"/last.pt (step 3): continue with train --resume --out {resumed}"),
+    }  # fmt: skip
+    procs = {}
+    for run, (hook, sig, resume, _, _) in runs.items():
+        cmd = [sys.executable, "-c", _SIGNAL_AT, "train", str(cfg_file), "--out", str(run),
+               "--device", "cpu", *(["--resume"] if resume else [])]  # fmt: skip
+        env = {**os.environ, "HOOK": hook, "SIG": sig}
+        procs[run] = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    for run, (_, _, _, code, said) in runs.items():
+        _, err = procs[run].communicate(timeout=300)
+        assert (procs[run].returncode, err.splitlines()[-1:]) == (code, [f"spinedet: {said}"]), err
+        assert "Traceback" not in err
+    assert not (tmp_path / "fresh").exists()
+    assert not (tmp_path / "built" / "checkpoints").exists()
+    state = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 3 and len(_losses(resumed)) == 3
 
 
 def _read(path):

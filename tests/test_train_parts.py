@@ -32,7 +32,7 @@ from spinedet.engine.logger import RunLogger
 from spinedet.engine.loop import Stepper, StopSignal
 from spinedet.engine.plots import plot_curves, read_metrics
 from spinedet.engine.trainer import _check_data
-from spinedet.errors import SpinedetError
+from spinedet.errors import SpinedetError, Stopped
 from spinedet.models import create_model
 from spinedet.models.weights import read_metadata, save_weights
 
@@ -501,3 +501,23 @@ def test_a_forked_loader_worker_leaves_signals_to_the_training_process(capfd):
         os.kill(os.getpid(), signal.SIGINT)  # the training process itself
         assert stop.requested()
     assert "stopping after the current step" in capfd.readouterr().err
+
+
+def test_before_training_a_signal_stops_at_once_but_a_forked_worker_still_ignores_it():
+    with StopSignal(early="stopped before training began") as stop:
+        pid = os.fork()
+        if pid == 0:  # a worker
+            code = 3
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        with pytest.raises(Stopped, match="^stopped before training began$") as stopped:
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert stopped.value.signum == signal.SIGTERM
+        stop.begin()  # the first step: from here a signal asks for a stop after it
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested()

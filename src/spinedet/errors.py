@@ -7,7 +7,9 @@ bug and keeps its traceback. It derives from ``ValueError`` so code that caught 
 
 from __future__ import annotations
 
-__all__ = ["ModelError", "SpinedetError", "shorten"]
+import signal
+
+__all__ = ["ModelError", "SpinedetError", "Stopped", "shorten"]
 
 
 class SpinedetError(ValueError):
@@ -16,6 +18,15 @@ class SpinedetError(ValueError):
 
 class ModelError(SpinedetError):
     """An unknown model name, variant or builder option."""
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop by SIGINT or SIGTERM, with what it leaves in one line; commands exit with the
+    shell's code for the signal, 128 + its number (130, 143)."""
+
+    def __init__(self, message: str = "", signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 def shorten(items: list[str], limit: int = 5) -> str:

@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from .. import __version__
-from ..errors import SpinedetError
+from ..errors import SpinedetError, Stopped
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="spinedet", description="SpineNet detectors: train, evaluate, predict, export."
     )
     parser.add_argument("--version", action="version", version=f"spinedet {__version__}")
-    parser.set_defaults(uses_torch=True)
+    # What a stop by SIGINT/SIGTERM that no code below explains leaves (see main).
+    parser.set_defaults(uses_torch=True, stopped="interrupted")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_info_commands(sub)
     add_data_commands(sub)
@@ -50,15 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    # spinedet's own progress at INFO; other libraries (ONNX export, TensorBoard) stay quiet.
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("spinedet").setLevel(logging.INFO)
-    if args.uses_torch:  # the data commands that need no torch do not wait ~5 s to load it
-        from ..engine.runtime import configure_cpu_threads
-
-        configure_cpu_threads()
+    # SIGTERM stops as Ctrl-C does, from before the parser and torch load (the first seconds):
+    # one line and the command's own clean-up instead of a silent kill.
+    previous = signal.signal(signal.SIGTERM, _stop)
+    args = argparse.Namespace(stopped="interrupted")
     try:
+        args = build_parser().parse_args(argv)
+        # spinedet's own progress at INFO; other libraries (ONNX export, TensorBoard) stay quiet.
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("spinedet").setLevel(logging.INFO)
+        if args.uses_torch:  # the data commands that need no torch do not wait ~5 s to load it
+            from ..engine.runtime import configure_cpu_threads
+
+            configure_cpu_threads()
         return args.func(args)
     except (SpinedetError, OSError) as e:
         # SPINEDET_DEBUG=1 shows the traceback.
@@ -67,8 +74,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"spinedet: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        print(f"spinedet: {e or 'interrupted'}", file=sys.stderr)
-        return 130
+        print(f"spinedet: {str(e) or args.stopped}", file=sys.stderr)
+        return 128 + (e.signum if isinstance(e, Stopped) else signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop(signum: int, frame: Any) -> None:
+    raise Stopped(signum=signum)
 
 
 if __name__ == "__main__":

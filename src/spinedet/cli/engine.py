@@ -82,7 +82,8 @@ def add_engine_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out (--set train.epochs=N extends it)")  # fmt: skip
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    p.set_defaults(func=_train)
+    # Before train() (loading torch, the config): train() says what a later stop leaves.
+    p.set_defaults(func=_train, stopped="stopped before training began; nothing was written")
 
     p = sub.add_parser("eval", help="COCO AP (or a classifier's accuracy), overall and per class")
     p.add_argument("checkpoint", help=".safetensors file or run directory")

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..errors import SpinedetError
+from ..errors import SpinedetError, Stopped
 from .distributed import DistInfo
 
 __all__ = ["SeededSamples", "Stepper", "StopSignal", "amp_mode", "epoch_order"]
@@ -59,10 +59,14 @@ class StopSignal:
     """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step boundary and exits, or
     gives up validation after the current batch (the epoch's checkpoint precedes it, and
     resuming validates that epoch again). A second signal stops at once, leaving the checkpoint
-    on disk as it is."""
+    on disk as it is.
 
-    def __init__(self) -> None:
+    With ``early``, a signal before :meth:`begin` stops at once (:class:`Stopped` saying
+    ``early``): before the first step there is nothing to finish or save."""
+
+    def __init__(self, early: str | None = None) -> None:
         self.signal: int | None = None
+        self.early = early
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignal:
@@ -77,6 +81,8 @@ class StopSignal:
     def _handle(self, signum: int, frame: Any) -> None:
         if os.getpid() != self._pid:
             return  # a loader worker forked with the handler: the training process decides
+        if self.early is not None:
+            raise Stopped(self.early, signum)
         if self.signal is not None:
             raise KeyboardInterrupt(
                 "stopped at once on a second signal; a checkpoint on disk stands: continue "
@@ -86,6 +92,10 @@ class StopSignal:
         # os.write, not print or logging: safe inside a signal handler.
         os.write(2, b"\nstopping after the current step or validation batch (signal again to "
                  b"stop at once)\n")  # fmt: skip
+
+    def begin(self) -> None:
+        """From now on a first signal only sets the flag."""
+        self.early = None
 
     def requested(self) -> bool:
         """Whether a signal has come (on this rank)."""

@@ -329,7 +329,8 @@ class Trainer:
     def end_step(self) -> int:
         return min(self.cfg["train"]["max_steps"] or self.total_steps, self.total_steps)
 
-    def run(self, resume: bool = False) -> dict:
+    def run(self, stop: StopSignal, resume: bool = False) -> dict:
+        """Train; ``stop`` (entered) tells of SIGINT/SIGTERM, and is told when training begins."""
         if resume:
             self.resume()  # before anything is written: a refused resume leaves the run as it was
             if self.step > self.end_step:  # config.yaml would say a shorter run than was trained
@@ -343,11 +344,11 @@ class Trainer:
             save_config(self.cfg, self.out / "config.yaml")
         self.logger.open(self.step if resume else None, self.early_records, self.epoch_pending)
         try:
-            return self._run()
+            return self._run(stop)
         finally:
             self.logger.close()
 
-    def _run(self) -> dict:
+    def _run(self, stop: StopSignal) -> dict:
         tcfg = self.cfg["train"]
         self.logger.text(self._summary())
         self.net.train()
@@ -356,50 +357,50 @@ class Trainer:
                    disable=not self.main, dynamic_ncols=True)  # fmt: skip
         nonfinite = 0
         interval = _Interval(self.device)
-        with StopSignal() as stop:
-            if self.epoch_pending:
-                self._end_epoch(self.step // self.steps_per_epoch, stop, bar)
-            while self.step < end:
-                epoch, skip = divmod(self.step, self.steps_per_epoch)
-                interval.tick()  # after an evaluation: the loader's start is data time
-                batches = iter(self._loader(epoch, skip))
-                for group in zip(*[batches] * self.accumulate, strict=False):
-                    interval.data_done()
-                    stats = self.stepper.backward(group, self.step, stop.requested())
-                    if stats is not None:
-                        self.stepper.step()
-                    self.step += 1
-                    self.scheduler.step()
-                    interval.step_done(self.batch * self.accumulate * self.info.world_size)
-                    bar.update()
-                    if stats is None:
-                        nonfinite += 1
-                        if nonfinite >= tcfg["max_nonfinite"]:
-                            self._stop_nonfinite(nonfinite)
-                    else:
-                        nonfinite = 0
-                        self._log_step(epoch, stats, bar, interval)
-                    if self.stepper.stopping or self.step >= end:
-                        break
-                    every = tcfg["checkpoint_steps"]
-                    if every and self.step % every == 0 and self.step % self.steps_per_epoch:
-                        # Within an epoch (its end is saved below): a crash or a kill loses at
-                        # most ``every`` steps of a long epoch, not the whole of it.
-                        self._save()
-                # The ranks agree on a stop in each step's backward and between validation
-                # batches; a signal since then, before an epoch's validation or after its last
-                # check, is agreed on here.
-                epoch_end = self.step % self.steps_per_epoch == 0
-                if self.stepper.stopping or (
-                    epoch_end and distributed.any_rank(stop.requested(), self.info)
-                ):
-                    self._interrupt(bar, epoch_ended=not epoch_end)
-                if epoch_end:
-                    self._end_epoch(self.step // self.steps_per_epoch, stop, bar)
-                    if distributed.any_rank(stop.requested(), self.info):
-                        self._interrupt(bar, epoch_ended=True)
-                elif self.step >= end:
+        stop.begin()
+        if self.epoch_pending:
+            self._end_epoch(self.step // self.steps_per_epoch, stop, bar)
+        while self.step < end:
+            epoch, skip = divmod(self.step, self.steps_per_epoch)
+            interval.tick()  # after an evaluation: the loader's start is data time
+            batches = iter(self._loader(epoch, skip))
+            for group in zip(*[batches] * self.accumulate, strict=False):
+                interval.data_done()
+                stats = self.stepper.backward(group, self.step, stop.requested())
+                if stats is not None:
+                    self.stepper.step()
+                self.step += 1
+                self.scheduler.step()
+                interval.step_done(self.batch * self.accumulate * self.info.world_size)
+                bar.update()
+                if stats is None:
+                    nonfinite += 1
+                    if nonfinite >= tcfg["max_nonfinite"]:
+                        self._stop_nonfinite(nonfinite)
+                else:
+                    nonfinite = 0
+                    self._log_step(epoch, stats, bar, interval)
+                if self.stepper.stopping or self.step >= end:
+                    break
+                every = tcfg["checkpoint_steps"]
+                if every and self.step % every == 0 and self.step % self.steps_per_epoch:
+                    # Within an epoch (its end is saved below): a crash or a kill loses at
+                    # most ``every`` steps of a long epoch, not the whole of it.
                     self._save()
+            # The ranks agree on a stop in each step's backward and between validation
+            # batches; a signal since then, before an epoch's validation or after its last
+            # check, is agreed on here.
+            epoch_end = self.step % self.steps_per_epoch == 0
+            if self.stepper.stopping or (
+                epoch_end and distributed.any_rank(stop.requested(), self.info)
+            ):
+                self._interrupt(bar, epoch_ended=not epoch_end)
+            if epoch_end:
+                self._end_epoch(self.step // self.steps_per_epoch, stop, bar)
+                if distributed.any_rank(stop.requested(), self.info):
+                    self._interrupt(bar, epoch_ended=True)
+            elif self.step >= end:
+                self._save()
         bar.close()
         return {"step": self.step, "best": self.best, "out": str(self.out)}
 
@@ -515,28 +516,31 @@ def train(
     out = Path(out_dir)
     info = distributed.setup(device, config["train"]["dist_timeout_min"])
     lock = RunLock(out) if distributed.is_main(info) else nullcontext()
-    try:
-        problem = None
+    # Until the first step a signal stops at once, saying what is on disk; the handler stays
+    # until the process group is gone, so a signal while failing or ending is no silent kill.
+    with StopSignal(early=f"stopped before training began; {_on_disk(out)}") as stop:
         try:
-            lock.__enter__()
-        except SpinedetError as e:
-            problem = str(e)
-        _raise_together(problem, info)
-        try:
-            if distributed.is_main(info):
-                remove_stale_temps(out)
-            return Trainer(config, out, info, resume).run(resume)
+            problem = None
+            try:
+                lock.__enter__()
+            except SpinedetError as e:
+                problem = str(e)
+            _raise_together(problem, info)
+            try:
+                if distributed.is_main(info):
+                    remove_stale_temps(out)
+                return Trainer(config, out, info, resume).run(stop, resume)
+            finally:
+                lock.__exit__(None, None, None)
+        except RuntimeError as e:
+            # A rank that died takes its end of every connection with it: the others fail in their
+            # next collective with gloo's traceback, which says neither what was saved nor how on.
+            reason = distributed.lost_peer(e) if info.enabled else None
+            if reason is None:
+                raise
+            raise PeerLostError(
+                f"rank {info.rank}: another process of the run ended or lost its connection "
+                f"({reason}); {_on_disk(out)}, launched as before"
+            ) from None
         finally:
-            lock.__exit__(None, None, None)
-    except RuntimeError as e:
-        # A rank that died takes its end of every connection with it: the others fail in their
-        # next collective with gloo's traceback, which says neither what was saved nor how on.
-        reason = distributed.lost_peer(e) if info.enabled else None
-        if reason is None:
-            raise
-        raise PeerLostError(
-            f"rank {info.rank}: another process of the run ended or lost its connection "
-            f"({reason}); {_on_disk(out)}, launched as before"
-        ) from None
-    finally:
-        distributed.teardown()
+            distributed.teardown()
