@@ -417,6 +417,20 @@ def test_a_signal_before_training_stops_at_once_in_one_line(shapes, tmp_path):
     assert state["step"] == 3 and len(_losses(resumed)) == 3
 
 
+def test_a_rank_waiting_for_its_peers_dies_at_once_on_a_signal(shapes, tmp_path):
+    """Joining the process group waits in C++ for the peers, where Python's handlers would run
+    only at its timeout: there SIGTERM keeps its default, a kill, as before any handler."""
+    cfg_file = tmp_path / "cfg.yaml"
+    spinedet.config.save_config(tiny_config(shapes, epochs=1), cfg_file)
+    cmd = [sys.executable, "-c", _SIGNAL_AT, "train", str(cfg_file), "--out",
+           str(tmp_path / "run"), "--device", "cpu"]  # fmt: skip
+    env = {**os.environ, "HOOK": "torch.distributed:init_process_group", "SIG": "SIGTERM",
+           "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == -signal.SIGTERM, proc.stderr  # not 143 from a Python handler
+
+
 def _read(path):
     return path.read_text().splitlines() if path.exists() else []
 

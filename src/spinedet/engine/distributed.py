@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -46,9 +50,27 @@ def setup(device: str | None = None, timeout_min: float = 30) -> DistInfo:
     else:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo",
-                                timeout=timedelta(minutes=timeout_min))  # fmt: skip
+        with _killable():
+            dist.init_process_group("nccl" if use_cuda else "gloo",
+                                    timeout=timedelta(minutes=timeout_min))  # fmt: skip
     return DistInfo(rank, local_rank, world_size, dev)
+
+
+@contextmanager
+def _killable() -> Iterator[None]:
+    """SIGINT and SIGTERM kill at once inside the block. Waiting for peers that never come,
+    ``init_process_group`` stays in C++ until its timeout (30 minutes by default), and Python
+    runs a signal handler only after that: a stuck rank would ignore ``kill`` and Ctrl-C. Before
+    the group exists there is nothing to save or report."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal.signal works in the main thread only
+        return
+    previous = {s: signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def flush_denormals() -> None:
