@@ -10,6 +10,7 @@ import torch
 from conftest import TINY_MODEL
 from PIL import Image
 from pycocotools import mask as mask_utils
+from torch.nn import functional as F
 
 import spinedet
 from spinedet.errors import SpinedetError
@@ -163,6 +164,23 @@ def test_huge_image_is_resized_before_the_model(predictor, monkeypatch):
     assert max(seen[0].shape[-2:]) <= 64
     assert det.image_size == (4000, 4000) and det.masks.shape[-2:] == (4000, 4000)
     assert float(det.boxes.max()) <= 4000 and float(det.boxes.max()) > 64
+
+
+def test_masks_of_a_resized_image_equal_the_model_s_masks_resized_whole(predictor):
+    image = np.random.default_rng(1).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    det = predictor(image)
+    with torch.no_grad():
+        raw = predictor.model([predictor.prepare(to_image_tensor(image))])[0]
+    assert raw["masks"].shape[-2:] == (48, 64)  # the model saw the image at its size, 64
+    probs = raw["masks"][raw["scores"] >= predictor.score_threshold]
+    expected = F.interpolate(probs, (300, 400), mode="bilinear")[:, 0] > 0.5
+    assert len(det) > 0 and det.mask_crops is not None and torch.equal(det.masks, expected)
+    rles = [mask_utils.encode(np.asfortranarray(m.numpy().astype(np.uint8))) for m in expected]
+    counts = [r["counts"].decode() for r in rles]
+    assert [e["segmentation"]["counts"] for e in det.to_coco(0)] == counts
+    given = spinedet.Detections(det.boxes, det.scores, det.labels, det.category_ids, det.names,
+                                det.image_size, expected)  # fmt: skip
+    assert [e["segmentation"]["counts"] for e in given.to_coco(0)] == counts
 
 
 @pytest.mark.parametrize("shape", [(1, 1000), (1000, 1), (3, 5)])

@@ -16,7 +16,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from PIL import Image
-from pycocotools import mask as mask_utils
 from torch import nn
 from torch.nn import functional as nnf
 from torchvision.transforms.v2 import functional as F
@@ -26,6 +25,7 @@ from .data.coco_files import to_rgb
 from .data.transforms import classification_eval_transforms
 from .device import default_device
 from .errors import SpinedetError
+from .masks import MaskCrops, resize_masks
 from .models import ModelDescription, describe, detection_selection, load_model, selecting
 from .models.registry import task_of
 from .optimize import optimize_for_inference
@@ -35,13 +35,17 @@ __all__ = ["Classes", "Detections", "ImageInput", "Predictor", "default_device",
 ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
 
 
-@dataclass
+@dataclass(init=False)
 class Detections:
     """One image's detections, in the pixels of the image as given.
 
     ``boxes`` (N, 4) xyxy float, ``scores`` (N,), ``labels`` (N,) the model's labels,
     ``category_ids`` and ``names`` the data set's, ``masks`` (Mask R-CNN only) a (N, H, W) bool
     tensor or a list of COCO RLE dicts, ``image_size`` (H, W).
+
+    Binary masks given as :class:`MaskCrops` (as :class:`Predictor` gives them) stay crops,
+    ``mask_crops``, which drawing and :meth:`to_coco` read: ``masks`` makes the full tensor when
+    first read (100 masks of a 12-megapixel image are 1.2 GB).
     """
 
     boxes: torch.Tensor
@@ -50,16 +54,46 @@ class Detections:
     category_ids: list[int]
     names: list[str]
     image_size: tuple[int, int]
-    masks: torch.Tensor | list[dict[str, Any]] | None = None
+
+    def __init__(
+        self,
+        boxes: torch.Tensor,
+        scores: torch.Tensor,
+        labels: torch.Tensor,
+        category_ids: list[int],
+        names: list[str],
+        image_size: tuple[int, int],
+        masks: torch.Tensor | list[dict[str, Any]] | MaskCrops | None = None,
+    ) -> None:
+        self.boxes, self.scores, self.labels = boxes, scores, labels
+        self.category_ids, self.names, self.image_size = category_ids, names, image_size
+        self.masks = masks
+
+    @property
+    def masks(self) -> torch.Tensor | list[dict[str, Any]] | None:
+        if self._masks is None and self._crops is not None:
+            self._masks = self._crops.full()
+        return self._masks
+
+    @masks.setter
+    def masks(self, masks: torch.Tensor | list[dict[str, Any]] | MaskCrops | None) -> None:
+        crops = isinstance(masks, MaskCrops)
+        self._crops, self._masks = (masks, None) if crops else (None, masks)
+
+    @property
+    def mask_crops(self) -> MaskCrops | None:
+        """The binary masks as :class:`MaskCrops` (None: RLE masks, or none)."""
+        if self._crops is None and isinstance(self._masks, torch.Tensor):
+            return MaskCrops.from_masks(self._masks)
+        return self._crops
 
     def __len__(self) -> int:
         return len(self.scores)
 
     def to_coco(self, image_id: int) -> list[dict[str, Any]]:
         """COCO result entries (xywh boxes rounded to 0.01 px, RLE masks, category names)."""
-        rles = self.masks
-        if isinstance(rles, torch.Tensor):
-            rles = [_encode(m) for m in rles]
+        crops = self.mask_crops
+        rles = crops.to_rle() if crops is not None else self._masks
         entries = []
         for i, (box, score) in enumerate(
             zip(self.boxes.tolist(), self.scores.tolist(), strict=True)
@@ -99,11 +133,6 @@ class Classes:
                  "score": round(s, 5)}
                 for c, n, s in zip(self.category_ids, self.names, self.scores.tolist(),
                                    strict=True)]  # fmt: skip
-
-
-def _encode(mask: torch.Tensor) -> dict[str, Any]:
-    rle = mask_utils.encode(np.asfortranarray(mask.numpy().astype(np.uint8)))
-    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
 def to_image_tensor(image: ImageInput, bgr: bool = False) -> torch.Tensor:
@@ -221,14 +250,15 @@ class Predictor:
     bfloat16 (close, not equal). Images larger than the model's size are resized to it
     before the model sees them (so memory stays bounded) and thin ones padded to the largest
     stride; the detections are mapped back to the image as given. ``masks``: ``"binary"`` (bool
-    tensors at image size) or ``"rle"`` (COCO RLE dicts). ``score_threshold`` (0..1) below the
-    detector's own (torchvision's 0.05) lowers that one in the model run: a model given and not
-    optimized is changed. ``max_detections`` (a positive integer) caps the detections kept per
-    image, the best first; default: the detector's own ``detections_per_img`` (torchvision's 300
-    for a RetinaNet, 100 for an R-CNN, unless built otherwise). ``classes``: only detections of
-    these categories, each a name or data set id (see
-    :meth:`~spinedet.models.ModelDescription.labels_of`), dropped before any cap so that other
-    classes never take their places; a classifier's top ``top_k`` are those classes' best.
+    tensors at image size, made when first read from the crops in ``mask_crops``, which only
+    hold each mask's box: see :mod:`spinedet.masks`) or ``"rle"`` (COCO RLE dicts).
+    ``score_threshold`` (0..1) below the detector's own (torchvision's 0.05) lowers that one in
+    the model run: a model given and not optimized is changed. ``max_detections`` (a positive
+    integer) caps the detections kept per image, the best first; default: the detector's own
+    ``detections_per_img`` (torchvision's 300 for a RetinaNet, 100 for an R-CNN, unless built
+    otherwise). ``classes``: only detections of these categories, each a name or data set id
+    (see :meth:`~spinedet.models.ModelDescription.labels_of`), dropped before any cap so that
+    other classes never take their places; a classifier's top ``top_k`` are those classes' best.
     """
 
     def __init__(
@@ -374,14 +404,6 @@ class Predictor:
             detections.masks = self._masks(output["masks"][:, :, :seen_h, :seen_w], shape)
         return detections
 
-    def _masks(self, probs: torch.Tensor, shape: tuple[int, int]) -> Any:
-        # One instance at a time, so a huge image never holds N full-size float masks.
-        masks = []
-        for prob in probs:
-            if tuple(prob.shape[-2:]) != shape:
-                prob = nnf.interpolate(prob[None], size=shape, mode="bilinear")[0]
-            binary = (prob[0] > 0.5).cpu()
-            masks.append(_encode(binary) if self.masks == "rle" else binary)
-        if self.masks == "rle":
-            return masks
-        return torch.stack(masks) if masks else torch.zeros((0, *shape), dtype=torch.bool)
+    def _masks(self, probs: torch.Tensor, shape: tuple[int, int]) -> MaskCrops | list[dict]:
+        crops = resize_masks(probs[:, 0], shape)
+        return crops.to_rle() if self.masks == "rle" else crops

@@ -118,11 +118,10 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
 
 def draw_detections(image: torch.Tensor, detections: Detections, num_classes: int) -> torch.Tensor:
     """uint8 image with masks, boxes and ``name score`` labels, one colour per class."""
-    masks = detections.masks if isinstance(detections.masks, torch.Tensor) else None
     texts = [f"{n} {s:.2f}" for n, s in zip(detections.names, detections.scores.tolist(),
                                              strict=True)]  # fmt: skip
     return draw_instances(image, detections.boxes, detections.labels.tolist(), texts,
-                          num_classes, masks)  # fmt: skip
+                          num_classes, detections.mask_crops)  # fmt: skip
 
 
 def _frames(item: InputItem, every: int) -> Iterator[tuple[InputItem, torch.Tensor]]:
@@ -144,19 +143,20 @@ def _frames(item: InputItem, every: int) -> Iterator[tuple[InputItem, torch.Tens
 
 
 def _save_masks(detections: Detections, target: Path, mode: str) -> None:
-    masks = detections.masks
-    if not isinstance(masks, torch.Tensor):
+    masks = detections.mask_crops
+    if masks is None:
         return
     target.parent.mkdir(parents=True, exist_ok=True)
     if mode == "instance":
-        for i, mask in enumerate(masks):
-            path = target.with_name(f"{target.name}_{i:03d}.png")
-            _save_png(Image.fromarray(mask.numpy().astype(np.uint8) * 255), path)
+        for i, crop in enumerate(masks.crops):
+            mask = np.zeros(detections.image_size, dtype=np.uint8)
+            mask[masks.window(i)] = crop.numpy() * np.uint8(255)
+            _save_png(Image.fromarray(mask), target.with_name(f"{target.name}_{i:03d}.png"))
         return
     # One image per input: pixel value i + 1 is instance i (later instances on top), 0 none.
     index = np.zeros(detections.image_size, dtype=np.uint16 if len(masks) > 255 else np.uint8)
-    for i, mask in enumerate(masks):
-        index[mask.numpy()] = i + 1
+    for i, crop in enumerate(masks.crops):
+        index[masks.window(i)][crop.numpy()] = i + 1
     _save_png(Image.fromarray(index), _png(target))
 
 
