@@ -32,6 +32,7 @@ SCRIPTS = [
     ("cpu_contention.py", []),
     ("roi_align_cpu.py", []),
     ("loader_throughput.py", []),
+    ("mask_output.py", []),
 ]
 SECTION = "<!-- {} -->"  # opens each script's section, so that --only can replace it
 NO_CUDA = "skipped: no CUDA device"  # what the GPU scripts print without one
