@@ -19,7 +19,7 @@ from tqdm import tqdm
 from ..config import ConfigError, load_config, save_config
 from ..cuda_graphs import pad_to_square, use_cuda_graphs
 from ..data import DataError, check_dataset_cached, check_image_folder, collate, format_report
-from ..errors import SpinedetError, shorten
+from ..errors import SpinedetError, Stopped, shorten
 from ..models import TASKS, describe, model_task
 from . import distributed
 from .builders import build_datasets, build_model, build_optimizer, data_source, effective_lr
@@ -532,6 +532,10 @@ def train(
                 return Trainer(config, out, info, resume).run(stop, resume)
             finally:
                 lock.__exit__(None, None, None)
+        except KeyboardInterrupt as e:
+            if isinstance(e, Stopped) or stop.signal is None:
+                raise
+            raise Stopped(str(e), stop.signal) from None  # the shell's code for the signal
         except RuntimeError as e:
             # A rank that died takes its end of every connection with it: the others fail in their
             # next collective with gloo's traceback, which says neither what was saved nor how on.
