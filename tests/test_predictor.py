@@ -232,6 +232,7 @@ def test_a_threshold_below_the_model_s_own_keeps_those_detections(image):
     model = _retinanet()
     det = spinedet.Predictor(model, device="cpu", score_threshold=0.0, optimize=False)(image)
     assert len(det) > 0 and float(det.scores.max()) < 0.05
+    assert model.score_thresh == 0.05  # lowered only while the Predictor ran it
     assert len(spinedet.Predictor(model, device="cpu", score_threshold=0.05)(image)) == 0
     for bad in (1.5, -0.1, float("nan")):
         with pytest.raises(SpinedetError, match="use a score in 0..1"):

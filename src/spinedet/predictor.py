@@ -252,13 +252,14 @@ class Predictor:
     stride; the detections are mapped back to the image as given. ``masks``: ``"binary"`` (bool
     tensors at image size, made when first read from the crops in ``mask_crops``, which only
     hold each mask's box: see :mod:`spinedet.masks`) or ``"rle"`` (COCO RLE dicts).
-    ``score_threshold`` (0..1) below the detector's own (torchvision's 0.05) lowers that one in
-    the model run: a model given and not optimized is changed. ``max_detections`` (a positive
-    integer) caps the detections kept per image, the best first; default: the detector's own
-    ``detections_per_img`` (torchvision's 300 for a RetinaNet, 100 for an R-CNN, unless built
-    otherwise). ``classes``: only detections of these categories, each a name or data set id
-    (see :meth:`~spinedet.models.ModelDescription.labels_of`), dropped before any cap so that
-    other classes never take their places; a classifier's top ``top_k`` are those classes' best.
+    ``score_threshold`` (0..1) below the detector's own (torchvision's 0.05) lowers that one
+    while the Predictor runs the model (a model given is left as it was). ``max_detections``
+    (a positive integer) caps the detections kept per image, the best first; default: the
+    detector's own ``detections_per_img`` (torchvision's 300 for a RetinaNet, 100 for an R-CNN,
+    unless built otherwise). ``classes``: only detections of these categories, each a name or
+    data set id (see :meth:`~spinedet.models.ModelDescription.labels_of`), dropped before any
+    cap so that other classes never take their places; a classifier's top ``top_k`` are those
+    classes' best.
     """
 
     def __init__(
@@ -294,11 +295,10 @@ class Predictor:
         self.kept_labels = None if kept is None else kept.to(self.device)
         model = model.eval().to(self.device)
         self.model = optimize_for_inference(model) if optimize else model
-        heads = detection_selection(self.model)
-        if hasattr(heads, "score_thresh"):  # a classifier has none
-            # The detector's own threshold (torchvision's 0.05) would silently drop the
-            # detections a lower one asks for.
-            heads.score_thresh = min(heads.score_thresh, score_threshold)
+        # The detector's own threshold (torchvision's 0.05) would silently drop the detections
+        # a lower one asks for: lowered in the forward (a classifier has none).
+        own = getattr(detection_selection(self.model), "score_thresh", None)
+        self._score_thresh = score_threshold if own is not None and score_threshold < own else None
         self.score_threshold = score_threshold
         self.batch_size = batch_size
         self.masks = masks
@@ -370,7 +370,7 @@ class Predictor:
         for image in images:
             shapes.append(tuple(image.shape[-2:]))
             inputs.append(self.prepare(image.to(self.device)))
-        with selecting(self.model, self.max_detections, self.kept_labels):
+        with selecting(self.model, self.max_detections, self.kept_labels, self._score_thresh):
             outputs = self.model(inputs)
         return [self._finish(o, x, s) for o, x, s in zip(outputs, inputs, shapes, strict=True)]
 

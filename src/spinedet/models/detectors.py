@@ -137,17 +137,22 @@ def detection_selection(model: nn.Module) -> nn.Module:
 
 @contextmanager
 def selecting(
-    model: nn.Module, max_detections: int | None = None, kept_labels: Tensor | None = None
+    model: nn.Module,
+    max_detections: int | None = None,
+    kept_labels: Tensor | None = None,
+    score_thresh: float | None = None,
 ) -> Iterator[None]:
     """Within the block, ``model`` keeps at most ``max_detections`` detections an image, only of
     the labels where ``kept_labels`` (a bool tensor over its class outputs, on its device) is
-    true; None leaves the model's own (its ``detections_per_img``, every label). The model is
-    as before after it, so that a caller's model is never left changed.
+    true, scored above ``score_thresh``; None leaves the model's own (its
+    ``detections_per_img``, every label, its ``score_thresh``). The model is as before after
+    it, so that a caller's model is never left changed.
 
     The labels left out are dropped before any cap (a RetinaNet's best candidates per level,
     the best ``detections_per_img``): other classes never crowd out those kept."""
     heads = detection_selection(model)
-    given = {"detections_per_img": max_detections, "kept_labels": kept_labels}
+    given = {"detections_per_img": max_detections, "kept_labels": kept_labels,
+             "score_thresh": score_thresh}  # fmt: skip
     changes = {name: value for name, value in given.items() if value is not None}
     own = {name: getattr(heads, name) for name in changes}
     for name, value in changes.items():
