@@ -2,6 +2,8 @@
 torchvision's per-image loops select, and pastes the masks it pastes: each is compared with
 torchvision's own method on the same inputs."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 from conftest import same_detections
@@ -10,7 +12,8 @@ from torchvision.models.detection.roi_heads import RoIHeads, paste_masks_in_imag
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 import spinedet
-from spinedet.models.postprocess import DetectionTransform, paste_masks
+from spinedet.models import postprocess
+from spinedet.models.postprocess import DetectionTransform, paste_masks, pasting_crops
 from spinedet.models.rcnn import BatchedRoIHeads
 
 SIZE = 128
@@ -179,3 +182,37 @@ def test_paste_masks_equals_torchvision():
     ours = paste_masks(probs, boxes, 48, 64)
     theirs = paste_masks_in_image(probs[:, None], boxes, (48, 64))[:, 0]
     assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mask_crops_equal_the_full_pastes_thresholded(dtype, device, monkeypatch):
+    """Within pasting_crops the transform gives each image's masks as crops, bit for bit the
+    full pastes above 0.5 in the probabilities' dtype, in any batching of the windows; elsewhere
+    (after the block, in another thread during it) torchvision's probabilities as before."""
+    g = torch.Generator().manual_seed(0)
+    transform = spinedet.create_model(
+        "spinenet49s_maskrcnn", num_classes=3, image_size=SIZE, filter_scale=0.25
+    ).transform.eval()
+    centre = torch.rand(40, 2, generator=g) * torch.tensor([360.0, 280.0]) - 20  # some outside
+    half = torch.rand(40, 2, generator=g) * torch.tensor([90.0, 60.0]) + 0.1
+    boxes = torch.cat(
+        [torch.cat([centre - half, centre + half], 1), torch.tensor([[5.0, 5, 5.2, 5.1]])]
+    )
+
+    def result():  # the 41st box is under a pixel wide
+        masks = torch.rand(41, 1, 28, 28, generator=g.manual_seed(1)).to(dtype)
+        return [{"boxes": boxes.to(device), "masks": masks.to(device)}]
+
+    args = ([(96, SIZE)], [(300, 400)])
+    full = transform.postprocess(result(), *args)[0]["masks"][:, 0] > 0.5
+    assert full.dtype == torch.bool and full.sum() > 10_000
+    for budget in (postprocess.CROP_BUDGET, 3_000):  # one batch; batches of a few masks
+        monkeypatch.setattr(postprocess, "CROP_BUDGET", budget)
+        with pasting_crops():
+            crops = transform.postprocess(result(), *args)[0]["masks"]
+            elsewhere = ThreadPoolExecutor(1).submit(transform.postprocess, result(), *args)
+            assert elsewhere.result()[0]["masks"].shape == (41, 1, 300, 400)
+        assert crops.image_size == (300, 400) and len(crops) == 41
+        assert torch.equal(crops.full(), full.cpu())
+        assert sum(c.numel() for c in crops.crops) < 41 * 300 * 400 / 10  # crops, not the image
+    assert transform.postprocess(result(), *args)[0]["masks"].shape == (41, 1, 300, 400)

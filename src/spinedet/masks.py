@@ -19,7 +19,7 @@ import torch
 from pycocotools import mask as mask_utils
 from torch.nn import functional as F
 
-__all__ = ["MaskCrops", "resize_masks"]
+__all__ = ["MaskCrops", "cut_mask", "resize_masks"]
 
 # Outputs up to this many pixels are resized by torch's 2D kernel itself: cheap there, and
 # below 128 rows + columns that kernel takes a vectorised path whose rounding the 1D passes of
@@ -42,7 +42,7 @@ class MaskCrops:
     @classmethod
     def from_masks(cls, masks: torch.Tensor) -> MaskCrops:
         """(N, H, W) masks (bool or 0/1), each cut to the rows and columns it has pixels in."""
-        cut = [_cut(mask.bool(), 0, 0) for mask in masks.cpu()]
+        cut = [cut_mask(mask.bool(), 0, 0) for mask in masks.cpu()]
         return cls([c for c, _ in cut], [o for _, o in cut], tuple(masks.shape[-2:]))
 
     def window(self, i: int) -> tuple[slice, slice]:
@@ -86,7 +86,7 @@ class MaskCrops:
         return runs
 
 
-def _cut(mask: torch.Tensor, top: int, left: int) -> tuple[torch.Tensor, tuple[int, int]]:
+def cut_mask(mask: torch.Tensor, top: int, left: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """``mask`` (a crop at ``(top, left)``) cut to the rows and columns it has pixels in."""
     rows, cols = mask.any(1).nonzero()[:, 0], mask.any(0).nonzero()[:, 0]
     if not len(rows):
@@ -143,7 +143,7 @@ def resize_masks(probs: torch.Tensor, size: tuple[int, int]) -> MaskCrops:
             resized = F.interpolate(columns[None], height, mode="linear")[0, :, y0:y1].T
         else:
             resized = F.interpolate(prob[None, None], size, mode="bilinear")[0, 0, y0:y1, x0:x1]
-        crop, origin = _cut((resized > 0.5).cpu(), y0, x0)
+        crop, origin = cut_mask((resized > 0.5).cpu(), y0, x0)
         crops.append(crop)
         origins.append(origin)
     return MaskCrops(crops, origins, (height, width))

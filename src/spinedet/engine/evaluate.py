@@ -14,7 +14,6 @@ import torch
 import torch.distributed as dist
 from faster_coco_eval import COCO as FastCOCO
 from faster_coco_eval import COCOeval_faster
-from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -23,6 +22,8 @@ from torchvision.ops import StochasticDepth
 from tqdm import tqdm
 
 from ..data import collate
+from ..masks import MaskCrops
+from ..models.postprocess import pasting_crops
 from .distributed import DistInfo, any_rank, exchange, gather_objects, gather_to
 
 __all__ = [
@@ -96,10 +97,10 @@ def to_coco_results(
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
     scores = output["scores"].tolist()
     labels = output["labels"].tolist()
-    rles = None
-    if "masks" in output:
-        binary = (output["masks"][:, 0] > 0.5).cpu().numpy().astype(np.uint8)
-        rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
+    masks = output.get("masks")
+    if masks is not None and not isinstance(masks, MaskCrops):  # (N, 1, H, W) probabilities
+        masks = MaskCrops.from_masks(masks[:, 0] > 0.5)
+    rles = None if masks is None else masks.to_rle()
     results = []
     for i, (box, score, label) in enumerate(zip(xywh, scores, labels, strict=True)):
         entry = {
@@ -109,10 +110,7 @@ def to_coco_results(
             "score": round(score, 5),
         }
         if rles is not None:
-            entry["segmentation"] = {
-                "size": [int(s) for s in rles[i]["size"]],
-                "counts": rles[i]["counts"].decode("ascii"),
-            }
+            entry["segmentation"] = rles[i]
         results.append(entry)
     return results
 
@@ -156,7 +154,8 @@ def run_inference(
     results: list[dict[str, Any]] = []
     bar = tqdm(loader, desc="evaluate", unit="batch", disable=not progress or info.rank != 0)
     for done, (images, targets) in enumerate(bar, 1):
-        outputs = model([img.to(device, non_blocking=True) for img in images])
+        with pasting_crops():  # masks of large images never at full size
+            outputs = model([img.to(device, non_blocking=True) for img in images])
         for out, target in zip(outputs, targets, strict=True):
             results.extend(to_coco_results(out, int(target["image_id"]), label_to_cat_id))
         check_stop(stop, done, common, info)
