@@ -5,6 +5,7 @@ import json
 import pytest
 import yaml
 from conftest import TINY_MODEL
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
 import spinedet
 from spinedet.cli import main
@@ -31,6 +32,21 @@ def test_info_on_a_missing_file_is_no_such_file_not_an_unknown_model(tmp_path, c
         assert f"{missing}: no such file" in capsys.readouterr().err
     assert main(["info", "spinenet49x"]) == 2
     assert "unknown model 'spinenet49x'" in capsys.readouterr().err
+
+
+def test_an_error_under_torchrun_is_what_its_summary_of_failed_ranks_shows(
+    tmp_path, capsys, monkeypatch
+):
+    error_file = tmp_path / "attempt_0" / "0" / "error.json"
+    error_file.parent.mkdir(parents=True)
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))  # as torchrun sets it
+    assert main(["info", str(tmp_path / "run.safetensors")]) == 2
+    printed = capsys.readouterr().err.strip()
+    assert printed == f"spinedet: error: {tmp_path / 'run.safetensors'}: no such file"
+    # What torchrun's agent reads of a failed process, and prints when it stops the run.
+    failure = ProcessFailure(local_rank=0, pid=1, exitcode=2, error_file=str(error_file))
+    summary = ChildFailedError("spinedet.cli", {0: failure}).format_msg()
+    assert f"traceback : {printed}\n" in summary and "To enable traceback" not in summary
 
 
 def test_module_table_adds_up():

@@ -9,10 +9,13 @@ non-zero exit; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -72,12 +75,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("SPINEDET_DEBUG"):
             raise
         print(f"spinedet: error: {e}", file=sys.stderr)
+        _tell_launcher(f"spinedet: error: {e}")
         return 2
     except KeyboardInterrupt as e:
         print(f"spinedet: {str(e) or args.stopped}", file=sys.stderr)
         return 128 + (e.signum if isinstance(e, Stopped) else signal.SIGINT)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _tell_launcher(message: str) -> None:
+    """Under torchrun, write ``message`` to the error file it gives each process: its summary
+    of the failed ranks (``ChildFailedError``, the last lines of the log) then shows the error
+    instead of a link on how to get a traceback."""
+    if path := os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        with contextlib.suppress(OSError):  # the one-line error is printed already
+            with open(path, "w") as f:
+                # Indented as torchrun indents a traceback there.
+                text = message.replace("\n", "\n  ")
+                json.dump({"message": text, "timestamp": int(time.time())}, f)
 
 
 def _stop(signum: int, frame: Any) -> None:
