@@ -2,6 +2,8 @@
 thin images."""
 
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from itertools import count, islice
 
 import numpy as np
@@ -11,6 +13,7 @@ from conftest import TINY_MODEL
 from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.nn import functional as F
+from torchvision.ops import box_iou
 
 import spinedet
 from spinedet.errors import SpinedetError
@@ -256,6 +259,51 @@ def test_max_detections_keeps_the_best_under_or_over_the_model_s_own_cap(image):
     for bad in (0, -2, 2.5, True, "3"):
         with pytest.raises(SpinedetError, match="max_detections=.*: use a positive integer"):
             spinedet.Predictor(model, device="cpu", max_detections=bad)
+
+
+def test_predictors_sharing_a_model_in_threads_each_get_their_own_settings(weights, image):
+    """Three Predictors on one plain model, run from three threads, all inside the model's
+    post-processing at once: each gets what it gets alone, and the model keeps its own."""
+    model = spinedet.load_model(weights)
+    heads = model.roi_heads
+    settings = [{"max_detections": 3}, {"classes": "square", "nms_threshold": 0.2}, {}]
+    predictors = [spinedet.Predictor(model, device="cpu", score_threshold=0.0, optimize=False,
+                                     **options) for options in settings]  # fmt: skip
+    alone = [p(image) for p in predictors]
+    assert [len(d) for d in alone] != [len(alone[0])] * 3  # settings that change the result
+    together = threading.Barrier(3, timeout=60)
+    own = type(heads).postprocess_detections
+
+    def meeting(*args):  # every thread's selection starts once all are in it
+        together.wait()
+        return own(heads, *args)
+
+    heads.postprocess_detections = meeting
+    with ThreadPoolExecutor(3) as pool:
+        shared = list(pool.map(lambda p: p(image), predictors))
+    del heads.postprocess_detections
+    for a, b in zip(alone, shared, strict=True):
+        assert a.category_ids == b.category_ids and torch.equal(a.boxes, b.boxes)
+    assert heads.detections_per_img == 100 and heads.kept_labels is None
+    assert heads.nms_thresh == 0.5
+
+
+def test_an_nms_threshold_suppresses_more_or_fewer_overlaps(weights, image):
+    model = spinedet.load_model(weights)
+
+    def run(nms: float | None) -> spinedet.Detections:
+        return spinedet.Predictor(model, device="cpu", score_threshold=0.0, optimize=False,
+                                  max_detections=1000, nms_threshold=nms)(image)  # fmt: skip
+
+    own, strict, loose = run(None), run(0.1), run(0.9)
+    assert len(strict) < len(own) < len(loose)
+    assert torch.equal(run(0.5).boxes, own.boxes)  # the model's own is torchvision's 0.5
+    ious = box_iou(strict.boxes, strict.boxes).fill_diagonal_(0)
+    same_class = strict.labels[:, None] == strict.labels[None]
+    assert float(ious[same_class].max()) <= 0.1  # no two of a class overlap by more
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(SpinedetError, match="nms_threshold=.*: use an IoU in 0..1"):
+            spinedet.Predictor(model, device="cpu", nms_threshold=bad)
 
 
 def test_a_class_filter_acts_before_the_cap_of_detections_per_image(weights, image):

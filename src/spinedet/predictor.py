@@ -259,7 +259,10 @@ class Predictor:
     unless built otherwise). ``classes``: only detections of these categories, each a name or
     data set id (see :meth:`~spinedet.models.ModelDescription.labels_of`), dropped before any
     cap so that other classes never take their places; a classifier's top ``top_k`` are those
-    classes' best.
+    classes' best. ``nms_threshold`` (0..1): the IoU above which a detection suppresses a
+    lower-scoring one of its class; default: the detector's own ``nms_thresh`` (torchvision's
+    0.5). These settings hold for the Predictor's own calls only, also when other threads run
+    the same model meanwhile (see :func:`~spinedet.models.selecting`).
     """
 
     def __init__(
@@ -274,6 +277,7 @@ class Predictor:
         *,
         max_detections: int | None = None,
         classes: str | int | Iterable[str | int] | None = None,
+        nms_threshold: float | None = None,
     ) -> None:
         model = weights if isinstance(weights, nn.Module) else load_model(weights)
         if task_of(model) is None:
@@ -287,9 +291,14 @@ class Predictor:
         )
         if max_detections is not None and not (whole and max_detections >= 1):
             raise SpinedetError(f"max_detections={max_detections!r}: use a positive integer")
+        if nms_threshold is not None and not 0 <= nms_threshold <= 1:
+            raise SpinedetError(f"nms_threshold={nms_threshold!r}: use an IoU in 0..1")
         self.description = describe(model)
-        if max_detections is not None and self.description.task == "classifier":
-            raise SpinedetError("max_detections: a classifier gives its top_k classes instead")
+        if self.description.task == "classifier":
+            if max_detections is not None:
+                raise SpinedetError("max_detections: a classifier gives its top_k classes instead")
+            if nms_threshold is not None:
+                raise SpinedetError("nms_threshold: a classifier has no detections to suppress")
         kept = _kept_labels(self.description, classes)  # refused before the model is optimised
         self.device = default_device(device)
         self.kept_labels = None if kept is None else kept.to(self.device)
@@ -306,6 +315,7 @@ class Predictor:
         self._name_of = {c.id: c.name for c in self.description.categories}
         self.classifier = self.description.task == "classifier"
         self.max_detections = None if max_detections is None else int(max_detections)
+        self.nms_threshold = nms_threshold
         if self.classifier:  # resized, centre-cropped and normalised as in evaluation
             self.top_k = min(top_k, len(self._name_of) if kept is None else int(kept.sum()))
             self.transform = classification_eval_transforms(model.image_size)
@@ -370,7 +380,8 @@ class Predictor:
         for image in images:
             shapes.append(tuple(image.shape[-2:]))
             inputs.append(self.prepare(image.to(self.device)))
-        with selecting(self.model, self.max_detections, self.kept_labels, self._score_thresh):
+        with selecting(self.model, self.max_detections, self.kept_labels, self._score_thresh,
+                       self.nms_threshold):  # fmt: skip
             outputs = self.model(inputs)
         return [self._finish(o, x, s) for o, x, s in zip(outputs, inputs, shapes, strict=True)]
 

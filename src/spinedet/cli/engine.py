@@ -58,7 +58,7 @@ def _predict(args: argparse.Namespace) -> int:
                      save_masks=args.save_masks, annotations=args.annotations,
                      overwrite=args.overwrite, optimize=not args.no_optimize,
                      top_k=args.top_k, max_detections=args.max_detections,
-                     classes=args.classes)  # fmt: skip
+                     classes=args.classes, nms_threshold=args.nms_threshold)  # fmt: skip
     records = [json.loads(line) for line in open(report.path.with_suffix(".jsonl"))]
     if records and records[0]["detections"] and "bbox" not in records[0]["detections"][0]:
         for record in records:  # a classifier: its top-k classes per image
@@ -130,6 +130,9 @@ def add_engine_commands(sub: argparse._SubParsersAction) -> None:
                    help="keep at most this many detections per image, the best (default: the "
                    "model's own cap, as torchvision's 300 for a RetinaNet and 100 for an "
                    "R-CNN unless built otherwise)")  # fmt: skip
+    p.add_argument("--nms-threshold", type=score, default=None,
+                   help="IoU above which a detection suppresses a lower-scoring one of its class "
+                   "(default: the model's own, torchvision's 0.5)")  # fmt: skip
     p.add_argument("--batch-size", type=at_least(1), default=4, help="images per forward pass")
     p.add_argument("--every", type=at_least(1), default=1, help="every N-th frame of a video")
     p.add_argument("--no-draw", action="store_true", help="write JSON only, no drawings")

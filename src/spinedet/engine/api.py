@@ -163,20 +163,23 @@ def predict(
     top_k: int = 5,
     max_detections: int | None = None,
     classes: Sequence[str | int] | None = None,
+    nms_threshold: float | None = None,
 ) -> PredictionReport:
     """Predict on images, directories, globs and videos (every ``every``-th frame) into
     ``out_dir`` (see :func:`~spinedet.engine.predict.predict_images`); returns the report.
 
     A classifier's records hold its ``top_k`` classes and probabilities instead of detections
     (no drawings); ``max_detections`` caps a detector's detections per image, ``classes`` keeps
-    only those categories (names or ids; see :class:`~spinedet.predictor.Predictor`). Raises
+    only those categories (names or ids), ``nms_threshold`` replaces the detector's NMS IoU
+    threshold (see :class:`~spinedet.predictor.Predictor`). Raises
     :class:`PredictError` after writing everything else when inputs were unreadable, naming
     them; with ``annotations`` (a COCO file), image ids are that file's (see
     :func:`_image_ids`), and the others' are above all of them.
     """
     flush_denormals()
     predictor = Predictor(checkpoint, device, score_threshold, optimize, batch_size, "binary",
-                          top_k, max_detections=max_detections, classes=classes)  # fmt: skip
+                          top_k, max_detections=max_detections, classes=classes,
+                          nms_threshold=nms_threshold)  # fmt: skip
     items, skipped = collect_inputs(inputs, exclude=out_dir)
     if not items and not skipped:
         raise SpinedetError(f"no images or videos found in {', '.join(map(str, inputs))}")

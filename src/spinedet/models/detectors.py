@@ -32,10 +32,12 @@ from .layers import ACTIVATIONS, make_norm
 from .matching import match, pad_boxes, pairwise_iou
 from .pixel_boxes import BOX_CONVENTIONS, PixelBoxCoder, corner_boxes, use_pixel_boxes
 from .postprocess import (
+    SELECTION,
     DetectionTransform,
     best_detections,
     image_limits,
     retinanet_candidates,
+    selection_setting,
     split_detections,
 )
 from .rcnn import BatchedRoIHeads, BatchedRPN
@@ -141,27 +143,29 @@ def selecting(
     max_detections: int | None = None,
     kept_labels: Tensor | None = None,
     score_thresh: float | None = None,
+    nms_thresh: float | None = None,
 ) -> Iterator[None]:
     """Within the block, ``model`` keeps at most ``max_detections`` detections an image, only of
     the labels where ``kept_labels`` (a bool tensor over its class outputs, on its device) is
-    true, scored above ``score_thresh``; None leaves the model's own (its
-    ``detections_per_img``, every label, its ``score_thresh``). The model is as before after
-    it, so that a caller's model is never left changed.
+    true, scored above ``score_thresh``, suppressing overlaps above ``nms_thresh`` (IoU); None
+    leaves the model's own (its ``detections_per_img``, every label, its ``score_thresh`` and
+    ``nms_thresh``).
 
-    The labels left out are dropped before any cap (a RetinaNet's best candidates per level,
-    the best ``detections_per_img``): other classes never crowd out those kept."""
+    The model itself is never changed: the settings hold for the calls made in the block's own
+    context (thread or asyncio task), so that a model shared with other threads gives each its
+    own settings at the same time. The labels left out are dropped before any cap (a
+    RetinaNet's best candidates per level, the best ``detections_per_img``): other classes
+    never crowd out those kept."""
     heads = detection_selection(model)
     given = {"detections_per_img": max_detections, "kept_labels": kept_labels,
-             "score_thresh": score_thresh}  # fmt: skip
+             "score_thresh": score_thresh, "nms_thresh": nms_thresh}  # fmt: skip
     changes = {name: value for name, value in given.items() if value is not None}
-    own = {name: getattr(heads, name) for name in changes}
-    for name, value in changes.items():
-        setattr(heads, name, value)
+    settings = SELECTION.get() or {}
+    token = SELECTION.set({**settings, id(heads): {**settings.get(id(heads), {}), **changes}})
     try:
         yield
     finally:
-        for name, value in own.items():
-            setattr(heads, name, value)
+        SELECTION.reset(token)
 
 
 # Options of torchvision's detector classes (thresholds, proposal counts, sizes) leave the
@@ -180,7 +184,7 @@ class BackgroundFreeRetinaNet(RetinaNet):
     (:mod:`spinedet.models.matching`, :mod:`spinedet.models.postprocess`), as torchvision does
     image by image and level by level."""
 
-    kept_labels: Tensor | None = None  # the labels reported, all where None (see selecting)
+    kept_labels: Tensor | None = None  # the labels reported, all where None (selecting's)
 
     def compute_loss(
         self,
@@ -201,8 +205,9 @@ class BackgroundFreeRetinaNet(RetinaNet):
         image_shapes: list[tuple[int, int]],
     ) -> list[dict[str, Tensor]]:
         logits = head_outputs["cls_logits"]
-        if self.kept_labels is not None:  # before each level's best candidates are taken
-            logits = [x.masked_fill(~self.kept_labels, float("-inf")) for x in logits]
+        kept = selection_setting(self, "kept_labels")
+        if kept is not None:  # before each level's best candidates are taken
+            logits = [x.masked_fill(~kept, float("-inf")) for x in logits]
         # Every image of a batch has the anchors of the batch's padded size.
         outputs = logits, head_outputs["bbox_regression"], anchors[0]
         boxes, scores, labels = retinanet_candidates(
@@ -215,10 +220,10 @@ class BackgroundFreeRetinaNet(RetinaNet):
             boxes,
             scores,
             labels,
-            (scores > self.score_thresh) & self.selectable(boxes),
+            (scores > selection_setting(self, "score_thresh")) & self.selectable(boxes),
             head_outputs["cls_logits"][0].shape[-1],
-            self.nms_thresh,
-            self.detections_per_img,
+            selection_setting(self, "nms_thresh"),
+            selection_setting(self, "detections_per_img"),
         )
         return split_detections(index, found, boxes=boxes, scores=scores, labels=labels)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,23 @@ __all__ = [
     "pasting_crops",
     "retinanet_candidates",
     "select_detections",
+    "selection_setting",
 ]
+
+
+# What ``models.selecting`` sets for the calls in its block, per selection module (by id): a
+# context's own (per thread and asyncio task), so that other callers of the same model at the
+# same time keep the model's own settings.
+SELECTION: ContextVar[dict[int, dict[str, Any]] | None] = ContextVar(
+    "spinedet_selection", default=None
+)
+
+
+def selection_setting(module: torch.nn.Module, name: str) -> Any:
+    """``module``'s ``name`` (``score_thresh``, ``nms_thresh``, ``detections_per_img`` or
+    ``kept_labels``) as ``models.selecting`` set it for this context, else its own."""
+    settings = (SELECTION.get() or {}).get(id(module), {})
+    return settings.get(name, getattr(module, name))
 
 
 def clip_to(boxes: Tensor, limits: Tensor) -> Tensor:

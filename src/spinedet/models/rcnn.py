@@ -31,6 +31,7 @@ from .postprocess import (
     first_survivors,
     image_limits,
     large_enough,
+    selection_setting,
     split_detections,
 )
 from .row_buckets import bucketed
@@ -117,7 +118,7 @@ class BatchedRoIHeads(RoIHeads):
     detections (inference, :func:`~spinedet.models.postprocess.best_detections`) for the batch
     at once."""
 
-    kept_labels: Tensor | None = None  # the labels reported, all where None (see selecting)
+    kept_labels: Tensor | None = None  # the labels reported, all where None (selecting's)
 
     def forward(
         self,
@@ -228,9 +229,10 @@ class BatchedRoIHeads(RoIHeads):
             image_limits(image_shapes, stacked),
             self.box_coder,
         )
-        keep = (scores > self.score_thresh) & self.selectable(boxes)
-        if self.kept_labels is not None:  # before the best detections_per_img are taken
-            keep = keep & self.kept_labels[labels]
+        keep = (scores > selection_setting(self, "score_thresh")) & self.selectable(boxes)
+        kept = selection_setting(self, "kept_labels")
+        if kept is not None:  # before the best detections_per_img are taken
+            keep = keep & kept[labels]
         if ragged:
             real = (
                 torch.arange(r, device=keep.device)
@@ -243,8 +245,8 @@ class BatchedRoIHeads(RoIHeads):
             labels,
             keep,
             class_logits.shape[-1],
-            self.nms_thresh,
-            self.detections_per_img,
+            selection_setting(self, "nms_thresh"),
+            selection_setting(self, "detections_per_img"),
         )
         per_image = split_detections(index, found, boxes=boxes, scores=scores, labels=labels)
         return tuple([d[key] for d in per_image] for key in ("boxes", "scores", "labels"))
