@@ -10,6 +10,7 @@ from PIL import Image
 import spinedet
 from spinedet.cli import main
 from spinedet.engine import api
+from spinedet.engine.predict import collect_inputs, predict_images
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +200,28 @@ def test_predict_skips_unreadable_and_keeps_relative_paths(checkpoint, shapes, t
     assert [r["image_id"] for r in lines] == [0, 1]
     results = json.loads((out / "predictions.json").read_text())
     assert results == [d for r in lines for d in r["detections"]]
+
+
+def test_predict_runs_batches_of_batch_size_and_pairs_each_result_with_its_input(
+    checkpoint, shapes, tmp_path
+):
+    images = sorted(shapes["images"].iterdir())[:4]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    inputs = [*images[:2], broken, *images[2:], images[0]]  # 5 of the 6 are readable
+    predictor = spinedet.Predictor(checkpoint, device="cpu", score_threshold=0.0, batch_size=2)
+    batches, run = [], predictor.predict_batch
+    predictor.predict_batch = lambda batch: batches.append(len(batch)) or run(batch)
+    items, _ = collect_inputs(inputs)
+    report = predict_images(predictor, items, tmp_path / "out", draw=False)
+    assert batches == [2, 2, 1] and report.images == 5
+    assert [path for path, _ in report.skipped] == [str(broken)]
+    lines = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").open()]
+    readable = [p for p in inputs if p != broken]
+    assert [x["file_name"] for x in lines] == list(map(str, readable))
+    expected = [d.to_coco(i) for i, d in enumerate(predictor(readable))]  # the same batches
+    for line, entries in zip(lines, expected, strict=True):
+        assert line["detections"] == [e | {"file_name": line["file_name"]} for e in entries]
 
 
 def test_predict_keeps_every_dot_of_a_file_name(checkpoint, shapes, tmp_path):

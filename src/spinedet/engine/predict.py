@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import json
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,50 +209,46 @@ def predict_images(
     ids = image_ids or {}
     num_classes = len(predictor.description.categories)
 
-    def finish(batch: list[tuple[InputItem, torch.Tensor]], sink) -> None:
+    def record(item: InputItem, image: torch.Tensor, det: Detections, sink) -> None:
         nonlocal counter
-        for (item, image), det in zip(
-            batch, predictor.predict_batch([b[1] for b in batch]), strict=True
-        ):
-            image_id = ids.get(item.path) if item.frame is None else None
-            if image_id is None:
-                image_id, counter = counter, counter + 1
-            if draw and not predictor.classifier:  # a classifier has no boxes to draw
-                drawn = draw_detections(image, det, num_classes)
-                _save_png(Image.fromarray(drawn.permute(1, 2, 0).numpy()),
-                          target(_png(out / item.name)))  # fmt: skip
-            if save_masks:
-                _save_masks(det, out / "masks" / item.name, save_masks)
-            where = {"file_name": str(item.path)}
-            if item.frame is not None:
-                where["frame"] = item.frame
-            entries = [entry | where for entry in det.to_coco(image_id)]
-            height, width = det.image_size
-            record = {**where, "name": str(item.name), "image_id": image_id,
-                      "height": height, "width": width, "detections": entries}  # fmt: skip
-            with writing(lines):
-                sink.write((json.dumps(record) + "\n").encode())
-            results.extend(entries)
-            report.images += 1
-            report.detections += len(entries)
+        image_id = ids.get(item.path) if item.frame is None else None
+        if image_id is None:
+            image_id, counter = counter, counter + 1
+        if draw and not predictor.classifier:  # a classifier has no boxes to draw
+            drawn = draw_detections(image, det, num_classes)
+            _save_png(Image.fromarray(drawn.permute(1, 2, 0).numpy()),
+                      target(_png(out / item.name)))  # fmt: skip
+        if save_masks:
+            _save_masks(det, out / "masks" / item.name, save_masks)
+        where = {"file_name": str(item.path)}
+        if item.frame is not None:
+            where["frame"] = item.frame
+        entries = [entry | where for entry in det.to_coco(image_id)]
+        height, width = det.image_size
+        line = {**where, "name": str(item.name), "image_id": image_id,
+                "height": height, "width": width, "detections": entries}  # fmt: skip
+        with writing(lines):
+            sink.write((json.dumps(line) + "\n").encode())
+        results.extend(entries)
+        report.images += 1
+        report.detections += len(entries)
 
-    def readable() -> Iterator[tuple[InputItem, torch.Tensor]]:
+    # The inputs in the order the predictor reads them (a batch ahead of its results at most).
+    read: deque[tuple[InputItem, torch.Tensor]] = deque()
+
+    def images() -> Iterator[torch.Tensor]:
         for item in tqdm(items, desc="predict", unit="input"):
             try:
-                yield from _frames(item, every)
+                for frame, image in _frames(item, every):
+                    read.append((frame, image))
+                    yield image
             except SpinedetError as e:
                 report.skipped.append((str(item.path), str(e).removeprefix(f"{item.path}: ")))
 
     # Unbuffered: each record is in the file once written, and a failed write is not tried again
     # (with a second, unnamed error) when the file closes.
     with open(target(lines), "wb", buffering=0) as sink:
-        batch: list[tuple[InputItem, torch.Tensor]] = []
-        for frame in readable():
-            batch.append(frame)
-            if len(batch) == predictor.batch_size:
-                finish(batch, sink)
-                batch = []
-        if batch:
-            finish(batch, sink)
+        for det in predictor.stream(images()):
+            record(*read.popleft(), det, sink)
     atomic_write(report.path, lambda tmp: Path(tmp).write_text(json.dumps(results)))
     return report
