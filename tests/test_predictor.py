@@ -359,6 +359,17 @@ def test_classes_are_names_or_ids_and_one_that_is_both_is_refused():
         unnamed.labels_of([True])
 
 
+def test_a_string_of_classes_splits_at_commas_unless_it_is_one_whole_name():
+    named = ModelDescription("spinenet", "49s", "retinanet",
+                             categories=[Category(1, "car, sedan"), Category(2, "truck"),
+                                         Category(5, "car")])  # fmt: skip
+    assert named.labels_of(["car, sedan"]) == [1]
+    assert named.labels_of(["truck, car", "5"]) == [2, 3]
+    assert named.labels_of(["truck,5 ,", "car, sedan"]) == [2, 3, 1]
+    with pytest.raises(SpinedetError, match="class 'sedan': not one of the model's categories"):
+        named.labels_of(["truck,sedan"])
+
+
 def test_a_classifier_s_top_k_of_chosen_classes():
     torch.manual_seed(0)
     model = spinedet.create_model("spinenet49s_classifier", categories=CATEGORIES, image_size=32,

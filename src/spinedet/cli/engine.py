@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from .types import at_least, items, score
+from .types import at_least, score
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -122,9 +122,10 @@ def add_engine_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", help="image or video files, directories or globs")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--score-threshold", type=score, default=0.5, help="keep detections above")
-    p.add_argument("--classes", type=items, action="extend", default=None, metavar="NAMES",
+    p.add_argument("--classes", action="append", default=None, metavar="NAMES",
                    help="keep only these categories, names or ids, comma-separated (e.g. "
-                   "person,car or 1,3; repeatable), before --max-detections takes the "
+                   "person,car or 1,3; repeatable; a value that is one category's whole name "
+                   "is that category, commas and all), before --max-detections takes the "
                    "best")  # fmt: skip
     p.add_argument("--max-detections", type=at_least(1), default=None,
                    help="keep at most this many detections per image, the best (default: the "

@@ -31,8 +31,3 @@ def score(text: str) -> float:
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"expected a score in 0..1, got {text}")
     return value
-
-
-def items(text: str) -> list[str]:
-    """A comma-separated list option's type: its items, stripped of spaces."""
-    return [item.strip() for item in text.split(",") if item.strip()]

@@ -8,7 +8,7 @@ from class names or attributes.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from numbers import Integral
 from typing import Any
@@ -87,6 +87,16 @@ def categories_from(
     return ()
 
 
+def _split_names(classes: Iterable[str | int], names: Container[str]) -> Iterator[str | int]:
+    """``classes`` with each string that is not one of ``names`` split at its commas (its
+    parts stripped of spaces)."""
+    for item in classes:
+        if isinstance(item, str) and item not in names and "," in item:
+            yield from (part.strip() for part in item.split(",") if part.strip())
+        else:
+            yield item
+
+
 def _integer(item: object) -> int | None:
     """``item`` as an integer: an int (not a bool), or a string of one; else None."""
     if isinstance(item, Integral) and not isinstance(item, bool):
@@ -150,14 +160,16 @@ class ModelDescription:
 
     def labels_of(self, classes: Iterable[str | int]) -> list[int]:
         """The labels of ``classes``, each a category name or id (an int, or a string of one,
-        as a command line gives it). As evaluation does, a string that names one category and
-        is the id of another is refused (either could be meant; an unnamed model's name that
-        is its own id is not); so is an unknown one, listing the categories."""
+        as a command line gives it), or a string of them separated by commas (``"person,car"``)
+        unless it is one category's whole name (``"car, sedan"``). As evaluation does, a string
+        that names one category and is the id of another is refused (either could be meant; an
+        unnamed model's name that is its own id is not); so is an unknown one, listing the
+        categories."""
         label_of = self.category_id_to_label()
         by_name = {c.name: c.id for c in self.categories}
         name_of = {c.id: c.name for c in self.categories}
         labels: list[int] = []
-        for item in classes:
+        for item in _split_names(classes, by_name):
             named = by_name.get(item) if isinstance(item, str) else None
             number = _integer(item)
             number = number if number in label_of else None
