@@ -109,6 +109,12 @@ def test_eval_writes_metrics_and_results(checkpoint, shapes, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*argv, "--overwrite", "--confusion-score", "nan"])
     assert "expected a score in 0..1, got nan" in capsys.readouterr().err
+    # At another size the model sees the images resized otherwise: other detections.
+    assert main([*argv, "--overwrite", "--image-size", "96"]) == 0
+    resized = json.loads((tmp_path / "results.json").read_text())
+    first = sorted(results, key=lambda r: (r["image_id"], -r["score"]))[0]
+    again = sorted(resized, key=lambda r: (r["image_id"], -r["score"]))[0]
+    assert first["image_id"] == again["image_id"] and first["bbox"] != again["bbox"]
 
 
 def test_eval_refuses_images_without_a_file(checkpoint, shapes, tmp_path, capsys):

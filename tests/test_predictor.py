@@ -288,6 +288,18 @@ def test_predictors_sharing_a_model_in_threads_each_get_their_own_settings(weigh
     assert heads.nms_thresh == 0.5
 
 
+def test_image_size_runs_the_model_at_another_size(weights, image):
+    options = {"device": "cpu", "score_threshold": 0.0}
+    small = spinedet.Predictor(weights, image_size=32, **options)
+    assert small.image_size == 32
+    built = spinedet.Predictor(spinedet.load_model(weights, image_size=32), **options)
+    assert torch.equal(small(image).boxes, built(image).boxes)
+    own = spinedet.Predictor(weights, **options)
+    assert own.image_size == 64 and not torch.equal(small(image).boxes, own(image).boxes)
+    with pytest.raises(SpinedetError, match="image_size: give the weights' path"):
+        spinedet.Predictor(spinedet.load_model(weights), image_size=32, **options)
+
+
 def test_an_nms_threshold_suppresses_more_or_fewer_overlaps(weights, image):
     model = spinedet.load_model(weights)
 

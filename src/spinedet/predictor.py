@@ -262,7 +262,9 @@ class Predictor:
     classes' best. ``nms_threshold`` (0..1): the IoU above which a detection suppresses a
     lower-scoring one of its class; default: the detector's own ``nms_thresh`` (torchvision's
     0.5). These settings hold for the Predictor's own calls only, also when other threads run
-    the same model meanwhile (see :func:`~spinedet.models.selecting`).
+    the same model meanwhile (see :func:`~spinedet.models.selecting`). ``image_size``: run the
+    model loaded from ``weights`` at this size instead of the one it was trained at (a
+    detector's long side, a classifier's crop).
     """
 
     def __init__(
@@ -278,8 +280,16 @@ class Predictor:
         max_detections: int | None = None,
         classes: str | int | Iterable[str | int] | None = None,
         nms_threshold: float | None = None,
+        image_size: int | None = None,
     ) -> None:
-        model = weights if isinstance(weights, nn.Module) else load_model(weights)
+        if isinstance(weights, nn.Module):
+            if image_size is not None:
+                raise SpinedetError("image_size: give the weights' path, or build the model at "
+                                    "that size (load_model(path, image_size=...))")  # fmt: skip
+            model = weights
+        else:
+            sized = {} if image_size is None else {"image_size": image_size}
+            model = load_model(weights, **sized)
         if task_of(model) is None:
             raise SpinedetError(f"{weights}: holds a backbone; Predictor needs a detector")
         if masks not in ("binary", "rle"):

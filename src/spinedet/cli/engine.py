@@ -39,8 +39,8 @@ def _eval(args: argparse.Namespace) -> int:
     metrics = evaluate(args.checkpoint, args.annotations, args.images, args.out,
                        args.batch_size, args.device, args.workers,
                        optimize=not args.no_optimize, by_order=args.by_order,
-                       overwrite=args.overwrite,
-                       confusion_score=args.confusion_score)  # fmt: skip
+                       overwrite=args.overwrite, confusion_score=args.confusion_score,
+                       image_size=args.image_size)  # fmt: skip
     if int(os.environ.get("RANK", "0")) == 0:
         classifier = "top1" in metrics
         print(format_classification(metrics) if classifier else format_metrics(metrics))
@@ -58,7 +58,8 @@ def _predict(args: argparse.Namespace) -> int:
                      save_masks=args.save_masks, annotations=args.annotations,
                      overwrite=args.overwrite, optimize=not args.no_optimize,
                      top_k=args.top_k, max_detections=args.max_detections,
-                     classes=args.classes, nms_threshold=args.nms_threshold)  # fmt: skip
+                     classes=args.classes, nms_threshold=args.nms_threshold,
+                     image_size=args.image_size)  # fmt: skip
     records = [json.loads(line) for line in open(report.path.with_suffix(".jsonl"))]
     if records and records[0]["detections"] and "bbox" not in records[0]["detections"][0]:
         for record in records:  # a classifier: its top-k classes per image
@@ -153,6 +154,9 @@ def add_engine_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _inference_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image-size", type=at_least(32), default=None,
+                   help="run the model at this size instead of the one it was trained at (a "
+                   "detector's long side, a classifier's crop)")  # fmt: skip
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.add_argument("--no-optimize", action="store_true",
                    help="run the plain model instead of the optimised one "

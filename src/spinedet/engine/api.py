@@ -57,6 +57,7 @@ def evaluate(
     by_order: bool = False,
     overwrite: bool = False,
     confusion_score: float = 0.5,
+    image_size: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """COCO AP (box, and mask for Mask R-CNN) of a checkpoint on a COCO json data set; for a
     classifier (``annotations`` None), top-1/top-5 and per-class accuracy on the ImageFolder
@@ -73,14 +74,16 @@ def evaluate(
     close, not equal). ``by_order``: a classifier's class folders are its classes in sorted
     order, whatever their names (see :class:`~spinedet.data.ImageFolderDataset`).
     ``overwrite``: replace an earlier evaluation's ``metrics.json`` in ``out_dir`` (else
-    refused before evaluating).
+    refused before evaluating). ``image_size``: run the model at this size instead of the one
+    it was trained at (a detector's long side, a classifier's crop).
     """
     if out_dir is not None:  # before the pass, which may take hours, not after it
         refuse_existing(writable_folder(out_dir) / "metrics.json", overwrite)
     info = distributed.setup(device)
     workers = loader_workers(workers, info.device)
     try:
-        model, categories = load_checkpoint(checkpoint)
+        sized = {} if image_size is None else {"image_size": image_size}
+        model, categories = load_checkpoint(checkpoint, **sized)
         task = task_of(model)
         if task is None:
             raise SpinedetError(f"{checkpoint} holds a backbone: evaluate a detector")
@@ -164,6 +167,7 @@ def predict(
     max_detections: int | None = None,
     classes: Sequence[str | int] | None = None,
     nms_threshold: float | None = None,
+    image_size: int | None = None,
 ) -> PredictionReport:
     """Predict on images, directories, globs and videos (every ``every``-th frame) into
     ``out_dir`` (see :func:`~spinedet.engine.predict.predict_images`); returns the report.
@@ -171,7 +175,8 @@ def predict(
     A classifier's records hold its ``top_k`` classes and probabilities instead of detections
     (no drawings); ``max_detections`` caps a detector's detections per image, ``classes`` keeps
     only those categories (names or ids), ``nms_threshold`` replaces the detector's NMS IoU
-    threshold (see :class:`~spinedet.predictor.Predictor`). Raises
+    threshold, ``image_size`` the size the model runs at (see
+    :class:`~spinedet.predictor.Predictor`). Raises
     :class:`PredictError` after writing everything else when inputs were unreadable, naming
     them; with ``annotations`` (a COCO file), image ids are that file's (see
     :func:`_image_ids`), and the others' are above all of them.
@@ -179,7 +184,7 @@ def predict(
     flush_denormals()
     predictor = Predictor(checkpoint, device, score_threshold, optimize, batch_size, "binary",
                           top_k, max_detections=max_detections, classes=classes,
-                          nms_threshold=nms_threshold)  # fmt: skip
+                          nms_threshold=nms_threshold, image_size=image_size)  # fmt: skip
     items, skipped = collect_inputs(inputs, exclude=out_dir)
     if not items and not skipped:
         raise SpinedetError(f"no images or videos found in {', '.join(map(str, inputs))}")
