@@ -1,6 +1,7 @@
 """spinedet.Predictor: every input type, the data set's ids, the optimised model, huge and
 thin images."""
 
+import itertools
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -13,12 +14,12 @@ from conftest import TINY_MODEL
 from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.nn import functional as F
-from torchvision.ops import box_iou
+from torchvision.ops import batched_nms, box_iou
 
 import spinedet
 from spinedet.errors import SpinedetError
 from spinedet.models import Category, ModelDescription
-from spinedet.predictor import default_device, to_image_tensor
+from spinedet.predictor import default_device, tile_origins, to_image_tensor
 
 CATEGORIES = [{"id": 3, "name": "circle"}, {"id": 7, "name": "square"}]
 
@@ -298,6 +299,57 @@ def test_image_size_runs_the_model_at_another_size(weights, image):
     assert own.image_size == 64 and not torch.equal(small(image).boxes, own(image).boxes)
     with pytest.raises(SpinedetError, match="image_size: give the weights' path"):
         spinedet.Predictor(spinedet.load_model(weights), image_size=32, **options)
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "tile", "overlap"),
+    [(200, 300, 64, 0.2), (64, 64, 64, 0.2), (50, 300, 64, 0.5), (1000, 1001, 640, 0.0)],
+)
+def test_tiles_cover_the_image_from_border_to_border_and_overlap(height, width, tile, overlap):
+    origins = tile_origins(height, width, tile, overlap)
+    covered = torch.zeros(height, width, dtype=torch.bool)
+    for y, x in origins:
+        covered[y : y + tile, x : x + tile] = True
+    assert covered.all()
+    for starts, length in (({y for y, _ in origins}, height), ({x for _, x in origins}, width)):
+        starts = sorted(starts)
+        assert starts[0] == 0 and starts[-1] == max(0, length - tile)
+        assert all(0 < b - a <= tile * (1 - overlap) for a, b in itertools.pairwise(starts))
+    assert len(origins) == len(set(origins))
+
+
+def test_tiled_detections_are_the_whole_image_s_and_its_tiles_merged_by_nms(weights):
+    """Each view (the image, then its tiles) alone, boxes and masks moved to where the view
+    lies, merged by class-wise NMS and capped: what the tiled Predictor gives, in the same
+    order; an image no larger than a tile is detected as without tiles."""
+    model = spinedet.load_model(weights)
+    big = np.random.default_rng(1).integers(0, 256, (150, 200, 3), dtype=np.uint8)
+    options = {"device": "cpu", "score_threshold": 0.0, "optimize": False, "batch_size": 1}
+    tiled = spinedet.Predictor(model, tile=64, **options)(big)
+    plain = spinedet.Predictor(model, **options)
+    views = [(0, 0, plain(big))] + [
+        (y, x, plain(big[y : y + 64, x : x + 64])) for y, x in tile_origins(150, 200, 64, 0.2)
+    ]
+    assert len(views) == 13
+    boxes = torch.cat([d.boxes + torch.tensor([x, y, x, y]) for y, x, d in views])
+    scores = torch.cat([d.scores for *_, d in views])
+    labels = torch.cat([d.labels for *_, d in views])
+    keep = batched_nms(boxes, scores, labels, 0.5)[:100]
+    assert len(tiled) == 100 and torch.equal(tiled.boxes, boxes[keep])
+    assert torch.equal(tiled.scores, scores[keep]) and torch.equal(tiled.labels, labels[keep])
+    masks = []
+    for y, x, d in views:
+        for mask in d.masks:
+            whole = torch.zeros(150, 200, dtype=torch.bool)
+            whole[y : y + mask.shape[0], x : x + mask.shape[1]] = mask
+            masks.append(whole)
+    assert torch.equal(tiled.masks, torch.stack(masks)[keep])
+    assert sum(len(d) for _, _, d in views[1:]) > 0 and (keep >= len(views[0][2])).any()
+    small = np.ascontiguousarray(big[:64, :60])
+    alone = spinedet.Predictor(model, tile=64, **options)(small)
+    assert torch.equal(alone.boxes, plain(small).boxes)
+    with pytest.raises(SpinedetError, match="tile=16: use a size in pixels, at least 32"):
+        spinedet.Predictor(model, tile=16, **options)
 
 
 def test_an_nms_threshold_suppresses_more_or_fewer_overlaps(weights, image):

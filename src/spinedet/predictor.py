@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch import nn
 from torch.nn import functional as nnf
+from torchvision.ops import batched_nms
 from torchvision.transforms.v2 import functional as F
 
 from .data import load_image
@@ -30,7 +31,15 @@ from .models import ModelDescription, describe, detection_selection, load_model,
 from .models.registry import task_of
 from .optimize import optimize_for_inference
 
-__all__ = ["Classes", "Detections", "ImageInput", "Predictor", "default_device", "to_image_tensor"]
+__all__ = [
+    "Classes",
+    "Detections",
+    "ImageInput",
+    "Predictor",
+    "default_device",
+    "tile_origins",
+    "to_image_tensor",
+]
 
 ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
 
@@ -265,6 +274,15 @@ class Predictor:
     the same model meanwhile (see :func:`~spinedet.models.selecting`). ``image_size``: run the
     model loaded from ``weights`` at this size instead of the one it was trained at (a
     detector's long side, a classifier's crop).
+
+    ``tile`` (pixels): also detect in ``tile`` x ``tile`` windows of each image larger than
+    that, at the image's own resolution, neighbours overlapping by ``tile_overlap`` of a tile
+    (:func:`tile_origins`); the image's detections are those of the whole image (resized to
+    the model's size, as without tiles) and of its tiles together, merged by class-wise NMS at
+    the detector's IoU threshold (or ``nms_threshold``) and capped as one view is. Objects a
+    few pixels wide in a 4000 x 3000 photo vanish when it is resized to 640; in a tile they
+    keep their pixels. An object cut by a tile border is found whole by the tile next to it
+    (with enough overlap) or by the whole image.
     """
 
     def __init__(
@@ -281,6 +299,8 @@ class Predictor:
         classes: str | int | Iterable[str | int] | None = None,
         nms_threshold: float | None = None,
         image_size: int | None = None,
+        tile: int | None = None,
+        tile_overlap: float = 0.2,
     ) -> None:
         if isinstance(weights, nn.Module):
             if image_size is not None:
@@ -303,12 +323,18 @@ class Predictor:
             raise SpinedetError(f"max_detections={max_detections!r}: use a positive integer")
         if nms_threshold is not None and not 0 <= nms_threshold <= 1:
             raise SpinedetError(f"nms_threshold={nms_threshold!r}: use an IoU in 0..1")
+        if tile is not None and not (isinstance(tile, int | np.integer) and tile >= 32):
+            raise SpinedetError(f"tile={tile!r}: use a size in pixels, at least 32")
+        if not 0 <= tile_overlap < 1:
+            raise SpinedetError(f"tile_overlap={tile_overlap!r}: use a fraction in 0..1 (not 1)")
         self.description = describe(model)
         if self.description.task == "classifier":
             if max_detections is not None:
                 raise SpinedetError("max_detections: a classifier gives its top_k classes instead")
             if nms_threshold is not None:
                 raise SpinedetError("nms_threshold: a classifier has no detections to suppress")
+            if tile is not None:
+                raise SpinedetError("tile: a classifier sees each image whole")
         kept = _kept_labels(self.description, classes)  # refused before the model is optimised
         self.device = default_device(device)
         self.kept_labels = None if kept is None else kept.to(self.device)
@@ -326,6 +352,8 @@ class Predictor:
         self.classifier = self.description.task == "classifier"
         self.max_detections = None if max_detections is None else int(max_detections)
         self.nms_threshold = nms_threshold
+        self.tile = None if tile is None else int(tile)
+        self.tile_overlap = tile_overlap
         if self.classifier:  # resized, centre-cropped and normalised as in evaluation
             self.top_k = min(top_k, len(self._name_of) if kept is None else int(kept.sum()))
             self.transform = classification_eval_transforms(model.image_size)
@@ -386,6 +414,15 @@ class Predictor:
             scores, labels = probs.cpu().topk(self.top_k, dim=1)
             return [self._classes(s, lab, tuple(image.shape[-2:]))
                     for s, lab, image in zip(scores, labels, images, strict=True)]  # fmt: skip
+        found = self._detect(images) if self.tile is None else self._tiled(images)
+        if self.masks == "rle":
+            for detections in found:
+                if (crops := detections.mask_crops) is not None:
+                    detections.masks = crops.to_rle()
+        return found
+
+    def _detect(self, images: Sequence[torch.Tensor]) -> list[Detections]:
+        """Each image's detections, run as one batch, masks as crops."""
         inputs, shapes = [], []
         for image in images:
             shapes.append(tuple(image.shape[-2:]))
@@ -394,6 +431,52 @@ class Predictor:
                        self.nms_threshold):  # fmt: skip
             outputs = self.model(inputs)
         return [self._finish(o, x, s) for o, x, s in zip(outputs, inputs, shapes, strict=True)]
+
+    def _tiled(self, images: Sequence[torch.Tensor]) -> list[Detections]:
+        """Each image whole and, where it is larger than a tile, in overlapping tiles at its own
+        resolution (:func:`tile_origins`), ``batch_size`` views at a time; each image's
+        detections merged by class-wise NMS (:meth:`_merge`)."""
+        views = []
+        for i, image in enumerate(images):
+            views.append((i, 0, 0, image))
+            height, width = image.shape[-2:]
+            if max(height, width) > self.tile:
+                for y, x in tile_origins(height, width, self.tile, self.tile_overlap):
+                    views.append((i, y, x, image[:, y : y + self.tile, x : x + self.tile]))
+        parts: list[list[tuple[int, int, Detections]]] = [[] for _ in images]
+        for start in range(0, len(views), self.batch_size):
+            batch = views[start : start + self.batch_size]
+            found = self._detect([view for *_, view in batch])
+            for (i, y, x, _), detections in zip(batch, found, strict=True):
+                parts[i].append((y, x, detections))
+        shapes = [tuple(image.shape[-2:]) for image in images]
+        return [self._merge(part, shape) for part, shape in zip(parts, shapes, strict=True)]
+
+    def _merge(
+        self, parts: list[tuple[int, int, Detections]], shape: tuple[int, int]
+    ) -> Detections:
+        """The detections of an image's views (each at its ``(y, x)`` in the image) as the
+        image's: class-wise NMS over all of them at the detector's IoU threshold, the best
+        first, capped as the detector caps one view."""
+        if len(parts) == 1:  # the image whole, no tiles
+            return parts[0][2]
+        heads = detection_selection(self.model)
+        offsets = torch.tensor([[x, y, x, y] for y, x, d in parts for _ in range(len(d))])
+        boxes = torch.cat([d.boxes for *_, d in parts]) + offsets.reshape(-1, 4)
+        scores = torch.cat([d.scores for *_, d in parts])
+        labels = torch.cat([d.labels for *_, d in parts])
+        nms = self.nms_threshold if self.nms_threshold is not None else heads.nms_thresh
+        keep = batched_nms(boxes, scores, labels, nms)
+        keep = keep[: self.max_detections or heads.detections_per_img].tolist()
+        cats = [c for *_, d in parts for c in d.category_ids]
+        merged = Detections(boxes[keep], scores[keep], labels[keep], [cats[k] for k in keep],
+                            [self._name_of[cats[k]] for k in keep], shape)  # fmt: skip
+        if parts[0][2].mask_crops is not None:
+            crops = [c for *_, d in parts for c in d.mask_crops.crops]
+            origins = [(y + top, x + left) for y, x, d in parts
+                       for top, left in d.mask_crops.origins]  # fmt: skip
+            merged.masks = MaskCrops([crops[k] for k in keep], [origins[k] for k in keep], shape)
+        return merged
 
     def _classes(self, scores: torch.Tensor, labels: torch.Tensor,
                  shape: tuple[int, int]) -> Classes:  # fmt: skip
@@ -422,9 +505,20 @@ class Predictor:
             image_size=(height, width),
         )
         if "masks" in output:
-            detections.masks = self._masks(output["masks"][:, :, :seen_h, :seen_w], shape)
+            detections.masks = resize_masks(output["masks"][:, 0, :seen_h, :seen_w], shape)
         return detections
 
-    def _masks(self, probs: torch.Tensor, shape: tuple[int, int]) -> MaskCrops | list[dict]:
-        crops = resize_masks(probs[:, 0], shape)
-        return crops.to_rle() if self.masks == "rle" else crops
+
+def tile_origins(height: int, width: int, tile: int, overlap: float) -> list[tuple[int, int]]:
+    """The top-left corners (row, column) of ``tile`` x ``tile`` windows that cover a ``height``
+    x ``width`` image, neighbours overlapping by at least ``overlap`` of a tile, evenly spread
+    from one border to the other (a window is the image's side where that is shorter)."""
+
+    def starts(length: int) -> list[int]:
+        if length <= tile:
+            return [0]
+        stride = max(1, math.floor(tile * (1 - overlap)))
+        count = math.ceil((length - tile) / stride) + 1
+        return [round(i * (length - tile) / (count - 1)) for i in range(count)]
+
+    return [(y, x) for y in starts(height) for x in starts(width)]

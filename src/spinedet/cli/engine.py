@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from .types import at_least, score
+from .types import at_least, fraction, score
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -40,7 +40,8 @@ def _eval(args: argparse.Namespace) -> int:
                        args.batch_size, args.device, args.workers,
                        optimize=not args.no_optimize, by_order=args.by_order,
                        overwrite=args.overwrite, confusion_score=args.confusion_score,
-                       image_size=args.image_size)  # fmt: skip
+                       image_size=args.image_size, tile=args.tile,
+                     tile_overlap=args.tile_overlap)  # fmt: skip
     if int(os.environ.get("RANK", "0")) == 0:
         classifier = "top1" in metrics
         print(format_classification(metrics) if classifier else format_metrics(metrics))
@@ -59,7 +60,8 @@ def _predict(args: argparse.Namespace) -> int:
                      overwrite=args.overwrite, optimize=not args.no_optimize,
                      top_k=args.top_k, max_detections=args.max_detections,
                      classes=args.classes, nms_threshold=args.nms_threshold,
-                     image_size=args.image_size)  # fmt: skip
+                     image_size=args.image_size, tile=args.tile,
+                     tile_overlap=args.tile_overlap)  # fmt: skip
     records = [json.loads(line) for line in open(report.path.with_suffix(".jsonl"))]
     if records and records[0]["detections"] and "bbox" not in records[0]["detections"][0]:
         for record in records:  # a classifier: its top-k classes per image
@@ -135,7 +137,14 @@ def add_engine_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nms-threshold", type=score, default=None,
                    help="IoU above which a detection suppresses a lower-scoring one of its class "
                    "(default: the model's own, torchvision's 0.5)")  # fmt: skip
-    p.add_argument("--batch-size", type=at_least(1), default=4, help="images per forward pass")
+    p.add_argument("--tile", type=at_least(32), default=None, metavar="PIXELS",
+                   help="also detect in tiles of this size of each larger image, at its own "
+                   "resolution (small objects in large photos), merged with the whole image's "
+                   "detections by NMS")  # fmt: skip
+    p.add_argument("--tile-overlap", type=fraction, default=0.2,
+                   help="how much neighbouring tiles overlap, a fraction of a tile")  # fmt: skip
+    p.add_argument("--batch-size", type=at_least(1), default=4,
+                   help="images (or tiles) per forward pass")  # fmt: skip
     p.add_argument("--every", type=at_least(1), default=1, help="every N-th frame of a video")
     p.add_argument("--no-draw", action="store_true", help="write JSON only, no drawings")
     p.add_argument("--save-masks", choices=["instance", "image"], default=None,

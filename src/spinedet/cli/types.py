@@ -31,3 +31,11 @@ def score(text: str) -> float:
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"expected a score in 0..1, got {text}")
     return value
+
+
+def fraction(text: str) -> float:
+    """A fraction option's type: a number in 0..1, 1 itself excluded (NaN refused)."""
+    value = score(text)
+    if value == 1:
+        raise argparse.ArgumentTypeError("expected a fraction below 1, got 1")
+    return value
