@@ -13,6 +13,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+import torchvision
 from conftest import TINY_MODEL
 from torch import nn
 from torchvision.models.detection.image_list import ImageList
@@ -92,6 +93,31 @@ def test_retinanet_command_exports_onnx_with_metadata(retinanet, tmp_path, capsy
         assert set(labels[i, :n]) <= {3, 7} and (labels[i, n:] == -1).all()
         assert (scores[i, n:] == 0).all() and (np.diff(scores[i, :n]) <= 0).all()
         assert (boxes[i, :n, 2:] <= [64, 50]).all() and (boxes[i, :n] >= 0).all()
+
+
+def test_export_with_its_own_thresholds_and_detections_per_image(retinanet, tmp_path):
+    weights = tmp_path / "retina.safetensors"
+    save_weights(retinanet, weights)
+    out = tmp_path / "five.onnx"
+    result = export_onnx(weights, out, score_threshold=0.3, nms_threshold=0.2, max_detections=5)
+    assert result["check"]["detections"] > 0  # onnxruntime agreed with the model so changed
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(0).integers(0, 256, (2, 3, 64, 64), dtype=np.uint8)
+    boxes, scores, labels, count = session.run(None, {"images": images})
+    assert boxes.shape == (2, 5, 4) and count.max() > 0
+    for i, n in enumerate(count):
+        assert (scores[i, :n] > 0.3).all()
+        for a in range(n):  # no two of a class overlap by more than 0.2
+            for b in range(a + 1, n):
+                if labels[i, a] == labels[i, b]:
+                    iou = torchvision.ops.box_iou(torch.tensor(boxes[i, a : a + 1]),
+                                                  torch.tensor(boxes[i, b : b + 1]))  # fmt: skip
+                    assert float(iou) <= 0.2
+    assert retinanet.detections_per_img == 20  # the weights' model; the module is untouched
+    with pytest.raises(ExportError, match="detections_per_img: export from the weights' path"):
+        export_onnx(retinanet, tmp_path / "x.onnx", max_detections=5)
+    with pytest.raises(ExportError, match="the dense part selects no detections"):
+        export_onnx(weights, tmp_path / "y.onnx", dense=True, max_detections=5)
 
 
 def test_a_check_that_compared_no_detections_says_so(tmp_path, capsys):

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .types import at_least
+from .types import at_least, score
 
 __all__ = ["add_export_commands"]
 
@@ -37,12 +37,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
         "image_size": args.size, "check": not args.no_check, "check_images": args.check_images,
         "input_dtype": args.input_dtype, "overwrite": args.overwrite,
     }  # fmt: skip
+    selection = {"score_threshold": args.score_threshold, "nms_threshold": args.nms_threshold,
+                 "max_detections": args.max_detections}  # fmt: skip
     if args.format == "torchscript":
         if args.dense:
             raise SpinedetError("--dense exports to ONNX only: use --format onnx")
-        result = export_torchscript(args.checkpoint, out, **options)
+        result = export_torchscript(args.checkpoint, out, **options, **selection)
     else:
-        result = export_onnx(args.checkpoint, out, dense=args.dense, **options)
+        result = export_onnx(args.checkpoint, out, dense=args.dense, **options, **selection)
     if "max_abs_diff" in result:  # the dense part
         print(f"exported {result['kind']} at {result['image_size']} px to {result['path']}")
         for name, shape in result["outputs"].items():
@@ -126,6 +128,26 @@ def add_export_commands(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="export only the fixed-size part (backbone and dense heads, square input, no "
         "decoding or NMS), as before",
+    )
+    p.add_argument(
+        "--score-threshold",
+        type=score,
+        default=None,
+        help=f"keep detections above (default{OWN_DEFAULT}: the model's own, torchvision's 0.05)",
+    )
+    p.add_argument(
+        "--nms-threshold",
+        type=score,
+        default=None,
+        help="IoU above which a detection suppresses a lower-scoring one of its class "
+        f"(default{OWN_DEFAULT}: the model's own, torchvision's 0.5)",
+    )
+    p.add_argument(
+        "--max-detections",
+        type=at_least(1),
+        default=None,
+        help="detections per image, the rows of each image's outputs (default"
+        f"{OWN_DEFAULT}: the model's own, torchvision's 300 for a RetinaNet, 100 for an R-CNN)",
     )
     p.add_argument("--no-check", action="store_true", help="skip the comparison with PyTorch")
     p.set_defaults(func=_cmd_export)

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..data.transforms import CENTER_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD
 from ..files import atomic_write, refuse_existing, refuse_missing_path
-from ..models import create_model, describe, load_model
+from ..models import create_model, describe, detection_selection, load_model
 from .check import check_detector, check_sizes, load_check_images
 from .dense import DenseOutputs, ExportError
 from .graph import DetectorGraph
@@ -177,14 +177,25 @@ def _require_onnx() -> None:
 
 
 def _prepare(
-    model_or_path: nn.Module | str | Path, image_size: int | None, input_dtype: str
+    model_or_path: nn.Module | str | Path,
+    image_size: int | None,
+    input_dtype: str,
+    selection: Mapping[str, float | int | None],
 ) -> tuple[nn.Module, DetectorGraph, int, torch.Tensor]:
-    """The model, its graph, the image size, and the example batch the trace records."""
+    """The model (its selection of detections set as ``selection`` says: a detector's
+    ``score_thresh``, ``nms_thresh`` and ``detections_per_img``, None keeping its own), its
+    graph, the image size, and the example batch the trace records."""
     if input_dtype not in INPUT_DTYPES:
         raise ExportError(f"input dtype {input_dtype!r}: use one of {list(INPUT_DTYPES)}")
     given = isinstance(model_or_path, nn.Module)
     overrides = {"image_size": image_size} if image_size and not given else {}
     model = resolve_model(model_or_path, **overrides).eval()
+    chosen = {name: value for name, value in selection.items() if value is not None}
+    if chosen and given:  # the caller's model is not changed
+        raise ExportError(f"{', '.join(chosen)}: export from the weights' path, or build the "
+                          "model with these options")  # fmt: skip
+    for name, value in chosen.items():  # the graph and the check's PyTorch model alike
+        setattr(detection_selection(model), name, value)
     size = _default_size(model)
     if image_size and image_size != size:
         raise ExportError(
@@ -280,9 +291,16 @@ def export_onnx(
     check_images: Sequence[str | Path] | None = None,
     input_dtype: str = "uint8",
     overwrite: bool = False,
+    *,
+    score_threshold: float | None = None,
+    nms_threshold: float | None = None,
+    max_detections: int | None = None,
 ) -> dict:
     """Export a model to ONNX at ``out``: the whole detector (see the module docstring), or its
     dense part with ``dense`` (and for backbones and classifiers).
+
+    ``score_threshold``, ``nms_threshold`` (IoU) and ``max_detections`` (the ``K`` rows of each
+    image's outputs) replace the detector's own in the exported graph (default: its own).
 
     ``image_size``: the model's input size (default: the size it was built for): the longer
     side of the check images, the square size of the dense export. With ``check``,
@@ -297,9 +315,14 @@ def export_onnx(
     """
     refuse_existing(out, overwrite)
     _require_onnx()
+    selection = {"score_thresh": score_threshold, "nms_thresh": nms_threshold,
+                 "detections_per_img": max_detections}  # fmt: skip
     if dense or describe(resolve_model(model_or_path)).task in ("backbone", "classifier"):
+        if any(value is not None for value in selection.values()):
+            raise ExportError("score_threshold, nms_threshold, max_detections: the dense part "
+                              "selects no detections")  # fmt: skip
         return _export_dense_onnx(model_or_path, out, image_size, check, batch_size)
-    model, graph, size, example = _prepare(model_or_path, image_size, input_dtype)
+    model, graph, size, example = _prepare(model_or_path, image_size, input_dtype, selection)
     result = _result(graph, out, "onnx", size)
     names = graph.output_names
     axes = {"images": {0: "N", 2: "H", 3: "W"}} | {n: {0: "N"} for n in names}
@@ -336,18 +359,24 @@ def export_torchscript(
     check_images: Sequence[str | Path] | None = None,
     input_dtype: str = "uint8",
     overwrite: bool = False,
+    *,
+    score_threshold: float | None = None,
+    nms_threshold: float | None = None,
+    max_detections: int | None = None,
 ) -> dict:
     """Export a detector to TorchScript at ``out`` (``import torchvision`` for its NMS and
     RoIAlign ops, then ``torch.jit.load`` it; spinedet is not needed; the metadata of
     :func:`export_metadata` is the archive's ``spinedet.json``), checked like
-    :func:`export_onnx` with the saved module; an existing ``out`` is replaced only with
-    ``overwrite``."""
+    :func:`export_onnx` with the saved module, with the same selection options; an existing
+    ``out`` is replaced only with ``overwrite``."""
     refuse_existing(out, overwrite)
     task = describe(resolve_model(model_or_path)).task
     if task in ("backbone", "classifier"):
         raise ExportError(f"TorchScript export covers detectors; a {task} exports to ONNX only")
     # From the file, not the model above: another image_size rebuilds it at that size.
-    model, graph, size, example = _prepare(model_or_path, image_size, input_dtype)
+    selection = {"score_thresh": score_threshold, "nms_thresh": nms_threshold,
+                 "detections_per_img": max_detections}  # fmt: skip
+    model, graph, size, example = _prepare(model_or_path, image_size, input_dtype, selection)
     result = _result(graph, out, "torchscript", size)
     names = graph.output_names
 
