@@ -65,6 +65,18 @@ def test_predict_classes_by_name_or_id(checkpoint, shapes, tmp_path, capsys):
     assert len(err.splitlines()) == 1
 
 
+def test_predict_in_tiles_gives_the_predictor_s_tiled_detections(checkpoint, shapes, tmp_path):
+    image = sorted(shapes["images"].iterdir())[0]
+    argv = ["predict", str(checkpoint), str(image), "--score-threshold", "0", "--no-draw",
+            "--tile", "40", "--tile-overlap", "0.5", "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    (line,) = [json.loads(x) for x in (tmp_path / "predictions.jsonl").open()]
+    tiled = spinedet.Predictor(checkpoint, device="cpu", score_threshold=0.0, tile=40,
+                               tile_overlap=0.5)(image)  # fmt: skip
+    assert len(tiled) > 0
+    assert line["detections"] == [e | {"file_name": str(image)} for e in tiled.to_coco(0)]
+
+
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
 def test_predict_on_a_full_disk_names_the_file_and_cuts_no_drawing(checkpoint, shapes, tmp_path,
                                                                     capsys):  # fmt: skip

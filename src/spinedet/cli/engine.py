@@ -40,8 +40,7 @@ def _eval(args: argparse.Namespace) -> int:
                        args.batch_size, args.device, args.workers,
                        optimize=not args.no_optimize, by_order=args.by_order,
                        overwrite=args.overwrite, confusion_score=args.confusion_score,
-                       image_size=args.image_size, tile=args.tile,
-                     tile_overlap=args.tile_overlap)  # fmt: skip
+                       image_size=args.image_size)  # fmt: skip
     if int(os.environ.get("RANK", "0")) == 0:
         classifier = "top1" in metrics
         print(format_classification(metrics) if classifier else format_metrics(metrics))
