@@ -3,6 +3,7 @@ gradients, running statistics and detections. The graph tests need a GPU; on the
 replaced forwards must run the model as it is and leave its state untouched."""
 
 import copy
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -248,3 +249,18 @@ def test_retinanet_inference_graphs_equal_eager_detections():
             found += len(a["boxes"])
     assert found
     assert all(len(p.forward.graphs) == 1 for p in cuda_graph_parts(fast))
+
+
+@cuda
+@pytest.mark.parametrize("name", DETECTORS)
+def test_an_optimised_predictor_serves_threads_at_once(name):
+    """The graphs replay into buffers of their own: Predictor calls from several threads must
+    still each get their own image's detections."""
+    model = small(name)
+    predictor = spinedet.Predictor(model, device="cuda", score_threshold=0.0)
+    images = [image.cpu() for image in batch(8, 3, "cpu")[0]]
+    alone = [predictor(image) for image in images for _ in range(2)]  # captured, replayed
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(predictor, images * 4))
+    for got, ref in zip(together, alone[1::2] * 4, strict=True):  # replays, as in threads
+        assert torch.equal(got.boxes, ref.boxes) and torch.equal(got.scores, ref.scores)

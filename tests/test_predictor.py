@@ -14,7 +14,7 @@ from conftest import TINY_MODEL
 from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.nn import functional as F
-from torchvision.ops import batched_nms, box_iou
+from torchvision.ops import box_iou
 
 import spinedet
 from spinedet.errors import SpinedetError
@@ -318,33 +318,46 @@ def test_tiles_cover_the_image_from_border_to_border_and_overlap(height, width, 
     assert len(origins) == len(set(origins))
 
 
-def test_tiled_detections_are_the_whole_image_s_and_its_tiles_merged_by_nms(weights):
-    """Each view (the image, then its tiles) alone, boxes and masks moved to where the view
-    lies, merged by class-wise NMS and capped: what the tiled Predictor gives, in the same
-    order; an image no larger than a tile is detected as without tiles."""
+@pytest.mark.parametrize("whole", [False, True])
+def test_tiled_detections_are_those_of_each_view_merged(weights, whole):
+    """Each view (the image whole with ``tile_whole``, its tiles) alone, boxes and masks moved
+    to where the view lies, then merged best first: a detection drops the others of its class
+    from other views that it covers, or that cover it, by half of the smaller box. An image
+    no larger than a tile is detected as without tiles."""
     model = spinedet.load_model(weights)
     big = np.random.default_rng(1).integers(0, 256, (150, 200, 3), dtype=np.uint8)
     options = {"device": "cpu", "score_threshold": 0.0, "optimize": False, "batch_size": 1}
-    tiled = spinedet.Predictor(model, tile=64, **options)(big)
+    tiled = spinedet.Predictor(model, tile=64, tile_whole=whole, **options)(big)
     plain = spinedet.Predictor(model, **options)
-    views = [(0, 0, plain(big))] + [
-        (y, x, plain(big[y : y + 64, x : x + 64])) for y, x in tile_origins(150, 200, 64, 0.2)
-    ]
-    assert len(views) == 13
-    boxes = torch.cat([d.boxes + torch.tensor([x, y, x, y]) for y, x, d in views])
-    scores = torch.cat([d.scores for *_, d in views])
-    labels = torch.cat([d.labels for *_, d in views])
-    keep = batched_nms(boxes, scores, labels, 0.5)[:100]
-    assert len(tiled) == 100 and torch.equal(tiled.boxes, boxes[keep])
-    assert torch.equal(tiled.scores, scores[keep]) and torch.equal(tiled.labels, labels[keep])
-    masks = []
-    for y, x, d in views:
-        for mask in d.masks:
-            whole = torch.zeros(150, 200, dtype=torch.bool)
-            whole[y : y + mask.shape[0], x : x + mask.shape[1]] = mask
-            masks.append(whole)
-    assert torch.equal(tiled.masks, torch.stack(masks)[keep])
-    assert sum(len(d) for _, _, d in views[1:]) > 0 and (keep >= len(views[0][2])).any()
+    views = [(y, x, plain(big[y : y + 64, x : x + 64])) for y, x in tile_origins(150, 200, 64, 0.2)]
+    views = [(0, 0, plain(big))] * whole + views
+    assert len(views) == 12 + whole
+    found = []  # (score, view, label, box, mask) in the image
+    for v, (y, x, d) in enumerate(views):
+        for box, score, label, mask in zip(d.boxes, d.scores, d.labels, d.masks, strict=True):
+            whole_mask = torch.zeros(150, 200, dtype=torch.bool)
+            whole_mask[y : y + mask.shape[0], x : x + mask.shape[1]] = mask
+            found.append(
+                (float(score), v, int(label), box + torch.tensor([x, y, x, y]), whole_mask)
+            )
+
+    def covered(a: torch.Tensor, b: torch.Tensor) -> bool:
+        inter = (torch.minimum(a[2:], b[2:]) - torch.maximum(a[:2], b[:2])).clamp(min=0).prod()
+        smaller = min((a[2:] - a[:2]).prod(), (b[2:] - b[:2]).prod())
+        return bool(inter / max(float(smaller), 1e-6) >= 0.5)
+
+    kept: list[int] = []
+    for i in sorted(range(len(found)), key=lambda i: -found[i][0]):
+        if not any(found[k][1] != found[i][1] and found[k][2] == found[i][2]
+                   and covered(found[k][3], found[i][3]) for k in kept):  # fmt: skip
+            kept.append(i)
+    assert len(tiled) == len(kept) < len(found)  # pieces of the same objects were dropped
+    assert torch.allclose(tiled.boxes, torch.stack([found[i][3] for i in kept]))
+    assert tiled.scores.tolist() == [found[i][0] for i in kept]
+    assert tiled.labels.tolist() == [found[i][2] for i in kept]
+    assert torch.equal(tiled.masks, torch.stack([found[i][4] for i in kept]))
+    capped = spinedet.Predictor(model, tile=64, tile_whole=whole, max_detections=7, **options)
+    assert torch.equal(capped(big).boxes, tiled.boxes[:7])
     small = np.ascontiguousarray(big[:64, :60])
     alone = spinedet.Predictor(model, tile=64, **options)(small)
     assert torch.equal(alone.boxes, plain(small).boxes)

@@ -6,7 +6,9 @@ names (the model's description), and masks as binary images or COCO RLE.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -18,7 +20,7 @@ import torch
 from PIL import Image
 from torch import nn
 from torch.nn import functional as nnf
-from torchvision.ops import batched_nms
+from torchvision.ops import box_area
 from torchvision.transforms.v2 import functional as F
 
 from .data import load_image
@@ -275,14 +277,15 @@ class Predictor:
     model loaded from ``weights`` at this size instead of the one it was trained at (a
     detector's long side, a classifier's crop).
 
-    ``tile`` (pixels): also detect in ``tile`` x ``tile`` windows of each image larger than
-    that, at the image's own resolution, neighbours overlapping by ``tile_overlap`` of a tile
-    (:func:`tile_origins`); the image's detections are those of the whole image (resized to
-    the model's size, as without tiles) and of its tiles together, merged by class-wise NMS at
-    the detector's IoU threshold (or ``nms_threshold``) and capped as one view is. Objects a
-    few pixels wide in a 4000 x 3000 photo vanish when it is resized to 640; in a tile they
-    keep their pixels. An object cut by a tile border is found whole by the tile next to it
-    (with enough overlap) or by the whole image.
+    ``tile`` (pixels): detect in ``tile`` x ``tile`` windows of each image larger than that,
+    at the image's own resolution, neighbours overlapping by ``tile_overlap`` of a tile
+    (:func:`tile_origins`), and with ``tile_whole`` also in the whole image (resized to the
+    model's size, as without tiles: for objects larger than a tile). Objects a few pixels wide
+    in a 4000 x 3000 photo vanish when it is resized to 640; in a tile they keep their pixels.
+    The views' detections are merged best first: each drops those of its class from other
+    views that it covers, or that cover it, by ``nms_threshold`` (default: the detector's) of
+    the smaller box, such as the pieces of an object that a tile border cuts
+    (``benchmarks/tiled_predict.py`` measures the choices).
     """
 
     def __init__(
@@ -301,6 +304,7 @@ class Predictor:
         image_size: int | None = None,
         tile: int | None = None,
         tile_overlap: float = 0.2,
+        tile_whole: bool = False,
     ) -> None:
         if isinstance(weights, nn.Module):
             if image_size is not None:
@@ -340,6 +344,10 @@ class Predictor:
         self.kept_labels = None if kept is None else kept.to(self.device)
         model = model.eval().to(self.device)
         self.model = optimize_for_inference(model) if optimize else model
+        # The optimised model's CUDA graphs replay into buffers of their own, which a second
+        # thread's replay would overwrite before the first has read them: one call at a time.
+        cuda_graphs = optimize and self.device.type == "cuda"
+        self._one_at_a_time = threading.Lock() if cuda_graphs else contextlib.nullcontext()
         # The detector's own threshold (torchvision's 0.05) would silently drop the detections
         # a lower one asks for: lowered in the forward (a classifier has none).
         own = getattr(detection_selection(self.model), "score_thresh", None)
@@ -354,6 +362,7 @@ class Predictor:
         self.nms_threshold = nms_threshold
         self.tile = None if tile is None else int(tile)
         self.tile_overlap = tile_overlap
+        self.tile_whole = tile_whole
         if self.classifier:  # resized, centre-cropped and normalised as in evaluation
             self.top_k = min(top_k, len(self._name_of) if kept is None else int(kept.sum()))
             self.transform = classification_eval_transforms(model.image_size)
@@ -408,45 +417,52 @@ class Predictor:
         as one batch."""
         if self.classifier:
             batch = torch.stack([self.transform(image) for image in images]).to(self.device)
-            probs = self.model(batch).float().softmax(dim=1)
+            with self._one_at_a_time:
+                probs = self.model(batch).float().softmax(dim=1)
             if self.kept_labels is not None:  # the best of those classes, probabilities of all
                 probs = probs.where(self.kept_labels, -1.0)
             scores, labels = probs.cpu().topk(self.top_k, dim=1)
             return [self._classes(s, lab, tuple(image.shape[-2:]))
                     for s, lab, image in zip(scores, labels, images, strict=True)]  # fmt: skip
-        found = self._detect(images) if self.tile is None else self._tiled(images)
+        found = (
+            self._detect(images, self.max_detections) if self.tile is None else self._tiled(images)
+        )
         if self.masks == "rle":
             for detections in found:
                 if (crops := detections.mask_crops) is not None:
                     detections.masks = crops.to_rle()
         return found
 
-    def _detect(self, images: Sequence[torch.Tensor]) -> list[Detections]:
-        """Each image's detections, run as one batch, masks as crops."""
+    def _detect(
+        self, images: Sequence[torch.Tensor], max_detections: int | None
+    ) -> list[Detections]:
+        """Each image's detections, at most ``max_detections`` (None: the detector's own cap),
+        run as one batch, masks as crops."""
         inputs, shapes = [], []
         for image in images:
             shapes.append(tuple(image.shape[-2:]))
             inputs.append(self.prepare(image.to(self.device)))
-        with selecting(self.model, self.max_detections, self.kept_labels, self._score_thresh,
-                       self.nms_threshold):  # fmt: skip
+        with self._one_at_a_time, selecting(self.model, max_detections, self.kept_labels,
+                                            self._score_thresh, self.nms_threshold):  # fmt: skip
             outputs = self.model(inputs)
         return [self._finish(o, x, s) for o, x, s in zip(outputs, inputs, shapes, strict=True)]
 
     def _tiled(self, images: Sequence[torch.Tensor]) -> list[Detections]:
-        """Each image whole and, where it is larger than a tile, in overlapping tiles at its own
-        resolution (:func:`tile_origins`), ``batch_size`` views at a time; each image's
-        detections merged by class-wise NMS (:meth:`_merge`)."""
+        """Each image larger than a tile in overlapping tiles at its own resolution
+        (:func:`tile_origins`), and whole with ``tile_whole`` (a smaller one whole only),
+        ``batch_size`` views at a time; each image's detections merged (:meth:`_merge`)."""
         views = []
         for i, image in enumerate(images):
-            views.append((i, 0, 0, image))
             height, width = image.shape[-2:]
+            if self.tile_whole or max(height, width) <= self.tile:
+                views.append((i, 0, 0, image))
             if max(height, width) > self.tile:
                 for y, x in tile_origins(height, width, self.tile, self.tile_overlap):
                     views.append((i, y, x, image[:, y : y + self.tile, x : x + self.tile]))
         parts: list[list[tuple[int, int, Detections]]] = [[] for _ in images]
         for start in range(0, len(views), self.batch_size):
             batch = views[start : start + self.batch_size]
-            found = self._detect([view for *_, view in batch])
+            found = self._detect([view for *_, view in batch], None)  # capped once merged
             for (i, y, x, _), detections in zip(batch, found, strict=True):
                 parts[i].append((y, x, detections))
         shapes = [tuple(image.shape[-2:]) for image in images]
@@ -456,18 +472,33 @@ class Predictor:
         self, parts: list[tuple[int, int, Detections]], shape: tuple[int, int]
     ) -> Detections:
         """The detections of an image's views (each at its ``(y, x)`` in the image) as the
-        image's: class-wise NMS over all of them at the detector's IoU threshold, the best
-        first, capped as the detector caps one view."""
-        if len(parts) == 1:  # the image whole, no tiles
+        image's: best first, each drops the detections of its class from other views whose box
+        it covers, or that cover it, by ``nms_threshold`` of the smaller box (the pieces of an
+        object a tile border cuts, besides the whole one). At most ``max_detections`` of them
+        when that is given (each view keeps up to the detector's own cap)."""
+        if len(parts) == 1:  # one view: the image whole
             return parts[0][2]
-        heads = detection_selection(self.model)
         offsets = torch.tensor([[x, y, x, y] for y, x, d in parts for _ in range(len(d))])
         boxes = torch.cat([d.boxes for *_, d in parts]) + offsets.reshape(-1, 4)
         scores = torch.cat([d.scores for *_, d in parts])
         labels = torch.cat([d.labels for *_, d in parts])
-        nms = self.nms_threshold if self.nms_threshold is not None else heads.nms_thresh
-        keep = batched_nms(boxes, scores, labels, nms)
-        keep = keep[: self.max_detections or heads.detections_per_img].tolist()
+        views = torch.cat([torch.full((len(d),), v) for v, (*_, d) in enumerate(parts)])
+        heads = detection_selection(self.model)
+        threshold = self.nms_threshold if self.nms_threshold is not None else heads.nms_thresh
+        corner = torch.maximum(boxes[:, None, :2], boxes[None, :, :2])
+        far = torch.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
+        overlap = (far - corner).clamp(min=0).prod(-1)
+        area = box_area(boxes)
+        smaller = torch.minimum(area[:, None], area[None]).clamp(min=1e-6)
+        covers = overlap / smaller >= threshold
+        covers &= (labels[:, None] == labels[None]) & (views[:, None] != views[None])
+        dropped = torch.zeros(len(scores), dtype=torch.bool)
+        keep = []
+        for i in scores.argsort(descending=True, stable=True).tolist():
+            if not dropped[i]:
+                keep.append(i)
+                dropped |= covers[i]
+        keep = keep[: self.max_detections]  # None: all
         cats = [c for *_, d in parts for c in d.category_ids]
         merged = Detections(boxes[keep], scores[keep], labels[keep], [cats[k] for k in keep],
                             [self._name_of[cats[k]] for k in keep], shape)  # fmt: skip

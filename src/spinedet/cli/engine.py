@@ -60,7 +60,7 @@ def _predict(args: argparse.Namespace) -> int:
                      top_k=args.top_k, max_detections=args.max_detections,
                      classes=args.classes, nms_threshold=args.nms_threshold,
                      image_size=args.image_size, tile=args.tile,
-                     tile_overlap=args.tile_overlap)  # fmt: skip
+                     tile_overlap=args.tile_overlap, tile_whole=args.tile_whole)  # fmt: skip
     records = [json.loads(line) for line in open(report.path.with_suffix(".jsonl"))]
     if records and records[0]["detections"] and "bbox" not in records[0]["detections"][0]:
         for record in records:  # a classifier: its top-k classes per image
@@ -137,11 +137,13 @@ def add_engine_commands(sub: argparse._SubParsersAction) -> None:
                    help="IoU above which a detection suppresses a lower-scoring one of its class "
                    "(default: the model's own, torchvision's 0.5)")  # fmt: skip
     p.add_argument("--tile", type=at_least(32), default=None, metavar="PIXELS",
-                   help="also detect in tiles of this size of each larger image, at its own "
-                   "resolution (small objects in large photos), merged with the whole image's "
-                   "detections by NMS")  # fmt: skip
+                   help="detect in overlapping tiles of this size of each larger image, at its "
+                   "own resolution (small objects in large photos)")  # fmt: skip
     p.add_argument("--tile-overlap", type=fraction, default=0.2,
                    help="how much neighbouring tiles overlap, a fraction of a tile")  # fmt: skip
+    p.add_argument("--tile-whole", action="store_true",
+                   help="with --tile, also detect in the whole image resized to the model's size "
+                   "(objects larger than a tile)")  # fmt: skip
     p.add_argument("--batch-size", type=at_least(1), default=4,
                    help="images (or tiles) per forward pass")  # fmt: skip
     p.add_argument("--every", type=at_least(1), default=1, help="every N-th frame of a video")

@@ -170,6 +170,7 @@ def predict(
     image_size: int | None = None,
     tile: int | None = None,
     tile_overlap: float = 0.2,
+    tile_whole: bool = False,
 ) -> PredictionReport:
     """Predict on images, directories, globs and videos (every ``every``-th frame) into
     ``out_dir`` (see :func:`~spinedet.engine.predict.predict_images`); returns the report.
@@ -177,8 +178,9 @@ def predict(
     A classifier's records hold its ``top_k`` classes and probabilities instead of detections
     (no drawings); ``max_detections`` caps a detector's detections per image, ``classes`` keeps
     only those categories (names or ids), ``nms_threshold`` replaces the detector's NMS IoU
-    threshold, ``image_size`` the size the model runs at, ``tile`` and ``tile_overlap`` add
-    detection in tiles of large images (see :class:`~spinedet.predictor.Predictor`). Raises
+    threshold, ``image_size`` the size the model runs at, ``tile``, ``tile_overlap`` and
+    ``tile_whole`` detect in tiles of large images (see :class:`~spinedet.predictor.Predictor`).
+    Raises
     :class:`PredictError` after writing everything else when inputs were unreadable, naming
     them; with ``annotations`` (a COCO file), image ids are that file's (see
     :func:`_image_ids`), and the others' are above all of them.
@@ -187,7 +189,7 @@ def predict(
     predictor = Predictor(checkpoint, device, score_threshold, optimize, batch_size, "binary",
                           top_k, max_detections=max_detections, classes=classes,
                           nms_threshold=nms_threshold, image_size=image_size, tile=tile,
-                          tile_overlap=tile_overlap)  # fmt: skip
+                          tile_overlap=tile_overlap, tile_whole=tile_whole)  # fmt: skip
     items, skipped = collect_inputs(inputs, exclude=out_dir)
     if not items and not skipped:
         raise SpinedetError(f"no images or videos found in {', '.join(map(str, inputs))}")
