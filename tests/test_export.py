@@ -113,6 +113,8 @@ def test_export_with_its_own_thresholds_and_detections_per_image(retinanet, tmp_
                     iou = torchvision.ops.box_iou(torch.tensor(boxes[i, a : a + 1]),
                                                   torch.tensor(boxes[i, b : b + 1]))  # fmt: skip
                     assert float(iou) <= 0.2
+    meta = {m.key: json.loads(m.value) for m in onnx.load(str(out)).metadata_props}
+    assert meta["selection"] == {"score_thresh": 0.3, "nms_thresh": 0.2, "detections_per_img": 5}
     assert retinanet.detections_per_img == 20  # the weights' model; the module is untouched
     with pytest.raises(ExportError, match="detections_per_img: export from the weights' path"):
         export_onnx(retinanet, tmp_path / "x.onnx", max_detections=5)

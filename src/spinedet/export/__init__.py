@@ -128,7 +128,8 @@ def export_metadata(
 ) -> dict[str, str]:
     """What an exported model carries (ONNX ``metadata_props``, TorchScript's
     ``spinedet.json``): JSON strings of the model description, class names and category ids
-    (not for a backbone), and the input and output contract. ``shapes``: the dense part's
+    (not for a backbone), the input and output contract, and a detector's selection of
+    detections (score and NMS thresholds, detections per image). ``shapes``: the dense part's
     output shapes, as exported."""
     if isinstance(graph, DenseOutputs):
         description = graph.description
@@ -137,6 +138,10 @@ def export_metadata(
         description = describe(graph.model)
         contract, outputs = _detector_contract(graph, image_size)
     meta = {"spinedet_description": json.dumps(description.to_json())}
+    if isinstance(graph, DetectorGraph):  # as exported, also where the options replaced them
+        heads = detection_selection(graph.model)
+        names = ("score_thresh", "nms_thresh", "detections_per_img")
+        meta["selection"] = json.dumps({name: getattr(heads, name) for name in names})
     if description.task != "backbone":
         meta["class_names"] = json.dumps(description.class_names)
         meta["category_ids"] = json.dumps([c.id for c in description.categories])
