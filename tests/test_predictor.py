@@ -440,7 +440,8 @@ def test_a_string_of_classes_splits_at_commas_unless_it_is_one_whole_name():
     named = ModelDescription("spinenet", "49s", "retinanet",
                              categories=[Category(1, "car, sedan"), Category(2, "truck"),
                                          Category(5, "car")])  # fmt: skip
-    assert named.labels_of(["car, sedan"]) == [1]
+    assert named.labels_of(["car, sedan"]) == named.labels_of([" car, sedan "]) == [1]
+    assert named.labels_of([" truck "]) == [2]
     assert named.labels_of(["truck, car", "5"]) == [2, 3]
     assert named.labels_of(["truck,5 ,", "car, sedan"]) == [2, 3, 1]
     with pytest.raises(SpinedetError, match="class 'sedan': not one of the model's categories"):

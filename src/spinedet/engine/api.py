@@ -180,9 +180,8 @@ def predict(
     only those categories (names or ids), ``nms_threshold`` replaces the detector's NMS IoU
     threshold, ``image_size`` the size the model runs at, ``tile``, ``tile_overlap`` and
     ``tile_whole`` detect in tiles of large images (see :class:`~spinedet.predictor.Predictor`).
-    Raises
-    :class:`PredictError` after writing everything else when inputs were unreadable, naming
-    them; with ``annotations`` (a COCO file), image ids are that file's (see
+    Raises :class:`PredictError` after writing everything else when inputs were unreadable,
+    naming them; with ``annotations`` (a COCO file), image ids are that file's (see
     :func:`_image_ids`), and the others' are above all of them.
     """
     flush_denormals()

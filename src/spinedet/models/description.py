@@ -88,13 +88,15 @@ def categories_from(
 
 
 def _split_names(classes: Iterable[str | int], names: Container[str]) -> Iterator[str | int]:
-    """``classes`` with each string that is not one of ``names`` split at its commas (its
-    parts stripped of spaces)."""
+    """``classes`` with each string that is not one of ``names`` (as given or stripped of
+    spaces) split at its commas, its parts stripped of spaces."""
     for item in classes:
-        if isinstance(item, str) and item not in names and "," in item:
-            yield from (part.strip() for part in item.split(",") if part.strip())
-        else:
+        if not isinstance(item, str) or item in names:
             yield item
+        elif item.strip() in names:
+            yield item.strip()
+        else:
+            yield from (part.strip() for part in item.split(",") if part.strip())
 
 
 def _integer(item: object) -> int | None:
