@@ -30,6 +30,7 @@ from .device import default_device
 from .errors import SpinedetError
 from .masks import MaskCrops, resize_masks
 from .models import ModelDescription, describe, detection_selection, load_model, selecting
+from .models.matching import pairwise_intersection
 from .models.registry import task_of
 from .optimize import optimize_for_inference
 
@@ -485,9 +486,7 @@ class Predictor:
         views = torch.cat([torch.full((len(d),), v) for v, (*_, d) in enumerate(parts)])
         heads = detection_selection(self.model)
         threshold = self.nms_threshold if self.nms_threshold is not None else heads.nms_thresh
-        corner = torch.maximum(boxes[:, None, :2], boxes[None, :, :2])
-        far = torch.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
-        overlap = (far - corner).clamp(min=0).prod(-1)
+        overlap = pairwise_intersection(boxes, boxes)
         area = box_area(boxes)
         smaller = torch.minimum(area[:, None], area[None]).clamp(min=1e-6)
         covers = overlap / smaller >= threshold

@@ -140,8 +140,8 @@ def export_metadata(
     meta = {"spinedet_description": json.dumps(description.to_json())}
     if isinstance(graph, DetectorGraph):  # as exported, also where the options replaced them
         heads = detection_selection(graph.model)
-        names = ("score_thresh", "nms_thresh", "detections_per_img")
-        meta["selection"] = json.dumps({name: getattr(heads, name) for name in names})
+        selection = {name: getattr(heads, name) for name in SELECTION_ATTRIBUTES}
+        meta["selection"] = json.dumps(selection)
     if description.task != "backbone":
         meta["class_names"] = json.dumps(description.class_names)
         meta["category_ids"] = json.dumps([c.id for c in description.categories])
@@ -181,25 +181,35 @@ def _require_onnx() -> None:
         raise ExportError(f"ONNX export needs onnx and onnxruntime ({e})") from None
 
 
+# A detector's attributes that select its detections, which the export options replace.
+SELECTION_ATTRIBUTES = ("score_thresh", "nms_thresh", "detections_per_img")
+
+
+def _selection(
+    score_threshold: float | None, nms_threshold: float | None, max_detections: int | None
+) -> dict[str, float | int]:
+    """The export options given, by the attribute (``SELECTION_ATTRIBUTES``) each replaces."""
+    given = zip(SELECTION_ATTRIBUTES, (score_threshold, nms_threshold, max_detections), strict=True)
+    return {name: value for name, value in given if value is not None}
+
+
 def _prepare(
     model_or_path: nn.Module | str | Path,
     image_size: int | None,
     input_dtype: str,
-    selection: Mapping[str, float | int | None],
+    selection: Mapping[str, float | int],
 ) -> tuple[nn.Module, DetectorGraph, int, torch.Tensor]:
-    """The model (its selection of detections set as ``selection`` says: a detector's
-    ``score_thresh``, ``nms_thresh`` and ``detections_per_img``, None keeping its own), its
-    graph, the image size, and the example batch the trace records."""
+    """The model (its ``SELECTION_ATTRIBUTES`` replaced by ``selection``'s values), its graph,
+    the image size, and the example batch the trace records."""
     if input_dtype not in INPUT_DTYPES:
         raise ExportError(f"input dtype {input_dtype!r}: use one of {list(INPUT_DTYPES)}")
     given = isinstance(model_or_path, nn.Module)
     overrides = {"image_size": image_size} if image_size and not given else {}
     model = resolve_model(model_or_path, **overrides).eval()
-    chosen = {name: value for name, value in selection.items() if value is not None}
-    if chosen and given:  # the caller's model is not changed
-        raise ExportError(f"{', '.join(chosen)}: export from the weights' path, or build the "
-                          "model with these options")  # fmt: skip
-    for name, value in chosen.items():  # the graph and the check's PyTorch model alike
+    if selection and given:  # the caller's model is not changed
+        raise ExportError(f"{', '.join(selection)}: export from the weights' path, or build "
+                          "the model with these options")  # fmt: skip
+    for name, value in selection.items():  # the graph and the check's PyTorch model alike
         setattr(detection_selection(model), name, value)
     size = _default_size(model)
     if image_size and image_size != size:
@@ -320,10 +330,9 @@ def export_onnx(
     """
     refuse_existing(out, overwrite)
     _require_onnx()
-    selection = {"score_thresh": score_threshold, "nms_thresh": nms_threshold,
-                 "detections_per_img": max_detections}  # fmt: skip
+    selection = _selection(score_threshold, nms_threshold, max_detections)
     if dense or describe(resolve_model(model_or_path)).task in ("backbone", "classifier"):
-        if any(value is not None for value in selection.values()):
+        if selection:
             raise ExportError("score_threshold, nms_threshold, max_detections: the dense part "
                               "selects no detections")  # fmt: skip
         return _export_dense_onnx(model_or_path, out, image_size, check, batch_size)
@@ -379,8 +388,7 @@ def export_torchscript(
     if task in ("backbone", "classifier"):
         raise ExportError(f"TorchScript export covers detectors; a {task} exports to ONNX only")
     # From the file, not the model above: another image_size rebuilds it at that size.
-    selection = {"score_thresh": score_threshold, "nms_thresh": nms_threshold,
-                 "detections_per_img": max_detections}  # fmt: skip
+    selection = _selection(score_threshold, nms_threshold, max_detections)
     model, graph, size, example = _prepare(model_or_path, image_size, input_dtype, selection)
     result = _result(graph, out, "torchscript", size)
     names = graph.output_names

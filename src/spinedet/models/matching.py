@@ -18,7 +18,14 @@ from torchvision.models.detection._utils import Matcher
 
 from .host_data import device_tensor
 
-__all__ = ["balanced_sample", "match", "pad_boxes", "pad_rows", "pairwise_iou"]
+__all__ = [
+    "balanced_sample",
+    "match",
+    "pad_boxes",
+    "pad_rows",
+    "pairwise_intersection",
+    "pairwise_iou",
+]
 
 
 def pad_rows(rows: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -39,15 +46,21 @@ def pad_boxes(boxes: list[Tensor]) -> tuple[Tensor, Tensor]:
     return pad_rows([b.reshape(-1, 4) for b in boxes])
 
 
+def pairwise_intersection(a: Tensor, b: Tensor) -> Tensor:
+    """The area every (..., G, 4) xyxy box of ``a`` shares with every (..., N, 4) box of ``b``:
+    (..., G, N), torchvision's ``box_iou`` arithmetic."""
+    lt = torch.max(a[..., :, None, :2], b[..., None, :, :2])
+    rb = torch.min(a[..., :, None, 2:], b[..., None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    return wh[..., 0] * wh[..., 1]
+
+
 def pairwise_iou(gt: Tensor, boxes: Tensor) -> Tensor:
     """IoU of every (B, G, 4) ground-truth box with every (B, N, 4) box of its image: (B, G, N),
     torchvision's ``box_iou`` arithmetic."""
     area_gt = (gt[..., 2] - gt[..., 0]) * (gt[..., 3] - gt[..., 1])
     area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
-    lt = torch.max(gt[:, :, None, :2], boxes[:, None, :, :2])
-    rb = torch.min(gt[:, :, None, 2:], boxes[:, None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
+    inter = pairwise_intersection(gt, boxes)
     return inter / (area_gt[:, :, None] + area[:, None] - inter)
 
 
