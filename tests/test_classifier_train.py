@@ -134,6 +134,8 @@ def test_train_a_classifier_and_evaluate_it_the_same(shapes, tmp_path, capsys):
     assert main(argv) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "class folder(s) hexagon not among the model's 4" in error
+    assert main([*argv, "--tile", "64"]) == 2  # a classifier sees each image whole
+    assert capsys.readouterr().err.endswith("tile (--tile): a classifier sees each image whole\n")
     # --by-order: folders named otherwise (ImageNet's synsets) are the classes in sorted order.
     for i, name in enumerate(["circle", "square", "star", "triangle"]):
         shutil.copytree(shapes["val"] / name, tmp_path / "synsets" / f"n0{i}")

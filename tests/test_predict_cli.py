@@ -343,3 +343,23 @@ def test_help_shows_defaults(capsys):
         main(["predict", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: 0.5)" in text and "(default: 4)" in text
+
+
+def test_eval_in_tiles_scores_the_predictor_s_tiled_detections(checkpoint, shapes, tmp_path):
+    argv = ["eval", str(checkpoint), "--annotations", str(shapes["val"]), "--images",
+            str(shapes["images"]), "--batch-size", "4", "--out"]  # fmt: skip
+    assert main([*argv, str(tmp_path / "tiled"), "--tile", "40", "--tile-overlap", "0.5"]) == 0
+    tiled = json.loads((tmp_path / "tiled" / "results.json").read_text())
+    val = json.loads(shapes["val"].read_text())["images"]
+    predictor = spinedet.Predictor(checkpoint, device="cpu", score_threshold=0.0, tile=40,
+                                   tile_overlap=0.5, max_detections=100)  # fmt: skip
+    found = predictor([shapes["images"] / im["file_name"] for im in val])
+    expected = [{k: v for k, v in e.items() if k != "category_name"}
+                for im, d in zip(val, found, strict=True) for e in d.to_coco(im["id"])]  # fmt: skip
+    assert len(tiled) > 0 and tiled == expected
+    # A tile as large as the images: each is one view, the image whole, as without tiles.
+    assert main([*argv, str(tmp_path / "whole")]) == 0
+    assert main([*argv, str(tmp_path / "one"), "--tile", "64"]) == 0
+    whole, one = (json.loads((tmp_path / out / "metrics.json").read_text())
+                  for out in ("whole", "one"))  # fmt: skip
+    assert one == whole and tiled != json.loads((tmp_path / "whole" / "results.json").read_text())

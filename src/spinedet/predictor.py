@@ -31,6 +31,7 @@ from .errors import SpinedetError
 from .masks import MaskCrops, resize_masks
 from .models import ModelDescription, describe, detection_selection, load_model, selecting
 from .models.matching import pairwise_intersection
+from .models.postprocess import pasting_crops
 from .models.registry import task_of
 from .optimize import optimize_for_inference
 
@@ -443,8 +444,11 @@ class Predictor:
         for image in images:
             shapes.append(tuple(image.shape[-2:]))
             inputs.append(self.prepare(image.to(self.device)))
-        with self._one_at_a_time, selecting(self.model, max_detections, self.kept_labels,
-                                            self._score_thresh, self.nms_threshold):  # fmt: skip
+        selected = selecting(self.model, max_detections, self.kept_labels, self._score_thresh,
+                             self.nms_threshold)  # fmt: skip
+        # Pasted at the (small) size the model saw, whatever the caller's context: _finish
+        # resizes them to the image's size as crops.
+        with self._one_at_a_time, selected, pasting_crops(False):
             outputs = self.model(inputs)
         return [self._finish(o, x, s) for o, x, s in zip(outputs, inputs, shapes, strict=True)]
 

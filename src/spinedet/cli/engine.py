@@ -40,7 +40,8 @@ def _eval(args: argparse.Namespace) -> int:
                        args.batch_size, args.device, args.workers,
                        optimize=not args.no_optimize, by_order=args.by_order,
                        overwrite=args.overwrite, confusion_score=args.confusion_score,
-                       image_size=args.image_size)  # fmt: skip
+                       image_size=args.image_size, tile=args.tile,
+                       tile_overlap=args.tile_overlap, tile_whole=args.tile_whole)  # fmt: skip
     if int(os.environ.get("RANK", "0")) == 0:
         classifier = "top1" in metrics
         print(format_classification(metrics) if classifier else format_metrics(metrics))
@@ -101,7 +102,8 @@ def add_engine_commands(sub: argparse._SubParsersAction) -> None:
                    help="replace an earlier evaluation's files in --out")  # fmt: skip
     p.add_argument("--confusion-score", type=score, default=0.5,
                    help="the confusion matrix counts detections scoring this or more")  # fmt: skip
-    p.add_argument("--batch-size", type=at_least(1), default=2, help="images per forward pass")
+    p.add_argument("--batch-size", type=at_least(1), default=2,
+                   help="images (or tiles) per forward pass")  # fmt: skip
     p.add_argument("--workers", type=at_least(0), default=None,
                    help="data loading processes (default: on a CPU none up to 4 cores, else 2; "
                    "on a GPU one per spare core, up to 8)")  # fmt: skip
@@ -136,14 +138,6 @@ def add_engine_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nms-threshold", type=score, default=None,
                    help="IoU above which a detection suppresses a lower-scoring one of its class "
                    "(default: the model's own, torchvision's 0.5)")  # fmt: skip
-    p.add_argument("--tile", type=at_least(32), default=None, metavar="PIXELS",
-                   help="detect in overlapping tiles of this size of each larger image, at its "
-                   "own resolution (small objects in large photos)")  # fmt: skip
-    p.add_argument("--tile-overlap", type=fraction, default=0.2,
-                   help="how much neighbouring tiles overlap, a fraction of a tile")  # fmt: skip
-    p.add_argument("--tile-whole", action="store_true",
-                   help="with --tile, also detect in the whole image resized to the model's size "
-                   "(objects larger than a tile)")  # fmt: skip
     p.add_argument("--batch-size", type=at_least(1), default=4,
                    help="images (or tiles) per forward pass")  # fmt: skip
     p.add_argument("--every", type=at_least(1), default=1, help="every N-th frame of a video")
@@ -167,6 +161,14 @@ def _inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=at_least(32), default=None,
                    help="run the model at this size instead of the one it was trained at (a "
                    "detector's long side, a classifier's crop)")  # fmt: skip
+    p.add_argument("--tile", type=at_least(32), default=None, metavar="PIXELS",
+                   help="detect in overlapping tiles of this size of each larger image, at its "
+                   "own resolution (small objects in large photos; detectors)")  # fmt: skip
+    p.add_argument("--tile-overlap", type=fraction, default=0.2,
+                   help="how much neighbouring tiles overlap, a fraction of a tile")  # fmt: skip
+    p.add_argument("--tile-whole", action="store_true",
+                   help="with --tile, also detect in the whole image resized to the model's size "
+                   "(objects larger than a tile)")  # fmt: skip
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.add_argument("--no-optimize", action="store_true",
                    help="run the plain model instead of the optimised one "

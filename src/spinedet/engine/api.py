@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..data import CocoDataset, ImageFolderDataset
@@ -17,7 +18,7 @@ from ..data.errors import DataError
 from ..data.transforms import classification_eval_transforms, eval_transforms
 from ..errors import SpinedetError, shorten
 from ..files import atomic_write, refuse_existing, writable_folder
-from ..models import describe, load_model
+from ..models import describe, detection_selection, load_model
 from ..models.registry import task_of
 from ..models.weights import resolve_checkpoint
 from ..optimize import optimize_for_inference
@@ -58,6 +59,9 @@ def evaluate(
     overwrite: bool = False,
     confusion_score: float = 0.5,
     image_size: int | None = None,
+    tile: int | None = None,
+    tile_overlap: float = 0.2,
+    tile_whole: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """COCO AP (box, and mask for Mask R-CNN) of a checkpoint on a COCO json data set; for a
     classifier (``annotations`` None), top-1/top-5 and per-class accuracy on the ImageFolder
@@ -75,7 +79,10 @@ def evaluate(
     order, whatever their names (see :class:`~spinedet.data.ImageFolderDataset`).
     ``overwrite``: replace an earlier evaluation's ``metrics.json`` in ``out_dir`` (else
     refused before evaluating). ``image_size``: run the model at this size instead of the one
-    it was trained at (a detector's long side, a classifier's crop).
+    it was trained at (a detector's long side, a classifier's crop). ``tile``, ``tile_overlap``
+    and ``tile_whole``: a detector detects in tiles of the larger images, as
+    :class:`~spinedet.predictor.Predictor` does, its detections merged and capped at its own
+    count per image.
     """
     if out_dir is not None:  # before the pass, which may take hours, not after it
         refuse_existing(writable_folder(out_dir) / "metrics.json", overwrite)
@@ -88,6 +95,8 @@ def evaluate(
         if task is None:
             raise SpinedetError(f"{checkpoint} holds a backbone: evaluate a detector")
         if task.name == "classifier":
+            if tile is not None:
+                raise SpinedetError("tile (--tile): a classifier sees each image whole")
             return _evaluate_classifier(model, images, out_dir, batch_size, info, workers,
                                         optimize, by_order)  # fmt: skip
         if by_order:
@@ -110,6 +119,8 @@ def evaluate(
         model = model.eval().to(info.device)
         if optimize:
             model = optimize_for_inference(model)
+        if tile is not None:
+            model = _InTiles(model, info.device, batch_size, tile, tile_overlap, tile_whole)
         metrics, results = evaluate_distributed(
             model, dataset, label_to_cat, info.device, info, iou_types,
             batch_size, workers, progress=distributed.is_main(info),
@@ -124,6 +135,31 @@ def evaluate(
         return metrics
     finally:
         distributed.teardown()
+
+
+class _InTiles(nn.Module):
+    """A detector run in tiles by a :class:`~spinedet.predictor.Predictor` that keeps what the
+    detector keeps (its score threshold, its count per image, once merged), giving what the
+    detector gives: per image a dict of boxes, scores, labels and masks (as crops)."""
+
+    def __init__(self, detector: nn.Module, device: torch.device, batch_size: int, tile: int,
+                 overlap: float, whole: bool) -> None:  # fmt: skip
+        super().__init__()
+        heads = detection_selection(detector)
+        self.predictor = Predictor(detector, device, float(heads.score_thresh), optimize=False,
+                                   batch_size=batch_size,
+                                   max_detections=int(heads.detections_per_img), tile=tile,
+                                   tile_overlap=overlap, tile_whole=whole)  # fmt: skip
+        self.detector = detector  # a submodule: eval() and train() reach it
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, Any]]:
+        outputs = []
+        for found in self.predictor.predict_batch(images):
+            crops = found.mask_crops
+            masks = {} if crops is None else {"masks": crops}
+            outputs.append({"boxes": found.boxes, "scores": found.scores,
+                            "labels": found.labels} | masks)  # fmt: skip
+        return outputs
 
 
 def _evaluate_classifier(model: nn.Module, images: str | Path, out_dir: str | Path | None,

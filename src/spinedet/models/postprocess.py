@@ -304,13 +304,14 @@ _CROPS: ContextVar[bool] = ContextVar("spinedet_mask_crops", default=False)
 
 
 @contextmanager
-def pasting_crops() -> Iterator[None]:
+def pasting_crops(crops: bool = True) -> Iterator[None]:
     """Within the block, spinedet's Mask R-CNNs give each image's ``masks`` as the binary
     :class:`~spinedet.masks.MaskCrops` of their pasted probabilities above 0.5
     (:func:`paste_mask_crops`) rather than torchvision's (N, 1, H, W) probabilities: memory
     and time that grow with the masks' boxes rather than with the image's size times their
-    count (4.8 GB for 100 masks of a 12-megapixel image)."""
-    token = _CROPS.set(True)
+    count (4.8 GB for 100 masks of a 12-megapixel image). ``crops`` False: torchvision's, also
+    where the caller's context asked for crops."""
+    token = _CROPS.set(crops)
     try:
         yield
     finally:
