@@ -1,12 +1,15 @@
 import json
 import pickle
 import shutil
+from unittest.mock import patch
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from PIL.JpegImagePlugin import JpegImageFile
 from pycocotools import mask as mask_utils
+from torch.nn import functional as nnf
 from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 
@@ -97,6 +100,34 @@ def test_load_image_keeps_stored_orientation_when_annotations_use_it(tmp_path):
         load_image(tmp_path / "r.jpg", size=(30, 30))
 
 
+@pytest.mark.parametrize("annotated", ["oriented", "stored"])
+def test_load_image_resized_decodes_a_jpeg_smaller_in_either_orientation(tmp_path, annotated):
+    pixels = np.zeros((200, 400, 3), np.uint8)  # stored 400x200, block top-left; EXIF 6
+    pixels[:80, :80] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / "r.jpg", exif=exif, quality=95)
+    size = (200, 400) if annotated == "oriented" else (400, 200)
+    full = load_image(tmp_path / "r.jpg", size)
+    resize = (size[0] // 4, size[1] // 4)
+    drafted = []
+    draft = JpegImageFile.draft
+
+    def spy(self, mode, request):
+        draft(self, mode, request)
+        drafted.append(self.size)
+
+    with patch.object(JpegImageFile, "draft", spy):
+        small = load_image(tmp_path / "r.jpg", size, resize)
+    assert drafted == [(100, 50)]  # decoded at 1/4 scale, as much as the resize keeps
+    assert small.size == resize
+    expected = np.asarray(full.resize(resize, Image.Resampling.BILINEAR), np.float32)
+    assert np.abs(np.asarray(small, np.float32) - expected).mean() < 4
+    pixels = np.asarray(small)
+    corner = pixels[:20, -20:] if annotated == "oriented" else pixels[:20, :20]
+    assert corner.mean() > 200  # the block where the annotations' orientation has it
+
+
 @pytest.mark.parametrize("content", [b"", b"not an image", b"\x89PNG\r\n\x1a\n" + b"\0" * 40])
 def test_broken_image_raises_data_error_naming_file(tmp_path, content):
     path = tmp_path / "broken.png"
@@ -152,6 +183,30 @@ def test_decode_segmentation_matches_pycocotools():
     text = {"size": [15, 21], "counts": compressed["counts"].decode()}
     np.testing.assert_array_equal(decode_segmentation(text, 15, 21), mask)
     assert not decode_segmentation([[0, 0, 1, 1]], 15, 21).any()  # degenerate: skipped
+
+
+@pytest.mark.filterwarnings("ignore:__array__:DeprecationWarning")  # pycocotools
+def test_decode_segmentation_at_the_image_s_size_or_resized():
+    rng = np.random.default_rng(2)
+    for k in range(60):
+        height, width = (int(v) for v in rng.integers(1, 40, 2))
+        mask = np.zeros((height, width), np.uint8)
+        if k % 3 == 0:
+            mask[:] = rng.random((height, width)) < 0.3
+        elif k % 3 == 1:  # a block, up to the last row and column
+            y, x = rng.integers(0, height), rng.integers(0, width)
+            mask[y:, x:] = 1
+        rle = mask_utils.encode(np.asfortranarray(mask))
+        np.testing.assert_array_equal(decode_segmentation(rle, height, width), mask)
+        size = tuple(int(v) for v in rng.integers(1, 60, 2))
+        nearest = nnf.interpolate(torch.from_numpy(mask)[None, None], size, mode="nearest")
+        np.testing.assert_array_equal(decode_segmentation(rle, height, width, size), nearest[0, 0])
+    # Polygons are drawn at the size asked: close to the full-size drawing resized.
+    polygon = [[10.5, 4, 150, 30, 90, 110.2, 5, 70]]
+    full = torch.from_numpy(decode_segmentation(polygon, 120, 160))
+    small = decode_segmentation(polygon, 120, 160, (30, 40))
+    resized = nnf.interpolate(full[None, None].float(), (30, 40), mode="area")[0, 0] > 0.5
+    assert small.shape == (30, 40) and (small == resized.numpy()).mean() > 0.97
 
 
 @pytest.fixture
@@ -229,6 +284,22 @@ def test_getitem_decodes_polygon_and_rle_and_drops_crowd(dataset_files):
     np.testing.assert_array_equal(masks[0], mask_utils.decode(mask_utils.merge(square)))
     np.testing.assert_array_equal(masks[1], expected["square"])
     np.testing.assert_array_equal(masks[2], expected["column"])
+
+
+@pytest.mark.filterwarnings("ignore:__array__:DeprecationWarning")  # pycocotools
+def test_a_larger_image_than_max_size_loads_at_it_with_its_boxes_and_masks(dataset_files):
+    ann, img, _ = dataset_files
+    image, target = CocoDataset(ann, img)[0]
+    for max_size in (8, 100):  # the image's long side or more: as without
+        same, again = CocoDataset(ann, img, max_size=max_size)[0]
+        assert torch.equal(same, image) and torch.equal(again["masks"], target["masks"])
+    small, scaled = CocoDataset(ann, img, max_size=4)[0]  # 8x6 -> 4x3
+    assert small.shape == (3, 3, 4) and scaled["boxes"].canvas_size == (3, 4)
+    torch.testing.assert_close(scaled["boxes"], target["boxes"] / 2)
+    assert torch.equal(scaled["area"], target["area"])  # the annotations'
+    nearest = nnf.interpolate(target["masks"][None], (3, 4), mode="nearest")[0]
+    assert torch.equal(scaled["masks"][1:], nearest[1:])  # RLE: resized as torch does
+    assert scaled["masks"][0].sum() == 4  # the polygon [0, 4] x [0, 4], drawn at half size
 
 
 def test_image_without_annotations_gives_empty_targets(dataset_files):

@@ -160,24 +160,42 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str | Path, size: tuple[int, int] | None = None) -> Image.Image:
+def load_image(
+    path: str | Path,
+    size: tuple[int, int] | None = None,
+    resize: tuple[int, int] | None = None,
+) -> Image.Image:
     """Load any image a camera or tool writes as 8-bit RGB, upright according to its EXIF tag.
 
     ``size`` is the (width, height) the annotations assume: if it matches the stored pixels but
     not the EXIF-rotated image, the stored orientation is kept so the annotations still fit (a
     square image cannot tell, so EXIF wins); if it matches neither, a ``DataError`` is raised.
+    ``resize`` (width, height): the result resized to that, antialiased; a JPEG is decoded at
+    the smallest of its 1/2, 1/4, 1/8 scales that keeps as many pixels (a third of the time
+    for a 12-megapixel photo).
     """
     try:
         with Image.open(path) as stored:
+            full = stored.size
+            if resize is not None and max(resize) < max(full):
+                # Asked in the stored orientation (EXIF may turn it), which the aspect tells;
+                # Pillow keeps both sides at least those asked.
+                wide = (resize[0] >= resize[1]) == (full[0] >= full[1])
+                stored.draft(None, tuple(resize) if wide else tuple(resize[::-1]))
             stored.load()
             image = ImageOps.exif_transpose(stored)
             if size is not None:
-                problem = size_mismatch(stored.size, image.size, tuple(size))
+                turned = image.size != stored.size
+                oriented = full[::-1] if turned else full
+                problem = size_mismatch(full, oriented, tuple(size))
                 if problem:
                     raise DataError(problem, path)
-                if image.size != tuple(size):
+                if oriented != tuple(size):
                     image = stored.copy()
-            return to_rgb(image)
+            image = to_rgb(image)
+            if resize is not None and image.size != tuple(resize):
+                image = image.resize(resize, Image.Resampling.BILINEAR)
+            return image
     except DataError:
         raise
     except FileNotFoundError as e:
@@ -300,18 +318,72 @@ def rle_problem(rle: Any, height: int, width: int) -> str | None:
     return None
 
 
-def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
-    """Decode a COCO segmentation (polygons, compressed or uncompressed RLE) to an HxW uint8 mask.
+def decode_segmentation(
+    segmentation: Any,
+    height: int,
+    width: int,
+    size: tuple[int, int] | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Decode a COCO segmentation (polygons, compressed or uncompressed RLE) of a ``height`` x
+    ``width`` image to a uint8 mask of that size, or of ``size`` (h, w), the image's resized:
+    polygons drawn at it, RLE resized as torch's ``nearest`` does. ``out``: a zeroed uint8
+    array of that size to write into.
 
     Degenerate polygons cover no area and are skipped; malformed RLE raises ``ValueError``.
     """
+    rows, cols = size or (height, width)
+    if out is None:
+        out = np.zeros((rows, cols), np.uint8)
     if isinstance(segmentation, list):
         polygons = [p for p in segmentation if polygon_problem(p) is None]
         if not polygons:
-            return np.zeros((height, width), np.uint8)
+            return out
+        if size is not None:  # COCO's coordinates are continuous: they scale as the image
+            factor = np.array([cols / width, rows / height])
+            polygons = [(np.reshape(p, (-1, 2)) * factor).ravel().tolist() for p in polygons]
+            height, width = rows, cols
         segmentation = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
-    runs = _rle_runs(segmentation, height, width)
-    # Decoded here rather than by pycocotools, whose decode warns under NumPy 2 on every call.
-    # Runs alternate between 0 and 1, starting with 0, over the pixels in column-major order.
+    _paint(out, np.asarray(_rle_runs(segmentation, height, width), np.int64), height, width)
+    return out
+
+
+def _paint(out: np.ndarray, runs: np.ndarray, height: int, width: int) -> None:
+    """Set the pixels of ``out`` that the RLE ``runs`` of a ``height`` x ``width`` mask cover
+    (resized as torch's ``nearest`` does where ``out`` is of another size).
+
+    Runs alternate between 0 and 1, starting with 0, over the pixels in column-major order.
+    Only the columns that hold ones are expanded and transposed into ``out``: an object's,
+    not a 12-megapixel photo's (decoded here rather than by pycocotools, whose decode warns
+    under NumPy 2 on every call, and transposes the whole image).
+    """
+    ends = np.cumsum(runs)
+    starts = ends - runs
+    ones = slice(1, None, 2)
+    filled = runs[ones] > 0
+    if not filled.any():
+        return
+    x0 = int(starts[ones][filled][0]) // height
+    x1 = -(-int(ends[ones][filled][-1]) // height)
+    low, high = x0 * height, x1 * height
+    lengths = np.clip(ends, low, high) - np.clip(starts, low, high)
     values = (np.arange(len(runs)) & 1).astype(np.uint8)
-    return np.repeat(values, runs).reshape(width, height).T
+    block = np.repeat(values, lengths).reshape(x1 - x0, height)  # (columns, rows)
+    if out.shape == (height, width):
+        taken = np.flatnonzero(block.any(0))
+        y0, y1 = int(taken[0]), int(taken[-1]) + 1
+        out[y0:y1, x0:x1] = block[:, y0:y1].T
+        return
+    source_rows = _nearest(out.shape[0], height)
+    source_cols = _nearest(out.shape[1], width)
+    inside = np.flatnonzero((source_cols >= x0) & (source_cols < x1))
+    out[:, inside] = block[source_cols[inside] - x0][:, source_rows].T
+
+
+def _nearest(length: int, source: int) -> np.ndarray:
+    """The source index of each of ``length`` pixels resized from ``source`` by torch's
+    ``nearest`` interpolation: the floor of the position times the scale, in float32 as torch
+    computes it (float64 rounds some positions to the next pixel)."""
+    scale = np.float32(source) / np.float32(length)
+    positions = np.arange(length, dtype=np.float32) * scale
+    return np.minimum(np.floor(positions).astype(np.int64), source - 1)

@@ -101,8 +101,10 @@ def build_coco(cfg: dict, task: Task) -> Datasets:
     """COCO json + image folder for detectors (masks for Mask R-CNN)."""
     dcfg, size = cfg["data"], cfg["model"]["image_size"]
     train_tf = train_transforms(size, tuple(dcfg["scale_range"]), dcfg["hflip"])
+    # The transforms' largest scale is all the pixels they use: larger photos load at that.
+    largest = math.ceil(size * max(dcfg["scale_range"]))
     train_set = CocoDataset(dcfg["train"]["annotations"], dcfg["train"]["images"], train_tf,
-                            task.masks)  # fmt: skip
+                            task.masks, max_size=largest)  # fmt: skip
     val_set = None
     if dcfg["val"]["annotations"]:
         # The training set's labels: a validation file listing fewer categories would number
