@@ -520,7 +520,8 @@ class Predictor:
     def _finish(self, output: dict, given: torch.Tensor, shape: tuple[int, int]) -> Detections:
         """Keep detections above the threshold and map them back to the original image."""
         keep = output["scores"] >= self.score_threshold
-        output = {k: v[keep] for k, v in output.items()}
+        if not keep.all():  # else no copy: 100 masks at 640 x 480 are 120 MB
+            output = {k: v[keep] for k, v in output.items()}
         height, width = shape
         # The model saw the image scaled to (seen_h, seen_w) and padded: undo both.
         seen_h, seen_w = self._seen(shape)

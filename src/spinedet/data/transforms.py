@@ -38,9 +38,11 @@ def train_transforms(
     )
 
 
-def eval_transforms() -> v2.Compose:
-    """Only convert to float in [0, 1]: the detector resizes by itself at inference."""
-    return v2.Compose([v2.ToDtype(torch.float32, scale=True)])
+def eval_transforms() -> v2.Identity:
+    """Nothing: a spinedet detector takes the uint8 image, which it scales to [0, 1] and shrinks
+    antialiased to its size (``DetectionTransform``), a quarter of the bytes a float image
+    would be from the loader, and no float pass over a large photo's every pixel."""
+    return v2.Identity()
 
 
 # What tensorflow/tpu's classification parser feeds its networks: RGB in [0, 1] normalised with

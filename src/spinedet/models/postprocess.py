@@ -12,6 +12,7 @@ and the traced export graph (:mod:`spinedet.export.graph`) share them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -24,6 +25,7 @@ from torch import Tensor
 from torchvision.models.detection._utils import BoxCoder, _topk_min
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import batched_nms, nms
+from torchvision.transforms.v2 import functional as TF
 
 from ..masks import MaskCrops, cut_mask
 from .host_data import cached_constant, device_tensor
@@ -256,25 +258,55 @@ class DetectionTransform(GeneralizedRCNNTransform):
     """torchvision's detector transform, which leaves images already at their size as they
     are, normalises with mean and std copied to the device once (not twice per image, each a
     wait for it) and pastes an image's masks with one batched product (:func:`paste_masks`)
-    instead of one resize and copy per mask."""
+    instead of one resize and copy per mask.
+
+    At inference it also takes uint8 images (as ``ToDtype(float32, scale=True)`` would give
+    them) and shrinks a larger image antialiased, in its own dtype, before normalising it: as
+    training's scale jitter and :class:`~spinedet.Predictor` do, where torchvision's bilinear
+    reads 4 pixels of every (1 / scale)^2 and the objects' edges alias; and a 12-megapixel
+    photo is normalised at the model's size, not its own (0.4 s a photo on a CPU core), and
+    reaches the model from the loader as a quarter of the bytes.
+    """
 
     def normalize(self, image: Tensor) -> Tensor:
-        if not image.is_floating_point():
-            return super().normalize(image)  # torchvision's error
-        mean = cached_constant(self, "mean", self.image_mean, image)[:, None, None]
-        std = cached_constant(self, "std", self.image_std, image)[:, None, None]
-        return (image - mean) / std
+        if self._scale(image) < 1:
+            return image  # resize() normalises it, once shrunk
+        return self._normalized(image)
 
     def resize(
         self, image: Tensor, target: dict[str, Tensor] | None = None
     ) -> tuple[Tensor, dict[str, Tensor] | None]:
+        scale = self._scale(image)
         # At scale 1 torchvision's bilinear (image), nearest (masks) and box resizing copy
         # their input: a dozen kernels an image, for batches the data pipeline already sized.
-        if len(self.min_size) == 1 and self.fixed_size is None and not torchvision._is_tracing():
-            short, long = sorted(image.shape[-2:])
-            if min(self.min_size[0] / short, self.max_size / long) == 1.0:
-                return image, target
+        if scale == 1.0:
+            return image, target
+        if scale < 1:
+            if target is None:  # torchvision's size: the floor of each side x scale
+                size = [math.floor(side * scale) for side in image.shape[-2:]]
+                return self._normalized(TF.resize(image, size, antialias=True)), None
+            image = self._normalized(image)  # with targets, in torchvision's order
         return super().resize(image, target)
+
+    def _scale(self, image: Tensor) -> float:
+        """The scale torchvision's resize takes ``image`` by; inf where it is not known
+        beforehand (while tracing or scripting, several or fixed sizes)."""
+        tracing = torchvision._is_tracing() or torch.jit.is_scripting()
+        if len(self.min_size) != 1 or self.fixed_size is not None or tracing:
+            return math.inf
+        short, long = sorted(image.shape[-2:])
+        return min(self.min_size[0] / short, self.max_size / long)
+
+    def _normalized(self, image: Tensor) -> Tensor:
+        """``image`` in [0, 1] (uint8 scaled as torchvision's ``to_dtype`` scales it), less the
+        mean, over the std."""
+        if not image.is_floating_point():
+            if image.dtype != torch.uint8:
+                return super().normalize(image)  # torchvision's error
+            image = TF.to_dtype(image, torch.float32, scale=True)
+        mean = cached_constant(self, "mean", self.image_mean, image)[:, None, None]
+        std = cached_constant(self, "std", self.image_std, image)[:, None, None]
+        return (image - mean) / std
 
     def postprocess(
         self,
