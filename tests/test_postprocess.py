@@ -219,20 +219,20 @@ def test_mask_crops_equal_the_full_pastes_thresholded(dtype, device, monkeypatch
     assert transform.postprocess(result(), *args)[0]["masks"].shape == (41, 1, 300, 400)
 
 
-def test_the_transform_takes_uint8_and_shrinks_larger_images_antialiased():
+def test_the_transform_takes_uint8_and_shrinks_larger_images_antialiased(device):
     transform = spinedet.create_model(
         "spinenet49s_retinanet", num_classes=3, image_size=64, filter_scale=0.25
     ).transform.eval()
     torchvisions = GeneralizedRCNNTransform(64, 64, transform.image_mean, transform.image_std,
                                             size_divisible=transform.size_divisible)  # fmt: skip
     g = torch.Generator().manual_seed(0)
-    at_size = torch.randint(0, 256, (3, 48, 64), dtype=torch.uint8, generator=g)
+    at_size = torch.randint(0, 256, (3, 48, 64), dtype=torch.uint8, generator=g).to(device)
     floats = TF.to_dtype(at_size, torch.float32, scale=True)
     ours = transform([at_size])[0]
     assert torch.equal(ours.tensors, torchvisions([floats])[0].tensors)
     assert torch.equal(ours.tensors, transform([floats])[0].tensors)
     # Larger: shrunk to torchvision's size (the floor of 0.32 x each side), antialiased.
-    large = torch.randint(0, 256, (3, 150, 200), dtype=torch.uint8, generator=g)
+    large = torch.randint(0, 256, (3, 150, 200), dtype=torch.uint8, generator=g).to(device)
     ours = transform([large])[0]
     shrunk = TF.to_dtype(TF.resize(large, [48, 64], antialias=True), torch.float32, scale=True)
     mean, std = (

@@ -66,28 +66,17 @@ def draw_masks(
     image: torch.Tensor, masks: MaskCrops, colors: Sequence[tuple[int, int, int]]
 ) -> torch.Tensor:
     """torchvision's ``draw_segmentation_masks(image, masks.full(), MASK_ALPHA, colors)`` for a
-    uint8 ``image``, equal pixel for pixel, from the crops, blending only the masks' pixels:
-    torchvision's loops over N full-size masks took 14 s and 10 GB for 100 on a 12-megapixel
-    image (``benchmarks/mask_output.py``), its blend of every pixel 2-3 s more."""
-    if not len(masks):
-        return image
-    windows = [masks.window(i) for i in range(len(masks))]
-    top, left = min(r.start for r, _ in windows), min(c.start for _, c in windows)
-    bottom, right = max(r.stop for r, _ in windows), max(c.stop for _, c in windows)
-    owner = torch.zeros(bottom - top, right - left, dtype=torch.int32)  # 1 + a mask; 0: none
-    count = torch.zeros_like(owner)  # how many masks hold the pixel
-    for i, (crop, (rows, cols)) in enumerate(zip(masks.crops, windows, strict=True)):
-        window = (slice(rows.start - top, rows.stop - top),
-                  slice(cols.start - left, cols.stop - left))  # fmt: skip
-        owner[window].masked_fill_(crop, i + 1)
-        count[window] += crop
+    uint8 ``image``, equal pixel for pixel, from the crops: torchvision's loops over N full-size
+    masks took 14 s and 10 GB for 100 on a 12-megapixel image (``benchmarks/mask_output.py``)."""
+    size = image.shape[-2:]
+    owner = torch.zeros(size, dtype=torch.int32)  # 1 + a mask the pixel is in; 0: none
+    count = torch.zeros(size, dtype=torch.int32)  # how many
+    for i, crop in enumerate(masks.crops):
+        rows, cols = masks.window(i)
+        owner[rows, cols].masked_fill_(crop, i + 1)
+        count[rows, cols] += crop
     # As torchvision: each mask's pixels in its colour, where masks overlap black (entry 0),
-    # blended in float32 and truncated. A pixel outside the masks, blended with itself, keeps
-    # its value at this alpha (test_masks checks it): those are left as they are.
+    # then every pixel blended.
     table = torch.tensor([(0, 0, 0), *colors], dtype=torch.uint8).T
-    inside = count > 0
-    colour = table[:, owner[inside].masked_fill_(count[inside] > 1, 0)]
-    drawn = image.clone()
-    region = drawn[:, top:bottom, left:right]
-    region[:, inside] = (region[:, inside] * (1 - MASK_ALPHA) + colour * MASK_ALPHA).to(torch.uint8)
-    return drawn
+    drawn = torch.where(count > 0, table[:, owner.masked_fill_(count > 1, 0)], image)
+    return (image * (1 - MASK_ALPHA) + drawn * MASK_ALPHA).to(torch.uint8)
