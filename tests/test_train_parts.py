@@ -25,7 +25,7 @@ import spinedet
 from spinedet.cli import main as cli
 from spinedet.config import load_config
 from spinedet.engine import checkpoint, train
-from spinedet.engine.builders import build_model, build_optimizer, lr_lambda
+from spinedet.engine.builders import build_datasets, build_model, build_optimizer, lr_lambda
 from spinedet.engine.checkpoint import Checkpointer, RunLock
 from spinedet.engine.distributed import DistInfo, any_rank
 from spinedet.engine.logger import RunLogger
@@ -521,3 +521,21 @@ def test_before_training_a_signal_stops_at_once_but_a_forked_worker_still_ignore
         stop.begin()  # the first step: from here a signal asks for a stop after it
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested()
+
+
+def test_photos_larger_than_the_model_load_at_the_size_each_pass_uses(shapes):
+    cfg = tiny_config(shapes)
+    for key, value in (("model.image_size", 32),  # the shapes are 64 px: twice the model
+                       ("data.val", {"annotations": str(shapes["val"]),
+                                     "images": str(shapes["images"])})):  # fmt: skip
+        section, name = key.split(".")
+        cfg[section][name] = value
+    _, data = build_datasets(cfg)
+    assert data.train.max_size == 64  # training: up to the largest jitter scale, 2.0 x 32
+    # AP reads the ground truth from the json: its pass loads the images alone, as they are.
+    image, target = data.val[0]
+    assert image.shape[-2:] == (64, 64) and image.dtype == torch.uint8 and "masks" not in target
+    # The loss pass: images and targets at the size the model shrinks them to.
+    small, scaled = data.val_loss[0]
+    assert small.shape[-2:] == (32, 32) and scaled["masks"].shape[-2:] == (32, 32)
+    torch.testing.assert_close(scaled["boxes"], target["boxes"] / 2)

@@ -52,11 +52,13 @@ log = logging.getLogger(__name__)
 @dataclass
 class Datasets:
     """The training set, the validation set (None without ``data.val``) and the categories
-    (``[{id, name}, ...]``) the model is built for."""
+    (``[{id, name}, ...]``) the model is built for; ``val_loss``, the validation set as the
+    validation loss reads it, where that differs (None: ``val``)."""
 
     train: Dataset
     val: Dataset | None
     categories: list[dict[str, Any]]
+    val_loss: Dataset | None = None
 
 
 # task name -> builder(config, task) -> Datasets, and the ``data.<split>`` key that names each
@@ -105,13 +107,17 @@ def build_coco(cfg: dict, task: Task) -> Datasets:
     largest = math.ceil(size * max(dcfg["scale_range"]))
     train_set = CocoDataset(dcfg["train"]["annotations"], dcfg["train"]["images"], train_tf,
                             task.masks, max_size=largest)  # fmt: skip
-    val_set = None
-    if dcfg["val"]["annotations"]:
-        # The training set's labels: a validation file listing fewer categories would number
-        # them otherwise (a wrong validation loss), one with more would be refused only late.
-        val_set = CocoDataset(dcfg["val"]["annotations"], dcfg["val"]["images"],
-                              eval_transforms(), task.masks, train_set.categories)  # fmt: skip
-    return Datasets(train_set, val_set, train_set.categories)
+    if not dcfg["val"]["annotations"]:
+        return Datasets(train_set, None, train_set.categories)
+    # The training set's labels: a validation file listing fewer categories would number
+    # them otherwise (a wrong validation loss), one with more would be refused only late.
+    # AP reads the ground truth from the json: its pass loads the images alone. The loss
+    # pass loads the targets too, at the size the model shrinks them to (a 12-megapixel
+    # photo's 30 masks were 360 MB, then 1.4 GB of floats in the model's resize).
+    val = dcfg["val"]["annotations"], dcfg["val"]["images"], eval_transforms()
+    val_set = CocoDataset(*val, False, train_set.categories)
+    val_loss = CocoDataset(*val, task.masks, train_set.categories, max_size=size)
+    return Datasets(train_set, val_set, train_set.categories, val_loss)
 
 
 def build_datasets(cfg: dict) -> tuple[Task, Datasets]:

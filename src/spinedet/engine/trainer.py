@@ -178,6 +178,7 @@ class Trainer:
             self.task, data = build_datasets(config)
             model = build_model(config, data.categories)
         self.train_set, self.val_set = data.train, data.val
+        self.val_loss_set = data.val_loss or data.val
         self.device = info.device
         self.workers = loader_workers(config["data"]["workers"], self.device)
         if info.enabled and self.device.type == "cuda":
@@ -288,8 +289,8 @@ class Trainer:
 
     def _coco_metrics(self, stop: StopSignal) -> tuple[float, float | None, dict, str, dict]:
         """(val loss, primary AP, flat metrics, text, metrics) of a detector."""
-        val_loss = sharded_val_loss(self.model, self.val_set, self.batch, self.device, self.info,
-                                    workers=self.workers, seed=self.seed,
+        val_loss = sharded_val_loss(self.model, self.val_loss_set, self.batch, self.device,
+                                    self.info, workers=self.workers, seed=self.seed,
                                     stop=stop.requested)  # fmt: skip
         iou_types = ("bbox", "segm") if self.task.masks else ("bbox",)
         label_to_cat = describe(self.model).label_to_category_id()
