@@ -12,7 +12,7 @@ from PIL import Image
 
 from ..draw import draw_instances
 from ..errors import SpinedetError
-from ..files import refuse_existing
+from ..files import refuse_existing, save_png
 from .coco import CocoDataset
 from .coco_files import read_json, unsegmented
 from .transforms import train_transforms
@@ -88,6 +88,5 @@ def show_dataset(
         if k >= 0:
             torch.manual_seed(seed * 1_000_003 + index * 101 + k)  # the same drawings every run
             image, target = augment(image, target)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _draw(image, target, dataset).save(path)
+        save_png(_draw(image, target, dataset), path)
     return [path for path, _, _ in jobs]

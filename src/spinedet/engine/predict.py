@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from ..draw import draw_instances
 from ..errors import SpinedetError
-from ..files import atomic_write, refuse_existing, writing
+from ..files import atomic_write, refuse_existing, save_png, writing
 from ..predictor import Detections, Predictor, to_image_tensor
 
 __all__ = [
@@ -152,25 +152,19 @@ def _save_masks(detections: Detections, target: Path, mode: str) -> None:
         for i, crop in enumerate(masks.crops):
             mask = np.zeros(detections.image_size, dtype=np.uint8)
             mask[masks.window(i)] = crop.numpy() * np.uint8(255)
-            _save_png(Image.fromarray(mask), target.with_name(f"{target.name}_{i:03d}.png"))
+            save_png(Image.fromarray(mask), target.with_name(f"{target.name}_{i:03d}.png"))
         return
     # One image per input: pixel value i + 1 is instance i (later instances on top), 0 none.
     index = np.zeros(detections.image_size, dtype=np.uint16 if len(masks) > 255 else np.uint8)
     for i, crop in enumerate(masks.crops):
         index[masks.window(i)][crop.numpy()] = i + 1
-    _save_png(Image.fromarray(index), _png(target))
+    save_png(Image.fromarray(index), _png(target))
 
 
 def _png(name: Path) -> Path:
     """``name`` + ``.png``: an output name keeps every dot of its input's (``with_suffix`` would
     turn ``photo.v1`` and ``photo.v2`` both into ``photo.png``)."""
     return name.with_name(f"{name.name}.png")
-
-
-def _save_png(image: Image.Image, path: Path) -> None:
-    """Atomically: a kill or a full disk leaves no cut-off image, and the error names it.
-    zlib's fastest level: a 12-megapixel drawing in 1.3 s instead of 2.9 s, 15% larger."""
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", compress_level=1))
 
 
 def predict_images(
@@ -217,7 +211,7 @@ def predict_images(
             image_id, counter = counter, counter + 1
         if draw and not predictor.classifier:  # a classifier has no boxes to draw
             drawn = draw_detections(image, det, num_classes)
-            _save_png(Image.fromarray(drawn.permute(1, 2, 0).numpy()),
+            save_png(Image.fromarray(drawn.permute(1, 2, 0).numpy()),
                       target(_png(out / item.name)))  # fmt: skip
         if save_masks:
             _save_masks(det, out / "masks" / item.name, save_masks)
