@@ -24,7 +24,7 @@ from torchvision.ops import box_area
 from torchvision.transforms.v2 import functional as F
 
 from .data import load_image
-from .data.coco_files import to_rgb
+from .data.coco_files import shrunk_size, to_rgb
 from .data.transforms import classification_eval_transforms
 from .device import default_device
 from .errors import SpinedetError
@@ -410,8 +410,7 @@ class Predictor:
 
     def _seen(self, shape: tuple[int, int]) -> tuple[int, int]:
         """The size an image of ``shape`` is given to the model at (never above its size)."""
-        scale = min(1.0, self.image_size / max(shape))
-        return max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))
+        return shrunk_size(*shape, self.image_size)
 
     @torch.no_grad()
     def predict_batch(self, images: Sequence[torch.Tensor]) -> list[Detections] | list[Classes]:

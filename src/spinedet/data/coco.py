@@ -29,6 +29,7 @@ from spinedet.data.coco_files import (
     no_segmentation,
     read_json,
     repeated,
+    shrunk_size,
     some_ids,
     unsegmented,
 )
@@ -265,10 +266,9 @@ class CocoDataset(Dataset):
 
     def _seen(self, height: int, width: int) -> tuple[int, int]:
         """The (height, width) an image of that size is loaded at (see ``max_size``)."""
-        if self.max_size is None or max(height, width) <= self.max_size:
+        if self.max_size is None:
             return height, width
-        scale = self.max_size / max(height, width)
-        return max(1, round(height * scale)), max(1, round(width * scale))
+        return shrunk_size(height, width, self.max_size)
 
     def _decode_masks(
         self, rows: np.ndarray, height: int, width: int, seen: tuple[int, int]

@@ -160,6 +160,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def shrunk_size(height: int, width: int, longest: int) -> tuple[int, int]:
+    """(height, width) scaled so that the long side is at most ``longest`` (as it is where it
+    already is), each side rounded and at least one pixel."""
+    scale = min(1.0, longest / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
 def load_image(
     path: str | Path,
     size: tuple[int, int] | None = None,

@@ -178,7 +178,7 @@ class Trainer:
             self.task, data = build_datasets(config)
             model = build_model(config, data.categories)
         self.train_set, self.val_set = data.train, data.val
-        self.val_loss_set = data.val_loss or data.val
+        self.val_loss_set = data.val if data.val_loss is None else data.val_loss
         self.device = info.device
         self.workers = loader_workers(config["data"]["workers"], self.device)
         if info.enabled and self.device.type == "cuda":
