@@ -101,8 +101,8 @@ def main() -> None:
     options = {"device": "cpu", "score_threshold": 0.05, "batch_size": 4}
     cell = side // args.grid
     runs = [  # name, tile, overlap, whole image too
-        ("the test images one by one (the ceiling)", None, 0.2, False),
-        ("mosaics, whole (resized to 192)", None, 0.2, False),
+        ("the test images one by one (the ceiling)", None, None, False),
+        ("mosaics, whole (resized to 192)", None, None, False),
         (f"mosaics, tiles of {cell}, overlap 0.2", cell, 0.2, False),
         (f"mosaics, tiles of {cell}, overlap 0.4", cell, 0.4, False),
         (f"mosaics, tiles of {cell + cell // 3}, overlap 0.2", cell + cell // 3, 0.2, False),

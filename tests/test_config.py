@@ -14,6 +14,12 @@ def test_shipped_recipe_by_name_and_overrides():
     assert cfg["model"]["options"]["activation"] == "swish"
     assert cfg["model"]["options"]["box_batch_size_per_image"] == 64
     assert cfg["train"]["momentum"] == 0.9  # untouched defaults stay
+    # null takes an option off (a RetinaNet from the quickstart refused its R-CNN options)
+    retina = ["model.name=spinenet49s_retinanet", "model.options.box_batch_size_per_image=null",
+              "model.options={mask_convs: null, box_convs: null}"]  # fmt: skip
+    options = load_config("quickstart", retina)["model"]["options"]
+    assert not {"box_batch_size_per_image", "mask_convs", "box_convs"} & set(options)
+    assert options["filter_scale"] == cfg["model"]["options"]["filter_scale"]
 
 
 @pytest.mark.parametrize("name", ["spinenet49s_retinanet", "spinenet190_maskrcnn"])

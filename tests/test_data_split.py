@@ -2,6 +2,7 @@ import errno
 import json
 import os
 import random
+import re
 import signal
 from collections import Counter
 
@@ -117,19 +118,37 @@ def test_bad_ratios_are_rejected(skewed, tmp_path, ratios, names, message):
         split_dataset(skewed[0], tmp_path, ratios=ratios, names=names)
 
 
-def test_unpartitionable_data_is_rejected(tmp_path):
-    data = {
-        "images": [{"id": 1}, {"id": 2}],
-        "annotations": [{"id": 1, "image_id": 3, "category_id": 1}],
-        "categories": [],
+def test_data_training_would_refuse_is_not_split(tmp_path):
+    """Split refuses what `data check` (and so training) refuses, naming the first problem: it
+    wrote such files into every part and exited 0 (a category id outside the categories, string
+    ids, an annotation without a box), which failed only at training."""
+
+    def image(i):
+        return {"id": i, "file_name": f"{i}.png", "width": 10, "height": 10}
+
+    def annotation(i, **changes):
+        return {"id": i, "image_id": 1, "category_id": 1, "bbox": [1, 1, 2, 2]} | changes
+
+    good = {"images": [image(1), image(2)], "annotations": [annotation(1)],
+            "categories": [{"id": 1, "name": "a"}]}  # fmt: skip
+    (tmp_path / "good.json").write_text(json.dumps(good))
+    assert set(split_dataset(tmp_path / "good.json", tmp_path / "parts", (1, 1))) == {
+        "train",
+        "val",
     }
-    (tmp_path / "a.json").write_text(json.dumps(data))
-    with pytest.raises(DataError, match=r"a\.json: 1 annotations refer to unknown image ids"):
-        split_dataset(tmp_path / "a.json", tmp_path)
-    data["images"].append({"id": 1})
-    (tmp_path / "a.json").write_text(json.dumps(data))
-    with pytest.raises(DataError, match="image ids are not unique"):
-        split_dataset(tmp_path / "a.json", tmp_path)
+    broken = [
+        ({"annotations": [annotation(1, image_id=3)]}, "refers to unknown image id 3"),
+        ({"images": [image(1), image(1)]}, "image id 1 is used 2 times"),
+        ({"annotations": [annotation(1, category_id=999)]}, "category id 999 is not defined"),
+        ({"images": [image(1) | {"id": "1"}, image(2)]}, "images[0] has no integer 'id'"),
+        ({"annotations": [{k: v for k, v in annotation(1).items() if k != "bbox"}]}, "has no bbox"),
+    ]
+    for change, message in broken:
+        (tmp_path / "a.json").write_text(json.dumps(good | change))
+        with pytest.raises(DataError, match=r"a\.json: .*" + re.escape(message)) as caught:
+            split_dataset(tmp_path / "a.json", tmp_path / "out")
+        assert str(caught.value).endswith("(run `spinedet data check` for details)")
+        assert not (tmp_path / "out").exists()
 
 
 def _run(*argv):

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TINY_MODEL
 from PIL import Image
 
@@ -127,6 +128,34 @@ def test_eval_writes_metrics_and_results(checkpoint, shapes, tmp_path, capsys):
     first = sorted(results, key=lambda r: (r["image_id"], -r["score"]))[0]
     again = sorted(resized, key=lambda r: (r["image_id"], -r["score"]))[0]
     assert first["image_id"] == again["image_id"] and first["bbox"] != again["bbox"]
+
+
+def test_eval_leaves_unreadable_images_out_of_the_ap(checkpoint, shapes, tmp_path, caplog):
+    """An image that will not decode was scored as a blank image, its objects all missed,
+    with nothing in metrics.json to tell: now the AP is that of the readable images, and
+    metrics.json names the others."""
+    coco = json.loads(shapes["val"].read_text())
+    images = tmp_path / "images"
+    images.mkdir()
+    for im in coco["images"]:
+        (images / im["file_name"]).write_bytes((shapes["images"] / im["file_name"]).read_bytes())
+    broken = coco["images"][1]
+    (images / broken["file_name"]).write_bytes(b"not an image")
+    rest = tmp_path / "rest.json"
+    rest.write_text(json.dumps(coco | {
+        "images": [im for im in coco["images"] if im is not broken],
+        "annotations": [a for a in coco["annotations"] if a["image_id"] != broken["id"]],
+    }))  # fmt: skip
+    assert any(a["image_id"] == broken["id"] for a in coco["annotations"])
+    argv = ["eval", str(checkpoint), "--images", str(images), "--no-optimize", "--out"]
+    assert main([*argv, str(tmp_path / "all"), "--annotations", str(shapes["val"])]) == 0
+    assert f"images (ids {broken['id']}) left out of the AP" in caplog.text
+    assert main([*argv, str(tmp_path / "rest"), "--annotations", str(rest)]) == 0
+    left, readable = (json.loads((tmp_path / out / "metrics.json").read_text())
+                      for out in ("all", "rest"))  # fmt: skip
+    for iou_type in ("bbox", "segm"):
+        assert left[iou_type].pop("unreadable_images") == [broken["id"]]
+    assert left == readable
 
 
 def test_eval_refuses_images_without_a_file(checkpoint, shapes, tmp_path, capsys):
@@ -338,6 +367,38 @@ def test_predict_annotation_ids_by_path_then_unique_base_name(
     )
 
 
+def test_predict_annotation_ids_come_in_their_annotations_orientation(
+    checkpoint, shapes, tmp_path, capsys
+):
+    """A photo stored sideways with an EXIF rotation: predicted upright, unless the json gives
+    its stored size, then in the stored orientation (as training and eval read it); a size
+    that fits neither skips the image, naming both."""
+    stored = Image.open(sorted(shapes["images"].iterdir())[0]).convert("RGB").resize((96, 64))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to show
+    stored.save(tmp_path / "p.jpg", exif=exif)
+    sizes = {"stored": (96, 64), "upright": (64, 96), "neither": (50, 50)}
+    for name, (width, height) in sizes.items():
+        ann = tmp_path / f"{name}.json"
+        images = [{"id": 7, "file_name": "p.jpg", "width": width, "height": height}]
+        ann.write_text(json.dumps({"images": images, "annotations": [], "categories": []}))
+        out = tmp_path / name
+        code = main(["predict", str(checkpoint), str(tmp_path / "p.jpg"), "--out", str(out),
+                     "--annotations", str(ann), "--no-draw", "--score-threshold", "0"])  # fmt: skip
+        if name == "neither":
+            assert code == 2
+            assert "image is 96x64 (64x96 after EXIF rotation) but the annotations say 50x50" in (
+                capsys.readouterr().err
+            )
+            continue
+        assert code == 0
+        line = json.loads((out / "predictions.jsonl").read_text())
+        assert (line["image_id"], line["width"], line["height"]) == (7, width, height)
+        boxes = torch.tensor([d["bbox"] for d in line["detections"]])
+        assert len(boxes) and (boxes[:, 0] + boxes[:, 2] <= width + 1e-3).all()
+        assert (boxes[:, 1] + boxes[:, 3] <= height + 1e-3).all()
+
+
 def test_help_shows_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["predict", "--help"])
@@ -345,7 +406,9 @@ def test_help_shows_defaults(capsys):
     assert "(default: 0.5)" in text and "(default: 4)" in text
 
 
-def test_eval_in_tiles_scores_the_predictor_s_tiled_detections(checkpoint, shapes, tmp_path):
+def test_eval_in_tiles_scores_the_predictor_s_tiled_detections(
+    checkpoint, shapes, tmp_path, capsys
+):
     argv = ["eval", str(checkpoint), "--annotations", str(shapes["val"]), "--images",
             str(shapes["images"]), "--batch-size", "4", "--out"]  # fmt: skip
     assert main([*argv, str(tmp_path / "tiled"), "--tile", "40", "--tile-overlap", "0.5"]) == 0
@@ -363,3 +426,7 @@ def test_eval_in_tiles_scores_the_predictor_s_tiled_detections(checkpoint, shape
     whole, one = (json.loads((tmp_path / out / "metrics.json").read_text())
                   for out in ("whole", "one"))  # fmt: skip
     assert one == whole and tiled != json.loads((tmp_path / "whole" / "results.json").read_text())
+    assert main([*argv, str(tmp_path / "none"), "--tile-whole"]) == 2  # silently untiled before
+    err = capsys.readouterr().err
+    assert err.endswith("tile_whole (--tile-whole): applies to tiles only; give a tile size too "
+                        "(tile=, --tile)\n")  # fmt: skip

@@ -306,7 +306,7 @@ def test_image_size_runs_the_model_at_another_size(weights, image):
     [(200, 300, 64, 0.2), (64, 64, 64, 0.2), (50, 300, 64, 0.5), (1000, 1001, 640, 0.0)],
 )
 def test_tiles_cover_the_image_from_border_to_border_and_overlap(height, width, tile, overlap):
-    origins = tile_origins(height, width, tile, overlap)
+    origins = list(tile_origins(height, width, tile, overlap))
     covered = torch.zeros(height, width, dtype=torch.bool)
     for y, x in origins:
         covered[y : y + tile, x : x + tile] = True
@@ -319,7 +319,7 @@ def test_tiles_cover_the_image_from_border_to_border_and_overlap(height, width, 
 
 
 @pytest.mark.parametrize("whole", [False, True])
-def test_tiled_detections_are_those_of_each_view_merged(weights, whole):
+def test_tiled_detections_are_those_of_each_view_merged(weights, whole, caplog):
     """Each view (the image whole with ``tile_whole``, its tiles) alone, boxes and masks moved
     to where the view lies, then merged best first, those within 2% of a tile of a tile's
     inner border after all others: a detection drops the others of its class from other views
@@ -351,28 +351,50 @@ def test_tiled_detections_are_those_of_each_view_merged(weights, whole):
         smaller = min((a[2:] - a[:2]).prod(), (b[2:] - b[:2]).prod())
         return bool(inter / max(float(smaller), 1e-6) >= 0.5)
 
-    def merged(order: list[int]) -> list[int]:
+    def merged(order: list[int], any_class: bool) -> list[int]:
         kept: list[int] = []
         for i in order:
-            if not any(found[k][1] != found[i][1] and found[k][2] == found[i][2]
-                       and covered(found[k][3], found[i][3]) for k in kept):  # fmt: skip
+            if not any(found[k][1] != found[i][1] and covered(found[k][3], found[i][3])
+                       and (found[k][2] == found[i][2]
+                            or any_class and found[i][5] and not found[k][5])
+                       for k in kept):  # fmt: skip
                 kept.append(i)
         return kept
 
-    kept = merged(sorted(range(len(found)), key=lambda i: (found[i][5], -found[i][0])))
+    order = sorted(range(len(found)), key=lambda i: (found[i][5], -found[i][0]))
+    kept = merged(order, any_class=True)
     assert len(tiled) == len(kept) < len(found)  # pieces of the same objects were dropped
-    assert kept != merged(sorted(range(len(found)), key=lambda i: -found[i][0]))  # cut went last
+    assert kept != merged(sorted(range(len(found)), key=lambda i: -found[i][0]), False)  # cut last
+    assert kept != merged(order, any_class=False)  # whole ones dropped pieces of other classes
+    capped_kept = kept[:7]  # whole ones before pieces, then by score
+    kept.sort(key=lambda i: -found[i][0])
+    capped_kept.sort(key=lambda i: -found[i][0])
     assert torch.allclose(tiled.boxes, torch.stack([found[i][3] for i in kept]))
     assert tiled.scores.tolist() == [found[i][0] for i in kept]
     assert tiled.labels.tolist() == [found[i][2] for i in kept]
     assert torch.equal(tiled.masks, torch.stack([found[i][4] for i in kept]))
     capped = spinedet.Predictor(model, tile=64, tile_whole=whole, max_detections=7, **options)
-    assert torch.equal(capped(big).boxes, tiled.boxes[:7])
+    assert torch.allclose(capped(big).boxes, torch.stack([found[i][3] for i in capped_kept]))
+    assert capped(big).scores.tolist() == [found[i][0] for i in capped_kept]
     small = np.ascontiguousarray(big[:64, :60])
     alone = spinedet.Predictor(model, tile=64, **options)(small)
     assert torch.equal(alone.boxes, plain(small).boxes)
+    one = spinedet.Predictor(model, tile=64, max_detections=2, **options)(small)  # one view
+    assert torch.equal(one.boxes, alone.boxes[:2])
     with pytest.raises(SpinedetError, match="tile=16: use a size in pixels, at least 32"):
         spinedet.Predictor(model, tile=16, **options)
+    for unused in ({"tile_overlap": 0.3}, {"tile_whole": True}):  # silently unused otherwise
+        with pytest.raises(SpinedetError, match="applies to tiles only; give a tile size too"):
+            spinedet.Predictor(model, **unused, **options)
+    with pytest.raises(SpinedetError, match=r"tile_overlap=1: use a fraction in 0..1 \(not 1\)"):
+        spinedet.Predictor(model, tile=64, tile_overlap=1, **options)
+    caplog.clear()
+    spinedet.Predictor(model, tile=128, **options)  # the model's 64: tiles shrunk 2x
+    assert "tiles of 128 px are shrunk 2.0x to the model's 64" in caplog.text
+    bad = {"batch_size": 0, "score_threshold": "0.5"}  # no image at all; a TypeError deep inside
+    for key, value in bad.items():
+        with pytest.raises(SpinedetError, match=f"{value!r}: use a"):
+            spinedet.Predictor(model, **(options | {key: value}))
 
 
 def test_an_nms_threshold_suppresses_more_or_fewer_overlaps(weights, image):

@@ -223,6 +223,7 @@ def test_fine_tuning_on_other_classes_of_the_same_count_starts_class_layers_fres
         ({"box_convs": 2.5}, "maskrcnn", "an integer"),
         ({"bn_momentum": True}, "SpineNet", "a number"),
         ({"activation": 3}, "SpineNet", "a string"),
+        ({"image_size": 0}, "maskrcnn", "an integer >= 32"),  # was: ZeroDivisionError at predict
     ],
 )
 def test_option_values_of_the_wrong_kind_are_refused_when_building(option, owner, expected):

@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -330,6 +331,11 @@ def test_curves_are_written_atomically(tmp_path):
     plot_curves(tmp_path / "metrics.jsonl", tmp_path / "curves.png")
     assert not (tmp_path / "curves.png").is_symlink()
     assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
+    # Before the first logged step: no loss to label, and no matplotlib warning about it.
+    (tmp_path / "metrics.jsonl").write_text("")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_curves(tmp_path / "metrics.jsonl", tmp_path / "curves.png")
 
 
 def test_resume_from_the_run_alone_and_refused_changes_write_nothing(shapes, tmp_path, capsys):

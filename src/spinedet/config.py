@@ -179,7 +179,10 @@ def _merge(base: dict, update: dict, where: str, source: str) -> dict:
                 raise ConfigError(f"{source}: {path} must be a mapping, got {value!r}")
             _merge(base[key], value, path, source)
         elif isinstance(base[key], dict) and isinstance(value, dict | None):
-            base[key] = {**base[key], **(value or {})}
+            # model.options: merged; a null option is removed (back to the builder's default:
+            # how a command line takes a recipe's R-CNN option off for a RetinaNet).
+            merged = {**base[key], **(value or {})}
+            base[key] = {k: v for k, v in merged.items() if v is not None}
         else:
             base[key] = value  # validate_config judges it
     return base

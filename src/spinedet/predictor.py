@@ -7,11 +7,12 @@ names (the model's description), and masks as binary images or COCO RLE.
 from __future__ import annotations
 
 import contextlib
+import itertools
+import logging
 import math
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +36,8 @@ from .models.postprocess import pasting_crops
 from .models.registry import task_of
 from .optimize import optimize_for_inference
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "Classes",
     "Detections",
@@ -42,6 +45,7 @@ __all__ = [
     "Predictor",
     "default_device",
     "tile_origins",
+    "tile_settings",
     "to_image_tensor",
 ]
 
@@ -280,16 +284,19 @@ class Predictor:
     detector's long side, a classifier's crop).
 
     ``tile`` (pixels): detect in ``tile`` x ``tile`` windows of each image larger than that,
-    at the image's own resolution, neighbours overlapping by ``tile_overlap`` of a tile
-    (:func:`tile_origins`), and with ``tile_whole`` also in the whole image (resized to the
+    at the image's own resolution, neighbours overlapping by ``tile_overlap`` (default 0.2) of
+    a tile (:func:`tile_origins`), and with ``tile_whole`` also in the whole image (resized to the
     model's size, as without tiles: for objects larger than a tile). Objects a few pixels wide
     in a 4000 x 3000 photo vanish when it is resized to 640; in a tile they keep their pixels.
     The views' detections are merged best first: each drops those of its class from other
     views that it covers, or that cover it, by ``nms_threshold`` (default: the detector's) of
     the smaller box, such as the pieces of an object that a tile border cuts; boxes at a
     tile's inner border (within 2% of a tile) come after all others, so that a piece never
-    wins over the whole object seen by the neighbouring tile (or the whole image)
-    (``benchmarks/tiled_predict.py`` measures the choices).
+    wins over the whole object seen by the neighbouring tile (or the whole image), which
+    drops the pieces it covers of other classes too. ``max_detections`` keeps the first in
+    that order (whole objects before pieces); the result is sorted by score.
+    (``benchmarks/tiled_predict.py`` measures the choices.) Tiles larger than the model's
+    ``image_size`` are shrunk to it, losing the pixels tiles are for (a warning says so).
     """
 
     def __init__(
@@ -307,7 +314,7 @@ class Predictor:
         nms_threshold: float | None = None,
         image_size: int | None = None,
         tile: int | None = None,
-        tile_overlap: float = 0.2,
+        tile_overlap: float | None = None,
         tile_whole: bool = False,
     ) -> None:
         if isinstance(weights, nn.Module):
@@ -322,19 +329,15 @@ class Predictor:
             raise SpinedetError(f"{weights}: holds a backbone; Predictor needs a detector")
         if masks not in ("binary", "rle"):
             raise SpinedetError(f"masks={masks!r}: use 'binary' or 'rle'")
-        if not 0 <= score_threshold <= 1:  # also NaN: no detection would pass, silently
-            raise SpinedetError(f"score threshold {score_threshold}: use a score in 0..1")
-        whole = isinstance(max_detections, int | np.integer) and not isinstance(
-            max_detections, bool
-        )
-        if max_detections is not None and not (whole and max_detections >= 1):
+        if not (_is_real(score_threshold) and 0 <= score_threshold <= 1):  # NaN: none passes
+            raise SpinedetError(f"score threshold {score_threshold!r}: use a score in 0..1")
+        if not (_is_whole(batch_size) and batch_size >= 1):  # 0 would end every stream at once
+            raise SpinedetError(f"batch_size={batch_size!r}: use a positive integer")
+        if max_detections is not None and not (_is_whole(max_detections) and max_detections >= 1):
             raise SpinedetError(f"max_detections={max_detections!r}: use a positive integer")
-        if nms_threshold is not None and not 0 <= nms_threshold <= 1:
+        if nms_threshold is not None and not (_is_real(nms_threshold) and 0 <= nms_threshold <= 1):
             raise SpinedetError(f"nms_threshold={nms_threshold!r}: use an IoU in 0..1")
-        if tile is not None and not (isinstance(tile, int | np.integer) and tile >= 32):
-            raise SpinedetError(f"tile={tile!r}: use a size in pixels, at least 32")
-        if not 0 <= tile_overlap < 1:
-            raise SpinedetError(f"tile_overlap={tile_overlap!r}: use a fraction in 0..1 (not 1)")
+        tile_overlap = tile_settings(tile, tile_overlap, tile_whole)
         self.description = describe(model)
         if self.description.task == "classifier":
             if max_detections is not None:
@@ -373,6 +376,10 @@ class Predictor:
             return
         self.image_size = int(model.transform.max_size)
         self.min_stride = 2 ** min(model.backbone.levels)
+        if self.tile is not None and self.tile > self.image_size:
+            log.warning("tiles of %d px are shrunk %.1fx to the model's %d: objects lose the "
+                        "pixels tiles are for; a tile of %d keeps them", self.tile,
+                        self.tile / self.image_size, self.image_size, self.image_size)  # fmt: skip
 
     def __call__(
         self, images: ImageInput | Iterable[ImageInput], bgr: bool = False
@@ -389,7 +396,7 @@ class Predictor:
         video frames, a list, a stacked batch) only ``batch_size`` at a time, as it goes: an
         endless stream never ends up held in memory, results and masks included."""
         images = iter([images] if _one_image(images) else images)
-        while batch := list(islice(images, self.batch_size)):
+        while batch := list(itertools.islice(images, self.batch_size)):
             yield from self.predict_batch([to_image_tensor(x, bgr) for x in batch])
 
     def prepare(self, image: torch.Tensor) -> torch.Tensor:
@@ -457,17 +464,19 @@ class Predictor:
         """Each image larger than a tile in overlapping tiles at its own resolution
         (:func:`tile_origins`), and whole with ``tile_whole`` (a smaller one whole only),
         ``batch_size`` views at a time; each image's detections merged (:meth:`_merge`)."""
-        views = []
-        for i, image in enumerate(images):
-            height, width = image.shape[-2:]
-            if self.tile_whole or max(height, width) <= self.tile:
-                views.append((i, 0, 0, image))
-            if max(height, width) > self.tile:
-                for y, x in tile_origins(height, width, self.tile, self.tile_overlap):
-                    views.append((i, y, x, image[:, y : y + self.tile, x : x + self.tile]))
+
+        def views() -> Iterator[tuple[int, int, int, torch.Tensor]]:
+            for i, image in enumerate(images):
+                height, width = image.shape[-2:]
+                if self.tile_whole or max(height, width) <= self.tile:
+                    yield i, 0, 0, image
+                if max(height, width) > self.tile:
+                    for y, x in tile_origins(height, width, self.tile, self.tile_overlap):
+                        yield i, y, x, image[:, y : y + self.tile, x : x + self.tile]
+
         parts: list[list[tuple[int, int, Detections]]] = [[] for _ in images]
-        for start in range(0, len(views), self.batch_size):
-            batch = views[start : start + self.batch_size]
+        pending = views()
+        while batch := list(itertools.islice(pending, self.batch_size)):
             found = self._detect([view for *_, view in batch], None)  # capped once merged
             for (i, y, x, _), detections in zip(batch, found, strict=True):
                 parts[i].append((y, x, detections))
@@ -482,11 +491,10 @@ class Predictor:
         or that cover it, by ``nms_threshold`` of the smaller box (the pieces of an object a
         tile border cuts, besides the whole one). Those a view's border may cut
         (:func:`_at_inner_border`) come after the others, each group best first, so that the
-        whole object from the neighbouring tile wins over a higher-scored piece of it. At most
-        ``max_detections`` of them when that is given (each view keeps up to the detector's
-        own cap)."""
-        if len(parts) == 1:  # one view: the image whole
-            return parts[0][2]
+        whole object from the neighbouring tile wins over a higher-scored piece of it; such a
+        whole one also drops the pieces it covers of other classes. At most ``max_detections``
+        are kept, in that order (each view keeps up to the detector's own cap), then sorted by
+        score."""
         offsets = torch.tensor([[x, y, x, y] for y, x, d in parts for _ in range(len(d))])
         boxes = torch.cat([d.boxes for *_, d in parts]) + offsets.reshape(-1, 4)
         scores = torch.cat([d.scores for *_, d in parts])
@@ -497,11 +505,13 @@ class Predictor:
         overlap = pairwise_intersection(boxes, boxes)
         area = box_area(boxes)
         smaller = torch.minimum(area[:, None], area[None]).clamp(min=1e-6)
-        covers = overlap / smaller >= threshold
-        covers &= (labels[:, None] == labels[None]) & (views[:, None] != views[None])
+        covers = (overlap / smaller >= threshold) & (views[:, None] != views[None])
         margin = _BORDER_MARGIN * self.tile
         cut = torch.cat([_at_inner_border(d.boxes, (y, x), d.image_size, shape, margin)
                          for y, x, d in parts])  # fmt: skip
+        # A piece is classed from part of an object: whole ones drop those they cover of any class.
+        pieces = covers & cut[None]
+        covers &= labels[:, None] == labels[None]
         order = scores.argsort(descending=True, stable=True)
         order = order[cut[order].to(torch.uint8).argsort(stable=True)]
         dropped = torch.zeros(len(scores), dtype=torch.bool)
@@ -509,8 +519,9 @@ class Predictor:
         for i in order.tolist():
             if not dropped[i]:
                 keep.append(i)
-                dropped |= covers[i]
-        keep = keep[: self.max_detections]  # None: all
+                dropped |= covers[i] if cut[i] else covers[i] | pieces[i]
+        keep = keep[: self.max_detections]  # None: all; wholes before pieces
+        keep.sort(key=lambda k: -float(scores[k]))
         cats = [c for *_, d in parts for c in d.category_ids]
         merged = Detections(boxes[keep], scores[keep], labels[keep], [cats[k] for k in keep],
                             [self._name_of[cats[k]] for k in keep], shape)  # fmt: skip
@@ -553,6 +564,30 @@ class Predictor:
         return detections
 
 
+def tile_settings(tile: int | None, overlap: float | None, whole: bool) -> float:
+    """The tile overlap to use (default 0.2), or a SpinedetError for settings that cannot
+    apply: a tile under 32 pixels, an overlap outside 0..1 (1 excluded), or an overlap or
+    ``whole`` without a tile (silently unused otherwise)."""
+    if tile is not None and not (_is_whole(tile) and tile >= 32):
+        raise SpinedetError(f"tile={tile!r}: use a size in pixels, at least 32")
+    if tile is None and (overlap is not None or whole):
+        given = "tile_overlap" if overlap is not None else "tile_whole"
+        raise SpinedetError(f"{given} (--{given.replace('_', '-')}): applies to tiles only; "
+                            "give a tile size too (tile=, --tile)")  # fmt: skip
+    overlap = 0.2 if overlap is None else overlap
+    if not (_is_real(overlap) and 0 <= overlap < 1):
+        raise SpinedetError(f"tile_overlap={overlap!r}: use a fraction in 0..1 (not 1)")
+    return float(overlap)
+
+
+def _is_whole(value: object) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+
+
 # How near (a fraction of a tile) a box must reach to a tile's inner border to count as cut
 # by it: a detector rarely draws a cut object's box to the very edge (tiled_predict.py, tiles
 # of 192: box AP50 rose in every setting with margins of 1% to 3% of a tile, less at 0.5%).
@@ -579,10 +614,11 @@ def _at_inner_border(
     )
 
 
-def tile_origins(height: int, width: int, tile: int, overlap: float) -> list[tuple[int, int]]:
+def tile_origins(height: int, width: int, tile: int, overlap: float) -> Iterator[tuple[int, int]]:
     """The top-left corners (row, column) of ``tile`` x ``tile`` windows that cover a ``height``
     x ``width`` image, neighbours overlapping by at least ``overlap`` of a tile, evenly spread
-    from one border to the other (a window is the image's side where that is shorter)."""
+    from one border to the other (a window is the image's side where that is shorter); row by
+    row, as they are needed (small tiles with a large overlap make millions)."""
 
     def starts(length: int) -> list[int]:
         if length <= tile:
@@ -591,4 +627,4 @@ def tile_origins(height: int, width: int, tile: int, overlap: float) -> list[tup
         count = math.ceil((length - tile) / stride) + 1
         return [round(i * (length - tile) / (count - 1)) for i in range(count)]
 
-    return [(y, x) for y in starts(height) for x in starts(width)]
+    return itertools.product(starts(height), starts(width))

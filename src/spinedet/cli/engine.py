@@ -164,8 +164,9 @@ def _inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile", type=at_least(32), default=None, metavar="PIXELS",
                    help="detect in overlapping tiles of this size of each larger image, at its "
                    "own resolution (small objects in large photos; detectors)")  # fmt: skip
-    p.add_argument("--tile-overlap", type=fraction, default=0.2,
-                   help="how much neighbouring tiles overlap, a fraction of a tile")  # fmt: skip
+    p.add_argument("--tile-overlap", type=fraction, default=None,
+                   help="with --tile, how much neighbouring tiles overlap, a fraction of a tile "
+                   "(default 0.2)")  # fmt: skip
     p.add_argument("--tile-whole", action="store_true",
                    help="with --tile, also detect in the whole image resized to the model's size "
                    "(objects larger than a tile)")  # fmt: skip

@@ -24,18 +24,22 @@ def at_least(low: int) -> Callable[[str], int]:
 
 def score(text: str) -> float:
     """A score option's type: a number in 0..1 (NaN refused)."""
+    return _unit(text, "a score in 0..1")
+
+
+def fraction(text: str) -> float:
+    """A fraction option's type: a number in 0..1, 1 itself excluded (NaN refused)."""
+    value = _unit(text, "a fraction in 0..1 (1 excluded)")
+    if value == 1:
+        raise argparse.ArgumentTypeError("expected a fraction below 1, got 1")
+    return value
+
+
+def _unit(text: str, expected: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a score in 0..1, got {text}")
-    return value
-
-
-def fraction(text: str) -> float:
-    """A fraction option's type: a number in 0..1, 1 itself excluded (NaN refused)."""
-    value = score(text)
-    if value == 1:
-        raise argparse.ArgumentTypeError("expected a fraction below 1, got 1")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
     return value

@@ -307,6 +307,18 @@ class _Checker:
         elif self.cat_ids and self.images and not self.counted:
             self.report("empty", "no image has an annotation: nothing to train or evaluate on")
 
+    def entries_of(self, dataset: dict[str, Any], masks: bool | None) -> None:
+        """Check the json's categories, images and annotations (not the image files)."""
+        self.categories(self.entries(dataset, "categories"))
+        self.image_entries(self.entries(dataset, "images"))
+        self.no_images = dataset.get("images") == []
+        anns = self.entries(dataset, "annotations")
+        for index, ann in enumerate(anns):
+            self.annotation(index, ann)
+        self.duplicates(anns, "annotation")
+        self.segmentations(anns, masks)
+        self.emptiness()
+
     def image_files(self, full: bool, progress: bool | None, workers: int) -> None:
         images = [im for im in self.images.values() if not leaves_directory(im["file_name"])]
         # Chunks keep the per-task overhead of the pool small next to a cheap header check.
@@ -436,20 +448,23 @@ def inspect_dataset(
         checker.report("schema", "top level must be an object with images/annotations/categories")
         return checker.problems, ""
 
-    checker.categories(checker.entries(dataset, "categories"))
-    checker.image_entries(checker.entries(dataset, "images"))
-    checker.no_images = dataset.get("images") == []
-    anns = checker.entries(dataset, "annotations")
-    for index, ann in enumerate(anns):
-        checker.annotation(index, ann)
-    checker.duplicates(anns, "annotation")
-    checker.segmentations(anns, masks)
-    checker.emptiness()
+    checker.entries_of(dataset, masks)
     checker.image_files(full, progress, workers)
     table = format_class_counts(
         checker.category_entries, {"": (checker.counted, len(checker.images))}
     )
     return checker.problems, table
+
+
+def annotation_problems(annotations: str | Path, dataset: Any) -> list[Problem]:
+    """:func:`check_dataset`'s problems of the json ``dataset`` read from ``annotations``,
+    without looking at image files (for tools that write annotation files, such as a split)."""
+    checker = _Checker(Path(annotations), Path())
+    if not isinstance(dataset, dict):
+        checker.report("schema", "top level must be an object with images/annotations/categories")
+        return checker.problems
+    checker.entries_of(dataset, None)
+    return checker.problems
 
 
 def format_report(problems: list[Problem]) -> str:

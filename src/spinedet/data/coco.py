@@ -221,7 +221,8 @@ class CocoDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[tv_tensors.Image, Target]:
         """The image and its targets. An image that is missing or cannot be decoded does not
         stop a run: it is logged (once per image and process) and stands as a black image with
-        no objects, under its own id. (Substituting another image instead would, in evaluation,
+        no objects, under its own id, its target marked ``"unreadable": True`` (evaluation
+        leaves it out of the AP). (Substituting another image instead would, in evaluation,
         score that image's detections twice.)"""
         image_id = self.index.image_id(index)
         file_name, width, height = self.index.image(index)
@@ -234,9 +235,8 @@ class CocoDataset(Dataset):
                 image = tv_tensors.Image(F.pil_to_tensor(pil))
                 rows = self.index.rows(index)
             except UnreadableImage as e:
-                log.warning(
-                    "skipping image %s (trained as blank, scored as missed): %s", image_id, e
-                )
+                log.warning("skipping image %s (a blank image without objects in training, "
+                            "left out of AP in evaluation): %s", image_id, e)  # fmt: skip
                 self._unreadable.add(image_id)
         # Copies: the index's arrays are shared with the other workers and must stay unwritten.
         boxes = torch.tensor(self.index.boxes[rows])
@@ -257,6 +257,8 @@ class CocoDataset(Dataset):
             "area": torch.tensor(self.index.areas[rows])[keep],
             "iscrowd": torch.zeros(int(keep.sum()), dtype=torch.int64),
         }
+        if image_id in self._unreadable:
+            target["unreadable"] = True
         if self.masks:
             kept = np.arange(rows.start, rows.stop)[keep.numpy()]
             target["masks"] = tv_tensors.Mask(self._decode_masks(kept, height, width, seen))

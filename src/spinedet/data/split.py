@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from spinedet.data.check import annotation_problems, errors
 from spinedet.data.coco_files import read_json, write_json
 from spinedet.data.errors import DataError
 from spinedet.data.stats import format_class_counts
@@ -193,18 +194,11 @@ def split_table(parts: dict[str, dict[str, Any]]) -> str:
 def _images_and_annotations(
     dataset: Any, path: str | Path
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The image and annotation lists, refusing data a split cannot partition cleanly."""
-    hint = "(run `spinedet data check` for details)"
-    if not isinstance(dataset, dict) or not isinstance(dataset.get("images"), list):
-        raise DataError(f"needs an 'images' list {hint}", path)
-    images, anns = dataset["images"], dataset.get("annotations", [])
-    try:
-        ids = {im["id"] for im in images}
-        orphans = sum(a["image_id"] not in ids for a in anns)
-    except (KeyError, TypeError) as e:
-        raise DataError(f"malformed images or annotations {hint}", path) from e
-    if len(ids) != len(images):
-        raise DataError(f"image ids are not unique {hint}", path)
-    if orphans:
-        raise DataError(f"{orphans} annotations refer to unknown image ids {hint}", path)
-    return images, anns
+    """The image and annotation lists, refusing data that training would refuse (by `data
+    check`'s rules, image files aside): split, its errors would reach every part unnoticed."""
+    if problems := errors(annotation_problems(path, dataset)):
+        first = str(problems[0]).removeprefix(f"{path}: ")
+        more = len(problems) - 1
+        more = f"; {more} more problem{'s' if more > 1 else ''}" if more else ""
+        raise DataError(f"{first}{more} (run `spinedet data check` for details)", path)
+    return dataset["images"], dataset.get("annotations", [])

@@ -22,7 +22,7 @@ from ..models import describe, detection_selection, load_model
 from ..models.registry import task_of
 from ..models.weights import resolve_checkpoint
 from ..optimize import optimize_for_inference
-from ..predictor import Predictor
+from ..predictor import Predictor, tile_settings
 from . import distributed
 from .analysis import write_analysis
 from .classification import evaluate_classifier
@@ -60,7 +60,7 @@ def evaluate(
     confusion_score: float = 0.5,
     image_size: int | None = None,
     tile: int | None = None,
-    tile_overlap: float = 0.2,
+    tile_overlap: float | None = None,
     tile_whole: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """COCO AP (box, and mask for Mask R-CNN) of a checkpoint on a COCO json data set; for a
@@ -84,6 +84,9 @@ def evaluate(
     :class:`~spinedet.predictor.Predictor` does, its detections merged and capped at its own
     count per image.
     """
+    tile_settings(tile, tile_overlap, tile_whole)  # refused before anything is loaded
+    if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1):
+        raise SpinedetError(f"batch_size={batch_size!r}: use a positive integer")
     if out_dir is not None:  # before the pass, which may take hours, not after it
         refuse_existing(writable_folder(out_dir) / "metrics.json", overwrite)
     info = distributed.setup(device)
@@ -205,7 +208,7 @@ def predict(
     nms_threshold: float | None = None,
     image_size: int | None = None,
     tile: int | None = None,
-    tile_overlap: float = 0.2,
+    tile_overlap: float | None = None,
     tile_whole: bool = False,
 ) -> PredictionReport:
     """Predict on images, directories, globs and videos (every ``every``-th frame) into
@@ -228,9 +231,11 @@ def predict(
     items, skipped = collect_inputs(inputs, exclude=out_dir)
     if not items and not skipped:
         raise SpinedetError(f"no images or videos found in {', '.join(map(str, inputs))}")
-    image_ids, first_id = _image_ids(annotations, items) if annotations is not None else ({}, 0)
-    report = predict_images(predictor, items, out_dir, image_ids=image_ids, first_id=first_id,
-                            every=every, draw=draw, save_masks=save_masks,
+    image_ids, sizes, first_id = (
+        _image_ids(annotations, items) if annotations is not None else ({}, {}, 0)
+    )
+    report = predict_images(predictor, items, out_dir, image_ids=image_ids, image_sizes=sizes,
+                            first_id=first_id, every=every, draw=draw, save_masks=save_masks,
                             overwrite=overwrite)  # fmt: skip
     report.skipped[:0] = skipped
     if report.skipped:
@@ -242,9 +247,11 @@ def predict(
     return report
 
 
-def _image_ids(annotations: str | Path, items: Sequence[InputItem]) -> tuple[dict[Path, int], int]:
-    """The COCO image id of each input image found in ``annotations`` (by its path), and the
-    first id above all of the file's, from which the others are numbered.
+def _image_ids(
+    annotations: str | Path, items: Sequence[InputItem]
+) -> tuple[dict[Path, int], dict[Path, tuple[int, int]], int]:
+    """The COCO image id and (width, height) of each input image found in ``annotations`` (by
+    its path), and the first id above all of the file's, from which the others are numbered.
 
     An entry's ``file_name`` is relative to the data set's image directory, so a file matches
     the entry whose whole ``file_name`` ends its path (the longest, when several do); failing
@@ -254,6 +261,8 @@ def _image_ids(annotations: str | Path, items: Sequence[InputItem]) -> tuple[dic
     try:
         images = json.loads(Path(annotations).read_text())["images"]
         ids = {Path(os.path.normpath(str(im["file_name"]))).parts: int(im["id"]) for im in images}
+        sizes = {int(im["id"]): (int(im["width"]), int(im["height"]))
+                 for im in images if "width" in im and "height" in im}  # fmt: skip
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SpinedetError(f"{annotations}: not a COCO annotation file ({e})") from None
     by_base: dict[str, list[tuple[str, ...]]] = {}
@@ -283,4 +292,4 @@ def _image_ids(annotations: str | Path, items: Sequence[InputItem]) -> tuple[dic
     if unmatched:
         log.warning("%d of %d input(s) not in %s: numbered from image id %d",
                     unmatched, len(items), annotations, first)  # fmt: skip
-    return found, first
+    return found, {path: sizes[i] for path, i in found.items() if i in sizes}, first

@@ -22,6 +22,7 @@ from torchvision.ops import StochasticDepth
 from tqdm import tqdm
 
 from ..data import collate
+from ..data.coco_files import some_ids
 from ..masks import MaskCrops
 from ..models.postprocess import pasting_crops
 from .distributed import DistInfo, any_rank, exchange, gather_objects, gather_to
@@ -56,6 +57,7 @@ STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
 
 # faster-coco-eval logs every load and index build at INFO; spinedet prints its own summary.
 logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
+log = logging.getLogger(__name__)
 
 
 # Batches between the ranks' agreements on a stop (distributed.any_rank): each waits for the
@@ -142,9 +144,10 @@ def run_inference(
     workers: int = 0,
     progress: bool = True,
     stop: Callable[[], bool] | None = None,
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], list[Any]]:
     """COCO results of ``model`` on this rank's images of ``dataset``: every ``world_size``-th
-    (loaded by ``workers`` DataLoader processes), all of them when not distributed. ``stop``:
+    (loaded by ``workers`` DataLoader processes), all of them when not distributed, and the ids
+    of those the data set could not read (their targets say ``"unreadable"``). ``stop``:
     whether this rank was asked to stop, checked between batches (see :func:`check_stop`)."""
     info = info or DistInfo()
     loader = shard_loader(dataset, info, batch_size, workers, device)
@@ -152,15 +155,19 @@ def run_inference(
     was_training = model.training
     model.eval()
     results: list[dict[str, Any]] = []
+    unreadable = []
     bar = tqdm(loader, desc="evaluate", unit="batch", disable=not progress or info.rank != 0)
     for done, (images, targets) in enumerate(bar, 1):
         with pasting_crops():  # masks of large images never at full size
             outputs = model([img.to(device, non_blocking=True) for img in images])
         for out, target in zip(outputs, targets, strict=True):
-            results.extend(to_coco_results(out, int(target["image_id"]), label_to_cat_id))
+            if target.get("unreadable"):
+                unreadable.append(target["image_id"])
+            else:
+                results.extend(to_coco_results(out, int(target["image_id"]), label_to_cat_id))
         check_stop(stop, done, common, info)
     model.train(was_training)
-    return results
+    return results, unreadable
 
 
 @dataclass
@@ -330,10 +337,25 @@ def evaluate_distributed(
     metrics identical on every rank and equal to the single-process numbers; the results (COCO
     detections of every image) on rank 0 when ``collect``, else and elsewhere ``[]``.
     ``dataset`` needs a ``coco`` attribute (a CocoDataset). ``stop``: see :func:`run_inference`."""
-    results = run_inference(model, dataset, label_to_cat_id, device, info, batch_size, workers,
-                            progress, stop)  # fmt: skip
+    results, unreadable = run_inference(model, dataset, label_to_cat_id, device, info,
+                                        batch_size, workers, progress, stop)  # fmt: skip
     info = info or DistInfo()
-    metrics = coco_evaluate(dataset.coco, results, iou_types, info=info)
+    if info.enabled:
+        unreadable = [i for part in gather_objects(unreadable, info) for i in part]
+    gt = dataset.coco
+    if unreadable:  # their objects would count as missed: scored without them
+        left_out = set(unreadable)
+        gt = FastCOCO({**gt.dataset,
+                       "images": [im for im in gt.dataset["images"] if im["id"] not in left_out],
+                       "annotations": [a for a in gt.dataset["annotations"]
+                                       if a["image_id"] not in left_out]},
+                      print_function=_quiet)  # fmt: skip
+        log.warning("%s left out of the AP: they could not be read (see above)",
+                    some_ids("images", sorted(left_out)))  # fmt: skip
+    metrics = coco_evaluate(gt, results, iou_types, info=info)
+    if unreadable:
+        for m in metrics.values():
+            m["unreadable_images"] = sorted(unreadable)
     gathered = gather_to(results, 0, info) if collect else None
     return metrics, [r for part in gathered or [] for r in part]
 

@@ -56,7 +56,8 @@ def plot_curves(metrics_file: str | Path, out: str | Path) -> Path:
         ax_loss.plot([r["step"] for r in with_val], [r["val_loss"] for r in with_val], "o-",
                      label="validation")  # fmt: skip
     ax_loss.set(xlabel="step", ylabel="loss", title="loss")
-    ax_loss.legend()
+    if ax_loss.lines:  # none before the first logged step: matplotlib warns of an empty legend
+        ax_loss.legend()
     keys = sorted({k for r in epochs for k in r if k.endswith(("/AP", "/AP50"))})
     accuracy = not keys  # a classifier's run
     if accuracy:

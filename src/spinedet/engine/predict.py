@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from ..data import load_image
 from ..draw import draw_instances
 from ..errors import SpinedetError
 from ..files import atomic_write, refuse_existing, save_png, writing
@@ -125,10 +126,13 @@ def draw_detections(image: torch.Tensor, detections: Detections, num_classes: in
                           num_classes, detections.mask_crops)  # fmt: skip
 
 
-def _frames(item: InputItem, every: int) -> Iterator[tuple[InputItem, torch.Tensor]]:
-    """The image, or every ``every``-th frame of a video (decoded with PyAV)."""
+def _frames(
+    item: InputItem, every: int, size: tuple[int, int] | None = None
+) -> Iterator[tuple[InputItem, torch.Tensor]]:
+    """The image (in the orientation of ``size``, (width, height), see
+    :func:`~spinedet.data.load_image`), or every ``every``-th frame of a video (PyAV)."""
     if not item.is_video:
-        yield item, to_image_tensor(item.path)
+        yield item, to_image_tensor(load_image(item.path, size))
         return
     import av
 
@@ -173,6 +177,7 @@ def predict_images(
     out_dir: str | Path,
     *,
     image_ids: Mapping[Path, int] | None = None,
+    image_sizes: Mapping[Path, tuple[int, int]] | None = None,
     first_id: int = 0,
     every: int = 1,
     draw: bool = True,
@@ -183,7 +188,10 @@ def predict_images(
     under ``out_dir/masks/`` and write ``predictions.jsonl`` and ``predictions.json``.
 
     ``image_ids`` maps input image files (:attr:`InputItem.path`) to image ids; the other
-    images and video frames are numbered in order from ``first_id``. Existing files are never
+    images and video frames are numbered in order from ``first_id``. ``image_sizes`` maps
+    image files to the (width, height) their ids' annotations assume: such an image is read in
+    that orientation (the stored pixels' or the EXIF-rotated image's, as in training and
+    evaluation), and skipped as unreadable if it has neither size. Existing files are never
     replaced unless ``overwrite``.
     """
     out = Path(out_dir)
@@ -201,7 +209,7 @@ def predict_images(
             target(_png(out / item.name))
     results: list[dict] = []
     counter = first_id
-    ids = image_ids or {}
+    ids, sizes = image_ids or {}, image_sizes or {}
     num_classes = len(predictor.description.categories)
 
     def record(item: InputItem, image: torch.Tensor, det: Detections, sink) -> None:
@@ -234,7 +242,7 @@ def predict_images(
     def images() -> Iterator[torch.Tensor]:
         for item in tqdm(items, desc="predict", unit="input"):
             try:
-                for frame, image in _frames(item, every):
+                for frame, image in _frames(item, every, sizes.get(item.path)):
                     read.append((frame, image))
                     yield image
             except SpinedetError as e:

@@ -176,6 +176,9 @@ def register_task(
         def build(*args: Any, **kwargs: Any) -> nn.Module:
             given = dict(signature.bind(*args, **kwargs).arguments)
             check_option_types(kwargs, signature.parameters, name)
+            size = kwargs.get("image_size")
+            if isinstance(size, int) and size < 32:  # a division by zero at the first image
+                raise ModelError(f"option image_size={size} of {name}: expected an integer >= 32")
             model = builder(*args, **kwargs)
             key = given.pop("variant", signature.parameters["variant"].default)
             given.pop("num_classes", None)
