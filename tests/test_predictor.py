@@ -391,6 +391,8 @@ def test_tiled_detections_are_those_of_each_view_merged(weights, whole, caplog):
     caplog.clear()
     spinedet.Predictor(model, tile=128, **options)  # the model's 64: tiles shrunk 2x
     assert "tiles of 128 px are shrunk 2.0x to the model's 64" in caplog.text
+    with pytest.raises(SpinedetError, match="top_k: a detector gives detections, not classes"):
+        spinedet.Predictor(model, top_k=3, **options)  # was ignored without a word
     bad = {"batch_size": 0, "score_threshold": "0.5"}  # no image at all; a TypeError deep inside
     for key, value in bad.items():
         with pytest.raises(SpinedetError, match=f"{value!r}: use a"):

@@ -275,13 +275,14 @@ class Predictor:
     detector's own ``detections_per_img`` (torchvision's 300 for a RetinaNet, 100 for an R-CNN,
     unless built otherwise). ``classes``: only detections of these categories, each a name or
     data set id (see :meth:`~spinedet.models.ModelDescription.labels_of`), dropped before any
-    cap so that other classes never take their places; a classifier's top ``top_k`` are those
-    classes' best. ``nms_threshold`` (0..1): the IoU above which a detection suppresses a
-    lower-scoring one of its class; default: the detector's own ``nms_thresh`` (torchvision's
-    0.5). These settings hold for the Predictor's own calls only, also when other threads run
-    the same model meanwhile (see :func:`~spinedet.models.selecting`). ``image_size``: run the
-    model loaded from ``weights`` at this size instead of the one it was trained at (a
-    detector's long side, a classifier's crop).
+    cap so that other classes never take their places; a classifier's top ``top_k`` (default
+    5; a classifier's option only) are those classes' best. ``nms_threshold`` (0..1): the IoU
+    above which a detection suppresses a lower-scoring one of its class; default: the
+    detector's own ``nms_thresh`` (torchvision's 0.5). These settings hold for the Predictor's
+    own calls only, also when other threads run the same model meanwhile (see
+    :func:`~spinedet.models.selecting`). ``image_size``: run the model loaded from ``weights``
+    at this size instead of the one it was trained at (a detector's long side, a classifier's
+    crop).
 
     ``tile`` (pixels): detect in ``tile`` x ``tile`` windows of each image larger than that,
     at the image's own resolution, neighbours overlapping by ``tile_overlap`` (default 0.2) of
@@ -307,7 +308,7 @@ class Predictor:
         optimize: bool = True,
         batch_size: int = 4,
         masks: Literal["binary", "rle"] = "binary",
-        top_k: int = 5,
+        top_k: int | None = None,
         *,
         max_detections: int | None = None,
         classes: str | int | Iterable[str | int] | None = None,
@@ -346,6 +347,11 @@ class Predictor:
                 raise SpinedetError("nms_threshold: a classifier has no detections to suppress")
             if tile is not None:
                 raise SpinedetError("tile: a classifier sees each image whole")
+        elif top_k is not None:
+            raise SpinedetError("top_k: a detector gives detections, not classes "
+                                "(max_detections caps them)")  # fmt: skip
+        if top_k is not None and not (_is_whole(top_k) and top_k >= 1):
+            raise SpinedetError(f"top_k={top_k!r}: use a positive integer")
         kept = _kept_labels(self.description, classes)  # refused before the model is optimised
         self.device = default_device(device)
         self.kept_labels = None if kept is None else kept.to(self.device)
@@ -371,6 +377,7 @@ class Predictor:
         self.tile_overlap = tile_overlap
         self.tile_whole = tile_whole
         if self.classifier:  # resized, centre-cropped and normalised as in evaluation
+            top_k = 5 if top_k is None else top_k
             self.top_k = min(top_k, len(self._name_of) if kept is None else int(kept.sum()))
             self.transform = classification_eval_transforms(model.image_size)
             return

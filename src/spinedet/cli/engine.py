@@ -150,9 +150,9 @@ def add_engine_commands(sub: argparse._SubParsersAction) -> None:
                    "each file's path, else by a base name only one of its images has; other "
                    "images are numbered above its ids (otherwise all in order from 0)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    p.add_argument("--top-k", type=at_least(1), default=5,
+    p.add_argument("--top-k", type=at_least(1), default=None,
                    help="classifiers: how many of the most probable classes are printed and "
-                   "written per image")  # fmt: skip
+                   "written per image (default 5)")  # fmt: skip
     _inference_options(p)
     p.set_defaults(func=_predict)
 

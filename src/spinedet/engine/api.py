@@ -202,7 +202,7 @@ def predict(
     annotations: str | Path | None = None,
     overwrite: bool = False,
     optimize: bool = True,
-    top_k: int = 5,
+    top_k: int | None = None,
     max_detections: int | None = None,
     classes: Sequence[str | int] | None = None,
     nms_threshold: float | None = None,

@@ -128,8 +128,9 @@ def _legacy_description(meta: dict, path: Path) -> ModelDescription:
     name = meta.get("model_name")
     if not name:
         raise WeightsError(
-            f"{path}: no spinedet model description in the file; "
-            "use create_model(NAME, weights=...)"
+            f"{path}: no spinedet model description in the file (not written by spinedet: "
+            "convert a TF checkpoint with `spinedet convert-tf`; in Python, "
+            "create_model(NAME, weights=...) names the model it holds)"
         )
     family, variant, task = _lookup(name)
     categories = meta.get("categories")
