@@ -156,6 +156,8 @@ def test_eval_leaves_unreadable_images_out_of_the_ap(checkpoint, shapes, tmp_pat
     for iou_type in ("bbox", "segm"):
         assert left[iou_type].pop("unreadable_images") == [broken["id"]]
     assert left == readable
+    for name in ("per_class.csv", "confusion_bbox.csv", "pr_curve_segm.csv"):  # the analysis too
+        assert (tmp_path / "all" / name).read_text() == (tmp_path / "rest" / name).read_text()
 
 
 def test_eval_refuses_images_without_a_file(checkpoint, shapes, tmp_path, capsys):

@@ -27,7 +27,7 @@ from . import distributed
 from .analysis import write_analysis
 from .classification import evaluate_classifier
 from .distributed import flush_denormals
-from .evaluate import evaluate_distributed
+from .evaluate import evaluate_distributed, without_images
 from .predict import InputItem, PredictionReport, collect_inputs, predict_images
 from .runtime import loader_workers
 from .trainer import train
@@ -132,7 +132,9 @@ def evaluate(
             out = Path(out_dir)
             text = json.dumps(metrics, indent=1, allow_nan=False)
             atomic_write(out / "results.json", lambda t: Path(t).write_text(json.dumps(results)))
-            write_analysis(dataset.coco, results, iou_types, out, score_threshold=confusion_score)
+            # Without the unreadable images, as the AP: their objects were never looked for.
+            scored = without_images(dataset.coco, metrics["bbox"].get("unreadable_images", ()))
+            write_analysis(scored, results, iou_types, out, score_threshold=confusion_score)
             # Last: it marks a finished evaluation, which a second one into out_dir refuses.
             atomic_write(out / "metrics.json", lambda t: Path(t).write_text(text))
         return metrics

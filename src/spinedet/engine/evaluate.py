@@ -49,6 +49,7 @@ __all__ = [
     "sharded_val_loss",
     "summarize",
     "to_coco_results",
+    "without_images",
 ]
 
 # The twelve numbers of COCO's summary, in COCOeval.stats order.
@@ -319,6 +320,20 @@ def coco_evaluate(
     return {t: summarize(gt, parts[t]) for t in iou_types}
 
 
+def without_images(coco_gt: COCO | FastCOCO, image_ids: Iterable[Any]) -> COCO | FastCOCO:
+    """The ground truth without the images ``image_ids`` and their annotations (``coco_gt``
+    itself when there are none)."""
+    left_out = set(image_ids)
+    if not left_out:
+        return coco_gt
+    data = coco_gt.dataset
+    return FastCOCO({**data,
+                     "images": [im for im in data["images"] if im["id"] not in left_out],
+                     "annotations": [a for a in data["annotations"]
+                                     if a["image_id"] not in left_out]},
+                    print_function=_quiet)  # fmt: skip
+
+
 def evaluate_distributed(
     model: nn.Module,
     dataset: Dataset,
@@ -342,17 +357,11 @@ def evaluate_distributed(
     info = info or DistInfo()
     if info.enabled:
         unreadable = [i for part in gather_objects(unreadable, info) for i in part]
-    gt = dataset.coco
     if unreadable:  # their objects would count as missed: scored without them
-        left_out = set(unreadable)
-        gt = FastCOCO({**gt.dataset,
-                       "images": [im for im in gt.dataset["images"] if im["id"] not in left_out],
-                       "annotations": [a for a in gt.dataset["annotations"]
-                                       if a["image_id"] not in left_out]},
-                      print_function=_quiet)  # fmt: skip
         log.warning("%s left out of the AP: they could not be read (see above)",
-                    some_ids("images", sorted(left_out)))  # fmt: skip
-    metrics = coco_evaluate(gt, results, iou_types, info=info)
+                    some_ids("images", sorted(unreadable)))  # fmt: skip
+    metrics = coco_evaluate(without_images(dataset.coco, unreadable), results, iou_types,
+                            info=info)  # fmt: skip
     if unreadable:
         for m in metrics.values():
             m["unreadable_images"] = sorted(unreadable)
