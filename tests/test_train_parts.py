@@ -545,3 +545,19 @@ def test_photos_larger_than_the_model_load_at_the_size_each_pass_uses(shapes):
     small, scaled = data.val_loss[0]
     assert small.shape[-2:] == (32, 32) and scaled["masks"].shape[-2:] == (32, 32)
     torch.testing.assert_close(scaled["boxes"], target["boxes"] / 2)
+
+
+def test_a_wrong_model_is_refused_before_the_data_check_and_the_run_folder(shapes, tmp_path):
+    """A wrong model name or option failed after the data check (minutes on a large set),
+    leaving the run folder with a lock file and the check's report."""
+    cases = [
+        ({"name": "spinenet49x_maskrcnn"}, "unknown model 'spinenet49x_maskrcnn'"),
+        ({"options": {"nonsense": 1}}, "unknown option 'nonsense'"),
+        ({"name": "spinenet49s"}, "model.name=spinenet49s is a backbone"),
+    ]
+    for model, message in cases:
+        config = tiny_config(shapes)
+        config["model"] |= model
+        with pytest.raises(SpinedetError, match=message):
+            train(config, tmp_path / "run", device="cpu")
+        assert not (tmp_path / "run").exists()

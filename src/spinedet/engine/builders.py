@@ -120,12 +120,30 @@ def build_coco(cfg: dict, task: Task) -> Datasets:
     return Datasets(train_set, val_set, train_set.categories, val_loss)
 
 
-def build_datasets(cfg: dict) -> tuple[Task, Datasets]:
-    """The model's task and its data sets; an empty set is refused before any training."""
+def _trained_task(cfg: dict) -> str:
+    """The task of ``model.name``, refusing a backbone alone."""
     name = cfg["model"]["name"]
     task_name = model_task(name)
     if task_name is None:
         raise SpinedetError(f"model.name={name} is a backbone; train a detector (e.g. _maskrcnn)")
+    return task_name
+
+
+def check_model_config(cfg: dict) -> None:
+    """Build the configured model on the meta device (no memory, no weights, under 2 s): a
+    wrong name or option is refused before the data check, which takes minutes on a large
+    set, and before anything is written to the run directory."""
+    _trained_task(cfg)
+    mcfg = cfg["model"]
+    with torch.device("meta"):
+        create_model(mcfg["name"], categories=[{"id": 1, "name": "check"}],
+                     image_size=mcfg["image_size"], **mcfg["options"])  # fmt: skip
+
+
+def build_datasets(cfg: dict) -> tuple[Task, Datasets]:
+    """The model's task and its data sets; an empty set is refused before any training."""
+    task_name = _trained_task(cfg)
+    name = cfg["model"]["name"]
     builder = DATASET_BUILDERS.get(task_name)
     if builder is None:
         raise SpinedetError(f"model.name={name}: no data set builder for task {task_name!r}")

@@ -22,7 +22,14 @@ from ..data import DataError, check_dataset_cached, check_image_folder, collate,
 from ..errors import SpinedetError, Stopped, shorten
 from ..models import TASKS, describe, model_task
 from . import distributed
-from .builders import build_datasets, build_model, build_optimizer, data_source, effective_lr
+from .builders import (
+    build_datasets,
+    build_model,
+    build_optimizer,
+    check_model_config,
+    data_source,
+    effective_lr,
+)
 from .checkpoint import Checkpointer, RunLock, last_checkpoint, remove_stale_temps
 from .classification import evaluate_classifier, flat_classification, format_classification
 from .evaluate import (
@@ -514,6 +521,7 @@ def train(
     lock on ``out_dir`` for the whole run.
     """
     config = load_config(config)
+    check_model_config(config)
     out = Path(out_dir)
     info = distributed.setup(device, config["train"]["dist_timeout_min"])
     lock = RunLock(out) if distributed.is_main(info) else nullcontext()

@@ -225,7 +225,8 @@ def _lookup(name: str) -> tuple[Family, str | None, str]:
     close = difflib.get_close_matches(key, list(table), n=5, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise ModelError(
-        f"unknown model {name!r}{hint} (see spinedet.list_models() for all {len(table)})"
+        f"unknown model {name!r}{hint} (`spinedet models` or spinedet.list_models() lists "
+        f"all {len(table)})"
     )
 
 
