@@ -265,10 +265,16 @@ def test_command_writes_beside_the_weights_and_never_replaces_a_file(retinanet, 
         args.func(args)
     assert (run / "best.pt").read_bytes() == written
     args = parser.parse_args(
-        ["export", str(run), "--format", "onnx", "--out", str(run / "best.pt")]
+        ["export", str(run), "--format", "torchscript", "--out", str(run / "best.pt")]
     )
     with pytest.raises(SpinedetError, match=r"best.pt: exists"):
         args.func(args)  # refused before the export's slow trace and check
+    # ONNX in a file named as TorchScript (was written so, without a word), and the reverse.
+    for fmt, name, other in (("onnx", "m.pt", "torchscript"), ("torchscript", "m.onnx", "onnx")):
+        args = parser.parse_args(["export", str(run), "--format", fmt, "--out", str(run / name)])
+        with pytest.raises(SpinedetError, match=rf"{name}: a {other} file's name, but --format "):
+            args.func(args)
+        assert not (run / name).exists()
 
 
 def test_a_missing_file_is_no_such_file_not_an_unknown_model(tmp_path, monkeypatch):

@@ -33,6 +33,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from ..export import export_onnx, export_torchscript
 
     out = args.out or _default_out(args.checkpoint, args.format)
+    other = next((f for f, suffix in SUFFIXES.items()
+                  if f != args.format and Path(out).suffix == suffix), None)  # fmt: skip
+    if other is not None:  # the other format's name: a runtime would misread the file
+        raise SpinedetError(f"--out {out}: a {other} file's name, but --format {args.format}; "
+                            f"name it {Path(out).with_suffix(SUFFIXES[args.format])} "
+                            f"or use --format {other}")  # fmt: skip
     options = {
         "image_size": args.size, "check": not args.no_check, "check_images": args.check_images,
         "input_dtype": args.input_dtype, "overwrite": args.overwrite,
