@@ -9,7 +9,7 @@ from torch.nn import functional as F
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.utils import draw_segmentation_masks
 
-from spinedet.draw import MASK_ALPHA, draw_masks
+from spinedet.draw import MASK_ALPHA, draw_instances, draw_masks
 from spinedet.masks import MaskCrops, resize_masks
 
 
@@ -71,3 +71,18 @@ def test_drawn_crops_equal_torchvision_drawing_the_full_masks():
     expected = draw_segmentation_masks(image, masks, alpha=MASK_ALPHA, colors=colors)
     assert (masks.sum(0) > 1).any()  # overlaps, which torchvision draws black
     assert torch.equal(draw_masks(image, MaskCrops.from_masks(masks), colors), expected)
+
+
+def test_labels_are_sized_to_the_boxes_on_a_large_image():
+    """On a 3000 x 2000 photo of 40-px objects the labels were 50 px tall (a 40th of the short
+    side) and covered the neighbours: now at most half the typical box (but never under 12)."""
+    image = torch.zeros(3, 2000, 3000, dtype=torch.uint8)
+    small = torch.tensor([[500.0, 500, 540, 540]])
+    large = torch.tensor([[500.0, 500, 1500, 1500]])
+
+    def label_rows(boxes: torch.Tensor) -> int:  # the text's height, from the box's corner
+        drawn = draw_instances(image, boxes, [1], ["circle 0.99"], 2).any(dim=0)
+        drawn[:, 535:545] = False  # the small box's right edge
+        return int(drawn[503:600, 503:800].any(dim=1).sum())
+
+    assert 0 < label_rows(small) <= 20 < label_rows(large)

@@ -57,7 +57,10 @@ def draw_instances(
         crops = masks if isinstance(masks, MaskCrops) else MaskCrops.from_masks(masks)
         image = draw_masks(image, crops, colors)
     font = _font()
-    size = max(12, min(image.shape[-2:]) // 40)
+    # A 40th of the image's short side, but no taller than half the typical box: on a large
+    # photo of small objects the labels would cover their neighbours.
+    sides = (boxes[:, 2:] - boxes[:, :2]).min(dim=1).values
+    size = max(12, min(min(image.shape[-2:]) // 40, int(sides.median()) // 2))
     return draw_bounding_boxes(image, boxes, list(texts), colors=colors, width=2, font=font,
                                font_size=size if font else None)  # fmt: skip
 
