@@ -43,6 +43,7 @@ __all__ = [
     "Detections",
     "ImageInput",
     "Predictor",
+    "check_positive",
     "default_device",
     "tile_origins",
     "tile_settings",
@@ -332,10 +333,9 @@ class Predictor:
             raise SpinedetError(f"masks={masks!r}: use 'binary' or 'rle'")
         if not (_is_real(score_threshold) and 0 <= score_threshold <= 1):  # NaN: none passes
             raise SpinedetError(f"score threshold {score_threshold!r}: use a score in 0..1")
-        if not (_is_whole(batch_size) and batch_size >= 1):  # 0 would end every stream at once
-            raise SpinedetError(f"batch_size={batch_size!r}: use a positive integer")
-        if max_detections is not None and not (_is_whole(max_detections) and max_detections >= 1):
-            raise SpinedetError(f"max_detections={max_detections!r}: use a positive integer")
+        check_positive("batch_size", batch_size)  # 0 would end every stream at once
+        if max_detections is not None:
+            check_positive("max_detections", max_detections)
         if nms_threshold is not None and not (_is_real(nms_threshold) and 0 <= nms_threshold <= 1):
             raise SpinedetError(f"nms_threshold={nms_threshold!r}: use an IoU in 0..1")
         tile_overlap = tile_settings(tile, tile_overlap, tile_whole)
@@ -350,8 +350,8 @@ class Predictor:
         elif top_k is not None:
             raise SpinedetError("top_k: a detector gives detections, not classes "
                                 "(max_detections caps them)")  # fmt: skip
-        if top_k is not None and not (_is_whole(top_k) and top_k >= 1):
-            raise SpinedetError(f"top_k={top_k!r}: use a positive integer")
+        if top_k is not None:
+            check_positive("top_k", top_k)
         kept = _kept_labels(self.description, classes)  # refused before the model is optimised
         self.device = default_device(device)
         self.kept_labels = None if kept is None else kept.to(self.device)
@@ -585,6 +585,13 @@ def tile_settings(tile: int | None, overlap: float | None, whole: bool) -> float
     if not (_is_real(overlap) and 0 <= overlap < 1):
         raise SpinedetError(f"tile_overlap={overlap!r}: use a fraction in 0..1 (not 1)")
     return float(overlap)
+
+
+def check_positive(name: str, value: object) -> None:
+    """A SpinedetError naming ``name`` unless ``value`` is a positive integer (numpy's too;
+    not a bool)."""
+    if not (_is_whole(value) and value >= 1):
+        raise SpinedetError(f"{name}={value!r}: use a positive integer")
 
 
 def _is_whole(value: object) -> bool:

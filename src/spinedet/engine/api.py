@@ -22,7 +22,7 @@ from ..models import describe, detection_selection, load_model
 from ..models.registry import task_of
 from ..models.weights import resolve_checkpoint
 from ..optimize import optimize_for_inference
-from ..predictor import Predictor, tile_settings
+from ..predictor import Predictor, check_positive, tile_settings
 from . import distributed
 from .analysis import write_analysis
 from .classification import evaluate_classifier
@@ -85,8 +85,7 @@ def evaluate(
     count per image.
     """
     tile_settings(tile, tile_overlap, tile_whole)  # refused before anything is loaded
-    if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1):
-        raise SpinedetError(f"batch_size={batch_size!r}: use a positive integer")
+    check_positive("batch_size", batch_size)
     if out_dir is not None:  # before the pass, which may take hours, not after it
         refuse_existing(writable_folder(out_dir) / "metrics.json", overwrite)
     info = distributed.setup(device)

@@ -357,12 +357,12 @@ def evaluate_distributed(
     info = info or DistInfo()
     if info.enabled:
         unreadable = [i for part in gather_objects(unreadable, info) for i in part]
-    if unreadable:  # their objects would count as missed: scored without them
-        log.warning("%s left out of the AP: they could not be read (see above)",
-                    some_ids("images", sorted(unreadable)))  # fmt: skip
+    # Scored without the unreadable images: their objects would count as missed.
     metrics = coco_evaluate(without_images(dataset.coco, unreadable), results, iou_types,
                             info=info)  # fmt: skip
     if unreadable:
+        log.warning("%s left out of the AP: they could not be read (see above)",
+                    some_ids("images", sorted(unreadable)))  # fmt: skip
         for m in metrics.values():
             m["unreadable_images"] = sorted(unreadable)
     gathered = gather_to(results, 0, info) if collect else None
